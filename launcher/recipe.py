@@ -1,0 +1,1045 @@
+"""The recipe: a typed, validated description of one fine-tuning job.
+
+The schema is the contract users write against, so every model forbids unknown keys and every
+field carries a docstring that becomes help text and a JSON Schema description. Loading a recipe
+(`load_recipe`) resolves `base:` inheritance and `--set` overrides, validates the result, and
+reports every problem at once with the file, line and column it came from.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class Section(BaseModel):
+    """Base for every recipe section: unknown keys are errors, floats must be finite."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        use_attribute_docstrings=True,
+        allow_inf_nan=False,
+        validate_default=True,
+    )
+
+
+# ----------------------------------------------------------------------------------- model
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(min_length=1)
+    """Hugging Face hub id or a local model directory."""
+    task: Literal["causal_lm", "classification"] = "causal_lm"
+    """What the model learns: next-token prediction or sequence classification."""
+    labels: list[str] | None = Field(default=None, min_length=2)
+    """Classification: label names, in id order (required for classification)."""
+    gguf_file: str | None = None
+    """Optional GGUF file inside name_or_path; its weights are dequantized on load."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight dtype on load; auto picks bfloat16 on GPUs that support it, else float32."""
+    trust_remote_code: bool = False
+    """Allow model code from the model directory or hub repository to run."""
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+class DataSource(Section):
+    path: str = Field(min_length=1)
+    """A file, directory or hf:<dataset>[:<config>]:<split> source."""
+    weight: float = Field(default=1.0, gt=0)
+    """Relative sampling weight of this source in the mix."""
+    name: str | None = None
+    """Name used for this source's metrics (default: derived from the path)."""
+
+
+DataSpec = str | list[DataSource]
+
+
+class SplitConfig(Section):
+    validation: float = Field(default=0.1, ge=0, lt=1)
+    """Fraction of train carved out as validation when no validation data is given."""
+    test: float = Field(default=0.0, ge=0, lt=1)
+    """Fraction of train carved out as test when no test data is given."""
+    seed: int = 0
+    """Seed of the deterministic split."""
+
+
+class InstructionFields(Section):
+    instruction: str = "instruction"
+    """Field holding the instruction."""
+    input: str = "input"
+    """Field holding the optional input (may be empty or missing per row)."""
+    output: str = "output"
+    """Field holding the response the model learns to produce."""
+
+
+class DataConfig(Section):
+    train: DataSpec
+    """Training data: a local .jsonl/.json/.csv/.tsv/.parquet/.txt file or directory, an
+    hf:<dataset>[:<config>]:<split> source, or a list of {path, weight} to mix several."""
+    validation: DataSpec | None = None
+    """Validation data, same forms; when absent it is carved from train with `split`."""
+    test: DataSpec | None = None
+    """Test data, same forms; when absent it is carved from train with `split`."""
+    split: SplitConfig = SplitConfig()
+    """Fractions carved from train for splits that are not given."""
+    format: Literal["text", "instruction", "classification"] = "text"
+    """How rows become examples: raw text, instruction/response pairs, or labelled text."""
+    text_field: str = "text"
+    """Field holding the text (text and classification formats)."""
+    label_field: str = "label"
+    """Field holding the label (classification format)."""
+    instruction_fields: InstructionFields = InstructionFields()
+    """Instruction format: the names of the instruction, input and output fields."""
+    prompt_template: str | None = None
+    """Instruction format: template with {instruction} and {input}; loss only on the response."""
+    max_length: int = Field(default=512, gt=0)
+    """Maximum tokens per example; longer text is chunked (text) or truncated."""
+    packing: bool = False
+    """Causal LM text: pack short examples into full max_length sequences."""
+    balance: bool = False
+    """Classification: undersample the training split to equal class counts."""
+
+
+# -------------------------------------------------------------------------------- finetune
+
+
+class LoraConfig(Section):
+    r: int = Field(default=8, gt=0)
+    """Rank of the low-rank update."""
+    alpha: float = Field(default=16, gt=0)
+    """Scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    """Dropout on the LoRA input."""
+    target_modules: Literal["auto"] | list[str] = "auto"
+    """Module names to adapt; auto picks the attention/MLP projections of the architecture."""
+
+
+class AdapterConfig(Section):
+    reduction_factor: int = Field(default=16, gt=0)
+    """Bottleneck width = hidden size / reduction_factor."""
+    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+    """Activation between the down- and up-projection."""
+
+
+class FinetuneConfig(Section):
+    method: Literal["full", "lora", "adapter", "prefix", "prompt", "ia3", "bitfit", "freeze"] = (
+        "full"
+    )
+    """Which parameters train."""
+    lora: LoraConfig = LoraConfig()
+    """method lora: rank, alpha, dropout, target modules."""
+    adapter: AdapterConfig = AdapterConfig()
+    """method adapter: bottleneck adapters after each block's MLP."""
+    num_virtual_tokens: int = Field(default=20, gt=0)
+    """method prefix / prompt: number of virtual tokens."""
+    trainable_layers: int = Field(default=1, gt=0)
+    """method freeze: the last N blocks (plus final norm and head) train."""
+
+
+# --------------------------------------------------------------------------------- distill
+
+
+class TeacherConfig(Section):
+    name_or_path: str = Field(min_length=1)
+    """Teacher model: hub id or local directory."""
+    gguf_file: str | None = None
+    """Optional GGUF file inside name_or_path."""
+
+
+class DistillConfig(Section):
+    teacher: TeacherConfig
+    """The frozen model whose outputs the student learns from."""
+    temperature: float = Field(default=2.0, gt=0)
+    """Softmax temperature applied to both teacher and student logits."""
+    alpha: float = Field(default=0.5, ge=0, le=1)
+    """loss = alpha * task loss + (1 - alpha) * T^2 * KL(teacher || student)."""
+    mode: Literal["online", "offline"] = "online"
+    """online: teacher runs beside the student; offline: teacher top-k log-probs are precomputed."""
+    top_k: int = Field(default=32, gt=0)
+    """offline mode: how many teacher log-probabilities are stored per token."""
+    init_student_from_teacher: list[int] | None = None
+    """Initialise the student from these teacher layers (e.g. [0, 2, 4]), as DistilBERT was."""
+
+
+# ----------------------------------------------------------------------------------- train
+
+
+class AdversarialConfig(Section):
+    method: Literal["fgm"] = "fgm"
+    """Fast gradient method on the input embeddings."""
+    epsilon: float = Field(default=1.0, gt=0)
+    """Size of the perturbation along the normalized embedding gradient."""
+
+
+StepsOrEpoch = Literal["epoch"] | Annotated[int, Field(gt=0)]
+
+
+class TrainConfig(Section):
+    epochs: int = Field(default=1, gt=0)
+    """Passes over the training data."""
+    max_steps: int | None = Field(default=None, gt=0)
+    """Stop after this many optimizer steps (overrides epochs when reached first)."""
+    batch_size: int = Field(default=8, gt=0)
+    """Examples per worker per micro-step."""
+    grad_accum: int = Field(default=1, gt=0)
+    """Micro-steps accumulated per optimizer step."""
+    lr: float = Field(default=2.0e-5, gt=0)
+    """Peak learning rate of AdamW."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    weight_decay: float = Field(default=0.0, ge=0)
+    """AdamW weight decay (never applied to biases and norms)."""
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
+    """Fraction of the steps spent warming the learning rate up linearly."""
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate schedule after warmup."""
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    """Clip the global gradient norm to this value (null: no clipping)."""
+    seed: int = 0
+    """Seed for model init, data order and dropout."""
+    eval_every: StepsOrEpoch = "epoch"
+    """Evaluate on the validation split every epoch or every N optimizer steps."""
+    log_every: int = Field(default=10, gt=0)
+    """Report training metrics every N optimizer steps."""
+    adversarial: AdversarialConfig | None = None
+    """Adversarial training on the input embeddings, e.g. {method: fgm, epsilon: 1.0}."""
+    max_failures: int = Field(default=0, ge=-1)
+    """Worker failures survived by restarting from the last checkpoint (-1: unlimited)."""
+
+
+# -------------------------------------------------------------------------------- strategy
+
+
+class StrategyConfig(Section):
+    name: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    """How the model is spread across workers."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """deepspeed: ZeRO stage."""
+    offload: Literal["none", "optimizer", "all"] = "none"
+    """deepspeed / fsdp: move optimizer state (and parameters with all) to CPU memory."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """auto: bf16 on GPUs that support it, fp32 on CPU."""
+    activation_checkpointing: bool = False
+    """Recompute block activations in the backward pass to save memory."""
+    deepspeed_config: dict[str, Any] = {}
+    """deepspeed: raw DeepSpeed keys merged over the generated config."""
+
+
+# --------------------------------------------------------------------------------- scaling
+
+
+class ScalingConfig(Section):
+    num_workers: int = Field(default=1, gt=0)
+    """Training workers (one per GPU when GPUs are used)."""
+    use_gpu: Literal["auto"] | bool = "auto"
+    """auto: use GPUs when the Ray cluster has them."""
+    cpus_per_worker: int = Field(default=1, gt=0)
+    """CPUs reserved by each training worker."""
+
+
+# ------------------------------------------------------------------------------ checkpoint
+
+
+class ExportConfig(Section):
+    merge_lora: bool = True
+    """PEFT methods that can merge (lora, ia3): also write the merged model to model/."""
+
+
+class CheckpointConfig(Section):
+    storage_path: str = "./runs"
+    """Where run directories go: a local path or an s3:// gs:// URI."""
+    every: StepsOrEpoch = "epoch"
+    """Checkpoint every epoch or every N optimizer steps."""
+    keep: int | None = Field(default=2, gt=0)
+    """How many checkpoints to keep (null: all)."""
+    metric: str | None = "eval_loss"
+    """Metric that picks the best checkpoint (null: the last one)."""
+    mode: Literal["min", "max"] = "min"
+    """Whether lower or higher `metric` is better."""
+    export: ExportConfig = ExportConfig()
+    """How the final model is exported."""
+
+
+# ------------------------------------------------------------------------- evaluate / generate
+
+MetricName = Literal["loss", "perplexity", "accuracy", "f1", "precision", "recall", "exact_match"]
+
+
+class EvaluateConfig(Section):
+    data: str | None = None
+    """Data to evaluate on (default: the test split, else validation)."""
+    metrics: list[MetricName] = ["loss"]
+    """Metrics computed by the batch evaluation."""
+    batch_size: int = Field(default=32, gt=0)
+    """Rows per batch in the evaluation actors."""
+
+
+class GenerateConfig(Section):
+    prompts: str | None = None
+    """File of prompts: .jsonl with a `prompt` field, or .txt with one prompt per line."""
+    max_new_tokens: int = Field(default=64, gt=0)
+    """Tokens generated per prompt at most (generation also stops at EOS)."""
+    do_sample: bool = False
+    """Sample instead of greedy decoding."""
+    temperature: float = Field(default=1.0, gt=0)
+    """Sampling temperature (do_sample only)."""
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    """Nucleus sampling threshold (do_sample only)."""
+    num_return_sequences: int = Field(default=1, gt=0)
+    """Outputs per prompt."""
+
+
+# -------------------------------------------------------------------------------- tracking
+
+
+class MlflowConfig(Section):
+    tracking_uri: str | None = None
+    """MLflow tracking URI (default: ./mlruns in the run directory)."""
+    experiment: str | None = None
+    """Experiment name (default: the recipe name)."""
+
+
+class WandbConfig(Section):
+    project: str
+    """Weights & Biases project."""
+    entity: str | None = None
+    """Team or user."""
+    mode: Literal["online", "offline", "disabled"] = "online"
+    """offline writes the run locally for a later `wandb sync`."""
+
+
+class TrackingConfig(Section):
+    tensorboard: bool = False
+    """Write TensorBoard event files to <run>/tensorboard."""
+    mlflow: MlflowConfig | None = None
+    """Log to MLflow."""
+    wandb: WandbConfig | None = None
+    """Log to Weights & Biases."""
+
+
+# --------------------------------------------------------------------------------- cluster
+
+
+class ClusterConfig(Section):
+    target: Literal["local", "ray", "kuberay"] = "local"
+    """Where the driver starts: embedded Ray, an existing Ray cluster, or KubeRay."""
+    address: str | None = None
+    """ray: the cluster's dashboard address, e.g. http://head:8265."""
+    image: str | None = None
+    """kuberay: container image of the Ray nodes."""
+    namespace: str = "default"
+    """kuberay: Kubernetes namespace."""
+    gpus_per_worker: int = Field(default=1, ge=0)
+    """kuberay: GPUs requested by each worker pod."""
+
+
+# ---------------------------------------------------------------------------------- recipe
+
+
+class Recipe(Section):
+    """A fine-tuning job: model, data, method, training, strategy, scale, outputs."""
+
+    base: str | None = None
+    """Another recipe this one extends (deep merge; path relative to this file)."""
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """Run name; the run directory is <checkpoint.storage_path>/<name>-<timestamp>."""
+    model: ModelConfig
+    """The model to fine-tune."""
+    data: DataConfig
+    """Where the data comes from and how it becomes examples."""
+    finetune: FinetuneConfig = FinetuneConfig()
+    """Which parameters train."""
+    distill: DistillConfig | None = None
+    """Knowledge distillation from a teacher (present = distillation)."""
+    train: TrainConfig = TrainConfig()
+    """Optimisation loop."""
+    strategy: StrategyConfig = StrategyConfig()
+    """How the model lives across workers."""
+    scaling: ScalingConfig = ScalingConfig()
+    """How many workers, with which resources."""
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    """Where checkpoints go, how often, which one is exported."""
+    evaluate: EvaluateConfig | None = None
+    """Batch evaluation after training."""
+    generate: GenerateConfig | None = None
+    """Batch generation after training (causal LM)."""
+    tracking: TrackingConfig = TrackingConfig()
+    """Experiment trackers fed from rank 0."""
+    cluster: ClusterConfig = ClusterConfig()
+    """Where the job runs."""
+
+
+# ------------------------------------------------------------------------------ rules
+
+METHOD_KEYS = {
+    "lora": "lora",
+    "adapter": "adapter",
+    "num_virtual_tokens": ("prefix", "prompt"),
+    "trainable_layers": "freeze",
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a recipe: where it is, which field, what is wrong."""
+
+    path: str
+    message: str
+    where: str | None = None
+
+    def render(self) -> str:
+        prefix = f"{self.where}: " if self.where else ""
+        field = f"{self.path}: " if self.path else ""
+        return f"{prefix}{field}{self.message}"
+
+
+class RecipeError(Exception):
+    """A recipe that cannot run; carries every problem found."""
+
+    def __init__(self, problems: Sequence[Problem], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        head = f"invalid recipe {self.source}" if self.source else "invalid recipe"
+        n = len(self.problems)
+        lines = [f"{head}: {n} problem{'s' if n != 1 else ''}"]
+        lines += [f"  - {p.render()}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def _set(section: BaseModel) -> set[str]:
+    return set(section.model_fields_set)
+
+
+def inapplicable_fields(recipe: Recipe) -> dict[str, str]:
+    """Fields that would do nothing for this recipe, each with the reason.
+
+    Setting one of them explicitly is an error; the resolved recipe leaves them out.
+    """
+    out: dict[str, str] = {}
+    s = recipe.strategy
+    if s.name != "deepspeed":
+        out["strategy.zero_stage"] = f"only applies to strategy.name: deepspeed (got {s.name})"
+        out["strategy.deepspeed_config"] = (
+            f"only applies to strategy.name: deepspeed (got {s.name})"
+        )
+    if s.name == "ddp":
+        out["strategy.offload"] = "only applies to strategy.name: deepspeed or fsdp (got ddp)"
+    method = recipe.finetune.method
+    for key, methods in METHOD_KEYS.items():
+        allowed = (methods,) if isinstance(methods, str) else methods
+        if method not in allowed:
+            out[f"finetune.{key}"] = (
+                f"only applies to finetune.method: {' or '.join(allowed)} (got {method})"
+            )
+    task = recipe.model.task
+    if task != "classification":
+        out["model.labels"] = f"only applies to model.task: classification (got {task})"
+        out["data.label_field"] = f"only applies to model.task: classification (got {task})"
+        out["data.balance"] = f"only applies to model.task: classification (got {task})"
+    fmt = recipe.data.format
+    if fmt != "instruction":
+        for key in ("instruction_fields", "prompt_template"):
+            out[f"data.{key}"] = f"only applies to data.format: instruction (got {fmt})"
+    if fmt == "instruction":
+        out["data.text_field"] = "does nothing with data.format: instruction"
+    if fmt != "text":
+        out["data.packing"] = f"only applies to data.format: text (got {fmt})"
+    if recipe.distill is not None and recipe.distill.mode != "offline":
+        out["distill.top_k"] = "only applies to distill.mode: offline"
+    if recipe.generate is not None and not recipe.generate.do_sample:
+        out["generate.temperature"] = "only applies with generate.do_sample: true"
+        out["generate.top_p"] = "only applies with generate.do_sample: true"
+    if recipe.cluster.target != "ray":
+        out["cluster.address"] = (
+            f"only applies to cluster.target: ray (got {recipe.cluster.target})"
+        )
+    if recipe.cluster.target != "kuberay":
+        for key in ("namespace", "gpus_per_worker"):
+            out[f"cluster.{key}"] = (
+                f"only applies to cluster.target: kuberay (got {recipe.cluster.target})"
+            )
+    return out
+
+
+def _explicitly_set(recipe: Recipe, dotted: str) -> bool:
+    obj: Any = recipe
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return False
+    return parts[-1] in obj.model_fields_set
+
+
+def reported_metrics(recipe: Recipe) -> set[str]:
+    """Metric names the training run reports, for checking `checkpoint.metric`."""
+    metrics = {"loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s"}
+    if recipe.distill is not None:
+        metrics |= {"task_loss", "distill_loss"}
+    if has_validation(recipe):
+        metrics |= {"eval_loss"}
+        metrics |= (
+            {"eval_perplexity"}
+            if recipe.model.task == "causal_lm"
+            else {"eval_accuracy", "eval_f1"}
+        )
+    return metrics
+
+
+def has_validation(recipe: Recipe) -> bool:
+    """Whether the run has validation data (given, or carved from train)."""
+    return recipe.data.validation is not None or recipe.data.split.validation > 0
+
+
+def check_rules(recipe: Recipe) -> list[Problem]:
+    """Cross-field rules the schema alone cannot express; every violation is reported."""
+    problems = [
+        Problem(path, f"{reason}; remove it")
+        for path, reason in inapplicable_fields(recipe).items()
+        if _explicitly_set(recipe, path)
+    ]
+    m, d, t, s = recipe.model, recipe.data, recipe.train, recipe.strategy
+    if m.task == "classification" and not m.labels:
+        problems.append(
+            Problem(
+                "model.labels", "required for model.task: classification (label names in id order)"
+            )
+        )
+    if m.labels and len(set(m.labels)) != len(m.labels):
+        problems.append(Problem("model.labels", "label names must be unique"))
+    if m.task == "classification" and d.format != "classification":
+        problems.append(
+            Problem(
+                "data.format",
+                f"must be classification for model.task: classification (got {d.format})",
+            )
+        )
+    if m.task == "causal_lm" and d.format == "classification":
+        problems.append(
+            Problem("data.format", "classification data needs model.task: classification")
+        )
+    if d.split.validation + d.split.test >= 1:
+        problems.append(
+            Problem(
+                "data.split",
+                f"validation + test fractions must sum below 1 "
+                f"(got {d.split.validation} + {d.split.test})",
+            )
+        )
+    for key in ("eval_every",):
+        value = getattr(t, key)
+        if isinstance(value, int) and value <= 0:
+            problems.append(
+                Problem(f"train.{key}", f"must be 'epoch' or a positive integer (got {value})")
+            )
+    every = recipe.checkpoint.every
+    if isinstance(every, int) and every <= 0:
+        problems.append(
+            Problem("checkpoint.every", f"must be 'epoch' or a positive integer (got {every})")
+        )
+    metric = recipe.checkpoint.metric
+    if metric is not None:
+        known = reported_metrics(recipe)
+        if metric not in known:
+            problems.append(
+                Problem(
+                    "checkpoint.metric",
+                    f"{metric!r} is not reported by this run; choose one of "
+                    f"{', '.join(sorted(known))} or null",
+                )
+            )
+    if recipe.generate is not None and m.task != "causal_lm":
+        problems.append(Problem("generate", "generation needs model.task: causal_lm"))
+    if s.name == "fsdp" and s.offload == "optimizer":
+        problems.append(
+            Problem(
+                "strategy.offload",
+                "fsdp offloads parameters and optimizer together: use all or none",
+            )
+        )
+    gpu = recipe.scaling.use_gpu
+    if s.mixed_precision in ("fp16", "bf16") and gpu is False and s.mixed_precision == "fp16":
+        problems.append(
+            Problem(
+                "strategy.mixed_precision",
+                "fp16 needs GPUs (scaling.use_gpu is false); use no or bf16",
+            )
+        )
+    if m.dtype == "float16" and gpu is False:
+        problems.append(
+            Problem("model.dtype", "float16 weights need GPUs; use float32 or bfloat16 on CPU")
+        )
+    if s.offload != "none" and s.name == "deepspeed" and s.zero_stage == 0:
+        problems.append(Problem("strategy.offload", "needs zero_stage 1, 2 or 3 (got 0)"))
+    if recipe.cluster.target == "ray" and not recipe.cluster.address:
+        problems.append(
+            Problem("cluster.address", "required for cluster.target: ray (http://head:8265)")
+        )
+    if recipe.distill is not None:
+        dist = recipe.distill
+        if dist.init_student_from_teacher is not None:
+            layers = dist.init_student_from_teacher
+            if not layers or any(i < 0 for i in layers) or len(set(layers)) != len(layers):
+                problems.append(
+                    Problem(
+                        "distill.init_student_from_teacher",
+                        "must be a non-empty list of distinct teacher layer indices >= 0",
+                    )
+                )
+    if t.adversarial is not None and s.name != "ddp":
+        problems.append(
+            Problem(
+                "train.adversarial",
+                f"FGM perturbs full embedding weights, which {s.name} shards; use strategy.name: ddp",
+            )
+        )
+    return problems
+
+
+# ------------------------------------------------------------------------------ loading
+
+ALIASES = {
+    "learning_rate": "train.lr",
+    "lr": "train.lr",
+    "num_train_epochs": "train.epochs",
+    "num_epochs": "train.epochs",
+    "epochs": "train.epochs",
+    "per_device_train_batch_size": "train.batch_size",
+    "micro_batch_size": "train.batch_size",
+    "batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "warmup_steps": "train.warmup_ratio",
+    "lr_scheduler_type": "train.scheduler",
+    "model_name_or_path": "model.name_or_path",
+    "base_model": "model.name_or_path",
+    "sequence_len": "data.max_length",
+    "max_seq_length": "data.max_length",
+    "output_dir": "checkpoint.storage_path",
+    "num_gpus": "scaling.num_workers",
+    "zero_stage": "strategy.zero_stage",
+    "lora_r": "finetune.lora.r",
+    "lora_alpha": "finetune.lora.alpha",
+    "lora_dropout": "finetune.lora.dropout",
+}
+
+
+@dataclass
+class _Doc:
+    """A YAML document as plain data plus where each key came from."""
+
+    data: Any
+    marks: dict[tuple, str]
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    if value is None:
+        return "empty"
+    return f"a {type(value).__name__}"
+
+
+def _walk_marks(
+    node: yaml.Node, path: tuple, source: str, marks: dict[tuple, str]
+) -> list[Problem]:
+    """Record file:line:col for every key and list item; report duplicate keys."""
+    problems: list[Problem] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, str] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            where = f"{source}:{key_node.start_mark.line + 1}:{key_node.start_mark.column + 1}"
+            if key in seen:
+                problems.append(
+                    Problem(
+                        ".".join(map(str, (*path, key))),
+                        f"duplicate key (first at {seen[key]})",
+                        where,
+                    )
+                )
+            seen[key] = where
+            marks[(*path, key)] = where
+            problems += _walk_marks(value_node, (*path, key), source, marks)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            marks[(*path, i)] = f"{source}:{item.start_mark.line + 1}:{item.start_mark.column + 1}"
+            problems += _walk_marks(item, (*path, i), source, marks)
+    return problems
+
+
+def _read_yaml(path: Path) -> _Doc:
+    source = str(path)
+    if not path.exists():
+        raise RecipeError([Problem("", f"recipe file not found: {path}")])
+    if path.is_dir():
+        raise RecipeError([Problem("", f"expected a YAML file, got a directory: {path}")])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError([Problem("", f"cannot read recipe file: {exc}")], source) from None
+    return parse_yaml(text, source)
+
+
+def parse_yaml(text: str, source: str) -> _Doc:
+    """Parse YAML safely, keeping the position of every key."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        what = " ".join(x for x in (exc.context, exc.problem) if x)
+        raise RecipeError([Problem("", f"YAML syntax error: {what}", where)], source) from None
+    except yaml.YAMLError as exc:
+        raise RecipeError([Problem("", f"YAML error: {exc}")], source) from None
+    except RecursionError:
+        raise RecipeError([Problem("", "YAML nested too deeply")], source) from None
+    finally:
+        loader.dispose()
+    if not isinstance(data, dict):
+        raise RecipeError(
+            [
+                Problem(
+                    "",
+                    f"a recipe is a mapping of sections (name:, model:, data:, ...); got {_describe(data)}",
+                    f"{source}:1:1",
+                )
+            ],
+            source,
+        )
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise RecipeError([Problem("", f"keys must be strings; got {bad[0]!r}", source)], source)
+    marks: dict[tuple, str] = {}
+    try:
+        problems = _walk_marks(node, (), source, marks)
+    except RecursionError:
+        raise RecipeError([Problem("", "YAML nested too deeply")], source) from None
+    if problems:
+        raise RecipeError(problems, source)
+    return _Doc(data, marks)
+
+
+def _deep_merge(base: Any, over: Any) -> Any:
+    """Mappings merge key by key; anything else in `over` replaces what `base` had."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        merged = dict(base)
+        for key, value in over.items():
+            merged[key] = _deep_merge(base.get(key), value) if key in base else value
+        return merged
+    return over
+
+
+def _load_with_bases(path: Path, chain: tuple[Path, ...] = ()) -> _Doc:
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, resolved))
+        raise RecipeError(
+            [Problem("base", f"recipes extend each other in a cycle: {cycle}")], str(path)
+        )
+    doc = _read_yaml(path)
+    base_ref = doc.data.get("base")
+    if base_ref is None:
+        return doc
+    if not isinstance(base_ref, str):
+        raise RecipeError(
+            [
+                Problem(
+                    "base",
+                    f"must be a path to another recipe, got {_describe(base_ref)}",
+                    doc.marks.get(("base",)),
+                )
+            ],
+            str(path),
+        )
+    base_path = (path.parent / base_ref) if not Path(base_ref).is_absolute() else Path(base_ref)
+    if not base_path.exists():
+        raise RecipeError(
+            [Problem("base", f"base recipe not found: {base_path}", doc.marks.get(("base",)))],
+            str(path),
+        )
+    parent = _load_with_bases(base_path, (*chain, resolved))
+    data = _deep_merge(parent.data, {k: v for k, v in doc.data.items() if k != "base"})
+    marks = {**parent.marks, **doc.marks}
+    marks.pop(("base",), None)
+    return _Doc(data, marks)
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _all_paths(model: type[BaseModel] = Recipe, prefix: str = "") -> dict[str, str]:
+    """Every dotted field path in the schema, keyed by its last component too."""
+    out: dict[str, str] = {}
+    for name, info in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        out[dotted] = dotted
+        sub = _section_type(info.annotation)
+        if sub is not None:
+            out.update(_all_paths(sub, dotted + "."))
+    return out
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The Section class inside an annotation like `X | None`, if there is exactly one."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    args = getattr(annotation, "__args__", ())
+    found = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+    containers = [a for a in args if getattr(a, "__origin__", None) in (list, dict)]
+    return found[0] if len(found) == 1 and not containers else None
+
+
+def suggest(key: str, siblings: Iterable[str], parent: str = "") -> str | None:
+    """A did-you-mean for a misspelt key: a nearby sibling, or a known alias anywhere."""
+    siblings = list(siblings)
+    close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
+    if close:
+        return f"{parent}{close[0]}"
+    normal = key.lower().replace("-", "_")
+    alias = difflib.get_close_matches(normal, list(ALIASES), n=1, cutoff=0.75)
+    if alias:
+        return ALIASES[alias[0]]
+    paths = _all_paths()
+    leaves: dict[str, str] = {}
+    for dotted in paths:
+        leaves.setdefault(dotted.rsplit(".", 1)[-1], dotted)
+    close = difflib.get_close_matches(normal, list(leaves), n=1, cutoff=0.75)
+    if close:
+        return leaves[close[0]]
+    return None
+
+
+def _model_at(path: Sequence[str]) -> type[BaseModel] | None:
+    """The Section class a dotted key path points into, or None if it leaves the schema."""
+    model: type[BaseModel] | None = Recipe
+    for part in path:
+        if model is None or part not in model.model_fields:
+            return None
+        model = _section_type(model.model_fields[part].annotation)
+    return model
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (['a', 'b', 'c'], value parsed as YAML)."""
+    if "=" not in text:
+        raise RecipeError([Problem("", f"--set expects key.path=value, got {text!r}", "--set")])
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise RecipeError([Problem("", f"--set has an empty key in {key!r}", "--set")])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise RecipeError(
+            [Problem(key, f"value is not valid YAML: {exc}", f"--set {text}")]
+        ) from None
+    return parts, value
+
+
+def _check_override_path(parts: list[str], text: str) -> None:
+    model: type[BaseModel] | None = Recipe
+    for i, part in enumerate(parts):
+        if model is None:
+            # Below a free-form mapping (deepspeed_config) or a leaf: only mappings go deeper.
+            leaf = ".".join(parts[:i])
+            if leaf in ("strategy.deepspeed_config",) or leaf.startswith(
+                "strategy.deepspeed_config."
+            ):
+                return
+            raise RecipeError(
+                [Problem(".".join(parts), f"{leaf} is a value, not a section", f"--set {text}")]
+            )
+        if part not in model.model_fields:
+            parent = ".".join(parts[:i])
+            hint = suggest(part, _field_names(model), f"{parent}." if parent else "")
+            allowed = ", ".join(_field_names(model))
+            message = f"unknown field {part!r}" + (f"; did you mean {hint}?" if hint else "")
+            raise RecipeError(
+                [Problem(".".join(parts), f"{message} (allowed here: {allowed})", f"--set {text}")]
+            )
+        model = _section_type(model.model_fields[part].annotation)
+
+
+def apply_overrides(doc: _Doc, overrides: Sequence[str]) -> None:
+    """Apply `--set a.b.c=value` overrides in order, creating sections as needed."""
+    for text in overrides:
+        parts, value = parse_override(text)
+        _check_override_path(parts, text)
+        node = doc.data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+        doc.marks[tuple(parts)] = f"--set {text}"
+
+
+def _clean_loc(loc: tuple, data: Any) -> tuple:
+    """Drop pydantic's union-member tags from an error location, keeping real keys."""
+    out: list = []
+    node = data
+    for part in loc:
+        if (isinstance(node, dict) and part in node) or (
+            isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        ):
+            out.append(part)
+            node = node[part]
+        elif (isinstance(node, dict | list) or node is None) and (
+            isinstance(part, str) and not _is_union_tag(part)
+        ):
+            # A key the data lacks (a missing field): keep real field names.
+            out.append(part)
+            node = None
+        # a scalar: the rest are union tags
+    return tuple(out)
+
+
+def _is_union_tag(part: str) -> bool:
+    return (
+        any(ch in part for ch in "[]()")
+        or part
+        in (
+            "str",
+            "int",
+            "float",
+            "bool",
+            "list",
+            "dict",
+        )
+        or part.startswith(("literal", "function"))
+    )
+
+
+def _where(marks: dict[tuple, str], loc: tuple) -> str | None:
+    for end in range(len(loc), 0, -1):
+        if loc[:end] in marks:
+            return marks[loc[:end]]
+    return None
+
+
+def _problems_from_validation(exc: ValidationError, doc: _Doc) -> list[Problem]:
+    problems: list[Problem] = []
+    seen: set[tuple[str, str]] = set()
+    for err in exc.errors(include_url=False):
+        loc = _clean_loc(tuple(err["loc"]), doc.data)
+        path = ".".join(str(p) for p in loc)
+        where = _where(doc.marks, loc)
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            parent_loc = loc[:-1]
+            model = _model_at([str(p) for p in parent_loc if isinstance(p, str)])
+            siblings = _field_names(model) if model else []
+            prefix = ".".join(str(p) for p in parent_loc)
+            hint = suggest(str(loc[-1]), siblings, f"{prefix}." if prefix else "")
+            message = "unknown key" + (f"; did you mean {hint}?" if hint else "")
+            if siblings:
+                message += f" (allowed here: {', '.join(siblings)})"
+        elif kind == "missing":
+            message = "required field is missing"
+        else:
+            message = err["msg"]
+            if "input" in err and kind not in ("model_type", "dict_type"):
+                shown = repr(err["input"])
+                if len(shown) > 60:
+                    shown = shown[:57] + "..."
+                message += f" (got {shown})"
+        key = (path, message)
+        if key in seen:
+            continue
+        seen.add(key)
+        problems.append(Problem(path, message, where))
+    return _merge_union_problems(problems)
+
+
+def _merge_union_problems(problems: list[Problem]) -> list[Problem]:
+    """A union (e.g. 'epoch' | int) yields one error per member: join them per field."""
+    index: dict[str, int] = {}
+    out: list[Problem] = []
+    for p in problems:
+        if p.path in index and not p.message.startswith(("unknown key", "required")):
+            prev = out[index[p.path]]
+            out[index[p.path]] = Problem(p.path, f"{prev.message}; or {p.message}", prev.where)
+        else:
+            index[p.path] = len(out)
+            out.append(p)
+    return out
+
+
+def validate_data(
+    data: Mapping[str, Any], doc: _Doc | None = None, source: str | None = None
+) -> Recipe:
+    """Validate plain recipe data (after bases and overrides) into a Recipe."""
+    doc = doc or _Doc(dict(data), {})
+    try:
+        recipe = Recipe.model_validate(doc.data)
+    except ValidationError as exc:
+        raise RecipeError(_problems_from_validation(exc, doc), source) from None
+    except RecursionError:
+        raise RecipeError([Problem("", "recipe nested too deeply")], source) from None
+    problems = check_rules(recipe)
+    if problems:
+        located = [
+            Problem(p.path, p.message, p.where or _where(doc.marks, tuple(p.path.split("."))))
+            for p in problems
+        ]
+        raise RecipeError(located, source)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Load a recipe file, resolve `base:` and `--set` overrides, and validate it.
+
+    Raises RecipeError listing every problem, each with file:line:col and field path.
+    """
+    path = Path(path)
+    doc = _load_with_bases(path)
+    doc.data.pop("base", None)
+    apply_overrides(doc, overrides)
+    return validate_data(doc.data, doc, str(path))
+
+
+def resolved_dict(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as plain data: defaults filled in, fields that do nothing left out."""
+    data = recipe.model_dump(mode="json", exclude={"base"})
+    for dotted in inapplicable_fields(recipe):
+        node = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+            if node is None:
+                break
+        if isinstance(node, dict):
+            node.pop(parts[-1], None)
+    return data
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML: exactly what runs."""
+    return yaml.safe_dump(resolved_dict(recipe), sort_keys=False, allow_unicode=True, width=100)
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema (Draft 2020-12) of recipes, for editor completion and outside checks."""
+    schema = Recipe.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://ftlaunch.dev/schema/recipe.json"
+    schema["title"] = "ftlaunch recipe"
+    return schema
