@@ -1,0 +1,296 @@
+"""Strategies: shared helpers (fast, in-process) and real 2-rank training with gloo (spawned).
+
+The distributed checks share one spawned job per world size: every strategy trains the same
+tiny GPT-2 on the same data in the same two processes, so first-step losses and parameters after
+K steps can be compared across strategies, and each writes a checkpoint that the driver process
+(no process group) consolidates and reloads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from launcher.recipe import Recipe
+from launcher.strategies import (
+    build_optimizer,
+    build_schedule,
+    consolidate,
+    make_strategy,
+    read_strategy_file,
+    resolve_precision,
+)
+
+STEPS = 6
+GRAD_ACCUM = 2
+BATCH = 4
+SEQ = 24
+LR = 5e-3
+# Same math in every strategy; only float summation order differs (all-reduce vs reduce-scatter,
+# flat vs per-tensor norms), so parameters after STEPS agree to well below the update size.
+PARAM_TOLERANCE = 1e-4
+
+
+def make_recipe(model_dir: Path | str, **strategy) -> Recipe:
+    return Recipe(
+        name="strategy-test",
+        model={"name_or_path": str(model_dir)},
+        data={"train": "unused.jsonl"},
+        train={
+            "batch_size": BATCH,
+            "grad_accum": GRAD_ACCUM,
+            "lr": LR,
+            "weight_decay": 0.01,
+            "max_grad_norm": 1.0,
+            "warmup_ratio": 0.2,
+            "scheduler": "linear",
+        },
+        strategy=strategy or {"name": "ddp"},
+    )
+
+
+# ------------------------------------------------------------------------- fast unit tests
+
+
+def _small_model() -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2, bias=False)
+    )
+
+
+def test_optimizer_skips_decay_on_biases_and_norms(tmp_path):
+    recipe = make_recipe(tmp_path)
+    model = _small_model()
+    model[2].weight.requires_grad_(False)
+    opt = build_optimizer(model, recipe.train)
+    assert isinstance(opt, torch.optim.AdamW)
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.01 and plain["weight_decay"] == 0.0
+    assert [p.shape for p in decayed["params"]] == [torch.Size([8, 4])]
+    # bias of layer 0, LayerNorm weight and bias; the frozen layer is left out entirely
+    assert [p.shape for p in plain["params"]] == [torch.Size([8])] * 3
+    assert decayed["betas"] == (0.9, 0.999)
+
+
+def test_optimizer_refuses_a_model_with_nothing_to_train(tmp_path):
+    model = _small_model().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        build_optimizer(model, make_recipe(tmp_path).train)
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "expected"),
+    [
+        ("linear", [0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0]),
+        ("constant", [0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0]),
+        ("cosine", [0.0, 0.5, 1.0, 0.8536, 0.5, 0.1464, 0.0]),
+    ],
+)
+def test_schedule_warms_up_then_follows_its_shape(tmp_path, scheduler, expected):
+    recipe = make_recipe(tmp_path)
+    train = recipe.train.model_copy(update={"warmup_ratio": 0.2, "scheduler": scheduler})
+    opt = build_optimizer(_small_model(), train)
+    sched = build_schedule(opt, train, total_steps=6)  # ceil(0.2 * 6) = 2 warmup steps
+    factors = []
+    for _ in range(7):
+        factors.append(sched.get_last_lr()[0] / LR)
+        opt.step()
+        sched.step()
+    assert factors == pytest.approx(expected, abs=1e-4)
+
+
+def test_precision_auto_is_fp32_on_cpu_and_explicit_choices_are_honoured(tmp_path):
+    assert resolve_precision(make_recipe(tmp_path), "cpu") is None
+    bf16 = make_recipe(tmp_path, name="ddp", mixed_precision="bf16")
+    assert resolve_precision(bf16, "cpu") is torch.bfloat16
+    assert resolve_precision(make_recipe(tmp_path, name="ddp", mixed_precision="no"), "cpu") is None
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        resolve_precision(make_recipe(tmp_path, name="ddp", mixed_precision="fp16"), "cpu")
+
+
+def test_single_process_ddp_trains_saves_and_resumes(tiny_gpt2, tmp_path):
+    """World size 1 (no process group): no wrapping, same save/load/consolidate contract."""
+    from transformers import AutoModelForCausalLM
+
+    recipe = make_recipe(tiny_gpt2)
+    strategy = make_strategy(recipe, "cpu")
+    torch.manual_seed(0)
+    model = strategy.build(lambda: AutoModelForCausalLM.from_pretrained(tiny_gpt2))
+    module = strategy.prepare(model, total_steps=4)
+    ids = torch.randint(0, 500, (2, 16))
+    for _ in range(2):
+        for micro in range(GRAD_ACCUM):
+            with strategy.no_sync(micro < GRAD_ACCUM - 1):
+                strategy.backward(module(input_ids=ids, labels=ids).loss)
+        assert strategy.step() > 0
+    strategy.save(tmp_path / "ckpt")
+    assert read_strategy_file(tmp_path / "ckpt") == {"strategy": "ddp", "world_size": 1}
+    state = consolidate("ddp", tmp_path / "ckpt")
+    assert set(state) == set(strategy.unwrapped().state_dict())
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+
+    again = make_strategy(recipe, "cpu")
+    fresh = again.prepare(AutoModelForCausalLM.from_pretrained(tiny_gpt2), total_steps=4)
+    again.load(tmp_path / "ckpt")
+    assert again.lr() == pytest.approx(strategy.lr())
+    assert again.schedule.last_epoch == 2
+    ref = strategy.optimizer.state_dict()["state"]
+    got = again.optimizer.state_dict()["state"]
+    assert torch.equal(ref[0]["exp_avg"], got[0]["exp_avg"])
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, module(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="cannot consolidate strategy 'zero'"):
+        consolidate("zero", tmp_path / "ckpt")
+
+
+# ------------------------------------------------------------------ spawned 2-rank training
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _batches(model_dir: str, world: int) -> list[torch.Tensor]:
+    """Fixed token batches: [step][rank * GRAD_ACCUM + micro] -> (BATCH, SEQ) ids."""
+    from transformers import AutoTokenizer
+
+    from launcher.synthetic import story_lines
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok(" ".join(story_lines(200, seed=7)))["input_ids"]
+    per_step = 2 * GRAD_ACCUM * BATCH  # the same data whatever the world size
+    rows = torch.tensor(ids[: per_step * SEQ]).view(per_step, SEQ)
+    return rows
+
+
+def _load_tiny(model_dir: str):
+    from transformers import AutoModelForCausalLM
+
+    # No dropout: every strategy must do the same math for the comparisons to mean anything.
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
+
+
+def _local_micro_batches(rows: torch.Tensor, rank: int, world: int) -> list[torch.Tensor]:
+    """This rank's micro-batches of one step: the global batch split over ranks and micro-steps."""
+    per_rank = rows.shape[0] // world
+    mine = rows[rank * per_rank : (rank + 1) * per_rank]
+    micro = per_rank // GRAD_ACCUM
+    return [mine[i * micro : (i + 1) * micro] for i in range(GRAD_ACCUM)]
+
+
+def _train_one(spec: dict, model_dir: str, out: Path, rank: int, world: int, load_from=None):
+    import torch.distributed as dist
+
+    recipe = make_recipe(model_dir, **spec["strategy"])
+    strategy = make_strategy(recipe, "cpu")
+    torch.manual_seed(0)
+    model = strategy.build(lambda: _load_tiny(model_dir))
+    module = strategy.prepare(model, total_steps=STEPS * 2)
+    if load_from is not None:
+        strategy.load(Path(load_from))
+    rows = _batches(model_dir, world)
+    probe = rows[:2]
+    losses = []
+    for _ in range(STEPS):
+        step_loss = torch.zeros(())
+        for micro, ids in enumerate(_local_micro_batches(rows, rank, world)):
+            with strategy.no_sync(micro < GRAD_ACCUM - 1):
+                loss = module(input_ids=ids, labels=ids).loss
+                strategy.backward(loss)
+            step_loss += loss.detach() / GRAD_ACCUM
+        dist.all_reduce(step_loss)
+        losses.append(float(step_loss) / world)
+        strategy.step()
+    bytes_ = strategy.local_state_bytes() if hasattr(strategy, "local_state_bytes") else None
+    module.eval()
+    with torch.no_grad():
+        logits = module(input_ids=probe).logits.float()
+    module.train()
+    ckpt = out / spec["id"]
+    strategy.save(ckpt)
+    if rank == 0:
+        torch.save(logits, out / f"{spec['id']}.logits.pt")
+    result = {"losses": losses, "bytes": bytes_, "lr": strategy.lr()}
+    (out / f"{spec['id']}.rank{rank}.json").write_text(json.dumps(result))
+
+
+def _worker(rank: int, world: int, port: int, specs: list[dict], model_dir: str, out: str):
+    import torch.distributed as dist
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+    )
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for spec in specs:
+            _train_one(spec, model_dir, Path(out), rank, world, spec.get("load_from"))
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(world: int, specs: list[dict], model_dir: Path, out: Path) -> None:
+    import torch.multiprocessing as mp
+
+    out.mkdir(parents=True, exist_ok=True)
+    mp.start_processes(
+        _worker,
+        args=(world, _free_port(), specs, str(model_dir), str(out)),
+        nprocs=world,
+        start_method="spawn",
+    )
+
+
+def result(out: Path, spec_id: str, rank: int = 0) -> dict:
+    return json.loads((out / f"{spec_id}.rank{rank}.json").read_text())
+
+
+SPECS = [
+    {"id": "ddp", "strategy": {"name": "ddp"}},
+]
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tiny_gpt2, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("two-rank")
+    spawn(2, SPECS, tiny_gpt2, out)
+    return out
+
+
+def _fresh_logits(model_dir: Path, state: dict, probe: torch.Tensor) -> torch.Tensor:
+    model = _load_tiny(str(model_dir))
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=probe).logits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec_id", [s["id"] for s in SPECS])
+def test_two_ranks_loss_falls_and_consolidated_model_matches(two_rank_run, tiny_gpt2, spec_id):
+    losses = result(two_rank_run, spec_id)["losses"]
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0] - 0.3, losses
+    name = read_strategy_file(two_rank_run / spec_id)["strategy"]
+    assert read_strategy_file(two_rank_run / spec_id)["world_size"] == 2
+    state = consolidate(name, two_rank_run / spec_id)
+    assert set(state) == set(_load_tiny(str(tiny_gpt2)).state_dict())
+    probe = _batches(str(tiny_gpt2), 2)[:2]
+    trained = torch.load(two_rank_run / f"{spec_id}.logits.pt")
+    torch.testing.assert_close(_fresh_logits(tiny_gpt2, state, probe), trained, atol=1e-5, rtol=0)
