@@ -80,6 +80,130 @@ def schema(indent: int) -> None:
     click.echo(json.dumps(json_schema(), indent=indent))
 
 
+def exit_code_for(exc: BaseException) -> int:
+    """2 for bad input (recipe, data, model path, layout), 1 for a job that failed."""
+    from launcher.data import DataError
+    from launcher.job import LayoutError
+    from launcher.models import ModelLoadError
+
+    bad_input = (RecipeError, DataError, ModelLoadError, LayoutError, FileNotFoundError)
+    return EXIT_BAD_INPUT if isinstance(exc, bad_input) else EXIT_FAILED
+
+
+def print_final(summary: dict) -> None:
+    """The end of a run: where it is, how it went, what to try next."""
+    run_dir = summary["run_dir"]
+    click.echo("")
+    click.echo(f"run {summary['status']}: {run_dir}")
+    final = summary.get("final_metrics", {})
+    shown = {k: v for k, v in final.items() if k in ("loss",) or k.startswith("eval_")}
+    if shown:
+        click.echo("final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+    for key, value in (summary.get("eval") or {}).items():
+        if isinstance(value, int | float):
+            click.echo(f"evaluation {key}: {value:.4g}")
+    click.echo(f"steps: {summary['steps']}, wall time: {summary['wall_time_s']:.1f}s")
+    click.echo("next:")
+    click.echo(f"  ftlaunch eval {run_dir} --data <file>       # score it on more data")
+    if summary.get("method") and summary.get("task", "causal_lm") == "causal_lm":
+        click.echo(f"  ftlaunch generate {run_dir} --prompts <file> --out out.jsonl")
+    click.echo(
+        f"  python -c \"from transformers import AutoModel; AutoModel.from_pretrained('{run_dir}/model')\""
+    )
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@set_option
+@click.option(
+    "--target",
+    type=click.Choice(["local", "ray", "kuberay"]),
+    default=None,
+    help="Where the driver starts (default: cluster.target, or ray when --address is given).",
+)
+@click.option(
+    "--address", default=None, help="Ray dashboard address for target ray, e.g. http://head:8265."
+)
+@click.option(
+    "--resume",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Continue a run directory from its latest checkpoint (local).",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Print what would run (resolved recipe, or manifests) and stop."
+)
+@click.option(
+    "--follow/--no-follow", default=True, help="Target ray: stream the job's logs until it ends."
+)
+@click.option("--verbose", "-v", is_flag=True, help="Show Ray's own logs.")
+def submit(
+    recipe: str,
+    overrides: tuple[str, ...],
+    target: str | None,
+    address: str | None,
+    resume: str | None,
+    dry_run: bool,
+    follow: bool,
+    verbose: bool,
+) -> None:
+    """Run RECIPE: embedded Ray here, an existing Ray cluster, or Kubernetes via KubeRay.
+
+    \b
+    Examples:
+      ftlaunch submit recipes/quickstart.yaml
+      ftlaunch submit recipes/gpt2-medium.yaml --address http://head:8265
+      ftlaunch submit recipes/gpt2-medium.yaml --target kuberay --dry-run
+    """
+    from pathlib import Path
+
+    extra = list(overrides)
+    if address:
+        extra += ["cluster.target=ray", f"cluster.address={address}"]
+    elif target:
+        extra.append(f"cluster.target={target}")
+    resolved = load_or_exit(recipe, extra)
+    chosen = resolved.cluster.target
+    if resume and chosen != "local":
+        raise BadInput(
+            "--resume works with target local; on a cluster resubmit with the run's storage path"
+        )
+    if dry_run and chosen == "local":
+        click.echo(dump_recipe(resolved), nl=False)
+        return
+    if chosen == "local":
+        from launcher.targets.local import run_local
+
+        try:
+            summary = run_local(resolved, resume=Path(resume) if resume else None, verbose=verbose)
+        except Exception as exc:
+            code = exit_code_for(exc)
+            if code == EXIT_BAD_INPUT:
+                raise BadInput(str(exc)) from None
+            if verbose:
+                raise
+            click.echo(f"error: {exc}", err=True)
+            raise click.exceptions.Exit(EXIT_FAILED) from None
+        print_final(summary)
+        return
+    submit_remote(resolved, recipe, chosen, dry_run=dry_run, follow=follow)
+
+
+def submit_remote(resolved, recipe_path: str, target: str, *, dry_run: bool, follow: bool) -> None:
+    """Targets ray and kuberay: hand the resolved recipe to the cluster target."""
+    if target == "ray":
+        from launcher.targets import ray_jobs
+
+        code = ray_jobs.submit_from_cli(
+            resolved, dump_recipe(resolved), dry_run=dry_run, follow=follow
+        )
+    else:
+        from launcher.targets import kuberay
+
+        code = kuberay.submit_from_cli(resolved, dry_run=dry_run)
+    raise click.exceptions.Exit(code or 0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point: run the CLI and return its exit code."""
     try:

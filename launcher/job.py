@@ -1,0 +1,433 @@
+"""The driver: data -> train -> export -> batch -> summary. The same code on every target.
+
+`python -m launcher.job RECIPE` runs it against the Ray cluster in RAY_ADDRESS (a Ray Job, a
+KubeRay RayJob) or an embedded Ray started here; `ftlaunch submit` starts it in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from launcher.progress import ProgressView
+from launcher.recipe import Recipe, dump_recipe, load_recipe
+from launcher.train_loop import STATE_FILE, Plan, make_plan, train_loop_per_worker
+
+
+class JobError(Exception):
+    """The job itself failed (a worker crashed, training diverged): exit code 1."""
+
+
+class LayoutError(Exception):
+    """A resource layout that cannot make progress on this cluster: exit code 2."""
+
+
+@dataclass
+class RunState:
+    """What the driver learns while the job runs, for summary.json."""
+
+    run_dir: Path
+    started: float = field(default_factory=time.time)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    parameters: dict[str, Any] = field(default_factory=dict)
+    restarts: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+def new_run_dir(recipe: Recipe) -> Path:
+    """<storage_path>/<name>-<timestamp>, created, with the resolved recipe written in it."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    root = Path(os.path.expanduser(recipe.checkpoint.storage_path)).resolve()
+    run_dir = root / f"{recipe.name}-{stamp}"
+    suffix = 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = root / f"{recipe.name}-{stamp}-{suffix}"
+    run_dir.mkdir(parents=True)
+    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+    return run_dir
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint with the highest step in a run directory, if any."""
+    found = []
+    for state in (run_dir / "checkpoints").glob(f"checkpoint_*/{STATE_FILE}"):
+        try:
+            found.append((json.loads(state.read_text())["step"], state.parent))
+        except (OSError, ValueError, KeyError):
+            continue
+    return max(found)[1] if found else None
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Every report in metrics.jsonl."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------------ ray
+
+
+def ensure_ray(verbose: bool = False) -> None:
+    """Connect to RAY_ADDRESS when set, else start an embedded Ray on this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {
+        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", ""),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", ""),
+    }
+    ray.init(
+        log_to_driver=verbose,
+        logging_level="INFO" if verbose else "WARNING",
+        include_dashboard=False if not os.environ.get("RAY_ADDRESS") else None,
+        runtime_env={"env_vars": {k: v for k, v in env.items() if v}},
+    )
+
+
+def quiet_ray_data(verbose: bool) -> None:
+    """Ray Data's own progress bars only with --verbose; ftlaunch shows one display."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    ctx.print_on_execution_start = verbose
+
+
+def use_gpu(recipe: Recipe) -> bool:
+    """scaling.use_gpu resolved: auto uses GPUs when the cluster has them."""
+    import ray
+
+    if recipe.scaling.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(recipe.scaling.use_gpu)
+
+
+def check_layout(recipe: Recipe, gpu: bool) -> None:
+    """Refuse a worker layout the cluster can never schedule (Ray would wait forever)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    n = recipe.scaling.num_workers
+    cpus_needed = n * recipe.scaling.cpus_per_worker
+    cpus = resources.get("CPU", 0)
+    if cpus_needed > cpus:
+        raise LayoutError(
+            f"scaling asks for {n} worker(s) x {recipe.scaling.cpus_per_worker} CPU = {cpus_needed} "
+            f"CPUs but the Ray cluster has {cpus:g}; lower scaling.num_workers or "
+            f"scaling.cpus_per_worker"
+        )
+    if gpu and n > resources.get("GPU", 0):
+        raise LayoutError(
+            f"scaling asks for {n} GPU worker(s) but the Ray cluster has "
+            f"{resources.get('GPU', 0):g} GPUs; lower scaling.num_workers or set scaling.use_gpu: false"
+        )
+    if recipe.strategy.mixed_precision == "fp16" and not gpu:
+        raise LayoutError("strategy.mixed_precision: fp16 needs GPUs; this run uses the CPU")
+
+
+# --------------------------------------------------------------------------------- stages
+
+
+def drain_sink(sink, state: RunState, view: ProgressView, stop: threading.Event, tracker) -> None:
+    """Move worker reports into metrics.jsonl, the progress display and the trackers."""
+    path = state.run_dir / "metrics.jsonl"
+    with path.open("a", encoding="utf-8") as out:
+        while not (stop.is_set() and sink.empty()):
+            try:
+                item = sink.get(timeout=0.5)
+            except Exception:  # queue.Empty from ray.util.queue
+                continue
+            event = item.pop("event", "metrics")
+            if event == "parameters":
+                state.parameters = item
+                view.note(
+                    f"trainable parameters: {item['trainable']:,} of {item['total']:,} "
+                    f"({item['percent']:.2f}%)"
+                )
+            elif event == "resumed":
+                state.restarts = item["restarts"]
+                record = {"event": "restart", "step": item["step"], "restarts": item["restarts"]}
+                out.write(json.dumps(record) + "\n")
+                out.flush()
+                view.note(f"restarted from the checkpoint at step {item['step']}")
+            else:
+                state.metrics.append(item)
+                out.write(json.dumps(item) + "\n")
+                out.flush()
+                view.update(item)
+                if tracker is not None:
+                    tracker.log(item, int(item["step"]))
+
+
+def train(
+    recipe: Recipe,
+    data,
+    tokenizer,
+    state: RunState,
+    view: ProgressView,
+    resume_from: Path | None,
+) -> Any:
+    """Stage 2: Ray Train over the prepared shards; returns Ray's Result."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    from launcher.tracking import open_tracker
+
+    gpu = use_gpu(recipe)
+    check_layout(recipe, gpu)
+    plan = make_plan(data.num_rows["train"], recipe)
+    view.start(plan.total_steps)
+    sink = Queue(maxsize=10_000)
+    datasets = {"train": data.datasets["train"]}
+    with_validation = "validation" in data.datasets and data.num_rows.get("validation", 0) > 0
+    if with_validation:
+        datasets["validation"] = data.datasets["validation"]
+    ckpt = recipe.checkpoint
+    metric = (
+        ckpt.metric
+        if (ckpt.metric and (with_validation or not ckpt.metric.startswith("eval_")))
+        else None
+    )
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "recipe": recipe.model_dump(mode="json"),
+            "plan": plan.__dict__,
+            "sink": sink,
+            "pad_token_id": tokenizer.pad_token_id,
+            "has_validation": with_validation,
+            "run_dir": str(state.run_dir),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=recipe.scaling.num_workers,
+            use_gpu=gpu,
+            resources_per_worker={
+                "CPU": recipe.scaling.cpus_per_worker,
+                **({"GPU": 1} if gpu else {}),
+            },
+        ),
+        run_config=ray.train.RunConfig(
+            name="checkpoints",
+            storage_path=str(state.run_dir),
+            failure_config=ray.train.FailureConfig(max_failures=recipe.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=ckpt.keep,
+                checkpoint_score_attribute=metric,
+                checkpoint_score_order=ckpt.mode,
+            ),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets)),
+        resume_from_checkpoint=ray.train.Checkpoint(str(resume_from)) if resume_from else None,
+    )
+    tracker = open_tracker(recipe, state.run_dir)
+    stop = threading.Event()
+    drainer = threading.Thread(
+        target=drain_sink, args=(sink, state, view, stop, tracker), daemon=True
+    )
+    drainer.start()
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        raise JobError(f"training failed: {exc}") from exc
+    finally:
+        stop.set()
+        drainer.join(timeout=30)
+        view.stop()
+        if tracker is not None:
+            tracker.close()
+    if result.error is not None:
+        raise JobError(f"training failed: {result.error}")
+    return result, plan, metric
+
+
+def pick_checkpoint(result, metric: str | None, mode: str, run_dir: Path) -> Path:
+    """The best checkpoint by the recipe's metric, else the last one."""
+    best = getattr(result, "best_checkpoints", None) or []
+    if metric and best:
+        scored = [(m.get(metric), c) for c, m in best if m.get(metric) is not None]
+        if scored:
+            pick = (min if mode == "min" else max)(scored, key=lambda x: x[0])
+            return Path(pick[1].path)
+    if result.checkpoint is not None:
+        return Path(result.checkpoint.path)
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        raise JobError("training produced no checkpoint to export")
+    return latest
+
+
+def export(recipe: Recipe, checkpoint_dir: Path, run_dir: Path, tokenizer) -> dict[str, Any]:
+    """Stage 3: consolidate the checkpoint into a Hugging Face model in run_dir/model."""
+    from launcher.finetune import export_model
+    from launcher.strategies import consolidate
+
+    state_dict = consolidate(recipe.strategy.name, checkpoint_dir)
+    info = export_model(recipe, state_dict, run_dir, tokenizer, recipe.checkpoint.export.merge_lora)
+    return {"checkpoint": str(checkpoint_dir), **(info or {})}
+
+
+def batch_stage(recipe: Recipe, run_dir: Path, view: ProgressView) -> dict[str, Any]:
+    """Stage 4: batch evaluation and generation with Ray Data over the exported model."""
+    out: dict[str, Any] = {}
+    if recipe.evaluate is not None:
+        from launcher.batch import evaluate_run
+
+        out["eval"] = evaluate_run(recipe, run_dir)
+        view.note(
+            "evaluation: "
+            + ", ".join(
+                f"{k}={_fmt(v)}" for k, v in out["eval"].items() if isinstance(v, int | float)
+            )
+        )
+    if recipe.generate is not None and recipe.generate.prompts:
+        from launcher.batch import generate_run
+
+        path = generate_run(recipe, run_dir)
+        out["generations"] = str(path)
+        view.note(f"generations written to {path}")
+    return out
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def final_metrics(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """The last value of each metric over the run."""
+    final: dict[str, Any] = {}
+    for row in metrics:
+        final.update({k: v for k, v in row.items() if k != "event"})
+    return final
+
+
+def write_summary(
+    recipe: Recipe, state: RunState, status: str, extra: dict[str, Any], plan: Plan | None
+) -> dict[str, Any]:
+    """Stage 5: summary.json and metrics.png."""
+    from launcher import __version__
+    from launcher.plots import plot_metrics
+
+    metrics = read_metrics(state.run_dir) or state.metrics
+    rows = [m for m in metrics if "event" not in m]
+    wall = time.time() - state.started
+    tokens = sum(float(m.get("tokens", 0)) for m in rows)
+    train_time = sum(
+        float(m["tokens"]) / m["tokens_per_s"]
+        for m in rows
+        if m.get("tokens_per_s") and m.get("tokens")
+    )
+    summary = {
+        "name": recipe.name,
+        "status": status,
+        "ftlaunch_version": __version__,
+        "run_dir": str(state.run_dir),
+        "started_at": datetime.fromtimestamp(state.started, timezone.utc).isoformat(),
+        "wall_time_s": round(wall, 3),
+        "steps": int(rows[-1]["step"]) if rows else 0,
+        "planned_steps": plan.total_steps if plan else None,
+        "tokens": int(tokens),
+        "tokens_per_s": (tokens / train_time) if train_time > 0 else None,
+        "restarts": state.restarts,
+        "parameters": state.parameters,
+        "final_metrics": final_metrics(rows),
+        "strategy": recipe.strategy.name,
+        "method": recipe.finetune.method,
+        "num_workers": recipe.scaling.num_workers,
+        **extra,
+    }
+    if state.notes:
+        summary["notes"] = state.notes
+    (state.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if rows:
+        plot_metrics(rows, state.run_dir / "metrics.png", title=recipe.name)
+    return summary
+
+
+# ---------------------------------------------------------------------------------- driver
+
+
+def run(
+    recipe: Recipe,
+    *,
+    resume: Path | None = None,
+    verbose: bool = False,
+    view: ProgressView | None = None,
+) -> dict[str, Any]:
+    """Run the whole job and return the summary. Raises DataError/ModelLoadError/LayoutError
+    for bad input (before any training) and JobError when training fails."""
+    from launcher.data import prepare_data
+    from launcher.models import load_tokenizer
+
+    view = view or ProgressView()
+    ensure_ray(verbose)
+    quiet_ray_data(verbose)
+    if resume is not None:
+        run_dir, resume_from = Path(resume), latest_checkpoint(Path(resume))
+    else:
+        run_dir, resume_from = new_run_dir(recipe), None
+    state = RunState(run_dir)
+    view.note(f"run directory: {run_dir}")
+    if resume_from is not None:
+        view.note(f"resuming from {resume_from}")
+
+    tokenizer = load_tokenizer(recipe.model)
+    view.note("preparing data (tokenizing once with Ray Data)")
+    data = prepare_data(recipe, tokenizer)  # 1. data
+    view.note("rows: " + ", ".join(f"{k}={v:,}" for k, v in data.num_rows.items()))
+    plan = None
+    try:
+        result, plan, metric = train(recipe, data, tokenizer, state, view, resume_from)  # 2. train
+        checkpoint = pick_checkpoint(result, metric, recipe.checkpoint.mode, run_dir)
+        view.note(f"exporting {checkpoint.name} to {run_dir / 'model'}")
+        exported = export(recipe, checkpoint, run_dir, tokenizer)  # 3. export
+        batch = batch_stage(recipe, run_dir, view)  # 4. batch
+    except BaseException as exc:
+        write_summary(recipe, state, "failed", {"error": str(exc)}, plan)
+        raise
+    return write_summary(recipe, state, "succeeded", {"export": exported, **batch}, plan)  # 5.
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m launcher.job RECIPE [--set k=v ...] [--resume RUN_DIR] [--verbose]`."""
+    import argparse
+
+    from launcher.cli import exit_code_for, print_final
+
+    parser = argparse.ArgumentParser(prog="python -m launcher.job", description=__doc__)
+    parser.add_argument("recipe")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--resume", type=Path, default=None)
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        summary = run(recipe, resume=args.resume, verbose=args.verbose)
+    except Exception as exc:
+        code = exit_code_for(exc)
+        if code == 1 and args.verbose:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return code
+    print_final(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

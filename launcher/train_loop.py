@@ -1,0 +1,339 @@
+"""The per-worker training loop: the same function runs on every Ray Train worker.
+
+Read it top to bottom: build the model through the strategy, restore a checkpoint if there is
+one, then loop over this worker's shard with gradient accumulation, reporting metrics every
+`log_every` steps, evaluating and checkpointing on schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from launcher.objectives import compute_loss, eval_metrics, eval_sums
+from launcher.recipe import Recipe
+
+STATE_FILE = "ftlaunch_state.json"
+
+
+@dataclass
+class Plan:
+    """Step arithmetic the driver computes once from the data sizes."""
+
+    total_steps: int
+    steps_per_epoch: int
+    batches_per_epoch: int
+
+
+@dataclass
+class Position:
+    """Where training is: the step done last, the epoch, and batches consumed in it."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    restarts: int = 0
+
+
+@dataclass
+class Window:
+    """Running sums between two metric reports."""
+
+    loss_sum: float = 0.0
+    micro_steps: int = 0
+    tokens: int = 0
+    samples: int = 0
+    grad_norm: float = float("nan")
+    started: float = field(default_factory=time.perf_counter)
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def make_plan(num_train_rows: int, recipe: Recipe) -> Plan:
+    """Optimizer steps per epoch and in total, from rows, workers, batch size and accumulation."""
+    t = recipe.train
+    rows_per_worker = num_train_rows // recipe.scaling.num_workers
+    batches = math.ceil(rows_per_worker / t.batch_size)
+    steps_per_epoch = max(1, math.ceil(batches / t.grad_accum))
+    total = steps_per_epoch * t.epochs
+    if t.max_steps is not None:
+        total = min(total, t.max_steps)
+    return Plan(total_steps=total, steps_per_epoch=steps_per_epoch, batches_per_epoch=batches)
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank, so replicated parameters start identical."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def is_due(every: str | int, step: int, end_of_epoch: bool) -> bool:
+    """Whether an every-epoch / every-N-steps action is due now."""
+    if every == "epoch":
+        return end_of_epoch
+    return step % int(every) == 0
+
+
+def all_reduce_sum(
+    values: dict[str, torch.Tensor], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Sum tensors across workers (a no-op on one worker)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    out = {}
+    for key, value in values.items():
+        tensor = value.detach().to(device=device, dtype=torch.float64).clone()
+        dist.all_reduce(tensor)
+        out[key] = tensor.cpu()
+    return out
+
+
+def evaluate(module, shard, collate, recipe: Recipe, device: torch.device) -> dict[str, float]:
+    """Validation metrics over every worker's validation shard, reduced exactly."""
+    task = recipe.model.task
+    num_labels = len(recipe.model.labels or [])
+    sums: dict[str, torch.Tensor] = {}
+    module.eval()
+    with torch.no_grad():
+        for batch in shard.iter_torch_batches(
+            batch_size=recipe.train.batch_size, collate_fn=collate, device=device
+        ):
+            for key, value in eval_sums(module, batch, task, num_labels).items():
+                sums[key] = sums.get(key, 0) + value.to(torch.float64).cpu()
+    module.train()
+    if not sums:  # an empty shard still joins the reduction
+        sums = {"nll": torch.zeros(()), "count": torch.zeros(())}
+        if task == "classification":
+            sums.update(
+                correct=torch.zeros(()),
+                tp=torch.zeros(num_labels),
+                fp=torch.zeros(num_labels),
+                fn=torch.zeros(num_labels),
+            )
+    reduced = all_reduce_sum({k: torch.as_tensor(v) for k, v in sums.items()}, device)
+    return eval_metrics(reduced, task)
+
+
+def save_checkpoint(strategy, position: Position, rank: int) -> tempfile.TemporaryDirectory:
+    """Write this rank's part of a checkpoint into a fresh temporary directory."""
+    tmp = tempfile.TemporaryDirectory(prefix="ftlaunch-ckpt-")
+    directory = Path(tmp.name)
+    strategy.save(directory)
+    # Each rank keeps its own RNG stream so dropout continues exactly after a resume.
+    torch.save(
+        {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+        },
+        directory / f"rng_rank{rank}.pt",
+    )
+    if rank == 0:
+        state = {
+            "step": position.step,
+            "epoch": position.epoch,
+            "batches_in_epoch": position.batches_in_epoch,
+            "restarts": position.restarts,
+        }
+        (directory / STATE_FILE).write_text(json.dumps(state))
+    return tmp
+
+
+def restore_checkpoint(strategy, rank: int) -> Position | None:
+    """Load the latest checkpoint Ray Train hands this worker (after a failure or --resume)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        directory = Path(d)
+        strategy.load(directory)
+        state = json.loads((directory / STATE_FILE).read_text())
+        rng_file = directory / f"rng_rank{rank}.pt"
+        if rng_file.exists():
+            rng = torch.load(rng_file, weights_only=False)
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+    return Position(
+        step=state["step"],
+        epoch=state["epoch"],
+        batches_in_epoch=state["batches_in_epoch"],
+        restarts=state.get("restarts", 0) + 1,
+    )
+
+
+def maybe_inject_failure(step: int, rank: int, marker_dir: str) -> None:
+    """Test hook: FTLAUNCH_FAIL_AT_STEP=k kills FTLAUNCH_FAIL_RANK (default 1) once at step k."""
+    at = os.environ.get("FTLAUNCH_FAIL_AT_STEP")
+    if not at or step != int(at) or rank != int(os.environ.get("FTLAUNCH_FAIL_RANK", "1")):
+        return
+    marker = Path(marker_dir) / ".ftlaunch-failure-injected"
+    if marker.exists():
+        return
+    marker.write_text(f"rank {rank} exited at step {step}\n")
+    os._exit(1)
+
+
+def window_metrics(window: Window, device: torch.device, world_size: int) -> dict[str, float]:
+    """Mean loss and throughput over the window, summed across workers."""
+    totals = all_reduce_sum(
+        {
+            "loss": torch.tensor(window.loss_sum),
+            "micro": torch.tensor(float(window.micro_steps)),
+            "tokens": torch.tensor(float(window.tokens)),
+            "samples": torch.tensor(float(window.samples)),
+            **{k: torch.tensor(v) for k, v in window.extra.items()},
+        },
+        device,
+    )
+    elapsed = max(time.perf_counter() - window.started, 1e-9)
+    micro = max(float(totals["micro"]), 1.0)
+    out = {
+        "loss": float(totals["loss"]) / micro,
+        "tokens_per_s": float(totals["tokens"]) / elapsed,
+        "samples_per_s": float(totals["samples"]) / elapsed,
+        "tokens": float(totals["tokens"]),
+    }
+    out.update({k: float(totals[k]) / micro for k in window.extra})
+    return out
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker: build, restore, loop, report. `config` comes from the driver."""
+    import ray.train
+    import ray.train.torch
+
+    from launcher.data import make_collate
+    from launcher.finetune import apply_finetune, count_parameters
+    from launcher.models import load_model
+    from launcher.strategies import make_strategy
+
+    recipe = Recipe.model_validate(config["recipe"])
+    plan = Plan(**config["plan"])
+    sink = config.get("sink")
+    t = recipe.train
+    task = recipe.model.task
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, recipe.scaling.cpus_per_worker))
+    seed_everything(t.seed)
+
+    # Model: built through the strategy (ZeRO-3 and FSDP never materialise it whole).
+    strategy = make_strategy(recipe, device)
+    model = strategy.build(
+        lambda: apply_finetune(
+            load_model(recipe.model, pad_token_id=config["pad_token_id"]), recipe
+        )
+    )
+    params = count_parameters(model)
+    if rank == 0 and sink is not None:
+        sink.put({"event": "parameters", **params})
+    module = strategy.prepare(model, plan.total_steps)
+    position = restore_checkpoint(strategy, rank) or Position()
+    if rank == 0 and sink is not None and position.step > 0:
+        sink.put({"event": "resumed", "step": position.step, "restarts": position.restarts})
+
+    collate = make_collate(config["pad_token_id"])
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("validation") if config["has_validation"] else None
+    last_eval: dict[str, float] = {}
+    window = Window()
+    module.train()
+
+    def report(end_of_epoch: bool) -> None:
+        """Log, evaluate and checkpoint when due; every rank calls ray.train.report alike."""
+        nonlocal window, last_eval
+        step = position.step
+        final = step >= plan.total_steps
+        log_due = step % t.log_every == 0 or end_of_epoch or final
+        eval_due = val_shard is not None and (is_due(t.eval_every, step, end_of_epoch) or final)
+        ckpt_due = is_due(recipe.checkpoint.every, step, end_of_epoch) or final
+        if not (log_due or eval_due or ckpt_due):
+            return
+        metrics: dict[str, float] = {
+            "step": step,
+            "epoch": position.epoch + position.batches_in_epoch / max(plan.batches_per_epoch, 1),
+            "lr": strategy.lr(),
+        }
+        if window.micro_steps:
+            metrics.update(window_metrics(window, device, world_size))
+            metrics["grad_norm"] = window.grad_norm
+        window = Window()
+        if eval_due or (ckpt_due and val_shard is not None and not last_eval):
+            last_eval = evaluate(module, val_shard, collate, recipe, device)
+            metrics.update(last_eval)
+        elif ckpt_due:
+            metrics.update(last_eval)
+        if rank == 0 and sink is not None:
+            sink.put({"event": "metrics", **metrics})
+        if ckpt_due:
+            tmp = save_checkpoint(strategy, position, rank)
+            has_files = any(Path(tmp.name).iterdir())
+            checkpoint = ray.train.Checkpoint.from_directory(tmp.name) if has_files else None
+            ray.train.report(
+                metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:06d}"
+            )
+            tmp.cleanup()
+        else:
+            ray.train.report(metrics)
+
+    for epoch in range(position.epoch, t.epochs):
+        if position.step >= plan.total_steps:
+            break
+        skip = position.batches_in_epoch if epoch == position.epoch else 0
+        position.epoch, position.batches_in_epoch = epoch, skip
+        batches = train_shard.iter_torch_batches(
+            batch_size=t.batch_size,
+            collate_fn=collate,
+            device=device,
+            local_shuffle_buffer_size=max(4 * t.batch_size, 64),
+            local_shuffle_seed=t.seed + epoch,
+        )
+        pending = 0  # micro-batches accumulated towards the next optimizer step
+        for index, batch in enumerate(batches):
+            if index < skip:
+                continue
+            last_micro = pending + 1 == t.grad_accum or index + 1 == plan.batches_per_epoch
+            with strategy.no_sync(not last_micro):
+                loss, tokens = compute_loss(module, batch, task)
+                strategy.backward(loss)
+            window.loss_sum += float(loss.detach())
+            window.micro_steps += 1
+            window.tokens += tokens
+            window.samples += int(batch["input_ids"].shape[0])
+            pending += 1
+            position.batches_in_epoch = index + 1
+            if not last_micro:
+                continue
+            grad_norm = strategy.step()
+            window.grad_norm = float(grad_norm)
+            pending = 0
+            position.step += 1
+            maybe_inject_failure(position.step, rank, config["run_dir"])
+            end_of_epoch = position.batches_in_epoch >= plan.batches_per_epoch
+            if end_of_epoch:
+                position.epoch, position.batches_in_epoch = epoch + 1, 0
+            report(end_of_epoch)
+            if position.step >= plan.total_steps:
+                break
+        if pending:  # a shard shorter than planned: finish the partial accumulation
+            strategy.step()
+            position.step += 1
+            position.epoch, position.batches_in_epoch = epoch + 1, 0
+            report(True)
+        elif position.batches_in_epoch and position.step < plan.total_steps:
+            position.epoch, position.batches_in_epoch = epoch + 1, 0
