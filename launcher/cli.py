@@ -9,7 +9,14 @@ from collections.abc import Sequence
 import click
 
 from launcher import __version__
-from launcher.recipe import RecipeError, dump_recipe, json_schema, load_recipe
+from launcher.recipe import (
+    Recipe,
+    RecipeError,
+    dump_recipe,
+    json_schema,
+    load_recipe,
+    resolved_dict,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -55,7 +62,15 @@ def cli() -> None:
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @set_option
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing when the recipe is valid.")
-def validate(recipe: str, overrides: tuple[str, ...], quiet: bool) -> None:
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["yaml", "json"]),
+    default="yaml",
+    show_default=True,
+    help="How the resolved recipe is printed.",
+)
+def validate(recipe: str, overrides: tuple[str, ...], quiet: bool, output_format: str) -> None:
     """Check RECIPE and print it fully resolved (defaults filled in, overrides applied).
 
     \b
@@ -63,9 +78,34 @@ def validate(recipe: str, overrides: tuple[str, ...], quiet: bool) -> None:
       ftlaunch validate recipes/quickstart.yaml --set train.lr=3e-5
     Exit code 0 when valid; 2 with every problem (file:line:col, field, allowed values).
     """
-    resolved = load_or_exit(recipe, overrides)
-    if not quiet:
+    resolved = check_recipe(recipe, overrides)
+    if quiet:
+        return
+    if output_format == "json":
+        click.echo(json.dumps(resolved_dict(resolved), indent=2, ensure_ascii=False))
+    else:
         click.echo(dump_recipe(resolved), nl=False)
+
+
+def check_recipe(path: str, overrides: Sequence[str]) -> Recipe:
+    """Load a recipe for `validate`, which answers 0 or 2 whatever the file holds.
+
+    Input that defeats the loader itself (nesting deeper than the interpreter's stack, memory)
+    is still bad input; anything else unexpected is reported as such, without a traceback.
+    """
+    try:
+        return load_or_exit(path, overrides)
+    except (RecursionError, MemoryError) as exc:
+        raise BadInput(
+            f"{path}: recipe too deeply nested or too large ({type(exc).__name__})"
+        ) from None
+    except BadInput:
+        raise
+    except Exception as exc:
+        raise BadInput(
+            f"{path}: could not check this recipe ({type(exc).__name__}: {exc}); "
+            "this is a bug in ftlaunch's recipe checks, please report it with the file"
+        ) from None
 
 
 @cli.command()
@@ -220,6 +260,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code if exc.exit_code != 1 or isinstance(exc, BadInput) else EXIT_BAD_INPUT
     except click.exceptions.Exit as exc:
         return exc.exit_code
+    except RecipeError as exc:
+        # A verb that loads a recipe without load_or_exit: still bad input, not a crash.
+        click.echo(f"error: {exc.render()}", err=True)
+        return EXIT_BAD_INPUT
     return EXIT_OK
 
 

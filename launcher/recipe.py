@@ -8,7 +8,9 @@ reports every problem at once with the file, line and column it came from.
 
 from __future__ import annotations
 
+import copy
 import difflib
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +36,8 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     name_or_path: str = Field(min_length=1)
-    """Hugging Face hub id or a local model directory."""
+    """Hugging Face hub id, a local model directory, or pkg:<package>/<dir> for a model shipped
+    inside an installed Python package."""
     task: Literal["causal_lm", "classification"] = "causal_lm"
     """What the model learns: next-token prediction or sequence classification."""
     labels: list[str] | None = Field(default=None, min_length=2)
@@ -149,7 +152,7 @@ class FinetuneConfig(Section):
 
 class TeacherConfig(Section):
     name_or_path: str = Field(min_length=1)
-    """Teacher model: hub id or local directory."""
+    """Teacher model: hub id, local directory, or pkg:<package>/<dir>."""
     gguf_file: str | None = None
     """Optional GGUF file inside name_or_path."""
 
@@ -648,66 +651,176 @@ def _describe(value: Any) -> str:
     if isinstance(value, dict):
         return "a mapping"
     if value is None:
-        return "empty"
-    return f"a {type(value).__name__}"
+        return "nothing (null)"
+    if isinstance(value, str) and not value.strip():
+        return "an empty string"
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
-def _walk_marks(
-    node: yaml.Node, path: tuple, source: str, marks: dict[tuple, str]
-) -> list[Problem]:
-    """Record file:line:col for every key and list item; report duplicate keys."""
+class _RecipeLoader(yaml.SafeLoader):
+    """The safe loader (plain values only, no Python object tags), plus YAML 1.2 floats.
+
+    PyYAML follows YAML 1.1, where `3e-5` (no dot) is a string; editors and JSON Schema tools
+    read it as a number, and so do recipes.
+    """
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+MERGE_TAG = "tag:yaml.org,2002:merge"
+MAX_YAML_NODES = 100_000  # far above any real recipe; stops alias bombs before they expand
+
+
+def _mark(source: str, node: yaml.Node) -> str:
+    return f"{source}:{node.start_mark.line + 1}:{node.start_mark.column + 1}"
+
+
+def _walk_marks(root: yaml.Node, source: str, marks: dict[tuple, str]) -> list[Problem]:
+    """Record file:line:col for every key and list item; report duplicate keys.
+
+    Walks the composed node graph (before construction), so `<<:` merge keys are still visible:
+    keys pulled in by a merge are not duplicates of the keys written next to them.
+    """
     problems: list[Problem] = []
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[Any, str] = {}
+    visited = 0
+
+    def walk(node: yaml.Node, path: tuple, from_merge: bool) -> None:
+        nonlocal visited
+        visited += 1
+        if visited > MAX_YAML_NODES:
+            raise RecipeError(
+                [
+                    Problem(
+                        "", f"recipe expands to more than {MAX_YAML_NODES} values (YAML aliases?)"
+                    )
+                ],
+                source,
+            )
+        if isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                marks.setdefault((*path, i), _mark(source, item))
+                walk(item, (*path, i), from_merge)
+        elif isinstance(node, yaml.MappingNode):
+            walk_mapping(node, path, from_merge)
+
+    def walk_mapping(node: yaml.MappingNode, path: tuple, from_merge: bool) -> None:
+        seen: dict[str, str] = {}
+        merged: list[yaml.Node] = []
         for key_node, value_node in node.value:
-            key = key_node.value
-            where = f"{source}:{key_node.start_mark.line + 1}:{key_node.start_mark.column + 1}"
-            if key in seen:
+            if key_node.tag == MERGE_TAG:
+                merged += (
+                    value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                )
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                walk(value_node, path, from_merge)
+                continue
+            key, where = key_node.value, _mark(source, key_node)
+            if key in seen and not from_merge:
                 problems.append(
                     Problem(
-                        ".".join(map(str, (*path, key))),
-                        f"duplicate key (first at {seen[key]})",
+                        _dotted((*path, key)),
+                        f"duplicate key (first at {seen[key]}); keep one",
                         where,
                     )
                 )
             seen[key] = where
-            marks[(*path, key)] = where
-            problems += _walk_marks(value_node, (*path, key), source, marks)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            marks[(*path, i)] = f"{source}:{item.start_mark.line + 1}:{item.start_mark.column + 1}"
-            problems += _walk_marks(item, (*path, i), source, marks)
+            # Explicit keys win over merged ones, in the data and in the marks.
+            if from_merge:
+                marks.setdefault((*path, key), where)
+            else:
+                marks[(*path, key)] = where
+            walk(value_node, (*path, key), from_merge)
+        for source_node in merged:
+            if isinstance(source_node, yaml.MappingNode):
+                walk_mapping(source_node, path, True)
+
+    marks[()] = _mark(source, root)
+    walk(root, (), False)
     return problems
+
+
+def _dotted(loc: Sequence[Any]) -> str:
+    """A location as a dotted path; list positions as [i]: data.train[0].path."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int) and not isinstance(part, bool):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
 
 
 def _read_yaml(path: Path) -> _Doc:
     source = str(path)
-    if not path.exists():
-        raise RecipeError([Problem("", f"recipe file not found: {path}")])
+    try:
+        exists = path.exists()
+    except (OSError, ValueError):  # a name too long, or with a NUL byte
+        exists = False
+    if not exists:
+        raise RecipeError(
+            [Problem("", "file not found; give the path of a YAML recipe", source)], source
+        )
     if path.is_dir():
-        raise RecipeError([Problem("", f"expected a YAML file, got a directory: {path}")])
+        raise RecipeError(
+            [Problem("", "is a directory; give the path of a YAML recipe file", source)], source
+        )
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError([Problem("", f"cannot read recipe file: {exc}")], source) from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(
+            [Problem("", f"not UTF-8 text (byte {exc.start}); recipes are UTF-8 YAML", source)],
+            source,
+        ) from None
+    except OSError as exc:
+        raise RecipeError(
+            [Problem("", f"cannot read the file: {exc.strerror or exc}", source)], source
+        ) from None
     return parse_yaml(text, source)
+
+
+def _yaml_error(exc: yaml.YAMLError, source: str) -> Problem:
+    """One located problem for a YAML syntax error or a tag the safe loader refuses."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return Problem("", f"YAML error: {exc}", source)
+    mark = exc.problem_mark or exc.context_mark
+    where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+    problem = exc.problem or ""
+    if isinstance(exc, yaml.constructor.ConstructorError) and "constructor for the tag" in problem:
+        tag = problem.rsplit("tag", 1)[-1].strip(" '")
+        kind = "Python object tags are" if "python/" in tag else f"the tag {tag} is"
+        return Problem(
+            "",
+            f"{kind} not allowed: recipes are loaded safely and hold plain mappings, lists, "
+            "strings, numbers, booleans and null",
+            where,
+        )
+    context = f" ({exc.context.strip()}" if exc.context else ""
+    if context and exc.context_mark and exc.context_mark is not mark:
+        context += f" at line {exc.context_mark.line + 1}, column {exc.context_mark.column + 1}"
+    context += ")" if context else ""
+    return Problem("", f"YAML syntax error: {problem}{context}", where)
 
 
 def parse_yaml(text: str, source: str) -> _Doc:
     """Parse YAML safely, keeping the position of every key."""
-    loader = yaml.SafeLoader(text)
+    loader = _RecipeLoader(text)
+    marks: dict[tuple, str] = {}
     try:
         node = loader.get_single_node()
+        problems = _walk_marks(node, source, marks) if node is not None else []
         data = loader.construct_document(node) if node is not None else None
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        what = " ".join(x for x in (exc.context, exc.problem) if x)
-        raise RecipeError([Problem("", f"YAML syntax error: {what}", where)], source) from None
     except yaml.YAMLError as exc:
-        raise RecipeError([Problem("", f"YAML error: {exc}")], source) from None
+        raise RecipeError([_yaml_error(exc, source)], source) from None
     except RecursionError:
-        raise RecipeError([Problem("", "YAML nested too deeply")], source) from None
+        raise RecipeError(
+            [Problem("", "YAML nested too deeply; a recipe is a few levels of sections")], source
+        ) from None
     finally:
         loader.dispose()
     if not isinstance(data, dict):
@@ -715,22 +828,20 @@ def parse_yaml(text: str, source: str) -> _Doc:
             [
                 Problem(
                     "",
-                    f"a recipe is a mapping of sections (name:, model:, data:, ...); got {_describe(data)}",
-                    f"{source}:1:1",
+                    "a recipe is a mapping of sections (name:, model:, data:, ...); "
+                    f"got {_describe(data)}",
+                    _mark(source, node) if node is not None else f"{source}:1:1",
                 )
             ],
             source,
         )
     bad = [k for k in data if not isinstance(k, str)]
     if bad:
-        raise RecipeError([Problem("", f"keys must be strings; got {bad[0]!r}", source)], source)
-    marks: dict[tuple, str] = {}
-    try:
-        problems = _walk_marks(node, (), source, marks)
-    except RecursionError:
-        raise RecipeError([Problem("", "YAML nested too deeply")], source) from None
+        problems.append(
+            Problem("", f"keys must be strings; got {bad[0]!r}", marks.get((bad[0],), source))
+        )
     if problems:
-        raise RecipeError(problems, source)
+        raise RecipeError(sort_problems(problems), source)
     return _Doc(data, marks)
 
 
@@ -745,38 +856,52 @@ def _deep_merge(base: Any, over: Any) -> Any:
 
 
 def _load_with_bases(path: Path, chain: tuple[Path, ...] = ()) -> _Doc:
-    resolved = path.resolve()
-    if resolved in chain:
-        cycle = " -> ".join(str(p) for p in (*chain, resolved))
-        raise RecipeError(
-            [Problem("base", f"recipes extend each other in a cycle: {cycle}")], str(path)
-        )
+    """Read a recipe and, through `base:`, the recipes it extends (deep-merged, child wins)."""
     doc = _read_yaml(path)
     base_ref = doc.data.get("base")
     if base_ref is None:
         return doc
-    if not isinstance(base_ref, str):
+    where = doc.marks.get(("base",))
+    base_path = _base_path(path, base_ref, where)
+    chain = (*chain, _resolve(path))
+    if _resolve(base_path) in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, _resolve(base_path)))
         raise RecipeError(
             [
                 Problem(
-                    "base",
-                    f"must be a path to another recipe, got {_describe(base_ref)}",
-                    doc.marks.get(("base",)),
+                    "base", f"recipes extend each other in a cycle: {cycle}; break the cycle", where
                 )
             ],
             str(path),
         )
-    base_path = (path.parent / base_ref) if not Path(base_ref).is_absolute() else Path(base_ref)
-    if not base_path.exists():
-        raise RecipeError(
-            [Problem("base", f"base recipe not found: {base_path}", doc.marks.get(("base",)))],
-            str(path),
-        )
-    parent = _load_with_bases(base_path, (*chain, resolved))
+    parent = _load_with_bases(base_path, chain)
     data = _deep_merge(parent.data, {k: v for k, v in doc.data.items() if k != "base"})
     marks = {**parent.marks, **doc.marks}
     marks.pop(("base",), None)
     return _Doc(data, marks)
+
+
+def _resolve(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # unreadable or looping symlinks: compare as written
+        return path.absolute()
+
+
+def _base_path(path: Path, base_ref: Any, where: str | None) -> Path:
+    """The file `base:` points at, relative to the recipe that names it."""
+    problem = None
+    if not isinstance(base_ref, str) or not base_ref.strip() or "\0" in base_ref:
+        problem = f"must be the path of another recipe file, got {_describe(base_ref)}"
+    else:
+        base_path = path.parent / base_ref
+        try:
+            if base_path.is_file():
+                return base_path
+            problem = f"base recipe not found: {base_path} (paths are relative to {path})"
+        except OSError as exc:
+            problem = f"cannot read base recipe {base_path}: {exc.strerror or exc}"
+    raise RecipeError([Problem("base", problem, where)], str(path))
 
 
 def _field_names(model: type[BaseModel]) -> list[str]:
@@ -837,50 +962,90 @@ def _model_at(path: Sequence[str]) -> type[BaseModel] | None:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b.c=value` -> (['a', 'b', 'c'], value parsed as YAML)."""
+    where = f"--set {text}"
     if "=" not in text:
-        raise RecipeError([Problem("", f"--set expects key.path=value, got {text!r}", "--set")])
+        raise RecipeError([Problem("", "expected KEY.PATH=VALUE, e.g. --set train.lr=3e-5", where)])
     key, raw = text.split("=", 1)
-    parts = key.strip().split(".")
+    parts = [part.strip() for part in key.split(".")]
     if not all(parts):
-        raise RecipeError([Problem("", f"--set has an empty key in {key!r}", "--set")])
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
         raise RecipeError(
-            [Problem(key, f"value is not valid YAML: {exc}", f"--set {text}")]
+            [Problem(key, "empty key; expected KEY.PATH=VALUE, e.g. --set train.lr=3e-5", where)]
+        )
+    try:
+        value = _parse_value(raw)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(
+            [
+                Problem(
+                    key,
+                    f"value is not valid YAML ({problem}); quote it for the shell, "
+                    "e.g. --set 'data.train=[{path: a.jsonl, weight: 2}]'",
+                    where,
+                )
+            ]
         ) from None
+    except RecursionError:
+        raise RecipeError([Problem(key, "value nested too deeply", where)]) from None
     return parts, value
 
 
-def _check_override_path(parts: list[str], text: str) -> None:
+def _parse_value(raw: str) -> Any:
+    if not raw.strip():
+        return None
+    loader = _RecipeLoader(raw)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+FREE_FORM = ("strategy.deepspeed_config",)  # mappings whose keys are not part of the schema
+
+
+def _override_path_problem(parts: list[str], where: str) -> Problem | None:
+    """Why `--set` cannot set this path, or None when the schema has it."""
     model: type[BaseModel] | None = Recipe
     for i, part in enumerate(parts):
+        here = ".".join(parts[:i])
+        if any(here == free or here.startswith(free + ".") for free in FREE_FORM):
+            return None
         if model is None:
-            # Below a free-form mapping (deepspeed_config) or a leaf: only mappings go deeper.
-            leaf = ".".join(parts[:i])
-            if leaf in ("strategy.deepspeed_config",) or leaf.startswith(
-                "strategy.deepspeed_config."
-            ):
-                return
-            raise RecipeError(
-                [Problem(".".join(parts), f"{leaf} is a value, not a section", f"--set {text}")]
+            return Problem(
+                ".".join(parts),
+                f"{here} is a value, not a section; set it as a whole: --set {here}=VALUE",
+                where,
             )
-        if part not in model.model_fields:
-            parent = ".".join(parts[:i])
-            hint = suggest(part, _field_names(model), f"{parent}." if parent else "")
-            allowed = ", ".join(_field_names(model))
-            message = f"unknown field {part!r}" + (f"; did you mean {hint}?" if hint else "")
-            raise RecipeError(
-                [Problem(".".join(parts), f"{message} (allowed here: {allowed})", f"--set {text}")]
-            )
+        if part not in model.model_fields or part == "base":
+            names = [n for n in _field_names(model) if n != "base"]
+            hint = suggest(part, names, f"{here}." if here else "")
+            message = f"unknown field {part!r}"
+            if part == "base":
+                message = "cannot be overridden; edit the recipe file"
+            elif hint:
+                message += f"; did you mean {hint}?"
+            return Problem(".".join(parts), f"{message} (allowed here: {', '.join(names)})", where)
         model = _section_type(model.model_fields[part].annotation)
+    return None
 
 
 def apply_overrides(doc: _Doc, overrides: Sequence[str]) -> None:
-    """Apply `--set a.b.c=value` overrides in order, creating sections as needed."""
+    """Apply `--set a.b.c=value` overrides in order, creating sections as needed.
+
+    Raises RecipeError listing every override that names no field of the schema.
+    """
+    problems: list[Problem] = []
     for text in overrides:
-        parts, value = parse_override(text)
-        _check_override_path(parts, text)
+        try:
+            parts, value = parse_override(text)
+        except RecipeError as exc:
+            problems += exc.problems
+            continue
+        where = f"--set {text}"
+        problem = _override_path_problem(parts, where)
+        if problem is not None:
+            problems.append(problem)
+            continue
         node = doc.data
         for part in parts[:-1]:
             child = node.get(part)
@@ -889,7 +1054,12 @@ def apply_overrides(doc: _Doc, overrides: Sequence[str]) -> None:
                 node[part] = child
             node = child
         node[parts[-1]] = value
-        doc.marks[tuple(parts)] = f"--set {text}"
+        # Marks below the overridden key described the file's old value: drop them.
+        for loc in [loc for loc in doc.marks if loc[: len(parts)] == tuple(parts)]:
+            del doc.marks[loc]
+        doc.marks[tuple(parts)] = where
+    if problems:
+        raise RecipeError(problems)
 
 
 def _clean_loc(loc: tuple, data: Any) -> tuple:
@@ -929,10 +1099,67 @@ def _is_union_tag(part: str) -> bool:
 
 
 def _where(marks: dict[tuple, str], loc: tuple) -> str | None:
-    for end in range(len(loc), 0, -1):
+    for end in range(len(loc), -1, -1):
         if loc[:end] in marks:
             return marks[loc[:end]]
     return None
+
+
+def _field_at(loc: Sequence[Any]) -> Any:
+    """The pydantic FieldInfo a data location points at (list positions skipped), or None."""
+    model: type[BaseModel] | None = Recipe
+    info = None
+    for part in loc:
+        if isinstance(part, int):
+            model = _list_item_model(info.annotation) if info is not None else None
+            continue
+        if model is None or part not in model.model_fields:
+            return None
+        info = model.model_fields[part]
+        model = _section_type(info.annotation)
+    return info
+
+
+def _list_item_model(annotation: Any) -> type[BaseModel] | None:
+    """The Section class of `list[Section]` inside an annotation, e.g. data.train's sources."""
+    for arg in (annotation, *getattr(annotation, "__args__", ())):
+        if getattr(arg, "__origin__", None) is list:
+            item = arg.__args__[0]
+            if isinstance(item, type) and issubclass(item, BaseModel):
+                return item
+    return None
+
+
+def _shown(value: Any) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
+def _message_for(err: Any, loc: tuple) -> str:
+    """What is wrong at one pydantic error, and what is allowed there."""
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = loc[:-1]
+        model = _model_at([str(p) for p in parent if isinstance(p, str)])
+        if not model and any(isinstance(p, int) for p in parent):
+            model = _list_item_model(getattr(_field_at(parent), "annotation", None))
+        siblings = _field_names(model) if model else []
+        prefix = _dotted(parent)
+        hint = suggest(str(loc[-1]), siblings, f"{prefix}." if prefix else "")
+        message = "unknown key" + (f"; did you mean {hint}?" if hint else "")
+        return message + (f" (allowed here: {', '.join(siblings)})" if siblings else "")
+    if kind == "missing":
+        info = _field_at(loc)
+        help_text = f": {info.description}" if info is not None and info.description else ""
+        return f"required field is missing{help_text}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        model = _model_at([str(p) for p in loc if isinstance(p, str)])
+        keys = f" with keys among {', '.join(_field_names(model))}" if model else ""
+        return f"must be a mapping{keys} (got {_describe(err.get('input'))})"
+    message = err["msg"]
+    if "input" in err:
+        message += f" (got {_shown(err['input'])})"
+    return message
 
 
 def _problems_from_validation(exc: ValidationError, doc: _Doc) -> list[Problem]:
@@ -940,33 +1167,24 @@ def _problems_from_validation(exc: ValidationError, doc: _Doc) -> list[Problem]:
     seen: set[tuple[str, str]] = set()
     for err in exc.errors(include_url=False):
         loc = _clean_loc(tuple(err["loc"]), doc.data)
-        path = ".".join(str(p) for p in loc)
-        where = _where(doc.marks, loc)
-        kind = err["type"]
-        if kind == "extra_forbidden":
-            parent_loc = loc[:-1]
-            model = _model_at([str(p) for p in parent_loc if isinstance(p, str)])
-            siblings = _field_names(model) if model else []
-            prefix = ".".join(str(p) for p in parent_loc)
-            hint = suggest(str(loc[-1]), siblings, f"{prefix}." if prefix else "")
-            message = "unknown key" + (f"; did you mean {hint}?" if hint else "")
-            if siblings:
-                message += f" (allowed here: {', '.join(siblings)})"
-        elif kind == "missing":
-            message = "required field is missing"
-        else:
-            message = err["msg"]
-            if "input" in err and kind not in ("model_type", "dict_type"):
-                shown = repr(err["input"])
-                if len(shown) > 60:
-                    shown = shown[:57] + "..."
-                message += f" (got {shown})"
-        key = (path, message)
-        if key in seen:
+        path, message = _dotted(loc), _message_for(err, loc)
+        if (path, message) in seen:
             continue
-        seen.add(key)
-        problems.append(Problem(path, message, where))
-    return _merge_union_problems(problems)
+        seen.add((path, message))
+        problems.append(Problem(path, message, _where(doc.marks, loc)))
+    return _merge_union_problems(_drop_wrong_union_members(problems))
+
+
+def _drop_wrong_union_members(problems: list[Problem]) -> list[Problem]:
+    """`str | list[...]` given a list: the errors inside the list matter, not 'not a string'."""
+    return [
+        p
+        for p in problems
+        if not (
+            p.message.startswith("Input should be a valid")
+            and any(q.path.startswith((p.path + ".", p.path + "[")) for q in problems)
+        )
+    ]
 
 
 def _merge_union_problems(problems: list[Problem]) -> list[Problem]:
@@ -983,24 +1201,112 @@ def _merge_union_problems(problems: list[Problem]) -> list[Problem]:
     return out
 
 
+_POSITION = re.compile(r"^(?P<file>.*):(?P<line>\d+):(?P<col>\d+)$")
+
+
+def _position_key(problem: Problem) -> tuple:
+    """File positions first (by file, line, column), then --set overrides, then the rest."""
+    where = problem.where or ""
+    found = _POSITION.match(where)
+    if found:
+        return (0, found["file"], int(found["line"]), int(found["col"]))
+    if where.startswith("--set"):
+        return (1, "", 0, 0)
+    return (2, "", 0, 0)
+
+
+def sort_problems(problems: Iterable[Problem]) -> list[Problem]:
+    """Problems in the order a reader meets them in the file (stable for equal positions)."""
+    return sorted(problems, key=_position_key)
+
+
+MAX_REPAIR_ROUNDS = 8
+
+
+def _repaired_recipe(data: Any, errors: list[Any]) -> Recipe | None:
+    """A Recipe built from the data with every schema error taken out, or None.
+
+    Invalid values are removed (their defaults apply) and missing required fields get
+    placeholders, so the cross-field rules can still check everything else and all problems
+    are reported in one go.
+    """
+    data = copy.deepcopy(data)
+    for _ in range(MAX_REPAIR_ROUNDS):
+        if not isinstance(data, dict) or not any(_repair(data, err) for err in errors):
+            return None
+        try:
+            return Recipe.model_validate(data)
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False)
+    return None
+
+
+def _repair(data: dict, err: Any) -> bool:
+    """Take one schema error out of `data`; whether anything changed."""
+    loc = _clean_loc(tuple(err["loc"]), data)
+    if any(isinstance(p, int) for p in loc):
+        # Inside a list: drop the whole list-valued field rather than shifting positions.
+        loc = loc[: next(i for i, p in enumerate(loc) if isinstance(p, int))]
+    if not loc:
+        return False
+    parent: Any = data
+    for part in loc[:-1]:
+        parent = parent.get(part) if isinstance(parent, dict) else None
+    if not isinstance(parent, dict):
+        return False
+    key = loc[-1]
+    if err["type"] == "missing":
+        if key in parent:
+            return False
+        info = _field_at(loc)
+        section = _section_type(info.annotation) if info is not None else None
+        parent[key] = {} if section is not None else "placeholder"
+        return True
+    if key not in parent:
+        return False
+    del parent[key]
+    return True
+
+
+_FIELD_MENTION = re.compile(r"\b[a-z_]+(?:\.[a-z_]+)+\b")
+
+
+def _follows_from(rule: Problem, schema_paths: set[str]) -> bool:
+    """Whether a rule problem may only be a consequence of a field the schema rejected."""
+    mentioned = {rule.path, *_FIELD_MENTION.findall(rule.message)}
+    return any(
+        m == s or m.startswith(s + ".") or s.startswith(m + ".")
+        for m in mentioned
+        for s in schema_paths
+    )
+
+
 def validate_data(
     data: Mapping[str, Any], doc: _Doc | None = None, source: str | None = None
 ) -> Recipe:
-    """Validate plain recipe data (after bases and overrides) into a Recipe."""
-    doc = doc or _Doc(dict(data), {})
+    """Validate plain recipe data (after bases and overrides) into a Recipe.
+
+    Raises RecipeError with every problem, schema and cross-field rules alike, in file order.
+    """
+    doc = doc or _Doc(dict(data) if isinstance(data, Mapping) else data, {})
     try:
-        recipe = Recipe.model_validate(doc.data)
-    except ValidationError as exc:
-        raise RecipeError(_problems_from_validation(exc, doc), source) from None
+        try:
+            recipe = Recipe.model_validate(doc.data)
+            problems: list[Problem] = []
+        except ValidationError as exc:
+            problems = _problems_from_validation(exc, doc)
+            recipe = _repaired_recipe(doc.data, exc.errors(include_url=False))
+        rules = check_rules(recipe) if recipe is not None else []
     except RecursionError:
         raise RecipeError([Problem("", "recipe nested too deeply")], source) from None
-    problems = check_rules(recipe)
+    schema_paths = {re.sub(r"\[\d+\].*", "", p.path) for p in problems}
+    problems += [
+        Problem(p.path, p.message, p.where or _where(doc.marks, tuple(p.path.split("."))))
+        for p in rules
+        if not _follows_from(p, schema_paths)
+    ]
     if problems:
-        located = [
-            Problem(p.path, p.message, p.where or _where(doc.marks, tuple(p.path.split("."))))
-            for p in problems
-        ]
-        raise RecipeError(located, source)
+        raise RecipeError(sort_problems(problems), source)
     return recipe
 
 
@@ -1012,7 +1318,10 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     path = Path(path)
     doc = _load_with_bases(path)
     doc.data.pop("base", None)
-    apply_overrides(doc, overrides)
+    try:
+        apply_overrides(doc, overrides)
+    except RecipeError as exc:
+        raise RecipeError(exc.problems, str(path)) from None
     return validate_data(doc.data, doc, str(path))
 
 
