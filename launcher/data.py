@@ -1,0 +1,1058 @@
+"""Stage 1 of the driver: data sources → validated Arrow tables → tokenized Ray Datasets.
+
+The flow, in the driver, before any training worker exists:
+
+1. read   every source of every split into an Arrow table with canonical columns
+          (`text` / `instruction`, `input`, `output` / `text`, `label`), validating each row;
+          bad data raises `DataError` naming file, row (line for JSON Lines) and field.
+2. split  carve missing validation / test splits from train (deterministic, `data.split.seed`).
+3. mix    several training sources are sampled in proportion to their weights (`source` column).
+4. balance  classification: undersample train to equal class counts.
+5. tokenize once, in Ray Data `map_batches`, then `materialize()`: training workers only read
+          their shard of the finished blocks, never tokenize, and never wait on data tasks that
+          would need CPUs the trainer holds (see DESIGN.md on the 2-core hang).
+
+Sources: local .jsonl/.json/.csv/.tsv/.parquet/.txt files, directories of them (searched
+recursively, in sorted order), and `hf:<dataset>[:<config>]:<split>` through `datasets`.
+A .txt file holds documents separated by blank lines (a file without blank lines is one
+document); long documents are chunked to `max_length` during tokenization.
+
+Validation and splitting work on whole Arrow tables in the driver with pyarrow compute: a full
+scan is needed anyway to reject bad rows before training starts, and the tables are columnar, so
+this costs memory proportional to the raw text only.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+SPLITS = ("train", "validation", "test")
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
+IGNORE_INDEX = -100
+# Row ids of text chunks: (document row id << PIECE_BITS) | piece index.
+PIECE_BITS = 20
+TOKENIZE_BATCH_ROWS = 256
+# Columns copied unchanged from raw rows to tokenized rows.
+PASSTHROUGH = ("source", "source_id")
+
+DEFAULT_PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+"""Default instruction template; `{input_block}` becomes "### Input:\\n<input>\\n\\n" when the
+row has a non-empty input and disappears otherwise. User templates use {instruction} and {input}."""
+
+# Model inputs in a collated batch; the other keys (row_id, num_tokens, source) are bookkeeping.
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+class DataError(Exception):
+    """Bad data: a missing or unreadable file, a row without a required field, an unknown label,
+    an empty dataset. The message names the file, row and field and says what is expected."""
+
+
+# ------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class RawTable:
+    """Canonical rows read from one source, plus how to name a row in an error message."""
+
+    table: pa.Table
+    where: Callable[[int], str]
+    """Row index (0-based) -> "path: line 7" / "path: row 7"."""
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Which raw fields the data format needs, and the canonical column each becomes."""
+
+    required: dict[str, str]
+    """canonical column -> raw field name; the field must be present and non-null."""
+    optional: dict[str, str] = field(default_factory=dict)
+    """canonical column -> raw field name; may be missing (becomes "")."""
+    labels: tuple[str, ...] | None = None
+    """classification: allowed label names, in id order."""
+    setting: dict[str, str] = field(default_factory=dict)
+    """canonical column -> the recipe key that names the raw field (for messages)."""
+
+
+def fields_for(recipe: Any) -> Fields:
+    """The fields `recipe.data.format` reads from each row."""
+    d = recipe.data
+    if d.format == "text":
+        return Fields({"text": d.text_field}, setting={"text": "data.text_field"})
+    if d.format == "classification":
+        return Fields(
+            {"text": d.text_field, "label": d.label_field},
+            labels=tuple(recipe.model.labels or ()),
+            setting={"text": "data.text_field", "label": "data.label_field"},
+        )
+    f = d.instruction_fields
+    return Fields(
+        {"instruction": f.instruction, "output": f.output},
+        optional={"input": f.input},
+        setting={
+            "instruction": "data.instruction_fields.instruction",
+            "output": "data.instruction_fields.output",
+            "input": "data.instruction_fields.input",
+        },
+    )
+
+
+@dataclass(frozen=True)
+class HfSpec:
+    """A parsed `hf:<dataset>[:<config>]:<split>` source."""
+
+    dataset: str
+    config: str | None
+    split: str
+
+
+def parse_hf_spec(spec: str) -> HfSpec:
+    """`hf:imdb:train` -> HfSpec("imdb", None, "train"); `hf:glue:sst2:validation` -> with config."""
+    body = spec[3:] if spec.startswith("hf:") else spec
+    parts = body.split(":")
+    if len(parts) not in (2, 3) or not all(p.strip() for p in parts):
+        raise DataError(
+            f"bad Hugging Face source {spec!r}: expected hf:<dataset>:<split> or "
+            "hf:<dataset>:<config>:<split>, e.g. hf:imdb:train or hf:glue:sst2:validation"
+        )
+    parts = [p.strip() for p in parts]
+    if len(parts) == 2:
+        return HfSpec(parts[0], None, parts[1])
+    return HfSpec(parts[0], parts[1], parts[2])
+
+
+def read_source(spec: str, fields: Fields, base_dir: Path | None = None) -> RawTable:
+    """Read one source (file, directory or hf: spec) into validated canonical columns."""
+    if spec.startswith("hf:"):
+        return _read_hf(spec, fields)
+    path = Path(spec).expanduser()
+    if base_dir is not None and not path.is_absolute():
+        path = base_dir / path
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        return _read_directory(path, fields)
+    return read_file(path, fields)
+
+
+def _read_directory(path: Path, fields: Fields) -> RawTable:
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in FILE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    if not files:
+        raise DataError(
+            f"{path}: directory has no data files (looked for {', '.join(FILE_SUFFIXES)})"
+        )
+    parts = [read_file(f, fields) for f in files]
+    offsets = np.cumsum([0] + [p.table.num_rows for p in parts])
+
+    def where(i: int) -> str:
+        k = int(np.searchsorted(offsets, i, side="right")) - 1
+        return parts[k].where(i - int(offsets[k]))
+
+    return RawTable(pa.concat_tables([p.table for p in parts]), where)
+
+
+def read_file(path: Path, fields: Fields) -> RawTable:
+    """Read one local file by its suffix and validate its rows."""
+    suffix = path.suffix.lower()
+    readers = {
+        ".jsonl": _read_jsonl,
+        ".json": _read_json,
+        ".csv": functools.partial(_read_delimited, delimiter=","),
+        ".tsv": functools.partial(_read_delimited, delimiter="\t"),
+        ".parquet": _read_parquet,
+        ".txt": functools.partial(_read_txt, fields=fields),
+    }
+    if suffix not in readers:
+        raise DataError(
+            f"{path}: unsupported file type {suffix or '(none)'!r}; "
+            f"use one of {', '.join(FILE_SUFFIXES)}"
+        )
+    try:
+        table, where = readers[suffix](path)
+    except DataError:
+        raise
+    except (OSError, UnicodeDecodeError, pa.ArrowException) as exc:
+        raise DataError(f"{path}: cannot read file: {_short(exc)}") from None
+    if table.num_rows == 0:
+        raise DataError(f"{path}: file is empty (no rows)")
+    return RawTable(canonical_columns(table, fields, where), where)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _line_namer(path: Path, line_of_row: Callable[[int], int]) -> Callable[[int], str]:
+    return lambda i: f"{path}: line {line_of_row(i)}"
+
+
+def _row_namer(path: Path, noun: str = "row") -> Callable[[int], str]:
+    return lambda i: f"{path}: {noun} {i + 1}"
+
+
+def _read_jsonl(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
+    import pyarrow.json as pj
+
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty (no rows)")
+    try:
+        table = pj.read_json(path)
+    except pa.ArrowInvalid as exc:
+        if "Empty JSON file" in str(exc):
+            raise DataError(f"{path}: file is empty (no rows)") from None
+        # pyarrow does not say which line; find it (and the cause) in plain Python.
+        table = _read_jsonl_slowly(path)
+    return table, _line_namer(path, functools.partial(_nonblank_line_number, path))
+
+
+def _nonblank_line_number(path: Path, row: int) -> int:
+    """1-based line number of the row-th (0-based) non-blank line; pyarrow skips blank lines."""
+    seen = -1
+    with path.open("rb") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                seen += 1
+                if seen == row:
+                    return number
+    return row + 1
+
+
+def _read_jsonl_slowly(path: Path) -> pa.Table:
+    """Parse line by line to name the bad line; rows of mixed types become Python objects."""
+    rows: list[dict] = []
+    with path.open("r", encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(
+                    f"{path}: line {number}: expected a JSON object per line, "
+                    f"got {type(row).__name__}"
+                )
+            rows.append(row)
+    return _table_from_rows(rows, path, lambda i: f"line {_nonblank_line_number(path, i)}")
+
+
+def _table_from_rows(rows: list[dict], path: Path, name: Callable[[int], str]) -> pa.Table:
+    """Rows -> table, with a named row when one field holds values of different JSON types."""
+    if not rows:
+        return pa.table({})
+    try:
+        return pa.Table.from_pylist(rows)
+    except (pa.ArrowException, TypeError, ValueError):
+        pass
+    names = dict.fromkeys(k for row in rows for k in row)
+    for key in names:
+        first: tuple[int, type] | None = None
+        for i, row in enumerate(rows):
+            value = row.get(key)
+            if value is None:
+                continue
+            kind = _json_kind(value)
+            if first is None:
+                first = (i, kind)
+            elif kind != first[1]:
+                raise DataError(
+                    f"{path}: {name(i)}: field {key!r} is a {kind} here but a {first[1]} "
+                    f"in {name(first[0])}; a field must have one type in every row"
+                )
+    raise DataError(f"{path}: cannot read rows into a table")
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "list"
+    return "object"
+
+
+def _read_json(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataError(f"{path}: file is empty (no rows)")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        # Many .json files are really JSON Lines.
+        if exc.msg == "Extra data":
+            return _read_jsonl(path)
+        raise DataError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of objects (or JSON Lines)")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DataError(
+                f"{path}: item {i + 1}: expected a JSON object, got {type(row).__name__}"
+            )
+    return _table_from_rows(data, path, lambda i: f"item {i + 1}"), _row_namer(path, "item")
+
+
+def _read_delimited(path: Path, delimiter: str) -> tuple[pa.Table, Callable[[int], str]]:
+    import pyarrow.csv as pcsv
+
+    with path.open("r", encoding="utf-8", newline="") as f:
+        header = next(csv.reader(f, delimiter=delimiter), None)
+    if not header:
+        raise DataError(f"{path}: file is empty (no header row)")
+    # Every column is text: a label column of digits must not turn into numbers, and an empty
+    # cell is an empty string, not a missing value (a missing column is still an error).
+    table = pcsv.read_csv(
+        path,
+        parse_options=pcsv.ParseOptions(delimiter=delimiter),
+        convert_options=pcsv.ConvertOptions(
+            column_types=dict.fromkeys(header, pa.string()), strings_can_be_null=False
+        ),
+    )
+    # Row N of the data is line N+1 of the file (after the header) unless a quoted cell spans lines.
+    return table, _row_namer(path)
+
+
+def _read_parquet(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path), _row_namer(path)
+
+
+def _read_txt(path: Path, fields: Fields) -> tuple[pa.Table, Callable[[int], str]]:
+    if "text" not in fields.required or len(fields.required) != 1:
+        raise DataError(
+            f"{path}: .txt files hold plain text only; data.format "
+            f"{'classification' if 'label' in fields.required else 'instruction'} needs "
+            f"fields {', '.join(fields.required.values())}: use .jsonl, .csv or .parquet"
+        )
+    documents, starts = split_paragraphs(path.read_text(encoding="utf-8"))
+    table = pa.table({fields.required["text"]: pa.array(documents, pa.string())})
+    return table, lambda i: f"{path}: line {starts[i]}"
+
+
+def split_paragraphs(text: str) -> tuple[list[str], list[int]]:
+    """Documents separated by blank lines, and the 1-based line where each starts."""
+    documents: list[str] = []
+    starts: list[int] = []
+    current: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            if not current:
+                starts.append(number)
+            current.append(line)
+        elif current:
+            documents.append("\n".join(current))
+            current = []
+    if current:
+        documents.append("\n".join(current))
+    return documents, starts
+
+
+def _read_hf(spec: str, fields: Fields) -> RawTable:
+    hf = parse_hf_spec(spec)
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(hf.dataset, hf.config, split=hf.split)
+    except Exception as exc:
+        raise DataError(
+            f"{spec}: cannot load Hugging Face dataset {hf.dataset!r}"
+            + (f" (config {hf.config!r})" if hf.config else "")
+            + f" split {hf.split!r}: {_short(exc)} "
+            "(is the hub reachable, or the dataset in the local cache?)"
+        ) from None
+    table = ds.with_format("arrow")[:]
+    if table.num_rows == 0:
+        raise DataError(f"{spec}: dataset split is empty (no rows)")
+    where = _row_namer(Path(spec))
+    return RawTable(canonical_columns(table, fields, where), where)
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def canonical_columns(table: pa.Table, fields: Fields, where: Callable[[int], str]) -> pa.Table:
+    """Check every row has the fields the format needs; return only canonical columns.
+
+    classification labels become int64 ids in `fields.labels` order.
+    """
+    out: dict[str, pa.Array] = {}
+    present = ", ".join(table.column_names) or "(none)"
+    for column, name in fields.required.items():
+        setting = fields.setting.get(column, "")
+        if name not in table.column_names:
+            raise DataError(
+                f"{where(0)}: missing field {name!r} ({setting}); fields present: {present}"
+            )
+        values = table.column(name).combine_chunks()
+        missing = _first_true(pc.is_null(values))
+        if missing is not None:
+            raise DataError(f"{where(missing)}: missing field {name!r} ({setting})")
+        if column == "label":
+            out["label"] = _label_ids(values, name, fields.labels or (), where)
+        else:
+            out[column] = _as_text(values, name, setting, where)
+    for column, name in fields.optional.items():
+        if name in table.column_names:
+            values = table.column(name).combine_chunks()
+            if pa.types.is_null(values.type):
+                values = pa.nulls(len(values), pa.string())
+            values = _as_text(pc.fill_null(values, ""), name, fields.setting.get(column, ""), where)
+        else:
+            values = pa.array([""] * table.num_rows, pa.string())
+        out[column] = values
+    return pa.table(out)
+
+
+def _first_true(mask: pa.Array) -> int | None:
+    index = pc.index(mask, True).as_py()
+    return None if index < 0 else index
+
+
+def _as_text(values: pa.Array, name: str, setting: str, where: Callable[[int], str]) -> pa.Array:
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+        return values.cast(pa.string())
+    raise DataError(
+        f"{where(0)}: field {name!r} ({setting}) must be text, got {values.type} values"
+    )
+
+
+def _label_ids(
+    values: pa.Array, name: str, labels: Sequence[str], where: Callable[[int], str]
+) -> pa.Array:
+    if not (
+        pa.types.is_string(values.type)
+        or pa.types.is_large_string(values.type)
+        or pa.types.is_integer(values.type)
+        or pa.types.is_boolean(values.type)
+    ):
+        raise DataError(
+            f"{where(0)}: field {name!r} (data.label_field) must be a label name, "
+            f"got {values.type} values"
+        )
+    names = values.cast(pa.string())
+    ids = pc.index_in(names, value_set=pa.array(list(labels), pa.string()))
+    unknown = _first_true(pc.is_null(ids))
+    if unknown is not None:
+        hint = (
+            " (numeric labels are matched by name: list them as strings in model.labels)"
+            if pa.types.is_integer(values.type)
+            else ""
+        )
+        raise DataError(
+            f"{where(unknown)}: field {name!r} has label {names[unknown].as_py()!r}, "
+            f"which is not in model.labels [{', '.join(labels)}]{hint}"
+        )
+    return ids.cast(pa.int64())
+
+
+# -------------------------------------------------------------- splitting, mixing, balancing
+
+
+def carve(table: pa.Table, fractions: dict[str, float], seed: int) -> dict[str, pa.Table]:
+    """Deterministically carve `fractions` (split name -> fraction) out of `table`.
+
+    Returns the carved splits plus "train" (the rest). A positive fraction always carves at least
+    one row; the rest must keep at least one row.
+    """
+    n = table.num_rows
+    order = np.random.default_rng(seed).permutation(n)
+    out: dict[str, pa.Table] = {}
+    start = 0
+    for name in ("test", "validation"):
+        fraction = fractions.get(name, 0.0)
+        if fraction <= 0:
+            continue
+        count = max(1, round(fraction * n))
+        out[name] = table.take(np.sort(order[start : start + count]))
+        start += count
+    if start >= n:
+        raise DataError(
+            f"training data has {n} rows: too few to carve "
+            + " and ".join(f"{k} {v:g}" for k, v in fractions.items() if v > 0)
+            + " and keep rows for training (give more data, or validation/test files)"
+        )
+    out["train"] = table.take(np.sort(order[start:]))
+    return out
+
+
+def mix(tables: Sequence[pa.Table], weights: Sequence[float], seed: int) -> pa.Table:
+    """Sample sources in proportion to their weights.
+
+    The mix has as many rows as the sources together; source i contributes
+    round(weight_i / sum(weights) * total) rows: a random subset of its rows when it has more,
+    and every row repeated (plus a random remainder) when it has fewer.
+    """
+    rng = np.random.default_rng(seed)
+    total = sum(t.num_rows for t in tables)
+    shares = np.asarray(weights, dtype=float) / float(sum(weights))
+    counts = _largest_remainder(shares * total)
+    picked = []
+    for table, count in zip(tables, counts, strict=True):
+        n = table.num_rows
+        whole, rest = divmod(int(count), n)
+        index = np.concatenate(
+            [np.tile(np.arange(n), whole), np.sort(rng.choice(n, rest, replace=False))]
+        ).astype(np.int64)
+        picked.append(table.take(index))
+    return pa.concat_tables(picked)
+
+
+def _largest_remainder(values: np.ndarray) -> np.ndarray:
+    """Round values to integers that keep their sum."""
+    floors = np.floor(values).astype(np.int64)
+    missing = round(float(values.sum())) - int(floors.sum())
+    order = np.argsort(-(values - floors), kind="stable")
+    floors[order[:missing]] += 1
+    return floors
+
+
+def balance(table: pa.Table, labels: Sequence[str], seed: int) -> pa.Table:
+    """Undersample every class to the size of the smallest one (classification train split)."""
+    ids = table.column("label").to_numpy()
+    counts = np.bincount(ids, minlength=len(labels))
+    empty = [labels[i] for i, c in enumerate(counts) if c == 0]
+    if empty:
+        raise DataError(
+            f"data.balance: label(s) {', '.join(empty)} have no training rows, so balancing "
+            f"would leave nothing (counts: "
+            + ", ".join(f"{label}={c}" for label, c in zip(labels, counts, strict=True))
+            + ")"
+        )
+    rng = np.random.default_rng(seed)
+    keep = int(counts.min())
+    chosen = [rng.choice(np.flatnonzero(ids == k), keep, replace=False) for k in range(len(labels))]
+    return table.take(np.sort(np.concatenate(chosen)))
+
+
+def shuffle(table: pa.Table, seed: int) -> pa.Table:
+    """The rows in a seeded random order (so mixed sources interleave)."""
+    return table.take(np.random.default_rng(seed).permutation(table.num_rows))
+
+
+# ------------------------------------------------------------------------- load all splits
+
+
+@dataclass
+class Source:
+    """One entry of a split's data spec."""
+
+    path: str
+    weight: float
+    name: str | None
+
+
+def sources_of(spec: Any) -> list[Source] | None:
+    """A split's spec as a list of sources; None for a single source (no `source` column)."""
+    if spec is None or isinstance(spec, str):
+        return None
+    out = [Source(s.path, s.weight, s.name or source_name(s.path)) for s in spec]
+    names = [s.name for s in out]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise DataError(
+            f"data sources share the name(s) {', '.join(duplicated)}: give each source a "
+            "distinct `name`"
+        )
+    return out
+
+
+def source_name(path: str) -> str:
+    """A readable name for a source: the file stem, directory name or hf dataset."""
+    if path.startswith("hf:"):
+        hf = parse_hf_spec(path)
+        return ":".join(p for p in (hf.dataset, hf.config, hf.split) if p)
+    p = Path(path)
+    return p.stem if p.suffix else p.name
+
+
+def _read_split(spec: Any, fields: Fields, base_dir: Path | None) -> list[tuple[Source, pa.Table]]:
+    listed = sources_of(spec)
+    if listed is None:
+        return [(Source(spec, 1.0, None), read_source(spec, fields, base_dir).table)]
+    return [(s, read_source(s.path, fields, base_dir).table) for s in listed]
+
+
+def load_tables(recipe: Any, base_dir: Path | None = None) -> dict[str, pa.Table]:
+    """Read, validate, split, mix and balance: the raw (untokenized) table of every split.
+
+    Runs in the driver and needs no Ray. Columns: the canonical ones of the format, `row_id`
+    (0..n-1 in final order) and `source` when a split is a list of sources.
+    """
+    d = recipe.data
+    fields = fields_for(recipe)
+    given = {name: getattr(d, name) for name in SPLITS if getattr(d, name) is not None}
+    fractions = {
+        name: getattr(d.split, name) for name in ("validation", "test") if name not in given
+    }
+    read = {name: _read_split(spec, fields, base_dir) for name, spec in given.items()}
+    multi = {name: sources_of(spec) is not None for name, spec in given.items()}
+
+    # Carve per training source, so a row carved out never reaches train even when mixing
+    # repeats a small source.
+    parts: dict[str, list[tuple[Source, pa.Table]]] = {name: [] for name in SPLITS}
+    for name in given:
+        if name != "train":
+            parts[name] = read[name]
+    for source, table in read["train"]:
+        carved = carve(table, fractions, d.split.seed) if fractions else {"train": table}
+        for name, piece in carved.items():
+            parts[name].append((source, piece))
+            multi.setdefault(name, multi["train"])
+
+    seed = recipe.train.seed
+    names = list(dict.fromkeys(s.name for name in SPLITS for s, _ in parts[name] if multi[name]))
+    tables: dict[str, pa.Table] = {}
+    for name in SPLITS:
+        if not parts[name]:
+            continue
+        labelled = [_with_source(t, s.name, names) if multi[name] else t for s, t in parts[name]]
+        if name == "train" and len(labelled) > 1:
+            table = mix(labelled, [s.weight for s, _ in parts[name]], seed)
+        else:
+            table = pa.concat_tables(labelled)
+        if name == "train" and d.balance:
+            table = balance(table, recipe.model.labels or (), seed)
+        if name == "train":
+            table = shuffle(table, seed)
+        if table.num_rows == 0:
+            raise DataError(f"data.{name}: the {name} split is empty (no rows)")
+        tables[name] = table.append_column("row_id", pa.array(np.arange(table.num_rows)))
+    return tables
+
+
+def _with_source(table: pa.Table, name: str | None, names: list) -> pa.Table:
+    """Tag rows with their source's name and id (the id travels to the training batches)."""
+    n = table.num_rows
+    table = table.append_column("source", pa.array([name] * n, pa.string()))
+    return table.append_column("source_id", pa.array([names.index(name)] * n, pa.int64()))
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+def render_prompt(template: str | None, instruction: str, input_text: str) -> str:
+    """The prompt of one instruction row (everything the model reads before the response)."""
+    if template is None:
+        block = f"### Input:\n{input_text}\n\n" if input_text.strip() else ""
+        return DEFAULT_PROMPT_TEMPLATE.replace("{instruction}", instruction).replace(
+            "{input_block}", block
+        )
+    # Plain replacement, not str.format: templates may contain other braces.
+    return template.replace("{instruction}", instruction).replace("{input}", input_text)
+
+
+def check_prompt_template(template: str | None) -> None:
+    if template is not None and "{instruction}" not in template:
+        raise DataError(
+            "data.prompt_template must contain {instruction} (and may contain {input}); "
+            f"got {template!r}"
+        )
+
+
+def _ids(tokenizer: Any, texts: list[str], special: bool) -> list[list[int]]:
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=special, verbose=False)["input_ids"]
+
+
+def _eos(tokenizer: Any) -> list[int]:
+    return [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+
+
+def tokenize_text(table: pa.Table, tokenizer: Any, max_length: int) -> pa.Table:
+    """Causal LM text: each document + EOS, cut into max_length chunks (chunks of 1 token,
+    which predict nothing, are dropped). Row id: (document row id << PIECE_BITS) | chunk."""
+    docs = _ids(tokenizer, table.column("text").to_pylist(), special=True)
+    eos = _eos(tokenizer)
+    row_ids = table.column("row_id").to_pylist()
+    out = _Rows(table)
+    for i, ids in enumerate(docs):
+        ids = list(ids) + eos
+        for piece, start in enumerate(range(0, len(ids), max_length)):
+            chunk = ids[start : start + max_length]
+            if len(chunk) < 2:
+                continue
+            out.add(chunk, chunk, (row_ids[i] << PIECE_BITS) | piece, origin=i)
+    return out.table()
+
+
+def tokenize_packed(table: pa.Table, tokenizer: Any, max_length: int) -> pa.Table:
+    """Causal LM text packed into full max_length sequences.
+
+    Examples are concatenated with EOS after each; a sequence holds several examples and a long
+    example continues in the next sequence. position_ids restart at 0 where each example (and
+    each sequence) starts, and the first token of each example gets label -100, so no loss
+    crosses an example boundary. Models whose attention mask is built from position_ids
+    (transformers' create_causal_mask, when the batch has no attention_mask: see make_collate)
+    also keep attention inside each example; other models attend across the boundary.
+    Packing is per map_batches batch: the last sequence of a batch may be shorter.
+    Row id: (row id of the sequence's first example << PIECE_BITS) | sequences started by it.
+    """
+    docs = _ids(tokenizer, table.column("text").to_pylist(), special=True)
+    eos = _eos(tokenizer)
+    row_ids = table.column("row_id").to_pylist()
+    out = _Rows(table, with_positions=True)
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    first: tuple[int, int] | None = None  # (doc index, piece) that opened the current sequence
+    pieces = [0] * len(docs)
+
+    def flush() -> None:
+        nonlocal ids, labels, positions, first
+        if len(ids) >= 2 and first is not None:
+            opener, piece = first
+            out.add(
+                ids, labels, (row_ids[opener] << PIECE_BITS) | piece, opener, positions=positions
+            )
+        ids, labels, positions, first = [], [], [], None
+
+    for d, doc in enumerate(docs):
+        tokens = list(doc) + eos
+        while tokens:
+            if first is None:
+                first = (d, pieces[d])
+                pieces[d] += 1
+            take, tokens = tokens[: max_length - len(ids)], tokens[max_length - len(ids) :]
+            # An example opening mid-sequence must not be predicted from the one before it.
+            labels += ([IGNORE_INDEX] if ids else take[:1]) + take[1:]
+            # Positions restart for every example and for an example continued in a new sequence.
+            positions += list(range(len(take)))
+            ids += take
+            if len(ids) == max_length:
+                flush()
+    flush()
+    return out.table()
+
+
+def tokenize_instruction(
+    table: pa.Table, tokenizer: Any, max_length: int, template: str | None
+) -> pa.Table:
+    """Prompt + response + EOS; labels are -100 on every prompt token, so only the response
+    is learned. Rows longer than max_length are cut at the end; a row whose response is cut
+    away completely is dropped."""
+    prompts = [
+        render_prompt(template, ins, inp)
+        for ins, inp in zip(
+            table.column("instruction").to_pylist(),
+            table.column("input").to_pylist(),
+            strict=True,
+        )
+    ]
+    prompt_ids = _ids(tokenizer, prompts, special=True)
+    response_ids = _ids(tokenizer, table.column("output").to_pylist(), special=False)
+    eos = _eos(tokenizer)
+    row_ids = table.column("row_id").to_pylist()
+    out = _Rows(table)
+    for i, (prompt, response) in enumerate(zip(prompt_ids, response_ids, strict=True)):
+        response = list(response) + eos
+        ids = (list(prompt) + response)[:max_length]
+        labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_length]
+        if all(label == IGNORE_INDEX for label in labels):
+            continue
+        out.add(ids, labels, row_ids[i], origin=i)
+    return out.table()
+
+
+def tokenize_classification(table: pa.Table, tokenizer: Any, max_length: int) -> pa.Table:
+    """Text truncated to max_length (with the tokenizer's special tokens); label id per row."""
+    texts = table.column("text").to_pylist()
+    encoded = (
+        tokenizer(
+            texts, add_special_tokens=True, truncation=True, max_length=max_length, verbose=False
+        )["input_ids"]
+        if texts
+        else []
+    )
+    columns: dict[str, pa.Array] = {
+        "input_ids": pa.array(encoded, pa.list_(pa.int32())),
+        "attention_mask": pa.array([[1] * len(x) for x in encoded], pa.list_(pa.int8())),
+        "labels": table.column("label").combine_chunks().cast(pa.int64()),
+        "num_tokens": pa.array([len(x) for x in encoded], pa.int32()),
+        "row_id": table.column("row_id").combine_chunks().cast(pa.int64()),
+    }
+    for name in PASSTHROUGH:
+        if name in table.column_names:
+            columns[name] = table.column(name).combine_chunks()
+    return pa.table(columns)
+
+
+class _Rows:
+    """Accumulates tokenized causal-LM rows and builds the Arrow table; pass-through columns
+    (source, source_id) are copied from the input row each output row came from."""
+
+    TYPES: dict[str, pa.DataType] = {  # noqa: RUF012 - constant
+        "input_ids": pa.list_(pa.int32()),
+        "attention_mask": pa.list_(pa.int8()),
+        "labels": pa.list_(pa.int32()),
+        "position_ids": pa.list_(pa.int32()),
+        "num_tokens": pa.int32(),
+        "row_id": pa.int64(),
+    }
+
+    def __init__(self, source: pa.Table, with_positions: bool = False):
+        names = ["input_ids", "attention_mask", "labels", "num_tokens", "row_id"]
+        if with_positions:
+            names.append("position_ids")
+        self.columns: dict[str, list] = {name: [] for name in names}
+        self.passthrough = {
+            name: source.column(name).combine_chunks()
+            for name in PASSTHROUGH
+            if name in source.column_names
+        }
+        self.origins: list[int] = []
+
+    def add(
+        self,
+        ids: list[int],
+        labels: list[int],
+        row_id: int,
+        origin: int,
+        positions: list[int] | None = None,
+    ) -> None:
+        c = self.columns
+        c["input_ids"].append(list(ids))
+        c["attention_mask"].append([1] * len(ids))
+        c["labels"].append(list(labels))
+        c["num_tokens"].append(len(ids))
+        c["row_id"].append(row_id)
+        if "position_ids" in c:
+            c["position_ids"].append(list(positions or ()))
+        self.origins.append(origin)
+
+    def table(self) -> pa.Table:
+        columns = {k: pa.array(v, self.TYPES[k]) for k, v in self.columns.items()}
+        origins = pa.array(self.origins, pa.int64())
+        for name, values in self.passthrough.items():
+            columns[name] = values.take(origins)
+        return pa.table(columns)
+
+
+def tokenizer_for_batches(recipe: Any, tokenizer: Any) -> Callable[[pa.Table], pa.Table]:
+    """The batch function of this recipe's format: Arrow rows in, tokenized Arrow rows out."""
+    d = recipe.data
+    if d.format == "classification":
+        return functools.partial(
+            tokenize_classification, tokenizer=tokenizer, max_length=d.max_length
+        )
+    if d.format == "instruction":
+        check_prompt_template(d.prompt_template)
+        return functools.partial(
+            tokenize_instruction,
+            tokenizer=tokenizer,
+            max_length=d.max_length,
+            template=d.prompt_template,
+        )
+    if d.packing:
+        return functools.partial(tokenize_packed, tokenizer=tokenizer, max_length=d.max_length)
+    return functools.partial(tokenize_text, tokenizer=tokenizer, max_length=d.max_length)
+
+
+# ----------------------------------------------------------------------- Ray Data pipeline
+
+
+class _TokenizationLedger:
+    """Counts map_batches calls per split: evidence that tokenization ran once, in the
+    data tasks, and never again in the training workers (which only read finished blocks)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, dict[str, int]] = {}
+
+    def record(self, split: str, rows_in: int, rows_out: int) -> None:
+        entry = self.counts.setdefault(split, {"calls": 0, "rows_in": 0, "rows_out": 0})
+        entry["calls"] += 1
+        entry["rows_in"] += rows_in
+        entry["rows_out"] += rows_out
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        return {k: dict(v) for k, v in self.counts.items()}
+
+
+def _tokenize_and_record(
+    batch: pa.Table, fn: Callable[[pa.Table], pa.Table], ledger: Any, split: str
+) -> pa.Table:
+    import ray
+
+    out = fn(batch)
+    ray.get(ledger.record.remote(split, batch.num_rows, out.num_rows))
+    return out
+
+
+@dataclass
+class PreparedData:
+    """Tokenized, materialized splits ready for Ray Train.
+
+    datasets: split name ("train", "validation", "test") -> materialized ray.data.Dataset whose
+    rows have input_ids, attention_mask, labels (per-token with -100 for causal LM, an int for
+    classification), num_tokens, row_id (unique per example), optional position_ids (packing)
+    and source / source_id (splits given as a list of sources).
+    """
+
+    datasets: dict[str, Any]
+    num_rows: dict[str, int]
+    """Examples per split after tokenization (chunks / packed sequences for text)."""
+    num_tokens: dict[str, int]
+    """Tokens per split (sum of num_tokens, padding excluded)."""
+    raw_rows: dict[str, int]
+    """Rows per split before tokenization (after splitting, mixing and balancing)."""
+    sources: list[str]
+    """Source names in source_id order (empty unless a split is a list of sources)."""
+    ledger: Any = None
+
+    def tokenization_runs(self) -> dict[str, dict[str, int]]:
+        """Per split: map_batches calls, rows in and rows out of tokenization so far.
+
+        Right after prepare_data rows_in equals raw_rows; if anything (a training worker)
+        tokenized again, the counts would grow.
+        """
+        import ray
+
+        return ray.get(self.ledger.snapshot.remote()) if self.ledger is not None else {}
+
+
+def prepare_data(recipe: Any, tokenizer: Any, *, base_dir: Path | None = None) -> PreparedData:
+    """Read and validate every split in the driver, then tokenize once with Ray Data.
+
+    Raises DataError (before any training) for bad data. Relative paths are resolved against
+    `base_dir` (default: the working directory). Needs a running Ray (ray.init).
+    """
+    import ray
+
+    check_prompt_template(recipe.data.prompt_template)
+    tables = load_tables(recipe, base_dir)
+    sources = _source_names(tables)
+    batch_fn = tokenizer_for_batches(recipe, tokenizer)
+    ledger = ray.remote(num_cpus=0)(_TokenizationLedger).remote()
+    datasets: dict[str, Any] = {}
+    num_rows: dict[str, int] = {}
+    num_tokens: dict[str, int] = {}
+    for split, table in tables.items():
+        ds = ray.data.from_arrow(_blocks(table)).map_batches(
+            _tokenize_and_record,
+            batch_format="pyarrow",
+            batch_size=TOKENIZE_BATCH_ROWS,
+            fn_kwargs={"fn": batch_fn, "ledger": ledger, "split": split},
+        )
+        ds = ds.materialize()
+        count = ds.count()
+        if count == 0:
+            raise DataError(
+                f"data.{split}: no examples left after tokenization "
+                f"({table.num_rows} rows in; instruction rows whose response does not fit "
+                f"data.max_length={recipe.data.max_length} are dropped)"
+            )
+        datasets[split] = ds
+        num_rows[split] = count
+        num_tokens[split] = int(ds.sum("num_tokens"))
+    return PreparedData(
+        datasets=datasets,
+        num_rows=num_rows,
+        num_tokens=num_tokens,
+        raw_rows={k: t.num_rows for k, t in tables.items()},
+        sources=sources,
+        ledger=ledger,
+    )
+
+
+def _source_names(tables: dict[str, pa.Table]) -> list[str]:
+    names: dict[str, int] = {}
+    for table in tables.values():
+        if "source" in table.column_names:
+            ids = table.column("source_id").to_pylist()
+            for name, i in zip(table.column("source").to_pylist(), ids, strict=True):
+                names.setdefault(name, i)
+    return sorted(names, key=names.__getitem__)
+
+
+def _blocks(table: pa.Table, rows_per_block: int = 2 * TOKENIZE_BATCH_ROWS) -> list[pa.Table]:
+    """Slices of the table, so tokenization runs as several parallel tasks (at most 16)."""
+    count = max(1, min(16, math.ceil(table.num_rows / rows_per_block)))
+    size = math.ceil(table.num_rows / count)
+    return [table.slice(i * size, size) for i in range(count) if i * size < table.num_rows]
+
+
+# ------------------------------------------------------------------------------- collation
+
+
+def pad_sequences(values: Any, pad: int) -> Any:
+    """Variable-length integer sequences (object array or 2-D array) -> padded int64 tensor."""
+    import torch
+
+    rows = [np.asarray(v, dtype=np.int64).reshape(-1) for v in values]
+    width = max((len(r) for r in rows), default=0)
+    out = np.full((len(rows), width), pad, dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return torch.from_numpy(out)
+
+
+def collate(batch: dict[str, np.ndarray], pad_token_id: int) -> dict[str, Any]:
+    """Pad one batch: input_ids with pad_token_id, attention_mask with 0, labels with -100,
+    position_ids with 0; classification labels and bookkeeping columns become 1-D tensors.
+
+    Packed batches (with position_ids) carry no attention_mask: padding sits after every real
+    token, so the causal mask already hides it, and without a 2-D mask transformers derives
+    per-example attention from position_ids (create_causal_mask's packed-sequence detection).
+    """
+    import torch
+
+    out: dict[str, Any] = {"input_ids": pad_sequences(batch["input_ids"], pad_token_id)}
+    packed = "position_ids" in batch
+    if "attention_mask" in batch and not packed:
+        out["attention_mask"] = pad_sequences(batch["attention_mask"], 0)
+    if packed:
+        out["position_ids"] = pad_sequences(batch["position_ids"], 0)
+    if "labels" in batch:
+        labels = batch["labels"]
+        if labels.dtype != object and labels.ndim == 1:
+            out["labels"] = torch.from_numpy(labels.astype(np.int64))
+        else:
+            out["labels"] = pad_sequences(labels, IGNORE_INDEX)
+    for key in ("num_tokens", "row_id", "source_id"):
+        if key in batch:
+            out[key] = torch.from_numpy(np.asarray(batch[key], dtype=np.int64))
+    return out
+
+
+def make_collate(pad_token_id: int) -> Any:
+    """A collate_fn for `iter_torch_batches(collate_fn=...)` that pads each batch to its longest
+    row. Returns only tensors, so Ray moves the batch to the training device."""
+    if pad_token_id is None:
+        raise ValueError("make_collate needs a pad token id (tokenizer.pad_token_id is None)")
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    # Ray 2.47+ wants a NumpyBatchCollateFn instance (plain functions are deprecated) to hand
+    # the batch over as a dict of numpy arrays.
+    class PadCollate(NumpyBatchCollateFn):
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+            return collate(batch, pad_token_id)
+
+    return PadCollate()
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a collated batch that the model's forward takes (labels excluded)."""
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
