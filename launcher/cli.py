@@ -244,6 +244,134 @@ def submit_remote(resolved, recipe_path: str, target: str, *, dry_run: bool, fol
     raise click.exceptions.Exit(code or 0)
 
 
+# ------------------------------------------------------------------ cluster jobs and render
+
+address_option = click.option(
+    "--address",
+    default=None,
+    metavar="URL",
+    help="Ray dashboard address, e.g. http://head:8265 (default: RAY_ADDRESS).",
+)
+
+
+def cluster_call(call, *args, **kwargs):
+    """Run a cluster-target function; its TargetError is bad input (exit 2)."""
+    from launcher.targets import TargetError
+
+    try:
+        return call(*args, **kwargs)
+    except TargetError as exc:
+        raise BadInput(str(exc)) from None
+
+
+@cli.command()
+@click.argument("job_id")
+@address_option
+@click.option("--json", "as_json", is_flag=True, help="Print the job's details as JSON.")
+def status(job_id: str, address: str | None, as_json: bool) -> None:
+    """Print the status of JOB_ID on a Ray cluster (PENDING, RUNNING, SUCCEEDED, ...).
+
+    \b
+    Example:
+      ftlaunch status gpt2-medium-alpaca-20260101-120000 --address http://head:8265
+    """
+    from launcher.targets import ray_jobs
+
+    info = cluster_call(ray_jobs.job_status, job_id, address)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    message = f"  {info['message']}" if info["message"] else ""
+    click.echo(f"{info['submission_id']}: {info['status']}{message}")
+
+
+@cli.command()
+@click.argument("job_id")
+@address_option
+@click.option("--follow", "-f", is_flag=True, help="Keep streaming until the job ends.")
+def logs(job_id: str, address: str | None, follow: bool) -> None:
+    """Print the output of JOB_ID on a Ray cluster.
+
+    \b
+    Example:
+      ftlaunch logs gpt2-medium-alpaca-20260101-120000 --follow
+    """
+    from launcher.targets import ray_jobs
+
+    if follow:
+        cluster_call(ray_jobs.job_logs, job_id, address, True, sys.stdout)
+    else:
+        click.echo(cluster_call(ray_jobs.job_logs, job_id, address), nl=False)
+
+
+@cli.command()
+@click.argument("job_id")
+@address_option
+def stop(job_id: str, address: str | None) -> None:
+    """Stop JOB_ID on a Ray cluster and wait for it to end.
+
+    \b
+    Example:
+      ftlaunch stop gpt2-medium-alpaca-20260101-120000
+    """
+    from launcher.targets import ray_jobs
+
+    click.echo(f"{job_id}: {cluster_call(ray_jobs.stop_job, job_id, address)}")
+
+
+@cli.command(name="list")
+@address_option
+def list_cmd(address: str | None) -> None:
+    """List the jobs on a Ray cluster, oldest first.
+
+    \b
+    Example:
+      ftlaunch list --address http://head:8265
+    """
+    from datetime import datetime
+
+    from launcher.targets import ray_jobs
+
+    rows = cluster_call(ray_jobs.list_jobs, address)
+    click.echo(f"{'SUBMISSION ID':<44} {'STATUS':<10} {'STARTED':<19} RECIPE")
+    for row in rows:
+        started = row["start_time"]
+        when = (
+            datetime.fromtimestamp(started / 1000).strftime("%Y-%m-%d %H:%M:%S") if started else ""
+        )
+        click.echo(f"{row['submission_id']:<44} {row['status']:<10} {when:<19} {row['recipe']}")
+
+
+@cli.group()
+def render() -> None:
+    """Render the manifests that run a recipe elsewhere (Kubernetes)."""
+
+
+@render.command(name="kuberay")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@set_option
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write to FILE."
+)
+def render_kuberay_cmd(recipe: str, overrides: tuple[str, ...], output: str | None) -> None:
+    """Print a KubeRay RayJob + ConfigMap (the resolved recipe) for RECIPE as YAML.
+
+    \b
+    Example:
+      ftlaunch render kuberay recipes/gpt2-medium.yaml | kubectl apply -f -
+    """
+    from pathlib import Path
+
+    from launcher.targets import kuberay
+
+    text = cluster_call(kuberay.render_yaml, load_or_exit(recipe, overrides))
+    if output:
+        Path(output).write_text(text, encoding="utf-8")
+        click.echo(f"wrote {output}", err=True)
+    else:
+        click.echo(text, nl=False)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point: run the CLI and return its exit code."""
     try:

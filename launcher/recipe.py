@@ -342,6 +342,24 @@ class ClusterConfig(Section):
     """kuberay: Kubernetes namespace."""
     gpus_per_worker: int = Field(default=1, ge=0)
     """kuberay: GPUs requested by each worker pod."""
+    env: list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]] = []
+    """Names of environment variables the job needs besides HF_TOKEN, WANDB_API_KEY and AWS_*.
+    Passed by name only: a Ray cluster takes the values from its nodes' environment, KubeRay
+    from the Secret `cluster.secret`; values never go into a request or a file."""
+    pip: list[str] = []
+    """ray / kuberay: extra pip requirements installed into the job's runtime environment."""
+    secret: str = Field(default="ftlaunch-secrets", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    """kuberay: Secret whose keys (named like the variables) hold the environment values."""
+    head_memory: str = Field(default="16Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+    """kuberay: memory of the head pod, which runs the driver (export needs the full model)."""
+    worker_memory: str = Field(default="32Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+    """kuberay: memory of each worker pod."""
+    ttl_seconds_after_finished: int = Field(default=600, ge=0)
+    """kuberay: seconds the finished RayJob's cluster is kept before it is deleted."""
+    active_deadline_seconds: int | None = Field(default=None, gt=0)
+    """kuberay: fail the RayJob when it runs longer than this (null: no limit)."""
+    backoff_limit: int = Field(default=0, ge=0)
+    """kuberay: how many times a failed RayJob is retried on a new cluster."""
 
 
 # ---------------------------------------------------------------------------------- recipe
@@ -468,7 +486,16 @@ def inapplicable_fields(recipe: Recipe) -> dict[str, str]:
             f"only applies to cluster.target: ray (got {recipe.cluster.target})"
         )
     if recipe.cluster.target != "kuberay":
-        for key in ("namespace", "gpus_per_worker"):
+        for key in (
+            "namespace",
+            "gpus_per_worker",
+            "secret",
+            "head_memory",
+            "worker_memory",
+            "ttl_seconds_after_finished",
+            "active_deadline_seconds",
+            "backoff_limit",
+        ):
             out[f"cluster.{key}"] = (
                 f"only applies to cluster.target: kuberay (got {recipe.cluster.target})"
             )
