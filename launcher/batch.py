@@ -31,7 +31,9 @@ INTERNAL_PREFIX = "_ftl_"
 LABEL_ID = INTERNAL_PREFIX + "label_id"
 # Model batches per actor call: rows are sorted by length within this window.
 BUCKET_BATCHES = 8
+# Input chunks put into Ray's object store: at most this many rows or (roughly) bytes each.
 CHUNK_ROWS = 4096
+CHUNK_BYTES = 16 * 2**20
 INPUT_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
 OUTPUT_SUFFIXES = (".jsonl", ".parquet")
 CAUSAL_METRICS = {"loss", "perplexity", "exact_match"}
@@ -734,7 +736,7 @@ def stage_rows(
     refs: list = []
     chunk: list[dict] = []
     has_id: bool | None = None
-    count = 0
+    count = chunk_bytes = 0
     for where, row in records:
         if has_id is None:
             has_id = ID_COLUMN in row
@@ -744,16 +746,22 @@ def stage_rows(
         if not has_id:
             row = {**row, ROW_ID_COLUMN: count}
         chunk.append(row)
+        chunk_bytes += _approx_size(row)
         count += 1
-        if len(chunk) >= chunk_rows:
+        if len(chunk) >= chunk_rows or chunk_bytes >= CHUNK_BYTES:
             refs.append(ray.put(pa.Table.from_pylist(chunk)))
-            chunk = []
+            chunk, chunk_bytes = [], 0
     if chunk:
         refs.append(ray.put(pa.Table.from_pylist(chunk)))
     return refs, count
 
 
 # ------------------------------------------------------------------------------ running
+
+
+def _approx_size(row: dict) -> int:
+    """Rough in-memory size of a row: string lengths, 16 bytes for anything else."""
+    return sum(len(v) if isinstance(v, (str, bytes)) else 16 for v in row.values())
 
 
 def ensure_ray(address: str | None = None) -> None:
