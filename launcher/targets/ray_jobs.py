@@ -50,6 +50,7 @@ EXCLUDES = [
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # Ray refuses packages above its gRPC message limit; say so before zipping gigabytes.
 MAX_WORKING_DIR_BYTES = 500 * 1024 * 1024
+AGENT_WAIT_S = 60.0
 
 
 # ------------------------------------------------------------------------------- address
@@ -315,18 +316,28 @@ def submit_entrypoint(
     job_id: str,
     metadata: dict[str, str],
 ) -> str:
-    """Submit one entrypoint with its runtime_env; returns the submission id."""
-    try:
-        return cluster.client.submit_job(
-            entrypoint=entrypoint,
-            runtime_env=runtime_env,
-            submission_id=job_id,
-            metadata=metadata,
-        )
-    except RuntimeError as exc:
-        if "already exists" in str(exc):
-            raise JobIdTaken(f"a job {job_id!r} already exists on {cluster.address}") from None
-        raise TargetError(f"the Ray cluster at {cluster.address} refused the job: {exc}") from None
+    """Submit one entrypoint with its runtime_env; returns the submission id.
+
+    A head that just started has no job agent for a few seconds; that answer is retried.
+    """
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return cluster.client.submit_job(
+                entrypoint=entrypoint,
+                runtime_env=runtime_env,
+                submission_id=job_id,
+                metadata=metadata,
+            )
+        except RuntimeError as exc:
+            if "already exists" in str(exc):
+                raise JobIdTaken(f"a job {job_id!r} already exists on {cluster.address}") from None
+            if "No available agent" in str(exc) and time.monotonic() < deadline:
+                time.sleep(1.0)
+                continue
+            raise TargetError(
+                f"the Ray cluster at {cluster.address} refused the job: {exc}"
+            ) from None
 
 
 def warn_relative_storage(recipe: Recipe, out: TextIO) -> None:

@@ -1,0 +1,365 @@
+"""Target ray against a real Ray head started here (token auth on), plus preflight refusals.
+
+The head runs in its own temp dir and process group, on free ports, so the in-process Ray other
+tests use never sees it; it is stopped by signalling the processes it started (never `ray stop`,
+which would stop every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from launcher.cli import main
+from launcher.preflight import ClusterShape, check_cluster
+from launcher.recipe import validate_data
+from launcher.targets import TargetError, ray_jobs
+
+REPO = Path(__file__).resolve().parent.parent
+HEAD_SIDE_HF_TOKEN = "hf_cluster_side_value_1234"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_recipe(**sections):
+    data = {
+        "name": "tiny-job",
+        "model": {"name_or_path": "some/model"},
+        "data": {"train": "train.jsonl"},
+    }
+    data.update(sections)
+    return validate_data(data)
+
+
+class Head:
+    """A `ray start --head --block` process group with its own temp dir and ports."""
+
+    def __init__(self, root: Path, token: str):
+        self.root = root
+        self.token = token
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+        self.env.update(
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=token,
+            HF_TOKEN=HEAD_SIDE_HF_TOKEN,
+            RAY_USAGE_STATS_ENABLED="0",
+            PYTHONPATH=str(REPO),
+        )
+        self.procs: list[subprocess.Popen] = []
+
+    def start_node(self, *args: str) -> subprocess.Popen:
+        log = open(self.root / f"node{len(self.procs)}.log", "w")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", *args],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def start(self) -> None:
+        self.start_node(
+            "--head",
+            f"--port={self.gcs_port}",
+            f"--dashboard-port={self.dashboard_port}",
+            "--dashboard-host=127.0.0.1",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+            f"--temp-dir={self.root / 'ray'}",
+        )
+        self.wait_for_nodes(1)
+
+    def add_worker_node(self) -> subprocess.Popen:
+        proc = self.start_node(
+            f"--address=127.0.0.1:{self.gcs_port}",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=0",
+            "--disable-usage-stats",
+        )
+        self.wait_for_nodes(2)
+        return proc
+
+    def wait_for_nodes(self, count: int, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        headers = {"Authorization": f"Bearer {self.token}"}
+        while time.monotonic() < deadline:
+            for proc in self.procs:
+                assert proc.poll() is None, (self.root / "node0.log").read_text()[-3000:]
+            try:
+                reply = requests.get(
+                    f"{self.address}/nodes?view=summary", headers=headers, timeout=2
+                )
+                nodes = reply.json()["data"]["summary"] if reply.ok else []
+                if sum(n["raylet"].get("state") == "ALIVE" for n in nodes) >= count:
+                    return
+            except (requests.RequestException, ValueError, KeyError):
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"Ray did not reach {count} node(s)")
+
+    def stop_node(self, proc: subprocess.Popen) -> None:
+        # SIGTERM to `ray start --block` makes it stop the processes it started; the group
+        # kill afterwards catches anything left over (only processes this test started).
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            self.stop_node(proc)
+
+
+@pytest.fixture(scope="module")
+def head():
+    root = Path(tempfile.mkdtemp(prefix="ftlr-", dir="/tmp"))
+    node = Head(root, token=secrets.token_hex(16))
+    try:
+        node.start()
+        yield node
+    finally:
+        node.stop()
+        subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+@pytest.fixture
+def token_file(head, tmp_path, monkeypatch):
+    """The client side: the token in a file, no token mode, no RAY_ADDRESS."""
+    path = tmp_path / "auth_token"
+    path.write_text(head.token)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return path
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """Run ftlaunch in a subprocess (clean stdout/stderr, its own exit code)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=REPO,
+        timeout=300,
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def trivial_source(tmp_path: Path, script: str) -> Path:
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "job_script.py").write_text(script)
+    (source / ".git").mkdir()
+    (source / ".git" / "big").write_text("never shipped")
+    return source
+
+
+# ------------------------------------------------------------------------- no cluster needed
+
+
+def test_unreachable_address_exits_2_with_clear_message(capsys):
+    port = free_port()
+    code = main(["status", "some-job", "--address", f"http://127.0.0.1:{port}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"cannot reach the Ray cluster at http://127.0.0.1:{port} (connection refused)" in err
+    assert "Traceback" not in err
+
+
+def test_submit_to_unreachable_address_is_a_target_error():
+    recipe = make_recipe()
+    with pytest.raises(TargetError, match="connection refused"):
+        ray_jobs.submit_to_ray(recipe, "name: x\n", f"127.0.0.1:{free_port()}")
+
+
+def test_address_resolution_order(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "http://from-env:8265")
+    assert ray_jobs.resolve_address(None) == "http://from-env:8265"
+    assert ray_jobs.resolve_address("head:8265") == "http://head:8265"
+    recipe = make_recipe(cluster={"target": "ray", "address": "http://from-recipe:8265/"})
+    assert ray_jobs.resolve_address(None, recipe) == "http://from-recipe:8265"
+    monkeypatch.delenv("RAY_ADDRESS")
+    with pytest.raises(TargetError, match="no Ray cluster address"):
+        ray_jobs.resolve_address(None)
+    with pytest.raises(TargetError, match="Ray Client address"):
+        ray_jobs.resolve_address("ray://head:10001")
+
+
+def test_preflight_refusals_name_the_field():
+    shape = ClusterShape(nodes=1, cpus=8, gpus=2)
+    with pytest.raises(TargetError, match=r"asks for 4 GPU worker\(s\).*has 2 GPU"):
+        check_cluster(make_recipe(scaling={"num_workers": 4, "use_gpu": True}), shape, "X")
+    # auto uses the GPUs the cluster has, so it needs one per worker too
+    with pytest.raises(TargetError, match="GPU"):
+        check_cluster(make_recipe(scaling={"num_workers": 3}), shape, "X")
+    with pytest.raises(TargetError, match=r"3 worker\(s\) x 4 CPU = 12 CPUs"):
+        check_cluster(
+            make_recipe(scaling={"num_workers": 3, "cpus_per_worker": 4, "use_gpu": False}),
+            shape,
+            "X",
+        )
+    two_nodes = ClusterShape(nodes=2, cpus=8, gpus=2)
+    with pytest.raises(TargetError, match=r"storage_path '\./runs' is a local path"):
+        check_cluster(make_recipe(), two_nodes, "X")
+    check_cluster(make_recipe(checkpoint={"storage_path": "s3://bucket/runs"}), two_nodes, "X")
+
+
+def test_runtime_env_carries_names_not_values(tmp_path):
+    recipe = make_recipe(cluster={"target": "ray", "address": "http://h:8265", "env": ["MY_KEY"]})
+    environ = {"HF_TOKEN": "hf_secret_value", "AWS_PROFILE": "p", "HOME": "/root", "EMPTY": ""}
+    env = ray_jobs.build_runtime_env(recipe, tmp_path, environ)
+    assert env["env_vars"]["HF_TOKEN"] == "${HF_TOKEN}"
+    assert env["env_vars"]["AWS_PROFILE"] == "${AWS_PROFILE}"
+    assert env["env_vars"]["MY_KEY"] == "${MY_KEY}"
+    assert "HOME" not in env["env_vars"] and "WANDB_API_KEY" not in env["env_vars"]
+    assert "hf_secret_value" not in json.dumps(env)
+    assert set(ray_jobs.EXCLUDES) >= {".git", ".venv", "runs", "__pycache__"}
+
+
+def test_staging_copies_code_and_recipe_without_excluded_dirs(tmp_path):
+    source = trivial_source(tmp_path, "print('x')\n")
+    (source / "runs").mkdir()
+    (source / "runs" / "old.txt").write_text("old run")
+    staged = ray_jobs.stage_working_dir("name: x\n", source, tmp_path / "stage")
+    assert (staged / "job_script.py").exists()
+    assert (staged / ray_jobs.RECIPE_FILE).read_text() == "name: x\n"
+    assert not (staged / ".git").exists() and not (staged / "runs").exists()
+
+
+# ------------------------------------------------------------------------ against a real head
+
+
+def test_token_required_and_missing_is_explained(head, tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "no-such-token"))
+    with pytest.raises(TargetError, match="requires token authentication and no token"):
+        ray_jobs.connect(head.address)
+
+
+def test_trivial_job_status_logs_list_and_no_secret_sent(head, token_file, tmp_path, monkeypatch):
+    local_secret = "hf_LOCAL_" + secrets.token_hex(12)
+    monkeypatch.setenv("HF_TOKEN", local_secret)
+    script = (
+        "import os\n"
+        "print('hello from the job', flush=True)\n"
+        "print('HF_TOKEN on the cluster:', os.environ.get('HF_TOKEN'), flush=True)\n"
+        "print('recipe shipped:', os.path.exists('ftlaunch-recipe.yaml'), flush=True)\n"
+        "print('git shipped:', os.path.exists('.git'), flush=True)\n"
+    )
+    source = trivial_source(tmp_path, script)
+    recipe = make_recipe(cluster={"target": "ray", "address": head.address})
+    cluster = ray_jobs.connect(head.address)
+    staged = ray_jobs.stage_working_dir("name: tiny-job\n", source, tmp_path / "stage")
+    runtime_env = ray_jobs.build_runtime_env(recipe, staged)
+    job_id = ray_jobs.submit_entrypoint(
+        cluster,
+        "python job_script.py",
+        runtime_env,
+        ray_jobs.submission_id(recipe),
+        {"recipe": "t"},
+    )
+    assert ray_jobs.wait_for_end(cluster, job_id, timeout_s=120) == "SUCCEEDED"
+
+    logs = ray_jobs.job_logs(job_id, head.address)
+    assert "hello from the job" in logs
+    # passed by name: the value is the cluster's own, never the submitting shell's
+    assert f"HF_TOKEN on the cluster: {HEAD_SIDE_HF_TOKEN}" in logs
+    assert "recipe shipped: True" in logs and "git shipped: False" in logs
+
+    sent = cluster.client.get_job_info(job_id).runtime_env
+    assert sent["env_vars"]["HF_TOKEN"] == "${HF_TOKEN}"
+    assert local_secret not in json.dumps(sent)
+    for path in [*head.root.rglob("*"), *staged.rglob("*")]:
+        if path.is_file() and not path.is_symlink():
+            assert local_secret.encode() not in path.read_bytes(), path
+
+    code, out, err = run_cli("status", job_id, "--address", head.address)
+    assert code == 0, err
+    assert out.startswith(f"{job_id}: SUCCEEDED"), out
+    code, out, _ = run_cli("logs", job_id, "--address", head.address)
+    assert code == 0 and "hello from the job" in out
+    monkeypatch.setenv("RAY_ADDRESS", head.address)  # honoured when --address is absent
+    code, out, _ = run_cli("list")
+    assert code == 0 and job_id in out and "SUCCEEDED" in out
+    code, _, err = run_cli("status", "no-such-job")
+    assert code == 2 and "no job 'no-such-job'" in err
+
+
+def test_stop_stops_a_long_running_job(head, token_file, tmp_path):
+    script = "import time\nprint('working', flush=True)\ntime.sleep(600)\n"
+    source = trivial_source(tmp_path, script)
+    recipe = make_recipe(name="sleeper")
+    cluster = ray_jobs.connect(head.address)
+    staged = ray_jobs.stage_working_dir("name: sleeper\n", source, tmp_path / "stage")
+    job_id = ray_jobs.submit_entrypoint(
+        cluster,
+        "python job_script.py",
+        ray_jobs.build_runtime_env(recipe, staged),
+        ray_jobs.submission_id(recipe),
+        {},
+    )
+    deadline = time.monotonic() + 120
+    while "working" not in ray_jobs.job_logs(job_id, head.address):
+        assert time.monotonic() < deadline, "job never started"
+        time.sleep(0.5)
+    code, out, err = run_cli("stop", job_id, "--address", head.address)
+    assert code == 0, err
+    assert out.strip() == f"{job_id}: STOPPED"
+    assert ray_jobs.job_status(job_id, head.address)["status"] == "STOPPED"
+
+
+def test_preflight_against_the_head_refuses_gpus_and_cpus(head, token_file):
+    too_many_gpus = make_recipe(scaling={"num_workers": 2, "use_gpu": True})
+    with pytest.raises(TargetError, match=r"asks for 2 GPU worker\(s\).*has 0 GPU"):
+        ray_jobs.submit_to_ray(too_many_gpus, "name: x\n", head.address)
+    too_many_cpus = make_recipe(scaling={"num_workers": 3, "use_gpu": False})
+    with pytest.raises(TargetError, match=r"= 3 CPUs but the Ray cluster .* has 2 CPU"):
+        ray_jobs.submit_to_ray(too_many_cpus, "name: x\n", head.address)
+
+
+def test_local_storage_refused_once_the_cluster_has_two_nodes(head, token_file):
+    """Last in the module: it adds a second node to the shared head."""
+    worker = head.add_worker_node()
+    try:
+        cluster = ray_jobs.connect(head.address)
+        shape = ray_jobs.cluster_shape(cluster)
+        assert shape.nodes == 2
+        local = make_recipe(scaling={"use_gpu": False})
+        with pytest.raises(TargetError, match="is a local path but the Ray cluster"):
+            ray_jobs.submit_to_ray(local, "name: x\n", head.address)
+        check_cluster(
+            make_recipe(scaling={"use_gpu": False}, checkpoint={"storage_path": "s3://b/runs"}),
+            shape,
+            head.address,
+        )
+    finally:
+        head.stop_node(worker)
