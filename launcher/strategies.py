@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -301,15 +301,550 @@ def _consolidate_ddp(directory: Path) -> dict[str, torch.Tensor]:
     return _fp32_cpu(state)
 
 
+# ----------------------------------------------------------------------------------- FSDP
+
+
+def block_classes(model: nn.Module) -> set[str]:
+    """Transformer block class names from every Hugging Face model inside `model` (PEFT too)."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return names
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The block modules (e.g. GPT2Block, LlamaDecoderLayer) in module order."""
+    names = block_classes(model)
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in backward (non-reentrant, key names unchanged)."""
+    target = model
+    while not hasattr(target, "gradient_checkpointing_enable") and hasattr(target, "base_model"):
+        target = target.base_model
+    if hasattr(target, "gradient_checkpointing_enable"):
+        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return
+    from torch.distributed._composable import checkpoint
+
+    for block in transformer_blocks(model):
+        checkpoint(block)
+
+
+def _build_on_meta(build_model: Callable[[], nn.Module]) -> nn.Module:
+    """Run the builder with parameters created on the meta device (no weight memory)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = build_model()
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # tied embeddings come apart on meta
+    return model
+
+
+class FSDPStrategy:
+    """FSDP2: each transformer block and then the root sharded with `fully_shard`.
+
+    Start-up memory: rank 0 builds the model with its weights (in host memory), every other rank
+    builds it on the meta device; after sharding, rank 0 broadcasts the weights tensor by tensor
+    and each rank keeps only its shard.
+    """
+
+    name = "fsdp"
+
+    def __init__(self, recipe: Recipe, device: torch.device):
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("strategy fsdp needs an initialised torch.distributed process group")
+        self.recipe = recipe
+        self.train_cfg = recipe.train
+        self.device = torch.device(device)
+        self.dtype = resolve_precision(recipe, self.device)
+        self.offload = recipe.strategy.offload == "all"
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.schedule: torch.optim.lr_scheduler.LambdaLR | None = None
+
+    def build(self, build_model: Callable[[], nn.Module]) -> nn.Module:
+        if _rank() == 0:
+            return build_model()
+        return _build_on_meta(build_model)
+
+    def _shard(self, model: nn.Module) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(self.device.type, (_world_size(),))
+        options: dict[str, Any] = {"mesh": mesh}
+        if self.dtype is not None:
+            # Gradients are reduced in fp32 so the average is as exact as in ddp.
+            options["mp_policy"] = MixedPrecisionPolicy(
+                param_dtype=self.dtype, reduce_dtype=torch.float32
+            )
+        if self.offload:
+            options["offload_policy"] = CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
+        for block in transformer_blocks(model):
+            fully_shard(block, **options)
+        fully_shard(model, **options)
+
+    def prepare(self, model: nn.Module, total_steps: int) -> nn.Module:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
+
+        full_state = model.state_dict() if _rank() == 0 else {}
+        if self.recipe.strategy.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        if _rank() == 0 and not self.offload:
+            model.to(self.device)
+        self._shard(model)
+        if _rank() != 0:
+            model.to_empty(device="cpu" if self.offload else self.device)
+        set_model_state_dict(
+            model,
+            full_state,
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+        )
+        del full_state
+        for buffer in model.buffers():
+            # Non-persistent buffers (e.g. rotary frequencies) are in no state dict.
+            dist.broadcast(buffer.data, src=0)
+        self.model = model
+        self.optimizer = build_optimizer(model, self.train_cfg)
+        self.schedule = build_schedule(self.optimizer, self.train_cfg, total_steps)
+        return model
+
+    @contextlib.contextmanager
+    def no_sync(self, active: bool) -> Iterator[None]:
+        if not active:
+            yield
+            return
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.train_cfg.grad_accum).backward()
+
+    def step(self) -> float:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip_value(self.train_cfg))
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def lr(self) -> float:
+        return float(self.schedule.get_last_lr()[0])
+
+    def _state(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        return {"model": model_state, "optim": optim_state}
+
+    def save(self, directory: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        dcp.save(self._state(), checkpoint_id=str(directory / DCP_DIR))
+        if _rank() == 0:
+            torch.save(self.schedule.state_dict(), directory / SCHEDULE_FILE)
+        _write_strategy_file(directory, self.name)
+        _barrier()
+
+    def load(self, directory: Path) -> None:
+        """Any world size: DCP reshards parameters and optimizer state to the current layout."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        directory = Path(directory)
+        _check_strategy(directory, self.name)
+        state = self._state()
+        dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+        )
+        self.schedule.load_state_dict(torch.load(directory / SCHEDULE_FILE, weights_only=True))
+
+    def unwrapped(self) -> nn.Module:
+        # fully_shard changes the module in place and keeps its parameter names.
+        return self.model
+
+
+DCP_DIR = "dcp"
+
+
+def _consolidate_fsdp(directory: Path) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    _load_state_dict(
+        state,
+        storage_reader=FileSystemReader(str(directory / DCP_DIR)),
+        planner=_EmptyStateDictLoadPlanner(keys={"model"}),
+        no_dist=True,
+    )
+    return _fp32_cpu(state["model"])
+
+
+# ------------------------------------------------------------------------------ DeepSpeed
+
+
+class DeepSpeedConfigError(ValueError):
+    """strategy.deepspeed_config contradicts the recipe (bad input: the CLI exits with 2)."""
+
+
+# Recipe-derived DeepSpeed keys: (path in the DeepSpeed config, recipe field that decides it).
+DS_OPTIMIZER_TYPES = ("AdamW", "adamw")
+
+
+def _deepspeed_entries(
+    recipe: Recipe, world_size: int, dtype: torch.dtype | str | None, device_type: str
+) -> list[tuple[tuple[str, ...], Any, str, Any]]:
+    """(DeepSpeed key path, value, recipe field, recipe value) for every generated leaf.
+
+    `dtype` "unknown" (validation with mixed_precision auto) leaves bf16/fp16 out.
+    """
+    t, s = recipe.train, recipe.strategy
+    entries: list[tuple[tuple[str, ...], Any, str, Any]] = [
+        (("train_micro_batch_size_per_gpu",), t.batch_size, "train.batch_size", t.batch_size),
+        (("gradient_accumulation_steps",), t.grad_accum, "train.grad_accum", t.grad_accum),
+        (
+            ("train_batch_size",),
+            t.batch_size * t.grad_accum * world_size,
+            "train.batch_size x train.grad_accum x workers",
+            f"{t.batch_size} x {t.grad_accum} x {world_size}",
+        ),
+        (
+            ("gradient_clipping",),
+            t.max_grad_norm or 0.0,
+            "train.max_grad_norm",
+            t.max_grad_norm,
+        ),
+        (("optimizer", "type"), "AdamW", "the launcher's optimizer", "AdamW"),
+        (("optimizer", "params", "lr"), t.lr, "train.lr", t.lr),
+        (("optimizer", "params", "betas"), list(t.betas), "train.betas", list(t.betas)),
+        (
+            ("optimizer", "params", "weight_decay"),
+            t.weight_decay,
+            "train.weight_decay",
+            t.weight_decay,
+        ),
+        (("zero_optimization", "stage"), s.zero_stage, "strategy.zero_stage", s.zero_stage),
+    ]
+    if device_type == "cpu":
+        # Without an accelerator DeepSpeed's fused/CPU Adam kernels would need a C++ build; torch's
+        # AdamW does the same update (and the same math as the ddp and fsdp strategies).
+        entries.append((("optimizer", "params", "torch_adam"), True, "a run without GPUs", "cpu"))
+    if s.offload in ("optimizer", "all"):
+        entries.append(
+            (
+                ("zero_optimization", "offload_optimizer", "device"),
+                "cpu",
+                "strategy.offload",
+                s.offload,
+            )
+        )
+    if s.offload == "all":
+        entries.append(
+            (("zero_optimization", "offload_param", "device"), "cpu", "strategy.offload", "all")
+        )
+    if s.zero_stage == 3:
+        # Saving the model from rank 0 needs the partitioned weights gathered.
+        entries.append(
+            (
+                ("zero_optimization", "stage3_gather_16bit_weights_on_model_save"),
+                True,
+                "strategy.zero_stage",
+                3,
+            )
+        )
+    if dtype != "unknown":
+        precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+        shown = f"{s.mixed_precision} ({precision})" if s.mixed_precision == "auto" else precision
+        entries.append(
+            (("bf16", "enabled"), precision == "bf16", "strategy.mixed_precision", shown)
+        )
+        entries.append(
+            (("fp16", "enabled"), precision == "fp16", "strategy.mixed_precision", shown)
+        )
+    return entries
+
+
+def _nested(entries: list[tuple[tuple[str, ...], Any, str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path, value, _, _ in entries:
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _lookup(config: dict[str, Any], path: tuple[str, ...]) -> tuple[bool, Any]:
+    node: Any = config
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return False, None
+        node = node[key]
+    return True, node
+
+
+def _same(generated: Any, given: Any) -> bool:
+    if isinstance(generated, bool) or isinstance(given, bool):
+        return generated is given or generated == given
+    if isinstance(generated, (int, float)) and isinstance(given, (int, float)):
+        return math.isclose(float(generated), float(given), rel_tol=1e-12, abs_tol=0.0)
+    if isinstance(generated, (list, tuple)) and isinstance(given, (list, tuple)):
+        return len(generated) == len(given) and all(map(_same, generated, given))
+    if isinstance(generated, str) and isinstance(given, str):
+        return generated.lower() == given.lower()
+    return generated == given
+
+
+def _override_conflicts(
+    recipe: Recipe, entries: list[tuple[tuple[str, ...], Any, str, Any]]
+) -> list[str]:
+    overrides = recipe.strategy.deepspeed_config
+    problems = []
+    for path, value, field, field_value in entries:
+        present, given = _lookup(overrides, path)
+        if present and not _same(value, given):
+            key = ".".join(path)
+            problems.append(
+                f"strategy.deepspeed_config.{key}: {given!r} contradicts {field}: {field_value}"
+                f" (which gives {value!r}); change {field} instead"
+            )
+    if "scheduler" in overrides:
+        problems.append(
+            "strategy.deepspeed_config.scheduler: "
+            f"{overrides['scheduler']!r} contradicts train.scheduler: {recipe.train.scheduler} "
+            f"with train.warmup_ratio: {recipe.train.warmup_ratio}; the schedule is set there"
+        )
+    s = recipe.strategy
+    if s.offload == "all" and s.zero_stage != 3:
+        problems.append(
+            f"strategy.offload: all offloads parameters, which needs strategy.zero_stage: 3 "
+            f"(got {s.zero_stage}); use offload: optimizer"
+        )
+    return problems
+
+
+def check_deepspeed_overrides(recipe: Recipe) -> list[str]:
+    """Contradictions between strategy.deepspeed_config and the recipe, for validation time.
+
+    Empty for non-deepspeed recipes. With mixed_precision auto the device is not known yet, so
+    bf16/fp16 keys are checked only when scaling.use_gpu is false or precision is explicit.
+    """
+    if recipe.strategy.name != "deepspeed":
+        return []
+    gpu = recipe.scaling.use_gpu
+    device_type = "cpu" if gpu is False else "cuda"
+    dtype: torch.dtype | str | None = "unknown"
+    if recipe.strategy.mixed_precision != "auto" or gpu is False:
+        with contextlib.suppress(ValueError):  # fp16 on CPU is reported by the recipe rules
+            dtype = resolve_precision(recipe, device_type)
+    entries = _deepspeed_entries(recipe, recipe.scaling.num_workers, dtype, device_type)
+    if gpu == "auto":
+        entries = [e for e in entries if e[0] != ("optimizer", "params", "torch_adam")]
+    return _override_conflicts(recipe, entries)
+
+
+def deepspeed_config(
+    recipe: Recipe, world_size: int, device: torch.device | str = "cpu"
+) -> dict[str, Any]:
+    """The DeepSpeed config for this recipe: generated keys, then strategy.deepspeed_config.
+
+    Raises DeepSpeedConfigError naming both values when an override contradicts the recipe.
+    The lr schedule is not in it: the launcher passes its own schedule to DeepSpeed so that every
+    strategy follows exactly the same curve (DeepSpeed's WarmupLR forces >= 2 warmup steps).
+    """
+    device = torch.device(device)
+    dtype = resolve_precision(recipe, device)
+    entries = _deepspeed_entries(recipe, world_size, dtype, device.type)
+    problems = _override_conflicts(recipe, entries)
+    if problems:
+        raise DeepSpeedConfigError("; ".join(problems))
+    generated = _nested(entries)
+    generated["optimizer"]["params"]["eps"] = 1e-8
+    generated["steps_per_print"] = 10**9  # the training loop reports metrics itself
+    generated["wall_clock_breakdown"] = False
+    return _merge(generated, recipe.strategy.deepspeed_config)
+
+
+class DeepSpeedStrategy:
+    """DeepSpeed ZeRO 0-3 with optional CPU offload; works with gloo on CPU and NCCL on GPUs."""
+
+    name = "deepspeed"
+
+    def __init__(self, recipe: Recipe, device: torch.device):
+        self.recipe = recipe
+        self.train_cfg = recipe.train
+        self.device = torch.device(device)
+        self.config = deepspeed_config(recipe, _world_size(), self.device)
+        self.stage = recipe.strategy.zero_stage
+        self.engine: Any = None
+        self.model: nn.Module | None = None
+        self._hf_config: Any = None
+        self._micro = 0
+
+    def build(self, build_model: Callable[[], nn.Module]) -> nn.Module:
+        if self.stage != 3:
+            return build_model()
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # Kept alive for the whole run: from_pretrained (and generate) look it up through a
+        # weak reference to know that parameters are partitioned.
+        self._hf_config = HfDeepSpeedConfig(self.config)
+        with deepspeed.zero.Init(config_dict_or_path=self.config):
+            return build_model()
+
+    def prepare(self, model: nn.Module, total_steps: int) -> nn.Module:
+        import deepspeed
+
+        self.model = model
+        train_cfg = self.train_cfg
+
+        def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+            return build_schedule(optimizer, train_cfg, total_steps)
+
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=optimizer_groups(model, train_cfg.weight_decay),
+            lr_scheduler=schedule,
+            config=self.config,
+            dist_init_required=False,
+        )
+        return self.engine
+
+    def no_sync(self, active: bool) -> contextlib.AbstractContextManager:
+        # The engine skips gradient reduction itself until the accumulation boundary.
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # divides by gradient_accumulation_steps
+        self._micro += 1
+        if self._micro % self.train_cfg.grad_accum:
+            self.engine.step()  # a micro-step: DeepSpeed only counts it
+
+    def step(self) -> float:
+        if not self.engine.is_gradient_accumulation_boundary():
+            raise RuntimeError(
+                f"step() after {self._micro % self.train_cfg.grad_accum} backward() calls; "
+                f"deepspeed steps after exactly train.grad_accum={self.train_cfg.grad_accum}"
+            )
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def save(self, directory: Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_strategy_file(
+            directory, self.name, zero_stage=self.stage, tag=DS_TAG, micro=self._micro
+        )
+        self.engine.save_checkpoint(str(directory / DS_DIR), tag=DS_TAG)
+        _barrier()
+
+    def load(self, directory: Path) -> None:
+        directory = Path(directory)
+        info = _check_strategy(directory, self.name)
+        if info["world_size"] == _world_size() and info.get("zero_stage") == self.stage:
+            self.engine.load_checkpoint(str(directory / DS_DIR), tag=info["tag"])
+        else:
+            self._load_resharded(directory, info)
+        self._micro = int(info.get("micro", 0))
+
+    def _load_resharded(self, directory: Path, info: dict[str, Any]) -> None:
+        """A different world size: consolidated weights + the schedule position (see README)."""
+        state = consolidate(self.name, directory)
+        load_full_state(self.engine.module, state, zero3=self.stage == 3)
+        steps = int(info.get("micro", 0)) // self.train_cfg.grad_accum
+        for _ in range(steps):
+            self.engine.lr_scheduler.step()
+        self.engine.global_steps = steps
+        self.engine.global_samples = steps * self.config["train_batch_size"]
+
+    def unwrapped(self) -> nn.Module:
+        return self.engine.module if self.engine is not None else self.model
+
+
+DS_DIR = "ds"
+DS_TAG = "state"
+
+
+def load_full_state(module: nn.Module, state: dict[str, torch.Tensor], zero3: bool) -> None:
+    """Copy a full state dict into a (possibly ZeRO-3 partitioned) module, parameter by parameter."""
+    if not zero3:
+        module.load_state_dict(state)
+        return
+    import deepspeed
+
+    for name, param in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if _rank() == 0:
+                param.data.copy_(state[name].to(param.dtype))
+    buffers = {n: b for n, b in module.named_buffers() if n in state}
+    for name, buf in buffers.items():
+        buf.data.copy_(state[name])
+
+
+def _consolidate_deepspeed(directory: Path) -> dict[str, torch.Tensor]:
+    info = read_strategy_file(directory)
+    ds_dir = directory / DS_DIR
+    if info.get("zero_stage", 0) == 0:
+        # No ZeRO: the engine saved the full module state dict from rank 0.
+        states = torch.load(
+            ds_dir / info["tag"] / "mp_rank_00_model_states.pt",
+            map_location="cpu",
+            weights_only=False,
+        )
+        return _fp32_cpu(states["module"])
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=info["tag"])
+    return _fp32_cpu(state)
+
+
 # -------------------------------------------------------------------------------- factory
 
 
 STRATEGIES: dict[str, Callable[[Recipe, torch.device], Strategy]] = {
     "ddp": DDPStrategy,
+    "fsdp": FSDPStrategy,
+    "deepspeed": DeepSpeedStrategy,
 }
 
 CONSOLIDATORS: dict[str, Callable[[Path], dict[str, torch.Tensor]]] = {
     "ddp": _consolidate_ddp,
+    "fsdp": _consolidate_fsdp,
+    "deepspeed": _consolidate_deepspeed,
 }
 
 

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,7 @@ def _local_micro_batches(rows: torch.Tensor, rank: int, world: int) -> list[torc
 def _train_one(spec: dict, model_dir: str, out: Path, rank: int, world: int, load_from=None):
     import torch.distributed as dist
 
+    started = time.perf_counter()
     recipe = make_recipe(model_dir, **spec["strategy"])
     strategy = make_strategy(recipe, "cpu")
     torch.manual_seed(0)
@@ -198,6 +200,7 @@ def _train_one(spec: dict, model_dir: str, out: Path, rank: int, world: int, loa
     module = strategy.prepare(model, total_steps=STEPS * 2)
     if load_from is not None:
         strategy.load(Path(load_from))
+    prepared = time.perf_counter()
     rows = _batches(model_dir, world)
     probe = rows[:2]
     losses = []
@@ -220,7 +223,8 @@ def _train_one(spec: dict, model_dir: str, out: Path, rank: int, world: int, loa
     strategy.save(ckpt)
     if rank == 0:
         torch.save(logits, out / f"{spec['id']}.logits.pt")
-    result = {"losses": losses, "bytes": bytes_, "lr": strategy.lr()}
+    seconds = {"prepare": prepared - started, "total": time.perf_counter() - started}
+    result = {"losses": losses, "bytes": bytes_, "lr": strategy.lr(), "seconds": seconds}
     (out / f"{spec['id']}.rank{rank}.json").write_text(json.dumps(result))
 
 
@@ -263,6 +267,20 @@ def result(out: Path, spec_id: str, rank: int = 0) -> dict:
 
 SPECS = [
     {"id": "ddp", "strategy": {"name": "ddp"}},
+    {"id": "fsdp", "strategy": {"name": "fsdp"}},
+    {"id": "fsdp-offload", "strategy": {"name": "fsdp", "offload": "all"}},
+    {"id": "ds0", "strategy": {"name": "deepspeed", "zero_stage": 0}},
+    {"id": "ds1", "strategy": {"name": "deepspeed", "zero_stage": 1}},
+    {"id": "ds2", "strategy": {"name": "deepspeed", "zero_stage": 2}},
+    {"id": "ds3", "strategy": {"name": "deepspeed", "zero_stage": 3}},
+    {
+        "id": "ds2-offload",
+        "strategy": {"name": "deepspeed", "zero_stage": 2, "offload": "optimizer"},
+    },
+    {
+        "id": "ds3-offload",
+        "strategy": {"name": "deepspeed", "zero_stage": 3, "offload": "optimizer"},
+    },
 ]
 
 
