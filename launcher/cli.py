@@ -267,14 +267,36 @@ def cluster_call(call, *args, **kwargs):
 @cli.command()
 @click.argument("job_id")
 @address_option
+@click.option(
+    "--target",
+    type=click.Choice(["ray", "kuberay"]),
+    default="ray",
+    show_default=True,
+    help="kuberay: JOB_ID is a RayJob name; read its jobStatus / jobDeploymentStatus.",
+)
+@click.option("--namespace", default="default", show_default=True, help="kuberay: namespace.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job's details as JSON.")
-def status(job_id: str, address: str | None, as_json: bool) -> None:
+def status(job_id: str, address: str | None, target: str, namespace: str, as_json: bool) -> None:
     """Print the status of JOB_ID on a Ray cluster (PENDING, RUNNING, SUCCEEDED, ...).
 
     \b
-    Example:
+    Examples:
       ftlaunch status gpt2-medium-alpaca-20260101-120000 --address http://head:8265
+      ftlaunch status gpt2-medium-alpaca --target kuberay --namespace ml
     """
+    if target == "kuberay":
+        from launcher.targets import kuberay
+
+        fields = cluster_call(kuberay.kuberay_status, job_id, namespace)
+        if as_json:
+            click.echo(json.dumps(fields, indent=2))
+            return
+        reason = f"  {fields['reason']}: {fields['message']}" if fields["reason"] else ""
+        click.echo(
+            f"{job_id}: {fields['jobStatus'] or 'UNKNOWN'} "
+            f"(deployment {fields['jobDeploymentStatus'] or 'unknown'}){reason}"
+        )
+        return
     from launcher.targets import ray_jobs
 
     info = cluster_call(ray_jobs.job_status, job_id, address)
@@ -540,7 +562,8 @@ def score_cmd(model_or_run: str, data: str, out: str, **flags):
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point: run the CLI and return its exit code."""
     try:
-        cli.main(
+        # Without standalone mode click returns (not raises) the code of an explicit Exit.
+        code = cli.main(
             args=list(argv) if argv is not None else None,
             prog_name="ftlaunch",
             standalone_mode=False,
@@ -557,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A verb that loads a recipe without load_or_exit: still bad input, not a crash.
         click.echo(f"error: {exc.render()}", err=True)
         return EXIT_BAD_INPUT
-    return EXIT_OK
+    return code if isinstance(code, int) else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -184,11 +184,86 @@ def render_rayjob(recipe: Recipe) -> dict[str, Any]:
 
 def render_kuberay(recipe: Recipe) -> list[dict[str, Any]]:
     """[ConfigMap, RayJob]: apply in this order (the RayJob's head mounts the ConfigMap)."""
-    return [render_configmap(recipe), render_rayjob(recipe)]
+    rayjob = render_rayjob(recipe)
+    problems = operator_problems(rayjob)
+    if problems:
+        raise TargetError(f"cannot render a valid RayJob for {recipe.name}: {'; '.join(problems)}")
+    return [render_configmap(recipe), rayjob]
+
+
+# ------------------------------------------------------------------------ operator rules
+
+DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+GROUP_RESOURCE_PARAMS = ("num-cpus", "num-gpus", "memory", "resources")
+
+
+def operator_problems(manifest: dict[str, Any]) -> list[str]:
+    """KubeRay (v1.7) rules a JSON Schema cannot check, for a RayJob or a RayCluster."""
+    kind = manifest.get("kind")
+    problems: list[str] = []
+    name = manifest.get("metadata", {}).get("name", "")
+    limit = MAX_RAYJOB_NAME if kind == "RayJob" else 53
+    if not DNS_1035.match(name) or len(name) > limit:
+        problems.append(f"metadata.name {name!r} must be a DNS-1035 label of <= {limit} chars")
+    spec = manifest.get("spec", {})
+    if kind == "RayJob":
+        problems += _rayjob_problems(spec)
+        cluster_spec = spec.get("rayClusterSpec") or {}
+    else:
+        cluster_spec = spec
+    groups = [("headGroupSpec", cluster_spec.get("headGroupSpec") or {})]
+    groups += [
+        (f"workerGroupSpecs[{i}]", g)
+        for i, g in enumerate(cluster_spec.get("workerGroupSpecs") or [])
+    ]
+    for where, group in groups:
+        problems += _group_problems(where, group)
+    return problems
+
+
+def _rayjob_problems(spec: dict[str, Any]) -> list[str]:
+    problems = []
+    if ("rayClusterSpec" in spec) == ("clusterSelector" in spec):
+        problems.append("exactly one of spec.rayClusterSpec and spec.clusterSelector")
+    if spec.get("backoffLimit", 0) < 0:
+        problems.append("spec.backoffLimit must be >= 0")
+    if spec.get("ttlSecondsAfterFinished", 0) < 0:
+        problems.append("spec.ttlSecondsAfterFinished must be >= 0")
+    if "activeDeadlineSeconds" in spec and spec["activeDeadlineSeconds"] <= 0:
+        problems.append("spec.activeDeadlineSeconds must be > 0")
+    if spec.get("suspend") and not spec.get("shutdownAfterJobFinishes"):
+        problems.append("spec.suspend needs spec.shutdownAfterJobFinishes: true")
+    if "runtimeEnvYAML" in spec:
+        env = yaml.safe_load(spec["runtimeEnvYAML"])
+        if not isinstance(env, dict):
+            problems.append("spec.runtimeEnvYAML must parse to a mapping")
+        elif "working_dir" in env and "://" not in str(env["working_dir"]):
+            problems.append("spec.runtimeEnvYAML working_dir must be a remote URI")
+    return problems
+
+
+def _group_problems(where: str, group: dict[str, Any]) -> list[str]:
+    problems = []
+    params = group.get("rayStartParams") or {}
+    for key, value in params.items():
+        if not isinstance(value, str):
+            problems.append(f"{where}.rayStartParams.{key} must be a string")
+    if "resources" in group and any(k in params for k in GROUP_RESOURCE_PARAMS):
+        problems.append(f"{where}: rayStartParams resources together with group resources")
+    if "minReplicas" in group or "maxReplicas" in group:
+        low, high = group.get("minReplicas", 0), group.get("maxReplicas", 2**31 - 1)
+        if low < 0 or high < 0 or low > high:
+            problems.append(f"{where}: need 0 <= minReplicas <= maxReplicas")
+    if not (group.get("template", {}).get("spec", {}).get("containers") or []):
+        problems.append(f"{where}: the pod template needs a container")
+    return problems
 
 
 class _BlockDumper(yaml.SafeDumper):
-    """Multi-line strings (the recipe) as readable | blocks."""
+    """Multi-line strings (the recipe) as readable | blocks; no &anchors for repeated parts."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def _str_representer(dumper: yaml.SafeDumper, text: str) -> yaml.Node:
