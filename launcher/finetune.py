@@ -582,14 +582,25 @@ def load_for_inference(
     path = Path(path)
     if (path / "model").is_dir():
         path = path / "model"
-    info_file = path / EXPORT_INFO_FILE
-    info = json.loads(info_file.read_text()) if info_file.exists() else {}
-    task = task or info.get("task") or _task_of(path)
+    task = task or _export_info(path).get("task") or _task_of(path)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     model = model_class(task).from_pretrained(str(path), **kwargs)
-    if info.get("adapter"):
-        model = load_adapter(model, path / info["adapter"])
-    return model.eval()
+    return attach_exported_adapter(model, path).eval()
+
+
+def attach_exported_adapter(model: nn.Module, model_dir: str | Path) -> nn.Module:
+    """`model` loaded from an exported model/ directory, with its adapter put on when needed.
+
+    Exports of prefix, prompt, adapter and unmerged lora/ia3 keep the adapter in model/adapter
+    (ftlaunch_export.json says so); any other directory gives `model` back unchanged.
+    """
+    adapter = _export_info(Path(model_dir)).get("adapter")
+    return load_adapter(model, Path(model_dir) / adapter) if adapter else model
+
+
+def _export_info(model_dir: Path) -> dict[str, Any]:
+    info_file = model_dir / EXPORT_INFO_FILE
+    return json.loads(info_file.read_text()) if info_file.exists() else {}
 
 
 def _task_of(model_dir: Path) -> str:

@@ -334,3 +334,16 @@ def test_key_of_another_method_fails_validation():
         RecipeError, match=r"finetune\.lora: only applies to finetune\.method: lora"
     ):
         validate_data(data)
+
+
+@pytest.mark.parametrize("method", ["prompt", "adapter"])
+def test_batch_engine_loads_exports_that_need_their_adapter(tiny_gpt2, tmp_path, method):
+    from launcher.batch import load_for_inference as batch_load
+    from launcher.batch import resolve_model
+
+    recipe, tokenizer, model = build(tiny_gpt2, "causal_lm", method)
+    batch = make_batch(tokenizer, "causal_lm")
+    train(model, batch, "causal_lm", LR[method], steps=3)
+    export_model(recipe, model.state_dict(), tmp_path, tokenizer, merge=True)
+    loaded, _ = batch_load(resolve_model(tmp_path))
+    torch.testing.assert_close(logits(loaded, batch), logits(model, batch), atol=1e-5, rtol=1e-4)
