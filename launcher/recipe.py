@@ -210,6 +210,8 @@ class TrainConfig(Section):
     """Seed for model init, data order and dropout."""
     eval_every: StepsOrEpoch = "epoch"
     """Evaluate on the validation split every epoch or every N optimizer steps."""
+    eval_on_start: bool = False
+    """Evaluate once before the first step (step 0), to see where training started from."""
     log_every: int = Field(default=10, gt=0)
     """Report training metrics every N optimizer steps."""
     adversarial: AdversarialConfig | None = None
@@ -813,6 +815,13 @@ def _read_yaml(path: Path) -> _Doc:
 
 def _yaml_error(exc: yaml.YAMLError, source: str) -> Problem:
     """One located problem for a YAML syntax error or a tag the safe loader refuses."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        return Problem(
+            "",
+            f"character #x{exc.character:04x} is not allowed in YAML (at character "
+            f"{exc.position}); recipes are printable UTF-8 text",
+            source,
+        )
     if not isinstance(exc, yaml.MarkedYAMLError):
         return Problem("", f"YAML error: {exc}", source)
     mark = exc.problem_mark or exc.context_mark
@@ -834,11 +843,40 @@ def _yaml_error(exc: yaml.YAMLError, source: str) -> Problem:
     return Problem("", f"YAML syntax error: {problem}{context}", where)
 
 
+MAX_FLOW_DEPTH = 200
+
+
+def _too_deep(text: str, source: str) -> Problem | None:
+    """Refuse absurdly nested [ { before parsing: PyYAML's scanner slows down with the square
+    of the nesting depth, so a few kilobytes could otherwise stall `validate` for minutes."""
+    depth, line, column = 0, 1, 0
+    for char in text:
+        column += 1
+        if char == "\n":
+            line, column = line + 1, 0
+        elif char in "[{":
+            depth += 1
+            if depth > MAX_FLOW_DEPTH:
+                return Problem(
+                    "",
+                    f"YAML nested more than {MAX_FLOW_DEPTH} levels deep; "
+                    "a recipe is a few levels of sections",
+                    f"{source}:{line}:{column}",
+                )
+        elif char in "]}":
+            depth = max(depth - 1, 0)
+    return None
+
+
 def parse_yaml(text: str, source: str) -> _Doc:
     """Parse YAML safely, keeping the position of every key."""
-    loader = _RecipeLoader(text)
+    too_deep = _too_deep(text, source)
+    if too_deep is not None:
+        raise RecipeError([too_deep], source)
+    loader = None
     marks: dict[tuple, str] = {}
     try:
+        loader = _RecipeLoader(text)  # checks the characters first: may raise already
         node = loader.get_single_node()
         problems = _walk_marks(node, source, marks) if node is not None else []
         data = loader.construct_document(node) if node is not None else None
@@ -849,7 +887,8 @@ def parse_yaml(text: str, source: str) -> _Doc:
             [Problem("", "YAML nested too deeply; a recipe is a few levels of sections")], source
         ) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if not isinstance(data, dict):
         raise RecipeError(
             [
@@ -998,6 +1037,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise RecipeError(
             [Problem(key, "empty key; expected KEY.PATH=VALUE, e.g. --set train.lr=3e-5", where)]
         )
+    too_deep = _too_deep(raw, where)
+    if too_deep is not None:
+        raise RecipeError([Problem(key, too_deep.message, where)])
     try:
         value = _parse_value(raw)
     except yaml.YAMLError as exc:

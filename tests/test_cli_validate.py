@@ -239,7 +239,7 @@ def test_base_cycle(tmp_path):
 def test_deeply_nested_value(tmp_path):
     text = MINIMAL + "strategy:\n  deepspeed_config: {a: " + "[" * 20000 + "]" * 20000 + "}\n"
     result = run("validate", write(tmp_path, text))
-    assert_bad_input(result, "nested too deeply")
+    assert_bad_input(result, "recipe.yaml:7:224: YAML nested more than 200 levels deep")
 
 
 def test_usage_errors_exit_2():

@@ -239,10 +239,25 @@ def test_duplicate_keys_name_both_places(tmp_path):
     assert problem.message == f"duplicate key (first at {path}:7:3); keep one"
 
 
-def test_deep_nesting_is_an_error_not_a_crash(tmp_path):
+def test_deep_flow_nesting_is_refused_before_parsing(tmp_path):
     text = MINIMAL + "strategy:\n  deepspeed_config: " + "[" * 5000 + "]" * 5000 + "\n"
     problem = only_problem(tmp_path, text)
-    assert "nested too deeply" in problem.message
+    assert problem.where == f"{tmp_path / 'recipe.yaml'}:7:221"
+    assert problem.message == (
+        "YAML nested more than 200 levels deep; a recipe is a few levels of sections"
+    )
+
+
+def test_deep_block_nesting_is_an_error_not_a_crash(tmp_path):
+    text = MINIMAL + "".join(" " * i + "k:\n" for i in range(1000))
+    problem = only_problem(tmp_path, text)
+    assert problem.message == "YAML nested too deeply; a recipe is a few levels of sections"
+
+
+def test_deeply_nested_override_value(tmp_path):
+    problem = only_problem(tmp_path, MINIMAL, ("strategy.deepspeed_config=" + "[" * 300,))
+    assert problem.path == "strategy.deepspeed_config"
+    assert "nested more than 200 levels deep" in problem.message
 
 
 def test_alias_bomb_is_refused_before_expanding(tmp_path):
