@@ -347,3 +347,54 @@ def test_batch_engine_loads_exports_that_need_their_adapter(tiny_gpt2, tmp_path,
     export_model(recipe, model.state_dict(), tmp_path, tokenizer, merge=True)
     loaded, _ = batch_load(resolve_model(tmp_path))
     torch.testing.assert_close(logits(loaded, batch), logits(model, batch), atol=1e-5, rtol=1e-4)
+
+
+ZERO3_INIT_CHECK = """
+import os, sys, socket
+import torch, torch._dynamo, torch.distributed as dist
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+import deepspeed
+from transformers.integrations import HfDeepSpeedConfig
+from launcher.finetune import apply_finetune
+from launcher.models import load_model
+from launcher.recipe import Recipe
+config = {"train_batch_size": 1, "zero_optimization": {"stage": 3}}
+keep = HfDeepSpeedConfig(config)
+for method, pattern in (("lora", "lora_B"), ("adapter", "bottleneck_adapter.up")):
+    recipe = Recipe.model_validate({"name": "z", "model": {"name_or_path": sys.argv[1]},
+        "data": {"train": "t.jsonl"}, "finetune": {"method": method}})
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        model = apply_finetune(load_model(recipe.model), recipe)
+    params = [p for n, p in model.named_parameters() if pattern in n]
+    assert params and all(hasattr(p, "ds_id") for p in params)  # partitioned
+    with deepspeed.zero.GatheredParameters(params):
+        sizes = [p.numel() for p in params]
+        nonzero = sum(int(p.detach().abs().sum() > 0) for p in params)
+    print(method, len(params), min(sizes), nonzero)
+"""
+
+
+@pytest.mark.slow
+def test_zero3_partitioned_lora_and_adapters_start_as_identity(tiny_gpt2):
+    """Under deepspeed.zero.Init, LoRA B and adapter up-projections still start at zero."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "LOCAL_RANK": "0", "RANK": "0"}
+    env.update(WORLD_SIZE="1", OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "-c", ZERO3_INIT_CHECK, str(tiny_gpt2)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [
+        line.split() for line in done.stdout.splitlines() if line.startswith(("lora", "adapter"))
+    ]
+    assert [(m, int(zero)) for m, _, _, zero in lines] == [("lora", 0), ("adapter", 0)], done.stdout
+    assert all(int(size) > 0 for _, _, size, _ in lines)
