@@ -785,6 +785,9 @@ def _dotted(loc: Sequence[Any]) -> str:
     return out
 
 
+MAX_RECIPE_BYTES = 4 * 2**20  # recipes are a few kilobytes; data never goes inline
+
+
 def _read_yaml(path: Path) -> _Doc:
     source = str(path)
     try:
@@ -799,7 +802,21 @@ def _read_yaml(path: Path) -> _Doc:
         raise RecipeError(
             [Problem("", "is a directory; give the path of a YAML recipe file", source)], source
         )
+    if not path.is_file():
+        raise RecipeError(
+            [
+                Problem(
+                    "", "not a regular file (a device or pipe?); give a YAML recipe file", source
+                )
+            ],
+            source,
+        )
     try:
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(
+                [Problem("", f"larger than {MAX_RECIPE_BYTES // 2**20} MiB; not a recipe", source)],
+                source,
+            )
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise RecipeError(

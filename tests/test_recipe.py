@@ -191,6 +191,16 @@ def test_directory_instead_of_file(tmp_path):
         load_recipe(tmp_path)
 
 
+def test_device_and_huge_files_are_refused_without_reading(tmp_path):
+    with pytest.raises(RecipeError, match=r"not a regular file \(a device or pipe\?\)"):
+        load_recipe("/dev/zero")
+    huge = tmp_path / "huge.yaml"
+    with huge.open("wb") as out:
+        out.truncate(5 * 2**20)  # sparse: no disk used
+    with pytest.raises(RecipeError, match="larger than 4 MiB; not a recipe"):
+        load_recipe(huge)
+
+
 def test_binary_file(tmp_path):
     path = tmp_path / "model.bin"
     path.write_bytes(b"\x00\xff\xfe binary")
