@@ -33,7 +33,7 @@ LABEL_ID = INTERNAL_PREFIX + "label_id"
 BUCKET_BATCHES = 8
 # Input chunks put into Ray's object store: at most this many rows or (roughly) bytes each.
 CHUNK_ROWS = 4096
-CHUNK_BYTES = 16 * 2**20
+CHUNK_BYTES = 4 * 2**20
 INPUT_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
 OUTPUT_SUFFIXES = (".jsonl", ".parquet")
 CAUSAL_METRICS = {"loss", "perplexity", "exact_match"}
@@ -871,6 +871,7 @@ class OutputWriter:
         self.rows = 0
         self._handle = None
         self._parquet = None
+        self._schema = None
 
     def __enter__(self) -> OutputWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -892,11 +893,11 @@ class OutputWriter:
 
         if self._parquet is None:
             self._parquet = pq.ParquetWriter(self.partial, table.schema)
-        elif table.schema != self._parquet.schema_arrow:
+            self._schema = table.schema
+        elif table.schema != self._schema:
+            # Blocks may differ where a column was all null in one of them.
             try:
-                table = table.select(self._parquet.schema_arrow.names).cast(
-                    self._parquet.schema_arrow
-                )
+                table = table.select(self._schema.names).cast(self._schema)
             except (KeyError, ValueError, TypeError) as exc:
                 raise BatchInputError(
                     f"output {self.path}: rows do not share one schema ({exc}); write .jsonl instead"
