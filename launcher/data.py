@@ -705,9 +705,11 @@ def tokenize_packed(table: pa.Table, tokenizer: Any, max_length: int) -> pa.Tabl
     Examples are concatenated with EOS after each; a sequence holds several examples and a long
     example continues in the next sequence. position_ids restart at 0 where each example (and
     each sequence) starts, and the first token of each example gets label -100, so no loss
-    crosses an example boundary. Models whose attention mask is built from position_ids
-    (transformers' create_causal_mask, when the batch has no attention_mask: see make_collate)
-    also keep attention inside each example; other models attend across the boundary.
+    crosses an example boundary. Attention stays inside each example only for models whose mask
+    is built from position_ids: transformers' create_causal_mask does it (GPT-2, Llama, ...) when
+    the forward gets no attention_mask and no KV cache, which is what `collate` and
+    `model_inputs` arrange. Other models, prefix tuning (it brings a cache) and custom attention
+    code attend across example boundaries within a packed sequence.
     Packing is per map_batches batch: the last sequence of a batch may be shorter.
     Row id: (row id of the sequence's first example << PIECE_BITS) | sequences started by it.
     """
@@ -1028,12 +1030,12 @@ def collate(batch: dict[str, np.ndarray], pad_token_id: int) -> dict[str, Any]:
     if "labels" in batch:
         labels = batch["labels"]
         if labels.dtype != object and labels.ndim == 1:
-            out["labels"] = torch.from_numpy(labels.astype(np.int64))
+            out["labels"] = torch.from_numpy(np.array(labels, dtype=np.int64))
         else:
             out["labels"] = pad_sequences(labels, IGNORE_INDEX)
     for key in ("num_tokens", "row_id", "source_id"):
         if key in batch:
-            out[key] = torch.from_numpy(np.asarray(batch[key], dtype=np.int64))
+            out[key] = torch.from_numpy(np.array(batch[key], dtype=np.int64))
     return out
 
 
@@ -1054,5 +1056,13 @@ def make_collate(pad_token_id: int) -> Any:
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    """The keys of a collated batch that the model's forward takes (labels excluded)."""
-    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    """The keyword arguments of the model's forward for a collated batch (labels excluded).
+
+    Packed batches also get use_cache=False: transformers derives per-example attention from
+    position_ids only when there is no attention_mask and no KV cache (a causal LM builds an
+    empty cache whenever use_cache is on, which is the default even in training).
+    """
+    inputs: dict[str, Any] = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    if "position_ids" in inputs:
+        inputs["use_cache"] = False
+    return inputs
