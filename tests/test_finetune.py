@@ -357,28 +357,32 @@ with socket.socket() as s:
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 import deepspeed
 from transformers.integrations import HfDeepSpeedConfig
-from launcher.finetune import apply_finetune
+from launcher.finetune import apply_finetune, count_parameters
 from launcher.models import load_model
 from launcher.recipe import Recipe
 config = {"train_batch_size": 1, "zero_optimization": {"stage": 3}}
+recipes = {method: Recipe.model_validate({"name": "z", "model": {"name_or_path": sys.argv[1]},
+    "data": {"train": "t.jsonl"}, "finetune": {"method": method}}) for method in ("lora", "adapter")}
+# Counted before ZeRO-3 is configured: from_pretrained partitions by itself once it is.
+plain = {m: count_parameters(apply_finetune(load_model(r.model), r)) for m, r in recipes.items()}
 keep = HfDeepSpeedConfig(config)
 for method, pattern in (("lora", "lora_B"), ("adapter", "bottleneck_adapter.up")):
-    recipe = Recipe.model_validate({"name": "z", "model": {"name_or_path": sys.argv[1]},
-        "data": {"train": "t.jsonl"}, "finetune": {"method": method}})
     with deepspeed.zero.Init(config_dict_or_path=config):
-        model = apply_finetune(load_model(recipe.model), recipe)
+        model = apply_finetune(load_model(recipes[method].model), recipes[method])
     params = [p for n, p in model.named_parameters() if pattern in n]
     assert params and all(hasattr(p, "ds_id") for p in params)  # partitioned
     with deepspeed.zero.GatheredParameters(params):
         sizes = [p.numel() for p in params]
         nonzero = sum(int(p.detach().abs().sum() > 0) for p in params)
+    assert count_parameters(model) == plain[method], (count_parameters(model), plain[method])
     print(method, len(params), min(sizes), nonzero)
 """
 
 
 @pytest.mark.slow
 def test_zero3_partitioned_lora_and_adapters_start_as_identity(tiny_gpt2):
-    """Under deepspeed.zero.Init, LoRA B and adapter up-projections still start at zero."""
+    """Under deepspeed.zero.Init, LoRA B and adapter up-projections still start at zero,
+    and partitioned parameters are counted at their full size."""
     import os
     import subprocess
     import sys
