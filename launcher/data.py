@@ -17,6 +17,9 @@ recursively, in sorted order), and `hf:<dataset>[:<config>]:<split>` through `da
 A .txt file holds documents separated by blank lines (a file without blank lines is one
 document); long documents are chunked to `max_length` during tokenization.
 
+Validation and test splits given as a list of sources are concatenated (weights only shape the
+training mix: evaluation sees every row once), with the same `source` column.
+
 Validation and splitting work on whole Arrow tables in the driver with pyarrow compute: a full
 scan is needed anyway to reject bad rows before training starts, and the tables are columnar, so
 this costs memory proportional to the raw text only.
@@ -383,11 +386,26 @@ def _read_hf(spec: str, fields: Fields) -> RawTable:
             + f" split {hf.split!r}: {_short(exc)} "
             "(is the hub reachable, or the dataset in the local cache?)"
         ) from None
-    table = ds.with_format("arrow")[:]
+    table = hf_table(ds)
     if table.num_rows == 0:
         raise DataError(f"{spec}: dataset split is empty (no rows)")
     where = _row_namer(Path(spec))
     return RawTable(canonical_columns(table, fields, where), where)
+
+
+def hf_table(ds: Any) -> pa.Table:
+    """A `datasets.Dataset` as an Arrow table; ClassLabel columns become their label names
+    (so they match model.labels), and the -1 "no label" id becomes a missing value."""
+    import datasets
+
+    table = ds.with_format("arrow")[:]
+    for name, feature in ds.features.items():
+        if isinstance(feature, datasets.ClassLabel) and name in table.column_names:
+            ids = table.column(name).combine_chunks()
+            ids = pc.if_else(pc.less(ids, 0), pa.scalar(None, ids.type), ids)
+            names = pc.take(pa.array(feature.names, pa.string()), ids)
+            table = table.set_column(table.column_names.index(name), name, names)
+    return table
 
 
 # ---------------------------------------------------------------------------- validation

@@ -72,6 +72,39 @@ def test_hf_spec_parsing():
     assert D.source_name("data/reviews") == "reviews"
 
 
+def test_hf_source_that_cannot_load_is_a_data_error(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # no hub here: fail at once, no retries
+    fields = D.fields_for(make_recipe({"train": "x"}))
+    with pytest.raises(DataError) as exc:
+        D.read_source("hf:no-such-org/no-such-dataset:sst2:train", fields)
+    assert message(exc).startswith(
+        "hf:no-such-org/no-such-dataset:sst2:train: cannot load Hugging Face dataset "
+        "'no-such-org/no-such-dataset' (config 'sst2') split 'train': "
+    )
+    assert message(exc).endswith("(is the hub reachable, or the dataset in the local cache?)")
+
+
+def test_hf_class_labels_become_names():
+    import datasets
+
+    ds = datasets.Dataset.from_dict(
+        {"sentence": ["good", "bad", "unlabelled"], "label": [1, 0, -1]},
+        features=datasets.Features(
+            {"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=LABELS)}
+        ),
+    )
+    table = D.hf_table(ds)
+    assert table.column("label").to_pylist() == ["positive", "negative", None]
+    fields = D.Fields({"text": "sentence", "label": "label"}, labels=tuple(LABELS))
+    where = D._row_namer(Path("hf:glue:sst2:test"))
+    assert D.canonical_columns(table.slice(0, 2), fields, where).column("label").to_pylist() == [
+        1,
+        0,
+    ]
+    with pytest.raises(DataError, match=r"^hf:glue:sst2:test: row 3: missing field 'label'"):
+        D.canonical_columns(table, fields, where)
+
+
 def _write_all_formats(rows: list[dict], root: Path) -> dict[str, Path]:
     import csv
 
