@@ -183,6 +183,28 @@ def _fp32_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def local_state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes this rank holds for parameters and optimizer state (each storage counted once).
+
+    Counts the module's parameters (their local shard under FSDP, the ZeRO-3 partition under
+    DeepSpeed), the tensors the inner optimizer updates (DeepSpeed's fp32 partitions) and its
+    state (Adam moments). Gradients and activations are not counted.
+    """
+    tensors: list[torch.Tensor] = []
+    for param in module.parameters():
+        tensors.append(getattr(param, "ds_tensor", param))
+    for group in optimizer.param_groups:
+        tensors.extend(group["params"])
+    for state in optimizer.state.values():
+        tensors.extend(v for v in state.values() if isinstance(v, torch.Tensor) and v.ndim > 0)
+    seen: dict[int, int] = {}
+    for tensor in tensors:
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        storage = local.untyped_storage()
+        seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+    return sum(seen.values())
+
+
 class _Autocast(nn.Module):
     """Runs the wrapped module's forward under torch.autocast (DDP mixed precision)."""
 
@@ -226,6 +248,8 @@ class DDPStrategy:
         return build_model()
 
     def prepare(self, model: nn.Module, total_steps: int) -> nn.Module:
+        if self.recipe.strategy.activation_checkpointing:
+            enable_activation_checkpointing(model)
         self.model = model.to(self.device)
         wrapped: nn.Module = model
         if _world_size() > 1:
@@ -294,6 +318,9 @@ class DDPStrategy:
 
     def unwrapped(self) -> nn.Module:
         return self.model
+
+    def local_state_bytes(self) -> int:
+        return local_state_bytes(self.model, self.optimizer)
 
 
 def _consolidate_ddp(directory: Path) -> dict[str, torch.Tensor]:
@@ -479,6 +506,9 @@ class FSDPStrategy:
     def unwrapped(self) -> nn.Module:
         # fully_shard changes the module in place and keeps its parameter names.
         return self.model
+
+    def local_state_bytes(self) -> int:
+        return local_state_bytes(self.model, self.optimizer)
 
 
 DCP_DIR = "dcp"
@@ -725,6 +755,8 @@ class DeepSpeedStrategy:
     def prepare(self, model: nn.Module, total_steps: int) -> nn.Module:
         import deepspeed
 
+        if self.recipe.strategy.activation_checkpointing:
+            enable_activation_checkpointing(model)
         self.model = model
         train_cfg = self.train_cfg
 
@@ -782,37 +814,45 @@ class DeepSpeedStrategy:
         self._micro = int(info.get("micro", 0))
 
     def _load_resharded(self, directory: Path, info: dict[str, Any]) -> None:
-        """A different world size: consolidated weights + the schedule position (see README)."""
-        state = consolidate(self.name, directory)
-        load_full_state(self.engine.module, state, zero3=self.stage == 3)
-        steps = int(info.get("micro", 0)) // self.train_cfg.grad_accum
-        for _ in range(steps):
-            self.engine.lr_scheduler.step()
-        self.engine.global_steps = steps
-        self.engine.global_samples = steps * self.config["train_batch_size"]
+        """Another world size or stage: through DeepSpeed's universal checkpoint format.
+
+        Each rank converts the checkpoint into its own temporary directory (ranks may be on
+        different nodes), then loads the parameters, Adam moments and schedule from it.
+        """
+        import argparse
+        import io
+        import tempfile
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        with tempfile.TemporaryDirectory(prefix="ftlaunch-universal-") as tmp:
+            args = argparse.Namespace(
+                input_folder=str(directory / DS_DIR / info["tag"]),
+                output_folder=str(Path(tmp) / info["tag"]),
+                num_extract_workers=1,
+                num_merge_workers=1,
+                keep_temp_folder=False,
+                strict=True,
+                inject_missing_state=True,
+            )
+            with contextlib.redirect_stdout(io.StringIO()):
+                ds_to_universal.main(args)
+            config = self.engine._config
+            config.load_universal_checkpoint = True
+            try:
+                self.engine.load_checkpoint(tmp, tag=info["tag"])
+            finally:
+                config.load_universal_checkpoint = False
 
     def unwrapped(self) -> nn.Module:
         return self.engine.module if self.engine is not None else self.model
 
+    def local_state_bytes(self) -> int:
+        return local_state_bytes(self.engine.module, self.engine.basic_optimizer)
+
 
 DS_DIR = "ds"
 DS_TAG = "state"
-
-
-def load_full_state(module: nn.Module, state: dict[str, torch.Tensor], zero3: bool) -> None:
-    """Copy a full state dict into a (possibly ZeRO-3 partitioned) module, parameter by parameter."""
-    if not zero3:
-        module.load_state_dict(state)
-        return
-    import deepspeed
-
-    for name, param in module.named_parameters():
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            if _rank() == 0:
-                param.data.copy_(state[name].to(param.dtype))
-    buffers = {n: b for n, b in module.named_buffers() if n in state}
-    for name, buf in buffers.items():
-        buf.data.copy_(state[name])
 
 
 def _consolidate_deepspeed(directory: Path) -> dict[str, torch.Tensor]:

@@ -20,15 +20,19 @@ import torch
 
 from launcher.recipe import Recipe
 from launcher.strategies import (
+    DeepSpeedConfigError,
     build_optimizer,
     build_schedule,
+    check_deepspeed_overrides,
     consolidate,
+    deepspeed_config,
     make_strategy,
     read_strategy_file,
     resolve_precision,
 )
 
 STEPS = 6
+MID = 3  # a checkpoint is saved before this step and resumed from by one rank
 GRAD_ACCUM = 2
 BATCH = 4
 SEQ = 24
@@ -115,6 +119,92 @@ def test_precision_auto_is_fp32_on_cpu_and_explicit_choices_are_honoured(tmp_pat
         resolve_precision(make_recipe(tmp_path, name="ddp", mixed_precision="fp16"), "cpu")
 
 
+def test_deepspeed_config_follows_the_recipe(tmp_path):
+    recipe = make_recipe(
+        tmp_path,
+        name="deepspeed",
+        zero_stage=3,
+        offload="all",
+        deepspeed_config={"zero_optimization": {"stage3_max_live_parameters": 1000}},
+    )
+    config = deepspeed_config(recipe, world_size=2, device="cpu")
+    assert config["train_micro_batch_size_per_gpu"] == BATCH
+    assert config["gradient_accumulation_steps"] == GRAD_ACCUM
+    assert config["train_batch_size"] == BATCH * GRAD_ACCUM * 2
+    assert config["gradient_clipping"] == 1.0
+    assert config["optimizer"]["type"] == "AdamW"
+    params = config["optimizer"]["params"]
+    assert (params["lr"], params["betas"], params["weight_decay"]) == (LR, [0.9, 0.999], 0.01)
+    zero = config["zero_optimization"]
+    assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"] is True
+    assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+    assert zero["stage3_max_live_parameters"] == 1000  # an override that contradicts nothing
+    assert config["bf16"]["enabled"] is False and config["fp16"]["enabled"] is False
+    assert "scheduler" not in config  # the launcher's own schedule is handed to DeepSpeed
+    bf16 = make_recipe(tmp_path, name="deepspeed", zero_stage=1, mixed_precision="bf16")
+    config = deepspeed_config(bf16, world_size=1)
+    assert config["bf16"]["enabled"] is True and "offload_optimizer" not in config.get(
+        "zero_optimization", {}
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"train_micro_batch_size_per_gpu": 16},
+            "strategy.deepspeed_config.train_micro_batch_size_per_gpu: 16 contradicts "
+            "train.batch_size: 4",
+        ),
+        (
+            {"zero_optimization": {"stage": 1}},
+            "strategy.deepspeed_config.zero_optimization.stage: 1 contradicts strategy.zero_stage: 2",
+        ),
+        (
+            {"optimizer": {"params": {"lr": 0.1}}},
+            "strategy.deepspeed_config.optimizer.params.lr: 0.1 contradicts train.lr: 0.005",
+        ),
+        (
+            {"gradient_accumulation_steps": 8},
+            "strategy.deepspeed_config.gradient_accumulation_steps: 8 contradicts train.grad_accum: 2",
+        ),
+        (
+            {"bf16": {"enabled": True}},
+            "strategy.deepspeed_config.bf16.enabled: True contradicts strategy.mixed_precision: no",
+        ),
+        (
+            {"scheduler": {"type": "WarmupLR"}},
+            "strategy.deepspeed_config.scheduler: {'type': 'WarmupLR'} contradicts "
+            "train.scheduler: linear",
+        ),
+    ],
+)
+def test_deepspeed_overrides_that_contradict_the_recipe_name_both_values(
+    tmp_path, overrides, message
+):
+    recipe = make_recipe(
+        tmp_path, name="deepspeed", mixed_precision="no", deepspeed_config=overrides
+    )
+    with pytest.raises(DeepSpeedConfigError) as err:
+        deepspeed_config(recipe, world_size=2)
+    assert message in str(err.value)
+    assert isinstance(err.value, ValueError)
+    assert any(message in p for p in check_deepspeed_overrides(recipe))
+
+
+def test_deepspeed_overrides_that_agree_are_accepted_and_offload_all_needs_stage_3(tmp_path):
+    agreeing = {"train_micro_batch_size_per_gpu": BATCH, "optimizer": {"type": "adamw"}}
+    recipe = make_recipe(tmp_path, name="deepspeed", deepspeed_config=agreeing)
+    assert check_deepspeed_overrides(recipe) == []
+    assert deepspeed_config(recipe, world_size=2)["train_micro_batch_size_per_gpu"] == BATCH
+    stage2_all = make_recipe(tmp_path, name="deepspeed", zero_stage=2, offload="all")
+    assert check_deepspeed_overrides(stage2_all) == [
+        "strategy.offload: all offloads parameters, which needs strategy.zero_stage: 3 (got 2); "
+        "use offload: optimizer"
+    ]
+    assert check_deepspeed_overrides(make_recipe(tmp_path)) == []  # ddp: nothing to check
+
+
 def test_single_process_ddp_trains_saves_and_resumes(tiny_gpt2, tmp_path):
     """World size 1 (no process group): no wrapping, same save/load/consolidate contract."""
     from transformers import AutoModelForCausalLM
@@ -159,17 +249,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _batches(model_dir: str, world: int) -> list[torch.Tensor]:
-    """Fixed token batches: [step][rank * GRAD_ACCUM + micro] -> (BATCH, SEQ) ids."""
+def _batches(model_dir: str) -> torch.Tensor:
+    """The global batch of every step: (2 * GRAD_ACCUM * BATCH, SEQ) token ids, no padding."""
     from transformers import AutoTokenizer
 
     from launcher.synthetic import story_lines
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = tok(" ".join(story_lines(200, seed=7)))["input_ids"]
-    per_step = 2 * GRAD_ACCUM * BATCH  # the same data whatever the world size
-    rows = torch.tensor(ids[: per_step * SEQ]).view(per_step, SEQ)
-    return rows
+    rows = 2 * GRAD_ACCUM * BATCH  # the same data whatever the world size
+    return torch.tensor(ids[: rows * SEQ]).view(rows, SEQ)
 
 
 def _load_tiny(model_dir: str):
@@ -182,14 +271,18 @@ def _load_tiny(model_dir: str):
 
 
 def _local_micro_batches(rows: torch.Tensor, rank: int, world: int) -> list[torch.Tensor]:
-    """This rank's micro-batches of one step: the global batch split over ranks and micro-steps."""
+    """This rank's micro-batches of one step: the global batch split over ranks and micro-steps.
+
+    Every row has SEQ tokens, so the mean loss over the global batch is the same for any split.
+    """
     per_rank = rows.shape[0] // world
     mine = rows[rank * per_rank : (rank + 1) * per_rank]
     micro = per_rank // GRAD_ACCUM
     return [mine[i * micro : (i + 1) * micro] for i in range(GRAD_ACCUM)]
 
 
-def _train_one(spec: dict, model_dir: str, out: Path, rank: int, world: int, load_from=None):
+def _train_one(spec: dict, model_dir: str, out: Path, rank: int, world: int) -> None:
+    """Train one spec for steps [start, STEPS); save a mid-run and a final checkpoint."""
     import torch.distributed as dist
 
     started = time.perf_counter()
@@ -198,13 +291,16 @@ def _train_one(spec: dict, model_dir: str, out: Path, rank: int, world: int, loa
     torch.manual_seed(0)
     model = strategy.build(lambda: _load_tiny(model_dir))
     module = strategy.prepare(model, total_steps=STEPS * 2)
-    if load_from is not None:
-        strategy.load(Path(load_from))
+    start = 0
+    if "load_from" in spec:
+        strategy.load(Path(spec["load_from"]))
+        start = MID
     prepared = time.perf_counter()
-    rows = _batches(model_dir, world)
-    probe = rows[:2]
-    losses = []
-    for _ in range(STEPS):
+    rows = _batches(model_dir)
+    losses, norms, lrs = [], [], []
+    for step in range(start, STEPS):
+        if step == MID and start == 0:
+            strategy.save(out / f"{spec['id']}-mid")
         step_loss = torch.zeros(())
         for micro, ids in enumerate(_local_micro_batches(rows, rank, world)):
             with strategy.no_sync(micro < GRAD_ACCUM - 1):
@@ -213,19 +309,20 @@ def _train_one(spec: dict, model_dir: str, out: Path, rank: int, world: int, loa
             step_loss += loss.detach() / GRAD_ACCUM
         dist.all_reduce(step_loss)
         losses.append(float(step_loss) / world)
-        strategy.step()
-    bytes_ = strategy.local_state_bytes() if hasattr(strategy, "local_state_bytes") else None
+        lrs.append(strategy.lr())
+        norms.append(strategy.step())
+    state_bytes = strategy.local_state_bytes()
     module.eval()
     with torch.no_grad():
-        logits = module(input_ids=probe).logits.float()
+        logits = module(input_ids=rows[:2]).logits.float()
     module.train()
-    ckpt = out / spec["id"]
-    strategy.save(ckpt)
+    strategy.save(out / spec["id"])
     if rank == 0:
         torch.save(logits, out / f"{spec['id']}.logits.pt")
     seconds = {"prepare": prepared - started, "total": time.perf_counter() - started}
-    result = {"losses": losses, "bytes": bytes_, "lr": strategy.lr(), "seconds": seconds}
-    (out / f"{spec['id']}.rank{rank}.json").write_text(json.dumps(result))
+    record = {"losses": losses, "norms": norms, "lrs": lrs, "bytes": state_bytes}
+    record["seconds"] = seconds
+    (out / f"{spec['id']}.rank{rank}.json").write_text(json.dumps(record))
 
 
 def _worker(rank: int, world: int, port: int, specs: list[dict], model_dir: str, out: str):
@@ -243,7 +340,7 @@ def _worker(rank: int, world: int, port: int, specs: list[dict], model_dir: str,
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         for spec in specs:
-            _train_one(spec, model_dir, Path(out), rank, world, spec.get("load_from"))
+            _train_one(spec, model_dir, Path(out), rank, world)
             dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -269,6 +366,7 @@ SPECS = [
     {"id": "ddp", "strategy": {"name": "ddp"}},
     {"id": "fsdp", "strategy": {"name": "fsdp"}},
     {"id": "fsdp-offload", "strategy": {"name": "fsdp", "offload": "all"}},
+    {"id": "fsdp-ac", "strategy": {"name": "fsdp", "activation_checkpointing": True}},
     {"id": "ds0", "strategy": {"name": "deepspeed", "zero_stage": 0}},
     {"id": "ds1", "strategy": {"name": "deepspeed", "zero_stage": 1}},
     {"id": "ds2", "strategy": {"name": "deepspeed", "zero_stage": 2}},
@@ -280,6 +378,10 @@ SPECS = [
     {
         "id": "ds3-offload",
         "strategy": {"name": "deepspeed", "zero_stage": 3, "offload": "optimizer"},
+    },
+    {
+        "id": "ds3-ac",
+        "strategy": {"name": "deepspeed", "zero_stage": 3, "activation_checkpointing": True},
     },
 ]
 
@@ -309,6 +411,70 @@ def test_two_ranks_loss_falls_and_consolidated_model_matches(two_rank_run, tiny_
     assert read_strategy_file(two_rank_run / spec_id)["world_size"] == 2
     state = consolidate(name, two_rank_run / spec_id)
     assert set(state) == set(_load_tiny(str(tiny_gpt2)).state_dict())
-    probe = _batches(str(tiny_gpt2), 2)[:2]
+    probe = _batches(str(tiny_gpt2))[:2]
     trained = torch.load(two_rank_run / f"{spec_id}.logits.pt")
     torch.testing.assert_close(_fresh_logits(tiny_gpt2, state, probe), trained, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_strategies_do_the_same_math(two_rank_run):
+    """Same seed and data: identical first-step loss, parameters within PARAM_TOLERANCE."""
+    reference = result(two_rank_run, "ddp")
+    ref_state = consolidate("ddp", two_rank_run / "ddp")
+    for spec in SPECS[1:]:
+        got = result(two_rank_run, spec["id"])
+        assert got["losses"][0] == pytest.approx(reference["losses"][0], abs=1e-6), spec["id"]
+        assert got["losses"] == pytest.approx(reference["losses"], rel=1e-4), spec["id"]
+        assert got["lrs"] == pytest.approx(reference["lrs"], rel=1e-9), spec["id"]
+        state = consolidate(spec["strategy"]["name"], two_rank_run / spec["id"])
+        worst = max((state[k] - ref_state[k]).abs().max().item() for k in ref_state)
+        assert worst < PARAM_TOLERANCE, (spec["id"], worst)
+    # the parameters did move: the tolerance is far below the change made by training
+    initial = consolidate("ddp", two_rank_run / "ddp-mid")
+    moved = max((initial[k] - ref_state[k]).abs().max().item() for k in ref_state)
+    assert moved > 100 * PARAM_TOLERANCE
+
+
+@pytest.mark.slow
+def test_sharded_strategies_hold_about_half_of_ddp_state_per_rank(two_rank_run):
+    ddp = result(two_rank_run, "ddp")["bytes"]
+    for spec_id in ("fsdp", "fsdp-offload", "ds3", "ds3-offload"):
+        for rank in (0, 1):
+            ratio = result(two_rank_run, spec_id, rank)["bytes"] / ddp
+            assert ratio < 0.6, (spec_id, rank, ratio)
+    # ZeRO-1/2 partition only the optimizer state: less than ddp, more than ZeRO-3
+    assert 0.6 < result(two_rank_run, "ds2")["bytes"] / ddp < 0.95
+
+
+RESUMED = ("ddp", "fsdp", "ds2", "ds3")
+
+
+@pytest.fixture(scope="module")
+def one_rank_resume(two_rank_run, tiny_gpt2) -> Path:
+    """Checkpoints written by 2 ranks before step MID, resumed by 1 rank."""
+    specs = [
+        {
+            "id": f"{spec['id']}-resumed",
+            "strategy": spec["strategy"],
+            "load_from": str(two_rank_run / f"{spec['id']}-mid"),
+        }
+        for spec in SPECS
+        if spec["id"] in RESUMED
+    ]
+    spawn(1, specs, tiny_gpt2, two_rank_run)
+    return two_rank_run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec_id", RESUMED)
+def test_resume_on_a_different_world_size_continues_training(one_rank_resume, spec_id):
+    before = result(one_rank_resume, spec_id)
+    after = result(one_rank_resume, f"{spec_id}-resumed")
+    assert read_strategy_file(one_rank_resume / f"{spec_id}-mid")["world_size"] == 2
+    # Weights and schedule position are kept: the first resumed step sees the same loss and lr.
+    assert after["losses"][0] == pytest.approx(before["losses"][MID], abs=1e-5)
+    assert after["lrs"] == pytest.approx(before["lrs"][MID:], rel=1e-9)
+    assert after["losses"][-1] < after["losses"][0]
+    # The optimizer state comes along too (DCP reshards it for fsdp, DeepSpeed's universal format
+    # for deepspeed), so the run continues as it would have on 2 ranks.
+    assert after["losses"] == pytest.approx(before["losses"][MID:], rel=1e-4)
