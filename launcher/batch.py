@@ -284,24 +284,34 @@ class GenerationOptions:
         return opts
 
 
-class _TemplateFields(dict):
-    def __missing__(self, key: str) -> str:
+def check_template(template: str | None) -> None:
+    """A prompt template must place the prompt somewhere."""
+    if template is not None and "{prompt}" not in template and "{instruction}" not in template:
         raise BatchInputError(
-            f"prompt template uses {{{key}}}; allowed placeholders: {{prompt}}, {{instruction}}, "
-            "{input}"
+            f"prompt template {template!r} must contain {{prompt}} (or {{instruction}}); "
+            "{input} is optional"
         )
 
 
-def apply_template(template: str | None, row: dict) -> str:
-    """The prompt text of a row: the template filled with {prompt}/{instruction} and {input}."""
+def apply_template(template: str | None, row: dict, instruction_format: bool = False) -> str:
+    """The prompt text of a row: the template filled with {prompt}/{instruction} and {input}.
+
+    With `instruction_format` the row is rendered exactly as the data stage rendered training
+    prompts (its default template when `template` is None), so a fine-tuned instruction model
+    sees the layout it learned. Placeholders are replaced literally: other braces stay.
+    """
     prompt = str(row["prompt"])
+    extra = row.get("input")
+    extra = "" if extra is None else str(extra)
+    if instruction_format:
+        from launcher.data import render_prompt
+
+        return render_prompt(template, prompt, extra)
     if not template:
         return prompt
-    extra = row.get("input")
-    fields = _TemplateFields(
-        prompt=prompt, instruction=prompt, input="" if extra is None else extra
-    )
-    return template.format_map(fields)
+    check_template(template)
+    filled = template.replace("{prompt}", prompt).replace("{instruction}", prompt)
+    return filled.replace("{input}", extra)
 
 
 # ---------------------------------------------------------------------- per-batch model work
@@ -514,7 +524,11 @@ def _generate_all(worker: BatchWorker, batch) -> list[list[str]]:
     records = batch.to_dict("records")
     prompts = [
         worker.encode_input(
-            apply_template(job.get("prompt_template"), {**r, "prompt": r[job["prompt_field"]]})
+            apply_template(
+                job.get("prompt_template"),
+                {**r, "prompt": r[job["prompt_field"]]},
+                job.get("instruction_format", False),
+            )
         )[-room:]
         for r in records
     ]
@@ -795,7 +809,12 @@ class PoolOptions:
 
 
 def run_job(
-    source: ModelSource, dataset, job: dict, pool: PoolOptions, total: int, description: str
+    source: ModelSource,
+    dataset,
+    job: dict,
+    pool: PoolOptions,
+    total: int | None,
+    description: str,
 ) -> Iterator:
     """Run `job` over a Ray dataset on an actor pool; yield result blocks (pyarrow) as they land."""
     import ray.data
@@ -821,7 +840,7 @@ def run_job(
 
 
 @contextmanager
-def progress_display(total: int, description: str, enabled: bool = True):
+def progress_display(total: int | None, description: str, enabled: bool = True):
     """A rich progress bar on stderr with rows done, rows/s and ETA; yields advance(n)."""
     from rich.console import Console
     from rich.progress import (
@@ -946,13 +965,16 @@ def generate(
     pool: PoolOptions | None = None,
     max_length: int | None = None,
     task: str | None = None,
+    instruction_format: bool = False,
     **gen_overrides: Any,
 ) -> Path:
     """Generate for every prompt; write one row per prompt and return sequence to `out_path`.
 
     Rows keep every input column (and `id`, or get `row_id`) and add `output` and
     `sequence_index`. `gen_cfg` is a GenerateConfig, dict or None; keyword overrides such as
-    max_new_tokens=..., seed=... win over it.
+    max_new_tokens=..., seed=... win over it. `prompt_template` places {prompt} (or
+    {instruction}) and the row's {input}; `instruction_format` renders prompts as the data
+    stage rendered instruction training rows (its default layout when the template is None).
     """
     pool = pool or PoolOptions(batch_size=16)
     source = resolve_model(model_ref, task=task)
@@ -963,8 +985,8 @@ def generate(
         )
     opts = GenerationOptions.from_config(gen_cfg, **gen_overrides)
     path = Path(prompts_path)
-    if prompt_template is not None:
-        apply_template(prompt_template, {"prompt": "", "input": ""})  # fail early on bad fields
+    if not instruction_format:
+        check_template(prompt_template)
 
     def check(where: str, row: dict) -> dict:
         require_text(where, row, "prompt", PROMPT_HINT)
@@ -979,6 +1001,7 @@ def generate(
         "generate": asdict(opts),
         "prompt_field": "prompt",
         "prompt_template": prompt_template,
+        "instruction_format": instruction_format,
         "max_length": max_length,
     }
     with writer:
@@ -1044,7 +1067,7 @@ def score(
     return writer.path
 
 
-def _peek(records: Iterator[tuple[str, dict]], path: Path) -> tuple[str, dict]:
+def _peek(records: Iterator[tuple[str, dict]], path: str | Path) -> tuple[str, dict]:
     try:
         return next(records)
     except StopIteration:
@@ -1132,8 +1155,11 @@ def evaluate(
     max_length: int | None = None,
     out_dir: str | Path | None = None,
     task: str | None = None,
+    instruction_format: bool = False,
 ) -> dict:
-    """Evaluate a model on a data file or a tokenized Ray dataset; return eval.json's content.
+    """Evaluate a model on a data file, an Arrow table or a tokenized Ray dataset.
+
+    Returns eval.json's content.
 
     Causal LM: loss and perplexity are token-weighted over the whole set (of `text_field`, or
     of `reference_field` given `prompt_field` when the first row has both); exact_match compares
@@ -1149,19 +1175,25 @@ def evaluate(
         source = ModelSource(**{**asdict(source), "labels": tuple(labels)})
     chosen = _check_metrics(metrics, source.task)
     ensure_ray(pool.address)
-    if isinstance(data, (str, Path)):
-        dataset, total, job, references = _eval_input_from_file(
-            Path(data), source, chosen, text_field, label_field, prompt_field, reference_field
+    if isinstance(data, (str, Path)) or _is_arrow_table(data):
+        records, name = _eval_records(data, text_field)
+        dataset, total, job, references = _eval_input_from_records(
+            records, name, source, chosen, text_field, label_field, prompt_field, reference_field
         )
     else:
         if "exact_match" in chosen:
             raise BatchInputError("exact_match needs a data file with prompts and references")
-        dataset, total, references = data, data.count(), None
+        # A materialized dataset knows its size; counting a lazy one would run it twice.
+        from ray.data.dataset import MaterializedDataset
+
+        total = data.count() if isinstance(data, MaterializedDataset) else None
+        dataset, references = data, None
         job = {"kind": "tokenized_eval"}
     if "exact_match" in chosen:
         opts = GenerationOptions.from_config(gen_cfg)
         job["generate"] = asdict(opts)
         job["prompt_template"] = prompt_template
+        job["instruction_format"] = instruction_format
     job.update(keep_columns=False, max_length=max_length)
     totals = _EvalTotals()
     for block in run_job(source, dataset, job, pool, total, "evaluate"):
@@ -1172,8 +1204,23 @@ def evaluate(
     return result
 
 
-def _eval_input_from_file(
-    path: Path,
+def _is_arrow_table(data: Any) -> bool:
+    import pyarrow as pa
+
+    return isinstance(data, pa.Table)
+
+
+def _eval_records(data: Any, text_field: str) -> tuple[Iterator[tuple[str, dict]], str]:
+    """(location, row) pairs of a data file or an in-memory Arrow table, and its name."""
+    if _is_arrow_table(data):
+        rows = ((f"row {i + 1}", row) for i, row in enumerate(data.to_pylist()))
+        return rows, "evaluation table"
+    return iter_records(Path(data), text_column=text_field), str(data)
+
+
+def _eval_input_from_records(
+    records: Iterator[tuple[str, dict]],
+    path: str,
     source: ModelSource,
     chosen: list[str],
     text_field: str,
@@ -1181,7 +1228,6 @@ def _eval_input_from_file(
     prompt_field: str,
     reference_field: str,
 ):
-    records = iter_records(path, text_column=text_field)
     first = _peek(records, path)
     references = None
     if source.task == "classification":
@@ -1289,6 +1335,121 @@ def plot_confusion(result: dict, png_path: str | Path) -> Path:
     return png_path
 
 
+# ------------------------------------------------------------------- after training (driver)
+
+
+def _evaluation_table(recipe: Any, base_dir: Path | None = None):
+    """Canonical rows to evaluate on: evaluate.data, else the test split, else validation."""
+    import pyarrow as pa
+
+    from launcher import data as D
+
+    if recipe.evaluate.data:
+        table = D.read_source(recipe.evaluate.data, D.fields_for(recipe), base_dir).table
+        return table.append_column("row_id", pa.array(np.arange(table.num_rows)))
+    tables = D.load_tables(recipe, base_dir)
+    for split in ("test", "validation"):
+        if split in tables:
+            return tables[split]
+    raise BatchInputError(
+        "evaluate: nothing to evaluate on; set evaluate.data, give data.test or "
+        "data.validation, or carve one with data.split"
+    )
+
+
+def evaluate_run(
+    recipe: Any, run_dir: str | Path, *, base_dir: Path | None = None, progress: bool = True
+) -> dict:
+    """The recipe's `evaluate:` section over run_dir's model; writes run_dir/eval.json.
+
+    Loss and perplexity (and the classification metrics) run on rows tokenized exactly as in
+    training (the data stage's tokenizer function, so instruction prompts are masked the same
+    way); exact_match generates greedily from each instruction prompt and compares with its
+    `output`. Classification also writes run_dir/confusion_matrix.png.
+    """
+    import ray.data
+
+    from launcher import data as D
+
+    run_dir = Path(run_dir)
+    cfg = recipe.evaluate
+    pool = PoolOptions(batch_size=cfg.batch_size, progress=progress)
+    ensure_ray(pool.address)
+    table = _evaluation_table(recipe, base_dir)
+    chosen = list(dict.fromkeys(cfg.metrics))
+    result: dict[str, Any] = {}
+    statistics = [m for m in chosen if m != "exact_match"]
+    if statistics:
+        source = resolve_model(run_dir)
+        _, tokenizer = _tokenizer_only(source)
+        tokenized = ray.data.from_arrow(table).map_batches(
+            D.tokenizer_for_batches(recipe, tokenizer),
+            batch_format="pyarrow",
+            batch_size=D.TOKENIZE_BATCH_ROWS,
+        )
+        result.update(evaluate(run_dir, tokenized, statistics, pool=pool))
+    if "exact_match" in chosen:
+        if recipe.data.format != "instruction":
+            raise BatchInputError(
+                "evaluate.metrics: exact_match needs data.format: instruction (a prompt and a "
+                f"reference output per row); this recipe's format is {recipe.data.format}"
+            )
+        pairs = table.select(["instruction", "input", "output"]).rename_columns(
+            ["prompt", "input", "reference"]
+        )
+        matched = evaluate(
+            run_dir,
+            pairs,
+            ["exact_match"],
+            prompt_field="prompt",
+            reference_field="reference",
+            gen_cfg=recipe.generate,
+            prompt_template=recipe.data.prompt_template,
+            instruction_format=True,
+            pool=pool,
+        )
+        result.setdefault("num_rows", matched["num_rows"])
+        result["exact_match"] = matched["exact_match"]
+    write_eval(result, run_dir)
+    return result
+
+
+def _tokenizer_only(source: ModelSource):
+    """The tokenizer the batch actors will use (adapter's own when it ships one)."""
+    from launcher.models import load_tokenizer
+
+    cfg = source.model_config()
+    if source.adapter and _has_tokenizer(Path(source.adapter)):
+        cfg = cfg.model_copy(update={"name_or_path": source.adapter, "gguf_file": None})
+    return cfg, load_tokenizer(cfg)
+
+
+def generate_run(
+    recipe: Any, run_dir: str | Path, *, base_dir: Path | None = None, progress: bool = True
+) -> Path:
+    """The recipe's `generate:` section over run_dir's model; writes run_dir/generations.jsonl.
+
+    Instruction recipes render each prompt (with the row's `input`, if any) exactly as the
+    training prompts were rendered, so the model sees the layout it learned.
+    """
+    run_dir = Path(run_dir)
+    cfg = recipe.generate
+    prompts = Path(cfg.prompts)
+    if base_dir is not None and not prompts.is_absolute():
+        prompts = base_dir / prompts
+    instruction = recipe.data.format == "instruction"
+    return generate(
+        run_dir,
+        prompts,
+        run_dir / "generations.jsonl",
+        cfg,
+        recipe.data.prompt_template if instruction else None,
+        instruction_format=instruction,
+        pool=PoolOptions(batch_size=16, progress=progress),
+        seed=recipe.train.seed,
+    )
+
+
 __all__ = [
     "BatchInputError",
     "GenerationOptions",
@@ -1297,7 +1458,9 @@ __all__ = [
     "PoolOptions",
     "apply_template",
     "evaluate",
+    "evaluate_run",
     "generate",
+    "generate_run",
     "length_buckets",
     "load_for_inference",
     "plot_confusion",

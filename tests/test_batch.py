@@ -131,9 +131,10 @@ def test_generation_options_validation():
     assert (opts.max_new_tokens, opts.seed, opts.do_sample) == (5, 3, False)
     with pytest.raises(batch.BatchInputError, match="needs do_sample"):
         batch.GenerationOptions.from_config({"num_return_sequences": 2})
-    with pytest.raises(batch.BatchInputError, match="allowed placeholders"):
+    with pytest.raises(batch.BatchInputError, match=r"must contain \{prompt\}"):
         batch.apply_template("{question}", {"prompt": "p"})
     assert batch.apply_template("Q: {instruction}\n{input}\nA:", {"prompt": "p"}) == "Q: p\n\nA:"
+    assert batch.apply_template("{prompt} {x}", {"prompt": "p"}) == "p {x}"  # other braces stay
 
 
 # ------------------------------------------------------------------------ through Ray
@@ -322,3 +323,110 @@ def test_cli_eval_metric_not_for_task_exits_2(cls_model, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert "perplexity not available for a classification model" in err
+
+
+# ------------------------------------------------------------------------ after training
+
+
+def test_exact_match_counts_whitespace_normalised_greedy_outputs(
+    ray_session, tiny_gpt2, gpt2, tmp_path
+):
+    model, tokenizer = gpt2
+    prompts = ["the fox", "Cleo sang about", "a quiet mill", "the river at night"]
+    rows = []
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=6,
+                do_sample=False,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+        greedy = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        # Half the references are the greedy output with extra whitespace, half are wrong.
+        reference = f"  {greedy} \n" if i % 2 == 0 else greedy + " nope"
+        rows.append({"prompt": prompt, "completion": reference})
+    src = write_jsonl(rows, tmp_path / "em.jsonl")
+    result = batch.evaluate(
+        tiny_gpt2,
+        src,
+        ["exact_match"],
+        gen_cfg={"max_new_tokens": 6},
+        pool=batch.PoolOptions(batch_size=2, progress=False),
+    )
+    assert result == {"num_rows": 4, "exact_match": 0.5}
+
+
+def write_recipe(path, **sections):
+    path.write_text(yaml.safe_dump({"name": "batch-run", **sections}, sort_keys=False))
+    from launcher.recipe import load_recipe
+
+    return load_recipe(path)
+
+
+@pytest.mark.slow
+def test_evaluate_run_and_generate_run_on_an_instruction_run(
+    ray_session, tiny_gpt2, gpt2, instruction_data, tmp_path
+):
+    import shutil
+
+    from launcher import data as D
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_gpt2, run / "model")
+    prompts = write_jsonl(
+        [{"prompt": "Is this review positive or negative?", "input": "Great mug."}],
+        tmp_path / "prompts.jsonl",
+    )
+    recipe = write_recipe(
+        tmp_path / "recipe.yaml",
+        model={"name_or_path": str(tiny_gpt2)},
+        data={
+            "train": str(instruction_data["train"]),
+            "validation": str(instruction_data["validation"]),
+            "format": "instruction",
+        },
+        evaluate={"metrics": ["loss", "perplexity", "exact_match"], "batch_size": 8},
+        generate={"prompts": str(prompts), "max_new_tokens": 5},
+    )
+    (run / "recipe.yaml").write_text((tmp_path / "recipe.yaml").read_text())
+
+    result = batch.evaluate_run(recipe, run, progress=False)
+
+    # Reference: the same rows tokenized by the data stage, scored one by one.
+    model, tokenizer = gpt2
+    tokenizer.pad_token = tokenizer.eos_token
+    table = D.load_tables(recipe)["validation"]
+    tokenized = D.tokenize_instruction(table, tokenizer, recipe.data.max_length, None)
+    nll = tokens = 0.0
+    with torch.no_grad():
+        for ids, labels in zip(
+            tokenized["input_ids"].to_pylist(), tokenized["labels"].to_pylist(), strict=True
+        ):
+            scored = sum(1 for t in labels[1:] if t != -100)
+            out = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]))
+            nll += out.loss.item() * scored
+            tokens += scored
+    assert result["num_tokens"] == tokens
+    assert result["loss"] == pytest.approx(nll / tokens, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
+    assert 0.0 <= result["exact_match"] <= 1.0
+    assert json.loads((run / "eval.json").read_text()) == result
+
+    path = batch.generate_run(recipe, run, progress=False)
+    assert path == run / "generations.jsonl"
+    (row,) = read_jsonl(path)
+    assert row["prompt"] == "Is this review positive or negative?"
+    rendered = D.render_prompt(None, row["prompt"], "Great mug.")
+    ids = tokenizer(rendered, return_tensors="pt").input_ids
+    with torch.no_grad():
+        direct = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=5,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    assert row["output"] == tokenizer.decode(direct[0, ids.shape[1] :], skip_special_tokens=True)
