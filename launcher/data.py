@@ -31,6 +31,7 @@ import csv
 import functools
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -617,7 +618,7 @@ def load_tables(recipe: Any, base_dir: Path | None = None) -> dict[str, pa.Table
     """Read, validate, split, mix and balance: the raw (untokenized) table of every split.
 
     Runs in the driver and needs no Ray. Columns: the canonical ones of the format, `row_id`
-    (0..n-1 in final order) and `source` when a split is a list of sources.
+    (0..n-1 in final order) and `source` / `source_id` when a split is a list of sources.
     """
     d = recipe.data
     fields = fields_for(recipe)
@@ -675,11 +676,15 @@ def render_prompt(template: str | None, instruction: str, input_text: str) -> st
     """The prompt of one instruction row (everything the model reads before the response)."""
     if template is None:
         block = f"### Input:\n{input_text}\n\n" if input_text.strip() else ""
-        return DEFAULT_PROMPT_TEMPLATE.replace("{instruction}", instruction).replace(
-            "{input_block}", block
-        )
-    # Plain replacement, not str.format: templates may contain other braces.
-    return template.replace("{instruction}", instruction).replace("{input}", input_text)
+        values = {"instruction": instruction, "input_block": block}
+    else:
+        values = {"instruction": instruction, "input": input_text}
+    # One pass over the template, not str.format or chained replaces: templates may contain
+    # other braces, and a row's text may itself contain "{input}".
+    return _PLACEHOLDER.sub(lambda m: values.get(m[1], m[0]), template or DEFAULT_PROMPT_TEMPLATE)
+
+
+_PLACEHOLDER = re.compile(r"\{(instruction|input_block|input)\}")
 
 
 def check_prompt_template(template: str | None) -> None:
@@ -966,6 +971,27 @@ def prepare_data(recipe: Any, tokenizer: Any, *, base_dir: Path | None = None) -
     sources = _source_names(tables)
     batch_fn = tokenizer_for_batches(recipe, tokenizer)
     ledger = ray.remote(num_cpus=0)(_TokenizationLedger).remote()
+    try:
+        datasets, num_rows, num_tokens = _tokenize_splits(tables, batch_fn, ledger, recipe)
+    except BaseException:
+        ray.kill(ledger)
+        raise
+    return PreparedData(
+        datasets=datasets,
+        num_rows=num_rows,
+        num_tokens=num_tokens,
+        raw_rows={k: t.num_rows for k, t in tables.items()},
+        sources=sources,
+        ledger=ledger,
+    )
+
+
+def _tokenize_splits(
+    tables: dict[str, pa.Table], batch_fn: Callable, ledger: Any, recipe: Any
+) -> tuple[dict[str, Any], dict[str, int], dict[str, int]]:
+    """Tokenize each split in Ray Data map_batches tasks and materialize the result."""
+    import ray
+
     datasets: dict[str, Any] = {}
     num_rows: dict[str, int] = {}
     num_tokens: dict[str, int] = {}
@@ -976,6 +1002,8 @@ def prepare_data(recipe: Any, tokenizer: Any, *, base_dir: Path | None = None) -
             batch_size=TOKENIZE_BATCH_ROWS,
             fn_kwargs={"fn": batch_fn, "ledger": ledger, "split": split},
         )
+        # Finished here, before the trainer reserves CPUs: workers read these blocks and never
+        # wait on data tasks that could not be scheduled (the 2-core hang in DESIGN.md).
         ds = ds.materialize()
         count = ds.count()
         if count == 0:
@@ -987,14 +1015,7 @@ def prepare_data(recipe: Any, tokenizer: Any, *, base_dir: Path | None = None) -
         datasets[split] = ds
         num_rows[split] = count
         num_tokens[split] = int(ds.sum("num_tokens"))
-    return PreparedData(
-        datasets=datasets,
-        num_rows=num_rows,
-        num_tokens=num_tokens,
-        raw_rows={k: t.num_rows for k, t in tables.items()},
-        sources=sources,
-        ledger=ledger,
-    )
+    return datasets, num_rows, num_tokens
 
 
 def _source_names(tables: dict[str, pa.Table]) -> list[str]:

@@ -506,6 +506,11 @@ def test_instruction_rows_truncate_and_drop(gpt2_tok):
     prompt = D.render_prompt(None, "Say yes.", "")
     assert prompt == "### Instruction:\nSay yes.\n\n### Response:\n"
     assert D.render_prompt("Q: {instruction} {input} {other}", "a", "b") == "Q: a b {other}"
+    assert D.render_prompt("{instruction}|{input}", "say {input}", "x") == "say {input}|x"
+    assert (
+        D.render_prompt(None, "I", "ctx")
+        == "### Instruction:\nI\n\n### Input:\nctx\n\n### Response:\n"
+    )
 
 
 # ---------------------------------------------------------------- Ray pipeline end to end
