@@ -140,6 +140,12 @@ def check_layout(recipe: Recipe, gpu: bool) -> None:
         raise LayoutError("strategy.mixed_precision: fp16 needs GPUs; this run uses the CPU")
 
 
+def worker_env() -> dict[str, str]:
+    """Environment the training workers need from the driver's (fault-injection hooks included)."""
+    keep = ("FTLAUNCH_", "DS_ACCELERATOR", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")
+    return {k: v for k, v in os.environ.items() if k.startswith(keep)}
+
+
 # --------------------------------------------------------------------------------- stages
 
 
@@ -213,6 +219,7 @@ def train(
             "pad_token_id": tokenizer.pad_token_id,
             "has_validation": with_validation,
             "run_dir": str(state.run_dir),
+            "resume_from": str(resume_from) if resume_from else None,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=recipe.scaling.num_workers,
@@ -226,6 +233,7 @@ def train(
             name="checkpoints",
             storage_path=str(state.run_dir),
             failure_config=ray.train.FailureConfig(max_failures=recipe.train.max_failures),
+            worker_runtime_env={"env_vars": worker_env()},
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=ckpt.keep,
                 checkpoint_score_attribute=metric,
@@ -234,7 +242,6 @@ def train(
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets)),
-        resume_from_checkpoint=ray.train.Checkpoint(str(resume_from)) if resume_from else None,
     )
     tracker = open_tracker(recipe, state.run_dir)
     stop = threading.Event()
@@ -378,19 +385,22 @@ def run(
     view = view or ProgressView()
     ensure_ray(verbose)
     quiet_ray_data(verbose)
+    tokenizer = load_tokenizer(recipe.model)
+    view.note("preparing data (tokenizing once with Ray Data)")
+    data = prepare_data(recipe, tokenizer)  # 1. data: bad data fails here, before any run dir
+    view.note("rows: " + ", ".join(f"{k}={v:,}" for k, v in data.num_rows.items()))
     if resume is not None:
         run_dir, resume_from = Path(resume), latest_checkpoint(Path(resume))
+        if resume_from is None:
+            raise FileNotFoundError(
+                f"--resume {resume}: no checkpoint found under {resume}/checkpoints"
+            )
     else:
         run_dir, resume_from = new_run_dir(recipe), None
     state = RunState(run_dir)
     view.note(f"run directory: {run_dir}")
     if resume_from is not None:
         view.note(f"resuming from {resume_from}")
-
-    tokenizer = load_tokenizer(recipe.model)
-    view.note("preparing data (tokenizing once with Ray Data)")
-    data = prepare_data(recipe, tokenizer)  # 1. data
-    view.note("rows: " + ", ".join(f"{k}={v:,}" for k, v in data.num_rows.items()))
     plan = None
     try:
         result, plan, metric = train(recipe, data, tokenizer, state, view, resume_from)  # 2. train

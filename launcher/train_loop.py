@@ -150,13 +150,22 @@ def save_checkpoint(strategy, position: Position, rank: int) -> tempfile.Tempora
     return tmp
 
 
-def restore_checkpoint(strategy, rank: int) -> Position | None:
-    """Load the latest checkpoint Ray Train hands this worker (after a failure or --resume)."""
+def _checkpoint_step(checkpoint) -> int:
+    with checkpoint.as_directory() as d:
+        return json.loads((Path(d) / STATE_FILE).read_text())["step"]
+
+
+def restore_checkpoint(strategy, rank: int, resume_from: str | None) -> Position | None:
+    """Load the newest checkpoint to continue from: Ray Train's latest for this run (after a
+    worker failure, or restored from the run's own records) or the one `--resume` named."""
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    candidates = [c for c in (ray.train.get_checkpoint(),) if c is not None]
+    if resume_from:
+        candidates.append(ray.train.Checkpoint(resume_from))
+    if not candidates:
         return None
+    checkpoint = max(candidates, key=_checkpoint_step)
     with checkpoint.as_directory() as d:
         directory = Path(d)
         strategy.load(directory)
@@ -243,7 +252,7 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0 and sink is not None:
         sink.put({"event": "parameters", **params})
     module = strategy.prepare(model, plan.total_steps)
-    position = restore_checkpoint(strategy, rank) or Position()
+    position = restore_checkpoint(strategy, rank, config.get("resume_from")) or Position()
     if rank == 0 and sink is not None and position.step > 0:
         sink.put({"event": "resumed", "step": position.step, "restarts": position.restarts})
 

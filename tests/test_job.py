@@ -1,0 +1,214 @@
+"""End-to-end training jobs on the shared local Ray: real workers, gloo, tiny models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from launcher.job import latest_checkpoint, read_metrics, run
+from launcher.recipe import load_recipe
+
+CONTRACT = ["recipe.yaml", "metrics.jsonl", "checkpoints", "model", "summary.json", "metrics.png"]
+
+
+def write_recipe(tmp_path: Path, body: dict) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def causal_recipe(tmp_path: Path, model: Path, files: dict, **sections) -> dict:
+    body = {
+        "name": "tiny-lm",
+        "model": {"name_or_path": str(model)},
+        "data": {
+            "train": str(files["train"]),
+            "validation": str(files["validation"]),
+            "max_length": 32,
+        },
+        "train": {"epochs": 2, "batch_size": 8, "lr": 3e-3, "log_every": 2, "seed": 0},
+        "scaling": {"num_workers": 2},
+        "checkpoint": {"storage_path": str(tmp_path / "runs")},
+    }
+    for key, value in sections.items():
+        body.setdefault(key, {}).update(value)
+    return body
+
+
+def logits_of(model, input_ids: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [m["loss"] for m in read_metrics(run_dir) if "loss" in m]
+
+
+def assert_contract(run_dir: Path) -> dict:
+    for name in CONTRACT:
+        assert (run_dir / name).exists(), f"{name} missing from {run_dir}"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "succeeded"
+    assert summary["steps"] > 0 and summary["tokens"] > 0
+    assert load_recipe(run_dir / "recipe.yaml").name == summary["name"]
+    return summary
+
+
+def test_causal_lm_two_workers_trains_exports_and_reloads(
+    ray_session, tiny_gpt2, story_data, tmp_path
+):
+    from transformers import AutoModelForCausalLM
+
+    from launcher.strategies import consolidate
+
+    recipe = load_recipe(write_recipe(tmp_path, causal_recipe(tmp_path, tiny_gpt2, story_data)))
+    summary = run(recipe)
+    run_dir = Path(summary["run_dir"])
+    assert_contract(run_dir)
+
+    seen = losses(run_dir)
+    assert seen[-1] < seen[0] * 0.8, f"loss did not fall: {seen}"
+    evals = [m for m in read_metrics(run_dir) if "eval_perplexity" in m]
+    assert len(evals) == 2  # once per epoch
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    steps = [m["step"] for m in read_metrics(run_dir) if "step" in m]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))
+
+    # model/ reloads with the weights of the exported checkpoint: same logits.
+    exported = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    checkpoint = Path(summary["export"]["checkpoint"])
+    reference = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    reference.load_state_dict(consolidate("ddp", checkpoint))
+    batch = torch.randint(0, 400, (2, 12))
+    torch.testing.assert_close(logits_of(exported, batch), logits_of(reference, batch))
+    assert not torch.allclose(
+        logits_of(AutoModelForCausalLM.from_pretrained(tiny_gpt2), batch),
+        logits_of(exported, batch),
+    )
+
+
+def test_instruction_format_runs_and_learns(ray_session, tiny_gpt2, instruction_data, tmp_path):
+    body = causal_recipe(
+        tmp_path,
+        tiny_gpt2,
+        instruction_data,
+        data={"format": "instruction", "max_length": 128},
+        train={"epochs": 1, "max_steps": 12},
+        scaling={"num_workers": 1},
+    )
+    summary = run(load_recipe(write_recipe(tmp_path, body)))
+    run_dir = Path(summary["run_dir"])
+    assert_contract(run_dir)
+    seen = losses(run_dir)
+    assert seen[-1] < seen[0]
+
+
+def test_classification_two_workers(ray_session, tiny_bert, review_data, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    body = {
+        "name": "tiny-cls",
+        "model": {
+            "name_or_path": str(tiny_bert),
+            "task": "classification",
+            "labels": ["negative", "positive"],
+        },
+        "data": {
+            "train": str(review_data["train"]),
+            "validation": str(review_data["validation"]),
+            "format": "classification",
+            "max_length": 32,
+        },
+        "train": {"epochs": 3, "batch_size": 16, "lr": 2e-3, "log_every": 2, "eval_on_start": True},
+        "scaling": {"num_workers": 2},
+        "checkpoint": {
+            "storage_path": str(tmp_path / "runs"),
+            "metric": "eval_accuracy",
+            "mode": "max",
+        },
+    }
+    summary = run(load_recipe(write_recipe(tmp_path, body)))
+    run_dir = Path(summary["run_dir"])
+    assert_contract(run_dir)
+    evals = [m for m in read_metrics(run_dir) if "eval_accuracy" in m]
+    assert evals[0]["step"] == 0
+    assert evals[-1]["eval_accuracy"] >= 0.9 > evals[0]["eval_accuracy"]
+    assert 0 <= evals[-1]["eval_f1"] <= 1
+    model = AutoModelForSequenceClassification.from_pretrained(run_dir / "model")
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+
+
+def test_resume_matches_uninterrupted_run(
+    ray_session, tiny_gpt2, story_data, tmp_path, monkeypatch
+):
+    """Stopped at step 6, resumed: the same final weights as one run straight through."""
+    from safetensors.torch import load_file
+
+    from launcher.job import JobError
+
+    def body(storage: str) -> dict:
+        return causal_recipe(
+            tmp_path,
+            tiny_gpt2,
+            story_data,
+            train={"max_steps": 12, "batch_size": 8, "log_every": 1, "scheduler": "cosine"},
+            scaling={"num_workers": 1},
+            checkpoint={
+                "storage_path": str(tmp_path / storage),
+                "every": 3,
+                "metric": None,
+                "keep": None,
+            },
+        )
+
+    straight = run(load_recipe(write_recipe(tmp_path, body("straight"))))
+
+    monkeypatch.setenv("FTLAUNCH_FAIL_AT_STEP", "7")
+    monkeypatch.setenv("FTLAUNCH_FAIL_RANK", "0")
+    recipe = load_recipe(write_recipe(tmp_path, body("stopped")))
+    with pytest.raises(JobError):
+        run(recipe)
+    run_dir = next((tmp_path / "stopped").iterdir())
+    assert json.loads((latest_checkpoint(run_dir) / "ftlaunch_state.json").read_text())["step"] == 6
+    monkeypatch.delenv("FTLAUNCH_FAIL_AT_STEP")
+    resumed = run(recipe, resume=run_dir)
+
+    steps = [m["step"] for m in read_metrics(run_dir) if "loss" in m]
+    assert steps[:6] == [1, 2, 3, 4, 5, 6] and steps[6] == 7  # continues, does not restart at 1
+    assert resumed["steps"] == straight["steps"]
+    a = load_file(Path(straight["run_dir"]) / "model" / "model.safetensors")
+    b = load_file(run_dir / "model" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_bad_data_fails_with_exit_2_before_training(tiny_bert, tmp_path):
+    from click.testing import CliRunner
+
+    from launcher.cli import cli
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "fine", "label": "positive"}\n{"text": "odd", "label": "maybe"}\n')
+    body = {
+        "name": "bad",
+        "model": {
+            "name_or_path": str(tiny_bert),
+            "task": "classification",
+            "labels": ["negative", "positive"],
+        },
+        "data": {"train": str(data), "format": "classification"},
+        "checkpoint": {"storage_path": str(tmp_path / "runs"), "metric": None},
+    }
+    result = CliRunner().invoke(cli, ["submit", str(write_recipe(tmp_path, body))])
+    assert result.exit_code == 2, result.output
+    assert (
+        "maybe" in result.output
+        and "bad.jsonl" in result.output
+        and "Traceback" not in result.output
+    )
+    assert not list((tmp_path / "runs").glob("*/checkpoints/checkpoint_*"))
