@@ -9,11 +9,18 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors the model's forward takes (labels are handled by the objective)."""
-    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    inputs: dict = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    if "position_ids" in inputs:
+        # Packed batches: transformers keeps packed examples apart only without a KV cache.
+        inputs["use_cache"] = False
+    return inputs
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Real (non-padding) tokens in a batch."""
+    # Packed batches carry no attention_mask (see launcher.data.collate); num_tokens always exists.
+    if "num_tokens" in batch:
+        return int(batch["num_tokens"].sum().item())
     return int(batch["attention_mask"].sum().item())
 
 
