@@ -460,7 +460,7 @@ def export_trained_model(
     tokenizer.save_pretrained(str(model_dir))
     if not standalone:
         shutil.copytree(adapter_dir, model_dir / "adapter")
-    note = _export_note(method, merged, merge)
+    note = _export_note(method, merged, recipe.model.task)
     _write_json(
         model_dir / EXPORT_INFO_FILE,
         {
@@ -522,25 +522,26 @@ def _save_delta(trained: nn.Module, recipe: Recipe, adapter_dir: Path) -> None:
     _write_json(adapter_dir / ADAPTER_INFO_FILE, info)
 
 
-def _export_note(method: str, merged: bool, merge: bool) -> str:
+def _export_note(method: str, merged: bool, task: str) -> str:
     loader = "load with launcher.finetune.load_for_inference(model_dir)"
+    base = "the base weights" + (" (with the trained head)" if task == "classification" else "")
     if method in MERGEABLE:
         if merged:
             return f"{method} merged into model/; adapter/ holds the unmerged peft adapter"
         return (
-            f"merge_lora is false: model/ holds the base weights and model/adapter the {method} "
+            f"merge_lora is false: model/ holds {base} and model/adapter the {method} "
             f"adapter; {loader} or peft PeftModel.from_pretrained"
         )
     if method in ("prefix", "prompt"):
         return (
-            f"{method} tuning cannot be merged into the weights: model/ holds the base weights "
-            f"(with the trained head) and model/adapter the peft adapter; {loader} or peft "
+            f"{method} tuning cannot be merged into the weights: model/ holds {base} and "
+            f"model/adapter the peft adapter; {loader} or peft "
             "PeftModel.from_pretrained(base, model_dir/adapter)"
         )
     if method == "adapter":
         return (
-            "bottleneck adapters have no standard Hugging Face form: model/ holds the base "
-            f"weights (with the trained head) and model/adapter the adapters; {loader}"
+            "bottleneck adapters have no standard Hugging Face form: model/ holds "
+            f"{base} and model/adapter the adapters; {loader}"
         )
     if method == "bitfit":
         return (
