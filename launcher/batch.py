@@ -414,14 +414,12 @@ def _pick_device():
 
 def _set_torch_threads() -> None:
     """Use the CPUs Ray assigned to this actor, not every core of the node."""
+    import ray
     import torch
 
-    try:
-        import ray
-
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-    except Exception:  # outside Ray (direct calls in tests)
-        cpus = 1
+    if not ray.is_initialized():  # called directly, outside Ray: leave torch as it is
+        return
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))
 
 
@@ -819,6 +817,9 @@ def run_job(
     """Run `job` over a Ray dataset on an actor pool; yield result blocks (pyarrow) as they land."""
     import ray.data
 
+    # Load the tokenizer here first: a broken model directory is then a clear error in the
+    # driver rather than a failure inside every actor.
+    _tokenizer_only(source)
     gpus = _cluster_gpus()
     actors = pool.num_actors or max(gpus, 1)
     job = {**job, "batch_size": pool.batch_size}

@@ -430,3 +430,53 @@ def test_evaluate_run_and_generate_run_on_an_instruction_run(
             pad_token_id=tokenizer.eos_token_id,
         )
     assert row["output"] == tokenizer.decode(direct[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+# ------------------------------------------------------------------------ actor, without Ray
+
+
+def test_worker_scores_tokenized_rows_like_the_model(cls_model, tiny_gpt2, gpt2):
+    import pandas as pd
+
+    tokenizer = AutoTokenizer.from_pretrained(cls_model)
+    texts = ["great mug", "the strap broke after a day of use", "fine"]
+    ids = [tokenizer(t).input_ids for t in texts]
+    worker = batch.BatchWorker(
+        batch.resolve_model(cls_model), {"kind": "tokenized_eval", "batch_size": 2}
+    )
+    out = worker(pd.DataFrame({"input_ids": ids, "labels": [1, 0, 1]}))
+    model = AutoModelForSequenceClassification.from_pretrained(cls_model).eval()
+    with torch.no_grad():
+        probs = [torch.softmax(model(input_ids=torch.tensor([x])).logits[0], -1) for x in ids]
+    assert out["predicted_id"].tolist() == [int(p.argmax()) for p in probs]
+    want_loss = [-math.log(p[y].item()) for p, y in zip(probs, [1, 0, 1], strict=True)]
+    assert out["row_loss"].tolist() == pytest.approx(want_loss, rel=1e-5)
+
+    lm, lm_tok = gpt2
+    rows = [lm_tok("the fox ran").input_ids, lm_tok("a quiet mill by the river").input_ids]
+    labels = [[-100, -100, *r[2:]] for r in rows]  # the second token is not scored
+    worker = batch.BatchWorker(
+        batch.resolve_model(tiny_gpt2), {"kind": "tokenized_eval", "batch_size": 2}
+    )
+    out = worker(pd.DataFrame({"input_ids": rows, "labels": labels}))
+    for i, r in enumerate(rows):
+        with torch.no_grad():
+            loss = lm(input_ids=torch.tensor([r]), labels=torch.tensor([labels[i]])).loss.item()
+        scored = len(r) - 2  # the first token predicts nothing; the second is masked
+        assert out["num_tokens"][i] == scored
+        assert -out["log_likelihood"][i] == pytest.approx(loss * scored, rel=1e-5)
+
+
+def test_sampling_is_seeded_and_returns_n_sequences(gpt2):
+    model, tokenizer = gpt2
+    tokenizer.pad_token = tokenizer.eos_token
+    prompts = [tokenizer("the fox").input_ids, tokenizer("Cleo sang about the").input_ids]
+    opts = batch.GenerationOptions(
+        max_new_tokens=6, do_sample=True, temperature=1.5, num_return_sequences=3
+    )
+    first = batch.generate_texts(model, tokenizer, prompts, opts, torch.device("cpu"), seed=7)
+    again = batch.generate_texts(model, tokenizer, prompts, opts, torch.device("cpu"), seed=7)
+    other = batch.generate_texts(model, tokenizer, prompts, opts, torch.device("cpu"), seed=8)
+    assert [len(t) for t in first] == [3, 3]
+    assert first == again
+    assert first != other
