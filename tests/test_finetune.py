@@ -402,3 +402,27 @@ def test_zero3_partitioned_lora_and_adapters_start_as_identity(tiny_gpt2):
     ]
     assert [(m, int(zero)) for m, _, _, zero in lines] == [("lora", 0), ("adapter", 0)], done.stdout
     assert all(int(size) > 0 for _, _, size, _ in lines)
+
+
+TRAINABLE_PREFIXES = {
+    # Llama ties its LM head to the embeddings: the head stays frozen with them.
+    ("llama", "causal_lm", "freeze"): {"model.layers.1.", "model.norm."},
+    ("gpt2", "classification", "freeze"): {"transformer.h.1.", "transformer.ln_f.", "score."},
+    ("gpt2", "classification", "lora"): {
+        "base_model.model.transformer.h.",
+        "base_model.model.score.",
+    },
+    ("llama", "classification", "prefix"): {"prompt_encoder.", "base_model.score.modules_to_save."},
+}
+
+
+@pytest.mark.parametrize(("arch", "task", "method"), list(TRAINABLE_PREFIXES))
+def test_other_architectures_train_the_right_parts(tiny_gpt2, tiny_llama, arch, task, method):
+    _, _, model = build({"gpt2": tiny_gpt2, "llama": tiny_llama}[arch], task, method)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    prefixes = TRAINABLE_PREFIXES[(arch, task, method)]
+    for prefix in prefixes:
+        assert any(n.startswith(prefix) for n in trainable), (prefix, trainable)
+    assert all(n.startswith(tuple(prefixes)) for n in trainable), trainable
+    if method == "lora":
+        assert all(".lora_" in n or ".score." in n for n in trainable)
