@@ -426,3 +426,18 @@ def test_other_architectures_train_the_right_parts(tiny_gpt2, tiny_llama, arch, 
     assert all(n.startswith(tuple(prefixes)) for n in trainable), trainable
     if method == "lora":
         assert all(".lora_" in n or ".score." in n for n in trainable)
+
+
+def test_export_accepts_one_of_tied_twins_and_refuses_foreign_keys(tiny_gpt2, tmp_path):
+    recipe, tokenizer, model = build(tiny_gpt2, "causal_lm", "lora")
+    state = model.state_dict()
+    # Consolidation may keep only one name of the tied embedding / LM head pair.
+    state.pop("base_model.model.lm_head.weight")
+    info = export_model(recipe, state, tmp_path / "a", tokenizer, merge=True)
+    assert info["merged"]
+    state["transformer.h.0.attn.c_attn.weight"] = torch.zeros(1)
+    with pytest.raises(FinetuneError, match=r"state dict does not match finetune\.method lora"):
+        export_model(recipe, state, tmp_path / "b", tokenizer, merge=True)
+    full_state = build(tiny_gpt2, "causal_lm", "full")[2].state_dict()
+    with pytest.raises(FinetuneError, match="missing"):
+        export_model(recipe, full_state, tmp_path / "c", tokenizer, merge=True)
