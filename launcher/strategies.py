@@ -11,8 +11,18 @@ Checkpoint layout written by `save` (inside the directory the training loop repo
     ddp:       model.pt, optimizer.pt, schedule.pt      (rank 0; replicas are identical)
     fsdp:      dcp/ (torch.distributed.checkpoint: each rank writes its own shard files),
                schedule.pt
-    deepspeed: ds/ (DeepSpeed save_checkpoint: each rank writes its own ZeRO partition),
-               schedule.pt
+    deepspeed: ds/state/ (DeepSpeed save_checkpoint: each rank writes its own ZeRO partition;
+               the schedule is saved inside DeepSpeed's model states)
+
+Resuming with a different number of workers keeps everything that matters for the run to go on
+as it would have: weights, AdamW moments and step counts, and the schedule position. ddp: the
+replica files do not depend on the world size. fsdp: torch.distributed.checkpoint reshards
+parameters and optimizer state to the new layout on load. deepspeed: each rank converts the
+checkpoint to DeepSpeed's universal format (per-parameter fp32 weights and moments) in a temporary
+directory and loads it into the new partitioning. Not kept: the data order within an epoch (each
+worker's shard changes with the worker count); fp16 runs (GPUs only) may restart the dynamic loss
+scale from its initial value.
+A checkpoint is only loaded by the strategy that wrote it (strategy.json records which).
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ class Strategy(Protocol):
     def save(self, directory: Path) -> None: ...
     def load(self, directory: Path) -> None: ...
     def unwrapped(self) -> nn.Module: ...
+    def local_state_bytes(self) -> int: ...
 
 
 # ------------------------------------------------------------------------- shared helpers
@@ -94,7 +105,10 @@ def build_optimizer(model: nn.Module, train_cfg: TrainConfig) -> torch.optim.Ada
 
 
 def warmup_steps(train_cfg: TrainConfig, total_steps: int) -> int:
-    """Optimizer steps spent warming up: warmup_ratio of the run, rounded up."""
+    """Optimizer steps spent warming up: train.warmup_steps when given (at most the whole run),
+    else warmup_ratio of the run, rounded up."""
+    if train_cfg.warmup_steps is not None:
+        return min(train_cfg.warmup_steps, total_steps)
     return math.ceil(train_cfg.warmup_ratio * total_steps)
 
 
@@ -205,6 +219,17 @@ def local_state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> in
     return sum(seen.values())
 
 
+def resident_parameter_bytes(module: nn.Module) -> int:
+    """Bytes of parameter data this rank really holds (meta tensors hold none; ZeRO-3 its part)."""
+    total = 0
+    for param in module.parameters():
+        local = getattr(param, "ds_tensor", param)
+        local = local.to_local() if hasattr(local, "to_local") else local
+        if local.device.type != "meta":
+            total += local.numel() * local.element_size()
+    return total
+
+
 class _Autocast(nn.Module):
     """Runs the wrapped module's forward under torch.autocast (DDP mixed precision)."""
 
@@ -302,12 +327,16 @@ class DDPStrategy:
             torch.save(self.model.state_dict(), directory / "model.pt")
             torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
             torch.save(self.schedule.state_dict(), directory / SCHEDULE_FILE)
+            if self.scaler is not None:
+                torch.save(self.scaler.state_dict(), directory / "scaler.pt")
         _write_strategy_file(directory, self.name)
         _barrier()
 
     def load(self, directory: Path) -> None:
         directory = Path(directory)
         _check_strategy(directory, self.name)
+        if self.scaler is not None and (directory / "scaler.pt").exists():
+            self.scaler.load_state_dict(torch.load(directory / "scaler.pt", weights_only=True))
         state = torch.load(directory / "model.pt", map_location=self.device, weights_only=True)
         self.model.load_state_dict(state)
         optim_state = torch.load(

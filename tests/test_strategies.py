@@ -28,6 +28,7 @@ from launcher.strategies import (
     deepspeed_config,
     make_strategy,
     read_strategy_file,
+    resident_parameter_bytes,
     resolve_precision,
 )
 
@@ -205,6 +206,22 @@ def test_deepspeed_overrides_that_agree_are_accepted_and_offload_all_needs_stage
     assert check_deepspeed_overrides(make_recipe(tmp_path)) == []  # ddp: nothing to check
 
 
+def test_ddp_bf16_runs_forward_under_autocast_and_keeps_fp32_weights(tiny_gpt2):
+    from transformers import AutoModelForCausalLM
+
+    recipe = make_recipe(tiny_gpt2, name="ddp", mixed_precision="bf16")
+    strategy = make_strategy(recipe, "cpu")
+    module = strategy.prepare(AutoModelForCausalLM.from_pretrained(tiny_gpt2), total_steps=2)
+    ids = torch.randint(0, 500, (2, 16))
+    out = module(input_ids=ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16
+    for _ in range(GRAD_ACCUM):
+        strategy.backward(out.loss if _ == 0 else module(input_ids=ids, labels=ids).loss)
+    assert math.isfinite(strategy.step())
+    assert {p.dtype for p in strategy.unwrapped().parameters()} == {torch.float32}
+    assert "module." not in next(iter(strategy.unwrapped().state_dict()))
+
+
 def test_single_process_ddp_trains_saves_and_resumes(tiny_gpt2, tmp_path):
     """World size 1 (no process group): no wrapping, same save/load/consolidate contract."""
     from transformers import AutoModelForCausalLM
@@ -290,6 +307,7 @@ def _train_one(spec: dict, model_dir: str, out: Path, rank: int, world: int) -> 
     strategy = make_strategy(recipe, "cpu")
     torch.manual_seed(0)
     model = strategy.build(lambda: _load_tiny(model_dir))
+    built_bytes = resident_parameter_bytes(model)
     module = strategy.prepare(model, total_steps=STEPS * 2)
     start = 0
     if "load_from" in spec:
@@ -321,6 +339,7 @@ def _train_one(spec: dict, model_dir: str, out: Path, rank: int, world: int) -> 
         torch.save(logits, out / f"{spec['id']}.logits.pt")
     seconds = {"prepare": prepared - started, "total": time.perf_counter() - started}
     record = {"losses": losses, "norms": norms, "lrs": lrs, "bytes": state_bytes}
+    record["built_bytes"] = built_bytes
     record["seconds"] = seconds
     (out / f"{spec['id']}.rank{rank}.json").write_text(json.dumps(record))
 
@@ -444,6 +463,17 @@ def test_sharded_strategies_hold_about_half_of_ddp_state_per_rank(two_rank_run):
             assert ratio < 0.6, (spec_id, rank, ratio)
     # ZeRO-1/2 partition only the optimizer state: less than ddp, more than ZeRO-3
     assert 0.6 < result(two_rank_run, "ds2")["bytes"] / ddp < 0.95
+
+
+@pytest.mark.slow
+def test_sharded_builds_never_hold_the_full_model_on_every_rank(two_rank_run):
+    """ZeRO-3 builds under zero.Init (each rank its partition); fsdp builds on meta off rank 0."""
+    full = result(two_rank_run, "ddp")["built_bytes"]
+    assert full == result(two_rank_run, "ddp", 1)["built_bytes"] > 0
+    for rank in (0, 1):
+        assert result(two_rank_run, "ds3", rank)["built_bytes"] < 0.6 * full
+    assert result(two_rank_run, "fsdp", 0)["built_bytes"] == full  # rank 0 reads the weights
+    assert result(two_rank_run, "fsdp", 1)["built_bytes"] == 0  # the others start empty
 
 
 RESUMED = ("ddp", "fsdp", "ds2", "ds3")
