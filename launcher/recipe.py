@@ -202,6 +202,8 @@ class TrainConfig(Section):
     """AdamW weight decay (never applied to biases and norms)."""
     warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
     """Fraction of the steps spent warming the learning rate up linearly."""
+    warmup_steps: int | None = Field(default=None, ge=0)
+    """Optimizer steps spent warming the learning rate up linearly (instead of warmup_ratio)."""
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     """Learning-rate schedule after warmup."""
     max_grad_norm: float | None = Field(default=1.0, gt=0)
@@ -478,6 +480,8 @@ def inapplicable_fields(recipe: Recipe) -> dict[str, str]:
         out["data.text_field"] = "does nothing with data.format: instruction"
     if fmt != "text":
         out["data.packing"] = f"only applies to data.format: text (got {fmt})"
+    if recipe.train.warmup_steps is not None:
+        out["train.warmup_ratio"] = "does nothing when train.warmup_steps is set (steps win)"
     if recipe.distill is not None and recipe.distill.mode != "offline":
         out["distill.top_k"] = "only applies to distill.mode: offline"
     if recipe.generate is not None and not recipe.generate.do_sample:
@@ -651,7 +655,8 @@ ALIASES = {
     "micro_batch_size": "train.batch_size",
     "batch_size": "train.batch_size",
     "gradient_accumulation_steps": "train.grad_accum",
-    "warmup_steps": "train.warmup_ratio",
+    "warmup_steps": "train.warmup_steps",
+    "num_warmup_steps": "train.warmup_steps",
     "lr_scheduler_type": "train.scheduler",
     "model_name_or_path": "model.name_or_path",
     "base_model": "model.name_or_path",
