@@ -169,7 +169,13 @@ class DistillConfig(Section):
     top_k: int = Field(default=32, gt=0)
     """offline mode: how many teacher log-probabilities are stored per token."""
     init_student_from_teacher: list[int] | None = None
-    """Initialise the student from these teacher layers (e.g. [0, 2, 4]), as DistilBERT was."""
+    """Initialise the student from these teacher layers (e.g. [0, 2, 4]), as DistilBERT was:
+    the teacher's config with only these blocks, their weights and every non-block weight
+    (embeddings, final norm, head) copied; model.name_or_path then only names the tokenizer."""
+    cache_dir: str = "~/.cache/ftlaunch/distill"
+    """offline mode / init_student_from_teacher: where teacher outputs and students built from
+    teacher layers are kept, keyed by a hash of teacher, data and tokenization settings, and
+    reused by later runs. Multi-node clusters need a path every node shares."""
 
 
 # ----------------------------------------------------------------------------------- train
@@ -484,6 +490,12 @@ def inapplicable_fields(recipe: Recipe) -> dict[str, str]:
         out["train.warmup_ratio"] = "does nothing when train.warmup_steps is set (steps win)"
     if recipe.distill is not None and recipe.distill.mode != "offline":
         out["distill.top_k"] = "only applies to distill.mode: offline"
+    if recipe.distill is not None and not (
+        recipe.distill.mode == "offline" or recipe.distill.init_student_from_teacher
+    ):
+        out["distill.cache_dir"] = (
+            "only applies to distill.mode: offline or distill.init_student_from_teacher"
+        )
     if recipe.generate is not None and not recipe.generate.do_sample:
         out["generate.temperature"] = "only applies with generate.do_sample: true"
         out["generate.top_p"] = "only applies with generate.do_sample: true"
@@ -638,6 +650,14 @@ def check_rules(recipe: Recipe) -> list[Problem]:
             Problem(
                 "train.adversarial",
                 f"FGM perturbs full embedding weights, which {s.name} shards; use strategy.name: ddp",
+            )
+        )
+    if t.adversarial is not None and recipe.finetune.method != "full":
+        problems.append(
+            Problem(
+                "train.adversarial",
+                "FGM moves the input embeddings along their gradient, which finetune.method "
+                f"{recipe.finetune.method} freezes; use finetune.method: full",
             )
         )
     return problems
