@@ -660,6 +660,10 @@ def check_rules(recipe: Recipe) -> list[Problem]:
                 f"{recipe.finetune.method} freezes; use finetune.method: full",
             )
         )
+    if s.name == "deepspeed" and s.deepspeed_config:
+        from launcher.strategies import check_deepspeed_overrides
+
+        problems += [Problem("", message) for message in check_deepspeed_overrides(recipe)]
     return problems
 
 
