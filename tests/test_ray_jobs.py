@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -62,10 +63,26 @@ class Head:
             HF_TOKEN=HEAD_SIDE_HF_TOKEN,
             RAY_USAGE_STATS_ENABLED="0",
             PYTHONPATH=str(REPO),
+            # the job's `python` must be this environment's, as on a real cluster image
+            PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         )
         self.procs: list[subprocess.Popen] = []
 
     def start_node(self, *args: str) -> subprocess.Popen:
+        # Agents on default ports would collide with any other Ray on this host (the agent then
+        # never registers and no job can be submitted): every port is a free one.
+        ports = [
+            f"--{name}={free_port()}"
+            for name in (
+                "dashboard-agent-listen-port",
+                "dashboard-agent-grpc-port",
+                "metrics-export-port",
+                "runtime-env-agent-port",
+                "node-manager-port",
+                "object-manager-port",
+            )
+        ]
+        args = (*args, *ports)
         log = open(self.root / f"node{len(self.procs)}.log", "w")  # noqa: SIM115
         proc = subprocess.Popen(
             [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", *args],
@@ -90,6 +107,25 @@ class Head:
             f"--temp-dir={self.root / 'ray'}",
         )
         self.wait_for_nodes(1)
+        self.wait_for_job_agent()
+
+    def wait_for_job_agent(self, timeout: float = 240) -> None:
+        """A fresh head accepts jobs only once its job agent registered (slow on a busy host)."""
+        deadline = time.monotonic() + timeout
+        headers = {"Authorization": f"Bearer {self.token}"}
+        while time.monotonic() < deadline:
+            reply = requests.post(
+                f"{self.address}/api/jobs/",
+                json={"entrypoint": "true"},
+                headers=headers,
+                timeout=60,
+            )
+            if reply.ok:
+                return
+            time.sleep(1)
+        logs = sorted((self.root / "ray").glob("session_*/logs/dashboard_JobHead.log"))
+        tail = logs[-1].read_text()[-3000:] if logs else ""
+        raise TimeoutError(f"the head's job agent never became available\n{tail}")
 
     def add_worker_node(self) -> subprocess.Popen:
         proc = self.start_node(
@@ -344,6 +380,44 @@ def test_preflight_against_the_head_refuses_gpus_and_cpus(head, token_file):
     too_many_cpus = make_recipe(scaling={"num_workers": 3, "use_gpu": False})
     with pytest.raises(TargetError, match=r"= 3 CPUs but the Ray cluster .* has 2 CPU"):
         ray_jobs.submit_to_ray(too_many_cpus, "name: x\n", head.address)
+
+
+@pytest.mark.slow
+def test_tiny_recipe_end_to_end_through_ftlaunch_submit(
+    head, token_file, tmp_path, tiny_gpt2, story_data
+):
+    import yaml
+
+    runs = tmp_path / "runs"
+    recipe = {
+        "name": "remote-tiny",
+        "model": {"name_or_path": str(tiny_gpt2)},
+        "data": {
+            "train": str(story_data["train"]),
+            "validation": str(story_data["validation"]),
+            "max_length": 32,
+        },
+        "train": {"max_steps": 4, "batch_size": 8, "lr": 3e-3, "log_every": 1},
+        "scaling": {"num_workers": 1, "use_gpu": False},
+        "checkpoint": {"storage_path": str(runs), "metric": None},
+    }
+    path = tmp_path / "remote.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    code, out, err = run_cli("submit", str(path), "--address", head.address)
+    assert code == 0, f"{out[-3000:]}\n{err[-3000:]}"
+    job_id = re.search(r"submitted (remote-tiny-\S+) to", out).group(1)
+
+    (run_dir,) = runs.iterdir()
+    for name in ("recipe.yaml", "metrics.jsonl", "model", "summary.json"):
+        assert (run_dir / name).exists(), name
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "succeeded"
+
+    code, out, _ = run_cli("status", job_id, "--address", head.address)
+    assert code == 0 and out.startswith(f"{job_id}: SUCCEEDED")
+    code, out, _ = run_cli("logs", job_id, "--address", head.address)
+    assert code == 0 and str(run_dir) in out
+    info = ray_jobs.job_status(job_id, head.address)
+    assert info["metadata"]["recipe"] == "remote-tiny" and "ftlaunch_version" in info["metadata"]
 
 
 def test_local_storage_refused_once_the_cluster_has_two_nodes(head, token_file):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import sys
@@ -39,6 +40,7 @@ EXCLUDES = [
     "__pycache__",
     "*.pyc",
     ".pytest_cache",
+    ".hypothesis",
     ".ruff_cache",
     ".mypy_cache",
     ".cache",
@@ -50,7 +52,7 @@ EXCLUDES = [
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # Ray refuses packages above its gRPC message limit; say so before zipping gigabytes.
 MAX_WORKING_DIR_BYTES = 500 * 1024 * 1024
-AGENT_WAIT_S = 60.0
+AGENT_WAIT_S = 120.0
 
 
 # ------------------------------------------------------------------------------- address
@@ -237,7 +239,9 @@ def build_runtime_env(
     """
     env = os.environ if environ is None else environ
     env_vars = {name: "${" + name + "}" for name in env_names_set_here(recipe, env)}
-    env_vars["TOKENIZERS_PARALLELISM"] = "false"
+    # The driver's own ray.init(runtime_env=...) may set variables too; let it combine with
+    # this one instead of failing on a shared key.
+    env_vars["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
     runtime_env: dict[str, Any] = {
         "working_dir": str(working_dir),
         "excludes": list(EXCLUDES),
@@ -251,6 +255,12 @@ def build_runtime_env(
     if recipe.cluster.image:
         runtime_env["image_uri"] = recipe.cluster.image
     return runtime_env
+
+
+def quiet_ray_client_logs() -> None:
+    """Ray's client logs every package it zips and uploads at INFO; keep the console to the job."""
+    for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def submission_id(recipe: Recipe, now: datetime | None = None) -> str:
@@ -277,6 +287,7 @@ def submit_to_ray(
     unless it SUCCEEDED. Raises TargetError (exit 2) for anything the user must fix first.
     """
     out = out or sys.stdout
+    quiet_ray_client_logs()
     cluster = connect(address, recipe)
     if preflight:
         check_cluster(recipe, cluster_shape(cluster), cluster.address)
