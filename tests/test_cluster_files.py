@@ -10,6 +10,7 @@ import jsonschema
 import ray
 import yaml
 
+from launcher.recipe import load_recipe
 from launcher.targets.kuberay import DEFAULT_IMAGE, RAY_VERSION, operator_problems
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,6 +81,14 @@ def test_rayjob_example_runs_the_gpt2_medium_recipe():
     text = (CLUSTER / "kuberay" / "rayjob-gpt2-medium.yaml").read_text()
     assert "--from-file=recipe.yaml=recipes/gpt2-medium.yaml" in text
     assert rayjob["spec"]["entrypoint"].endswith("/etc/ftlaunch/recipe.yaml")
+    # sized for the shipped recipe: one worker pod per training worker, its CPUs + 1 for data
+    recipe = load_recipe(REPO / "recipes" / "gpt2-medium.yaml")
+    (workers,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert workers["replicas"] == workers["maxReplicas"] == recipe.scaling.num_workers
+    limits = workers["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["cpu"] == str(recipe.scaling.cpus_per_worker + 1)
+    (config,) = load_docs(CLUSTER / "ray-cluster-aws.yaml")
+    assert config["available_node_types"]["gpu_worker"]["min_workers"] == recipe.scaling.num_workers
 
 
 def test_dockerfile_matches_the_pinned_ray_and_runs_unprivileged():
