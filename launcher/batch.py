@@ -419,7 +419,10 @@ def _set_torch_threads() -> None:
 
     if not ray.is_initialized():  # called directly, outside Ray: leave torch as it is
         return
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    try:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    except AssertionError:  # Ray answers this only inside workers; the driver keeps its threads
+        return
     torch.set_num_threads(max(1, int(cpus)))
 
 
