@@ -70,7 +70,12 @@ def cli() -> None:
     show_default=True,
     help="How the resolved recipe is printed.",
 )
-def validate(recipe: str, overrides: tuple[str, ...], quiet: bool, output_format: str) -> None:
+@click.option(
+    "--smoke", is_flag=True, help="Check the recipe as `submit --smoke` runs it (tiny model)."
+)
+def validate(
+    recipe: str, overrides: tuple[str, ...], quiet: bool, output_format: str, smoke: bool
+) -> None:
     """Check RECIPE and print it fully resolved (defaults filled in, overrides applied).
 
     \b
@@ -79,6 +84,8 @@ def validate(recipe: str, overrides: tuple[str, ...], quiet: bool, output_format
     Exit code 0 when valid; 2 with every problem (file:line:col, field, allowed values).
     """
     resolved = check_recipe(recipe, overrides)
+    if smoke:
+        resolved = smoke_or_exit(resolved, build=False)
     if quiet:
         return
     if output_format == "json":
@@ -106,6 +113,17 @@ def check_recipe(path: str, overrides: Sequence[str]) -> Recipe:
             f"{path}: could not check this recipe ({type(exc).__name__}: {exc}); "
             "this is a bug in ftlaunch's recipe checks, please report it with the file"
         ) from None
+
+
+def smoke_or_exit(resolved: Recipe, *, build: bool) -> Recipe:
+    """The smoke version of a recipe (launcher.smoke); with build, its model and data written."""
+    from launcher.smoke import smoke_plan, smoke_workdir
+
+    try:
+        plan = smoke_plan(resolved, smoke_workdir())
+    except RecipeError as exc:
+        raise BadInput(f"--smoke: {exc.render()}") from None
+    return plan.materialize() if build else plan.recipe
 
 
 @cli.command()
@@ -177,6 +195,11 @@ def print_final(summary: dict) -> None:
     "--follow/--no-follow", default=True, help="Target ray: stream the job's logs until it ends."
 )
 @click.option("--verbose", "-v", is_flag=True, help="Show Ray's own logs.")
+@click.option(
+    "--smoke",
+    is_flag=True,
+    help="Run here with a tiny model of the same family, generated data, 4 steps on 2 CPU workers.",
+)
 def submit(
     recipe: str,
     overrides: tuple[str, ...],
@@ -186,6 +209,7 @@ def submit(
     dry_run: bool,
     follow: bool,
     verbose: bool,
+    smoke: bool,
 ) -> None:
     """Run RECIPE: embedded Ray here, an existing Ray cluster, or Kubernetes via KubeRay.
 
@@ -194,6 +218,7 @@ def submit(
       ftlaunch submit recipes/quickstart.yaml
       ftlaunch submit recipes/gpt2-medium.yaml --address http://head:8265
       ftlaunch submit recipes/gpt2-medium.yaml --target kuberay --dry-run
+      ftlaunch submit recipes/gpt2-medium.yaml --smoke     # tiny model, 4 steps, CPU
     """
     from pathlib import Path
 
@@ -203,6 +228,10 @@ def submit(
     elif target:
         extra.append(f"cluster.target={target}")
     resolved = load_or_exit(recipe, extra)
+    if smoke:
+        if address or target not in (None, "local"):
+            raise BadInput("--smoke runs on this machine (target local); drop --address/--target")
+        resolved = smoke_or_exit(resolved, build=not dry_run)
     chosen = resolved.cluster.target
     if resume and chosen != "local":
         raise BadInput(
