@@ -837,10 +837,27 @@ def run_job(
     )
     # Our own display below shows rows/s and ETA; the dataset carries its own context copy.
     mapped.context.enable_progress_bars = False
-    with progress_display(total, description, pool.progress) as advance:
+    with _quiet_ray_data(), progress_display(total, description, pool.progress) as advance:
         for block in mapped.iter_batches(batch_size=None, batch_format="pyarrow"):
             advance(block.num_rows)
             yield block
+
+
+@contextmanager
+def _quiet_ray_data():
+    """Ray Data's per-run INFO lines and its progress-bar notice would interleave with ours."""
+    import logging
+
+    levels = {"ray.data": logging.WARNING, "ray.data._internal.progress": logging.ERROR}
+    loggers = {name: logging.getLogger(name) for name in levels}
+    before = {name: logger.level for name, logger in loggers.items()}
+    for name, logger in loggers.items():
+        logger.setLevel(max(levels[name], logger.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        for name, logger in loggers.items():
+            logger.setLevel(before[name])
 
 
 @contextmanager
