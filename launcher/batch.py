@@ -837,6 +837,9 @@ def run_job(
     )
     # Our own display below shows rows/s and ETA; the dataset carries its own context copy.
     mapped.context.enable_progress_bars = False
+    # Results in input order (generations follow the prompts file); costs little with one
+    # operator, since actors already take blocks in order.
+    mapped.context.execution_options.preserve_order = True
     with _quiet_ray_data(), progress_display(total, description, pool.progress) as advance:
         for block in mapped.iter_batches(batch_size=None, batch_format="pyarrow"):
             advance(block.num_rows)

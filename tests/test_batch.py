@@ -177,8 +177,9 @@ def test_greedy_generation_equals_model_generate(ray_session, tiny_gpt2, gpt2, t
         {"max_new_tokens": 12, "do_sample": False},
         pool=batch.PoolOptions(batch_size=4, progress=False),
     )
-    got = {row["id"]: row for row in read_jsonl(out)}
-    assert set(got) == {row["id"] for row in rows}
+    written = read_jsonl(out)
+    assert [row["id"] for row in written] == [row["id"] for row in rows]  # prompt order kept
+    got = {row["id"]: row for row in written}
     for row in rows:
         ids = tokenizer(row["prompt"], return_tensors="pt").input_ids
         with torch.no_grad():
@@ -480,3 +481,37 @@ def test_sampling_is_seeded_and_returns_n_sequences(gpt2):
     assert [len(t) for t in first] == [3, 3]
     assert first == again
     assert first != other
+
+
+@pytest.mark.slow
+def test_evaluate_run_on_a_classification_run(ray_session, cls_model, review_data, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(cls_model, run / "model")
+    recipe = write_recipe(
+        tmp_path / "recipe.yaml",
+        model={"name_or_path": str(cls_model), "task": "classification", "labels": LABELS},
+        data={
+            "train": str(review_data["train"]),
+            "test": str(review_data["test"]),
+            "format": "classification",
+        },
+        evaluate={"metrics": ["loss", "accuracy", "f1"], "batch_size": 8},
+    )
+    result = batch.evaluate_run(recipe, run, progress=False)
+
+    rows = read_jsonl(review_data["test"])
+    tokenizer = AutoTokenizer.from_pretrained(cls_model)
+    model = AutoModelForSequenceClassification.from_pretrained(cls_model).eval()
+    with torch.no_grad():
+        predicted = [
+            int(model(**tokenizer(r["text"], return_tensors="pt")).logits[0].argmax()) for r in rows
+        ]
+    truth = [LABELS.index(r["label"]) for r in rows]
+    assert result["num_rows"] == len(rows)
+    assert result["accuracy"] == pytest.approx(
+        sum(p == t for p, t in zip(predicted, truth, strict=True)) / len(rows)
+    )
+    assert sum(map(sum, result["confusion_matrix"]["matrix"])) == len(rows)
+    assert (run / "eval.json").exists() and (run / "confusion_matrix.png").exists()
