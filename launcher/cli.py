@@ -141,10 +141,22 @@ def schema(indent: int) -> None:
 def exit_code_for(exc: BaseException) -> int:
     """2 for bad input (recipe, data, model path, layout), 1 for a job that failed."""
     from launcher.data import DataError
+    from launcher.distill import DistillError
+    from launcher.finetune import FinetuneError
     from launcher.job import LayoutError
     from launcher.models import ModelLoadError
+    from launcher.strategies import DeepSpeedConfigError
 
-    bad_input = (RecipeError, DataError, ModelLoadError, LayoutError, FileNotFoundError)
+    bad_input = (
+        RecipeError,
+        DataError,
+        ModelLoadError,
+        LayoutError,
+        FileNotFoundError,
+        DistillError,
+        FinetuneError,
+        DeepSpeedConfigError,
+    )
     return EXIT_BAD_INPUT if isinstance(exc, bad_input) else EXIT_FAILED
 
 
@@ -586,6 +598,43 @@ def score_cmd(model_or_run: str, data: str, out: str, **flags):
     )
     path = batch_call(batch.score, model_or_run, data, out, pool=pool, **flags)
     click.echo(f"wrote {path}", err=True)
+
+
+@cli.command(name="export")
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option(
+    "--checkpoint",
+    default=None,
+    help="Checkpoint directory name under RUN/checkpoints (default: the one the run exported, else the latest).",
+)
+@click.option(
+    "--merge-lora/--no-merge-lora",
+    default=None,
+    help="lora/ia3: also write the merged model (default: the recipe's checkpoint.export.merge_lora).",
+)
+def export_cmd(run: str, out: str, checkpoint: str | None, merge_lora: bool | None) -> None:
+    """Consolidate a checkpoint of RUN into a Hugging Face model in OUT/model (and OUT/adapter).
+
+    \b
+    Example:
+      ftlaunch export runs/quickstart-20260101-120000 --out exported --checkpoint checkpoint_000020
+    """
+    from pathlib import Path
+
+    from launcher.export import export_run
+
+    try:
+        info = export_run(Path(run), Path(out), checkpoint, merge_lora)
+    except Exception as exc:
+        if exit_code_for(exc) == EXIT_BAD_INPUT:
+            raise BadInput(str(exc)) from None
+        raise
+    click.echo(f"exported {info['checkpoint']} to {info['model_dir']}")
+    if info.get("adapter_dir"):
+        click.echo(f"adapter: {info['adapter_dir']}")
+    if info.get("note"):
+        click.echo(info["note"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 
 from launcher.progress import ProgressView
 from launcher.recipe import Recipe, dump_recipe, load_recipe
-from launcher.train_loop import STATE_FILE, Plan, make_plan, train_loop_per_worker
+from launcher.train_loop import Plan, latest_checkpoint, make_plan, train_loop_per_worker
 
 
 class JobError(Exception):
@@ -38,6 +38,9 @@ class RunState:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     parameters: dict[str, Any] = field(default_factory=dict)
     restarts: int = 0
+    last_step: int = -1
+    replayed: int = 0
+    preempted: bool = False
     notes: list[str] = field(default_factory=list)
 
 
@@ -56,17 +59,6 @@ def new_run_dir(recipe: Recipe) -> Path:
     run_dir.mkdir(parents=True)
     (run_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
     return run_dir
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint with the highest step in a run directory, if any."""
-    found = []
-    for state in (run_dir / "checkpoints").glob(f"checkpoint_*/{STATE_FILE}"):
-        try:
-            found.append((json.loads(state.read_text())["step"], state.parent))
-        except (OSError, ValueError, KeyError):
-            continue
-    return max(found)[1] if found else None
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -140,6 +132,38 @@ def check_layout(recipe: Recipe, gpu: bool) -> None:
         raise LayoutError("strategy.mixed_precision: fp16 needs GPUs; this run uses the CPU")
 
 
+class StopFlag:
+    """Set by the driver on SIGTERM; rank 0 polls it so every worker checkpoints and stops."""
+
+    def __init__(self) -> None:
+        self.stop = False
+
+    def set(self) -> None:
+        self.stop = True
+
+    def is_set(self) -> bool:
+        return self.stop
+
+
+class Preempted(Exception):
+    """The driver got SIGTERM; a checkpoint was saved when possible. Exit code 1."""
+
+
+def watch_sigterm(flag, state: RunState, view: ProgressView):
+    """Route SIGTERM to the workers' stop flag; returns the previous handler."""
+    import signal
+
+    def on_sigterm(signum, frame) -> None:
+        state.preempted = True
+        flag.set.remote()
+        view.note("SIGTERM: saving a checkpoint and stopping (resume with --resume)")
+
+    try:
+        return signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread: preemption is then the caller's business
+        return None
+
+
 def worker_env() -> dict[str, str]:
     """Environment the training workers need from the driver's (fault-injection hooks included)."""
     keep = ("FTLAUNCH_", "DS_ACCELERATOR", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")
@@ -171,7 +195,11 @@ def drain_sink(sink, state: RunState, view: ProgressView, stop: threading.Event,
                 out.write(json.dumps(record) + "\n")
                 out.flush()
                 view.note(f"restarted from the checkpoint at step {item['step']}")
+            elif item.get("step", 0) <= state.last_step and state.restarts:
+                # Replayed after a restart from an earlier checkpoint: already on record.
+                state.replayed += 1
             else:
+                state.last_step = max(state.last_step, int(item.get("step", 0)))
                 state.metrics.append(item)
                 out.write(json.dumps(item) + "\n")
                 out.flush()
@@ -197,9 +225,13 @@ def train(
 
     gpu = use_gpu(recipe)
     check_layout(recipe, gpu)
-    plan = make_plan(data.num_rows["train"], recipe)
+    try:
+        plan = make_plan(data.num_rows["train"], recipe)
+    except ValueError as exc:
+        raise LayoutError(str(exc)) from None
     view.start(plan.total_steps)
     sink = Queue(maxsize=10_000)
+    flag = ray.remote(num_cpus=0)(StopFlag).remote()
     datasets = {"train": data.datasets["train"]}
     with_validation = "validation" in data.datasets and data.num_rows.get("validation", 0) > 0
     if with_validation:
@@ -220,6 +252,7 @@ def train(
             "has_validation": with_validation,
             "run_dir": str(state.run_dir),
             "resume_from": str(resume_from) if resume_from else None,
+            "stop_flag": flag,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=recipe.scaling.num_workers,
@@ -249,11 +282,16 @@ def train(
         target=drain_sink, args=(sink, state, view, stop, tracker), daemon=True
     )
     drainer.start()
+    previous = watch_sigterm(flag, state, view)
     try:
         result = trainer.fit()
     except Exception as exc:
         raise JobError(f"training failed: {exc}") from exc
     finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
         stop.set()
         drainer.join(timeout=30)
         view.stop()
@@ -261,6 +299,11 @@ def train(
             tracker.close()
     if result.error is not None:
         raise JobError(f"training failed: {result.error}")
+    if state.preempted:
+        raise Preempted(
+            f"stopped by SIGTERM after step {state.last_step}; continue with "
+            f"--resume {state.run_dir}"
+        )
     return result, plan, metric
 
 
@@ -282,12 +325,11 @@ def pick_checkpoint(result, metric: str | None, mode: str, run_dir: Path) -> Pat
 
 def export(recipe: Recipe, checkpoint_dir: Path, run_dir: Path, tokenizer) -> dict[str, Any]:
     """Stage 3: consolidate the checkpoint into a Hugging Face model in run_dir/model."""
-    from launcher.finetune import export_model
-    from launcher.strategies import consolidate
+    from launcher.export import export_checkpoint
 
-    state_dict = consolidate(recipe.strategy.name, checkpoint_dir)
-    info = export_model(recipe, state_dict, run_dir, tokenizer, recipe.checkpoint.export.merge_lora)
-    return {"checkpoint": str(checkpoint_dir), **(info or {})}
+    return export_checkpoint(
+        recipe, checkpoint_dir, run_dir, tokenizer, recipe.checkpoint.export.merge_lora
+    )
 
 
 def batch_stage(recipe: Recipe, run_dir: Path, view: ProgressView) -> dict[str, Any]:
@@ -324,6 +366,16 @@ def final_metrics(metrics: list[dict[str, Any]]) -> dict[str, Any]:
     return final
 
 
+def data_facts(data) -> dict[str, Any]:
+    """Rows and tokens per split, and how often tokenization ran (once per row, in Ray Data)."""
+    return {
+        "rows": data.num_rows,
+        "raw_rows": data.raw_rows,
+        "tokens": data.num_tokens,
+        "tokenization": data.tokenization_runs(),
+    }
+
+
 def write_summary(
     recipe: Recipe, state: RunState, status: str, extra: dict[str, Any], plan: Plan | None
 ) -> dict[str, Any]:
@@ -352,6 +404,7 @@ def write_summary(
         "tokens": int(tokens),
         "tokens_per_s": (tokens / train_time) if train_time > 0 else None,
         "restarts": state.restarts,
+        "replayed_reports": state.replayed,
         "parameters": state.parameters,
         "final_metrics": final_metrics(rows),
         "strategy": recipe.strategy.name,
@@ -380,6 +433,7 @@ def run(
     """Run the whole job and return the summary. Raises DataError/ModelLoadError/LayoutError
     for bad input (before any training) and JobError when training fails."""
     from launcher.data import prepare_data
+    from launcher.distill import prepare_distillation
     from launcher.models import load_tokenizer
 
     view = view or ProgressView()
@@ -388,6 +442,7 @@ def run(
     tokenizer = load_tokenizer(recipe.model)
     view.note("preparing data (tokenizing once with Ray Data)")
     data = prepare_data(recipe, tokenizer)  # 1. data: bad data fails here, before any run dir
+    recipe, data = prepare_distillation(recipe, data, tokenizer, view)  # teacher, offline pass
     view.note("rows: " + ", ".join(f"{k}={v:,}" for k, v in data.num_rows.items()))
     if resume is not None:
         run_dir, resume_from = Path(resume), latest_checkpoint(Path(resume))
@@ -409,9 +464,11 @@ def run(
         exported = export(recipe, checkpoint, run_dir, tokenizer)  # 3. export
         batch = batch_stage(recipe, run_dir, view)  # 4. batch
     except BaseException as exc:
-        write_summary(recipe, state, "failed", {"error": str(exc)}, plan)
+        status = "preempted" if isinstance(exc, Preempted) else "failed"
+        write_summary(recipe, state, status, {"error": str(exc), "data": data_facts(data)}, plan)
         raise
-    return write_summary(recipe, state, "succeeded", {"export": exported, **batch}, plan)  # 5.
+    extra = {"export": exported, **batch, "data": data_facts(data)}
+    return write_summary(recipe, state, "succeeded", extra, plan)  # 5.
 
 
 def main(argv: list[str] | None = None) -> int:

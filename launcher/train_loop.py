@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from launcher.objectives import compute_loss, eval_metrics, eval_sums
+from launcher.objectives import eval_metrics, eval_sums
 from launcher.recipe import Recipe
 
 STATE_FILE = "ftlaunch_state.json"
@@ -58,15 +58,30 @@ class Window:
 
 
 def make_plan(num_train_rows: int, recipe: Recipe) -> Plan:
-    """Optimizer steps per epoch and in total, from rows, workers, batch size and accumulation."""
+    """Optimizer steps per epoch and in total, from rows, workers, batch size and accumulation.
+
+    Only whole accumulation windows are used: a worker's trailing micro-batches that cannot fill
+    one are left out of that epoch (DeepSpeed steps only after exactly grad_accum backwards).
+    """
     t = recipe.train
     rows_per_worker = num_train_rows // recipe.scaling.num_workers
-    batches = math.ceil(rows_per_worker / t.batch_size)
-    steps_per_epoch = max(1, math.ceil(batches / t.grad_accum))
+    available = math.ceil(rows_per_worker / t.batch_size)
+    steps_per_epoch = available // t.grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"each of the {recipe.scaling.num_workers} worker(s) gets {rows_per_worker} training "
+            f"rows = {available} batch(es) of train.batch_size={t.batch_size} per epoch, fewer "
+            f"than train.grad_accum={t.grad_accum}: lower train.batch_size, train.grad_accum "
+            f"or scaling.num_workers, or add data"
+        )
     total = steps_per_epoch * t.epochs
     if t.max_steps is not None:
         total = min(total, t.max_steps)
-    return Plan(total_steps=total, steps_per_epoch=steps_per_epoch, batches_per_epoch=batches)
+    return Plan(
+        total_steps=total,
+        steps_per_epoch=steps_per_epoch,
+        batches_per_epoch=steps_per_epoch * t.grad_accum,
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -155,14 +170,30 @@ def _checkpoint_step(checkpoint) -> int:
         return json.loads((Path(d) / STATE_FILE).read_text())["step"]
 
 
-def restore_checkpoint(strategy, rank: int, resume_from: str | None) -> Position | None:
-    """Load the newest checkpoint to continue from: Ray Train's latest for this run (after a
-    worker failure, or restored from the run's own records) or the one `--resume` named."""
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint with the highest step in a run directory, if any."""
+    found = []
+    for state in (Path(run_dir) / "checkpoints").glob(f"checkpoint_*/{STATE_FILE}"):
+        try:
+            found.append((json.loads(state.read_text())["step"], state.parent))
+        except (OSError, ValueError, KeyError):
+            continue
+    return max(found)[1] if found else None
+
+
+def restore_checkpoint(
+    strategy, rank: int, resume_from: str | None, run_dir: str
+) -> Position | None:
+    """Load the newest checkpoint to continue from: Ray Train's latest for this run, one already
+    in the run directory (a restart can come before Ray has registered the last one), or the one
+    `--resume` named."""
     import ray.train
 
     candidates = [c for c in (ray.train.get_checkpoint(),) if c is not None]
-    if resume_from:
-        candidates.append(ray.train.Checkpoint(resume_from))
+    on_disk = latest_checkpoint(Path(run_dir)) if Path(run_dir).exists() else None
+    for path in (resume_from, on_disk):
+        if path:
+            candidates.append(ray.train.Checkpoint(str(path)))
     if not candidates:
         return None
     checkpoint = max(candidates, key=_checkpoint_step)
@@ -196,6 +227,16 @@ def maybe_inject_failure(step: int, rank: int, marker_dir: str) -> None:
     os._exit(1)
 
 
+def stop_requested(flag, rank: int, device: torch.device) -> bool:
+    """Whether the driver asked to stop (SIGTERM); rank 0 asks, every rank gets the answer."""
+    if flag is None:
+        return False
+    import ray
+
+    asked = torch.tensor(float(ray.get(flag.is_set.remote())) if rank == 0 else 0.0)
+    return bool(all_reduce_sum({"stop": asked}, device)["stop"] > 0)
+
+
 def window_metrics(window: Window, device: torch.device, world_size: int) -> dict[str, float]:
     """Mean loss and throughput over the window, summed across workers."""
     totals = all_reduce_sum(
@@ -226,6 +267,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     from launcher.data import make_collate
+    from launcher.distill import build_teacher, make_adversary, make_objective
     from launcher.finetune import apply_finetune, count_parameters
     from launcher.models import load_model
     from launcher.strategies import make_strategy
@@ -234,7 +276,6 @@ def train_loop_per_worker(config: dict) -> None:
     plan = Plan(**config["plan"])
     sink = config.get("sink")
     t = recipe.train
-    task = recipe.model.task
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -252,7 +293,15 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0 and sink is not None:
         sink.put({"event": "parameters", **params})
     module = strategy.prepare(model, plan.total_steps)
-    position = restore_checkpoint(strategy, rank, config.get("resume_from")) or Position()
+    # What one micro-batch costs: the task loss, or distillation from a frozen teacher (online
+    # mode builds it here, sharded like the student); FGM adds an adversarial backward.
+    teacher = build_teacher(recipe, strategy, device, config["pad_token_id"])
+    objective = make_objective(recipe, teacher)
+    adversary = make_adversary(recipe, strategy.unwrapped())
+    position = (
+        restore_checkpoint(strategy, rank, config.get("resume_from"), config["run_dir"])
+        or Position()
+    )
     if rank == 0 and sink is not None and position.step > 0:
         sink.put({"event": "resumed", "step": position.step, "restarts": position.restarts})
 
@@ -323,13 +372,17 @@ def train_loop_per_worker(config: dict) -> None:
         for index, batch in enumerate(batches):
             if index < skip:
                 continue
-            last_micro = pending + 1 == t.grad_accum or index + 1 == plan.batches_per_epoch
+            last_micro = pending + 1 == t.grad_accum
             with strategy.no_sync(not last_micro):
-                loss, tokens = compute_loss(module, batch, task)
+                loss, tokens, parts = objective(module, batch)
                 strategy.backward(loss)
+                if adversary is not None:
+                    adversary(module, batch, objective, strategy.backward)
             window.loss_sum += float(loss.detach())
             window.micro_steps += 1
             window.tokens += tokens
+            for key, value in parts.items():  # e.g. task_loss and distill_loss
+                window.extra[key] = window.extra.get(key, 0.0) + value
             window.samples += int(batch["input_ids"].shape[0])
             pending += 1
             position.batches_in_epoch = index + 1
@@ -340,11 +393,13 @@ def train_loop_per_worker(config: dict) -> None:
             pending = 0
             position.step += 1
             maybe_inject_failure(position.step, rank, config["run_dir"])
+            if stop_requested(config.get("stop_flag"), rank, device):
+                plan.total_steps = position.step  # checkpoint now, then leave the loop
             end_of_epoch = position.batches_in_epoch >= plan.batches_per_epoch
             if end_of_epoch:
                 position.epoch, position.batches_in_epoch = epoch + 1, 0
             report(end_of_epoch)
-            if position.step >= plan.total_steps:
+            if end_of_epoch or position.step >= plan.total_steps:
                 break
         if pending:  # a shard shorter than planned: finish the partial accumulation
             strategy.step()

@@ -1,0 +1,104 @@
+"""Worker failures restart from the last checkpoint; SIGTERM checkpoints and --resume continues."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher.job import latest_checkpoint, read_metrics, run
+from launcher.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def lm_recipe(tmp_path: Path, model: Path, files: dict, **train) -> Path:
+    body = {
+        "name": "faults",
+        "model": {"name_or_path": str(model)},
+        "data": {
+            "train": str(files["train"]),
+            "validation": str(files["validation"]),
+            "max_length": 32,
+        },
+        "train": {"batch_size": 4, "lr": 3e-3, "log_every": 1, **train},
+        "scaling": {"num_workers": 2},
+        "checkpoint": {
+            "storage_path": str(tmp_path / "runs"),
+            "every": 2,
+            "metric": None,
+            "keep": None,
+        },
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+@pytest.mark.slow
+def test_killed_worker_restarts_from_last_checkpoint(
+    ray_session, tiny_gpt2, story_data, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("FTLAUNCH_FAIL_AT_STEP", "3")
+    monkeypatch.setenv("FTLAUNCH_FAIL_RANK", "1")
+    recipe = load_recipe(lm_recipe(tmp_path, tiny_gpt2, story_data, max_steps=6, max_failures=1))
+    summary = run(recipe)
+    run_dir = Path(summary["run_dir"])
+    assert summary["status"] == "succeeded" and summary["restarts"] >= 1
+    assert (
+        (run_dir / ".ftlaunch-failure-injected").read_text().startswith("rank 1 exited at step 3")
+    )
+    records = read_metrics(run_dir)
+    restarts = [r for r in records if r.get("event") == "restart"]
+    assert restarts and restarts[0]["step"] == 2  # the checkpoint before the failure
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # each step on record once
+    assert (run_dir / "model" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_resume_continues(ray_session, tiny_gpt2, story_data, tmp_path):
+    recipe_path = lm_recipe(tmp_path, tiny_gpt2, story_data, max_steps=400)
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS")
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "launcher.job", str(recipe_path)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    runs = tmp_path / "runs"
+    deadline = time.time() + 240
+    reached = False
+    while time.time() < deadline and driver.poll() is None:
+        dirs = list(runs.glob("faults-*")) if runs.exists() else []
+        if dirs and any(r.get("step", 0) >= 3 for r in read_metrics(dirs[0])):
+            reached = True
+            break
+        time.sleep(0.5)
+    assert reached, "the driver never reached step 3"
+    driver.send_signal(signal.SIGTERM)
+    output, _ = driver.communicate(timeout=180)
+    assert driver.returncode == 1, output
+    assert "--resume" in output
+    run_dir = next(runs.glob("faults-*"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "preempted"
+    saved = json.loads((latest_checkpoint(run_dir) / "ftlaunch_state.json").read_text())["step"]
+    last_reported = max(r["step"] for r in read_metrics(run_dir) if "loss" in r)
+    assert saved == last_reported >= 3  # the checkpoint was taken at the stop, not an older one
+
+    resumed = load_recipe(recipe_path, [f"train.max_steps={saved + 2}"])
+    summary = run(resumed, resume=run_dir)
+    assert summary["status"] == "succeeded"
+    steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
+    assert steps[-2:] == [saved + 1, saved + 2]
