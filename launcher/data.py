@@ -1075,6 +1075,10 @@ def collate(batch: dict[str, np.ndarray], pad_token_id: int) -> dict[str, Any]:
     for key in ("num_tokens", "row_id", "source_id"):
         if key in batch:
             out[key] = torch.from_numpy(np.array(batch[key], dtype=np.int64))
+    if "teacher_logprobs" in batch:  # offline distillation: the stored teacher top-k
+        from launcher.distill import collate_teacher
+
+        out.update(collate_teacher(batch))
     return out
 
 

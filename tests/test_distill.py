@@ -127,3 +127,104 @@ def test_topk_kl_is_the_renormalised_reference_and_full_k_equals_full_kl():
         assert float(got) == pytest.approx(float(np.mean(kls)), rel=1e-5)
     full = kl_to_teacher(student, teacher, labels, "causal_lm", 2.0)
     assert float(got) == pytest.approx(float(full), rel=1e-5)  # k = vocabulary: nothing left out
+
+
+# ------------------------------------------------------------------ learning from a teacher
+
+
+def lm_batches(model_dir, texts: list[str], batch_size: int = 8, length: int = 24):
+    """Texts as padded causal-LM batches (labels -100 on padding)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            texts[i : i + batch_size],
+            truncation=True,
+            max_length=length,
+            padding="max_length",
+            return_tensors="pt",
+        )
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        out.append(
+            {
+                "input_ids": enc["input_ids"],
+                "attention_mask": enc["attention_mask"],
+                "labels": labels,
+            }
+        )
+    return out
+
+
+def train_plain(model, batches, steps: int, lr: float, loss_of) -> None:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for step in range(steps):
+        batch = batches[step % len(batches)]
+        loss = loss_of(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def held_out_kl(student, teacher, batches) -> float:
+    student.eval()
+    with torch.no_grad():
+        values = [
+            float(
+                kl_to_teacher(
+                    student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                    teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                    b["labels"],
+                    "causal_lm",
+                    1.0,
+                )
+            )
+            for b in batches
+        ]
+    return float(np.mean(values))
+
+
+@pytest.mark.slow
+def test_student_with_distillation_ends_closer_to_the_teacher(tiny_gpt2, tmp_path):
+    """The teacher learned reviews, the students see stories: only distillation carries the
+    teacher's behaviour over, so only the distilled student ends up near it on held-out stories."""
+    from transformers import AutoModelForCausalLM
+
+    from launcher.synthetic import review_rows, story_lines
+    from launcher.tiny import build_tiny_model
+
+    student_dir = build_tiny_model(tmp_path / "student", "gpt2", layers=1, width=32, seed=2)
+    reviews = lm_batches(tiny_gpt2, [r["text"] for r in review_rows(96, seed=1)])
+    stories = lm_batches(tiny_gpt2, story_lines(96, seed=2))
+    held_out = lm_batches(tiny_gpt2, story_lines(32, seed=3))
+
+    def lm_loss(model, batch):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return task_loss(out.logits, batch["labels"], "causal_lm")
+
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    train_plain(teacher, reviews, 20, 3e-3, lm_loss)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    def distilled_loss(model, batch):
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        student = model(**inputs).logits
+        with torch.no_grad():
+            soft = teacher(**inputs).logits
+        hard = task_loss(student, batch["labels"], "causal_lm")
+        kl = kl_to_teacher(student, soft, batch["labels"], "causal_lm", 2.0)
+        return distillation_loss(hard, kl, 0.5, 2.0)[0]
+
+    results = {}
+    for name, loss_of in (("plain", lm_loss), ("distilled", distilled_loss)):
+        torch.manual_seed(0)
+        student = AutoModelForCausalLM.from_pretrained(student_dir)
+        train_plain(student, stories, 20, 3e-3, loss_of)
+        results[name] = held_out_kl(student, teacher, held_out)
+    assert results["distilled"] < results["plain"] * 0.7, results

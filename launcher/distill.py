@@ -1,0 +1,612 @@
+"""Knowledge distillation, adversarial training and per-source metrics around the training loop.
+
+In the driver, before training (`prepare_distillation`):
+  1. the teacher's tokenizer must have exactly the student's vocabulary (logits are compared
+     entry by entry); a mismatch is a `VocabularyMismatch` naming the first differing tokens;
+  2. `distill.init_student_from_teacher` builds the student from the teacher (its config with
+     only the listed blocks, DistilBERT-style), saves it once under `distill.cache_dir` and
+     points `model.name_or_path` at it, so workers, export and evaluation load a plain model;
+  3. `distill.mode: offline` runs the teacher once over the tokenized training split in a Ray
+     Data actor and stores its top-k log-probabilities and token ids as Arrow columns beside
+     the tokens (`teacher_logprobs`, `teacher_ids`, flattened per row), cached on disk under a
+     hash of teacher, data and tokenization settings; a later run with the same settings reads
+     the cache and no teacher is ever loaded.
+
+In each training worker: `build_teacher` (online mode: frozen, eval, no gradients, the run's
+dtype; sharded with fully_shard under fsdp and partitioned by a second DeepSpeed engine under
+ZeRO-3), `make_objective` (the loss of one micro-batch with its parts for the metrics) and
+`make_adversary` (FGM on the input embeddings).
+
+After training (`source_metrics`): eval_<source>_loss per source of a multi-source validation
+split, from the exported model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from launcher.objectives import (
+    align_logits,
+    compute_loss,
+    count_tokens,
+    distillation_loss,
+    fgm_backward,
+    kl_to_teacher,
+    model_inputs,
+    task_loss,
+    topk_kl_to_teacher,
+)
+from launcher.recipe import ModelConfig, Recipe
+
+TEACHER_COLUMNS = ("teacher_logprobs", "teacher_ids")
+CACHE_FORMAT = 1  # bump when the stored layout changes: old cache entries are then ignored
+TEACHER_BATCH_ROWS = 16
+
+Objective = Callable[[nn.Module, dict], tuple[torch.Tensor, int, dict[str, float]]]
+
+
+class DistillError(ValueError):
+    """A distillation setup that cannot work (bad teacher, layers, labels): exit code 2."""
+
+
+class VocabularyMismatch(DistillError):
+    """Teacher and student tokenizers differ, so their logits cannot be compared entry by entry."""
+
+
+# ----------------------------------------------------------------------------- vocabulary
+
+
+def teacher_model_config(recipe: Recipe) -> ModelConfig:
+    """The student's model section with the teacher's weights (same task, labels and dtype)."""
+    teacher = recipe.distill.teacher
+    return recipe.model.model_copy(
+        update={"name_or_path": teacher.name_or_path, "gguf_file": teacher.gguf_file}
+    )
+
+
+def vocabulary_differences(student: dict[str, int], teacher: dict[str, int], limit: int = 5):
+    """Lines naming the first token ids where the two vocabularies disagree."""
+    by_id_s = {i: t for t, i in student.items()}
+    by_id_t = {i: t for t, i in teacher.items()}
+    lines = []
+    for i in sorted(set(by_id_s) | set(by_id_t)):
+        a, b = by_id_s.get(i), by_id_t.get(i)
+        if a != b:
+            lines.append(
+                f"id {i}: student {a!r} / teacher {b!r}"
+                if a is not None and b is not None
+                else f"id {i}: only in the {'student' if b is None else 'teacher'} "
+                f"({a if b is None else b!r})"
+            )
+        if len(lines) == limit:
+            break
+    return lines
+
+
+def check_vocabularies(student_tokenizer, teacher_tokenizer, student: str, teacher: str) -> None:
+    """Raise VocabularyMismatch unless both tokenizers map the same tokens to the same ids."""
+    a, b = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if a == b:
+        return
+    differences = vocabulary_differences(a, b)
+    raise VocabularyMismatch(
+        f"distill.teacher: {teacher} has a different tokenizer vocabulary than the student "
+        f"{student} ({len(b)} vs {len(a)} tokens); logits distillation compares the two "
+        f"models' outputs token by token, so they must share the vocabulary. First "
+        f"differences: {'; '.join(differences)}"
+    )
+
+
+def check_teacher_head(recipe: Recipe) -> None:
+    """Classification: the teacher must be a classifier over the recipe's labels."""
+    if recipe.model.task != "classification":
+        return
+    from launcher.models import model_config_of
+
+    config = model_config_of(teacher_model_config(recipe))
+    names = [a for a in (config.architectures or []) if a.endswith("ForSequenceClassification")]
+    labels = list(recipe.model.labels or [])
+    if not names:
+        raise DistillError(
+            f"distill.teacher: {recipe.distill.teacher.name_or_path} has no sequence "
+            f"classification head (architectures: {config.architectures}); distil from a "
+            f"teacher fine-tuned on the labels {labels}"
+        )
+    teacher_labels = [config.id2label[i] for i in sorted(config.id2label)]
+    if len(teacher_labels) != len(labels):
+        raise DistillError(
+            f"distill.teacher: {recipe.distill.teacher.name_or_path} predicts "
+            f"{len(teacher_labels)} labels {teacher_labels}; model.labels has {len(labels)} {labels}"
+        )
+
+
+# ------------------------------------------------------------------ student from teacher
+
+
+def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList holding the transformer blocks (GPT-2 h, Llama layers, BERT layer)."""
+    from launcher.strategies import block_classes
+
+    names = block_classes(model)
+    for path, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and module and type(module[0]).__name__ in names:
+            return path, module
+    raise DistillError(
+        f"cannot find the transformer blocks of {type(model).__name__} to pick layers from"
+    )
+
+
+def student_key(teacher_key: str, prefix: str, layers: list[int]) -> str | None:
+    """The student's name for a teacher weight, or None when its block is not kept."""
+    if not teacher_key.startswith(prefix):
+        return teacher_key
+    index, _, rest = teacher_key[len(prefix) :].partition(".")
+    if int(index) not in layers:
+        return None
+    return f"{prefix}{layers.index(int(index))}.{rest}"
+
+
+def student_from_teacher(teacher: nn.Module, layers: list[int]) -> nn.Module:
+    """A student with the teacher's config but only `layers` (in that order) as its blocks;
+    those blocks and every weight outside the blocks are copied from the teacher."""
+    import copy
+
+    path, blocks = block_list(teacher)
+    bad = [i for i in layers if i >= len(blocks)]
+    if bad:
+        raise DistillError(
+            f"distill.init_student_from_teacher: layer(s) {bad} do not exist; the teacher "
+            f"has {len(blocks)} blocks (0..{len(blocks) - 1})"
+        )
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(layers)  # GPT-2 maps it to n_layer
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [config.layer_types[i] for i in layers]
+    student = type(teacher)(config)
+    prefix = f"{path}."
+    state = {}
+    for key, value in teacher.state_dict().items():
+        new = student_key(key, prefix, layers)
+        if new is not None:
+            state[new] = value.detach().clone()
+    student.load_state_dict(state, strict=True)
+    return student.to(next(teacher.parameters()).dtype)
+
+
+def _fingerprint(name_or_path: str) -> dict[str, Any]:
+    """What identifies a model's weights: a hub id as is; a local directory by its files'
+    names, sizes and modification times (cheap, and changes whenever the files change)."""
+    from launcher.models import _source
+
+    path = Path(_source(name_or_path))
+    if not path.exists():
+        return {"hub": name_or_path}
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return {
+        "path": str(path.resolve()),
+        "files": [
+            [
+                str(f.relative_to(path) if path.is_dir() else f.name),
+                f.stat().st_size,
+                f.stat().st_mtime_ns,
+            ]
+            for f in files
+        ],
+    }
+
+
+def cache_root(recipe: Recipe) -> Path:
+    return Path(os.path.expandvars(os.path.expanduser(recipe.distill.cache_dir)))
+
+
+def _digest(settings: dict[str, Any]) -> str:
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def build_student_dir(recipe: Recipe, tokenizer) -> Path:
+    """Build (once) and save the student made from the teacher's layers; returns its directory."""
+    from launcher.models import load_model
+
+    d = recipe.distill
+    settings = {
+        "format": CACHE_FORMAT,
+        "teacher": _fingerprint(d.teacher.name_or_path),
+        "gguf": d.teacher.gguf_file,
+        "layers": d.init_student_from_teacher,
+        "task": recipe.model.task,
+        "labels": recipe.model.labels,
+    }
+    out = cache_root(recipe) / "students" / _digest(settings)
+    if (out / "ftlaunch-student.json").exists():
+        return out
+    teacher = load_model(
+        teacher_model_config(recipe), dtype=torch.float32, pad_token_id=tokenizer.pad_token_id
+    )
+    student = student_from_teacher(teacher, list(d.init_student_from_teacher))
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    student.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "ftlaunch-student.json").write_text(json.dumps(settings, indent=2, default=str))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+# --------------------------------------------------------------------- offline teacher pass
+
+
+def offline_settings(recipe: Recipe, tokenizer, data) -> dict[str, Any]:
+    """Everything the stored teacher outputs depend on: teacher, data, tokenization."""
+    d = recipe.data
+    specs = d.train if isinstance(d.train, str) else [s.model_dump() for s in d.train]
+    paths = [d.train] if isinstance(d.train, str) else [s.path for s in d.train]
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return {
+        "format": CACHE_FORMAT,
+        "teacher": _fingerprint(recipe.distill.teacher.name_or_path),
+        "gguf": recipe.distill.teacher.gguf_file,
+        "teacher_dtype": recipe.model.dtype,
+        "top_k": recipe.distill.top_k,
+        "task": recipe.model.task,
+        "labels": recipe.model.labels,
+        "data": d.model_dump(mode="json"),
+        "train": specs,
+        "train_files": [_fingerprint(p) if not p.startswith("hf:") else p for p in paths],
+        "tokenizer": hashlib.sha256(vocab.encode()).hexdigest(),
+        "special_tokens": tokenizer.special_tokens_map,
+        "rows": data.num_rows["train"],
+    }
+
+
+def _batch_arrays(table) -> dict[str, np.ndarray]:
+    """A pyarrow batch as the numpy dict `launcher.data.collate` takes."""
+    out = {}
+    for name in ("input_ids", "attention_mask", "labels", "position_ids"):
+        if name not in table.column_names:
+            continue
+        values = table.column(name).to_pylist()
+        if values and isinstance(values[0], list):
+            array = np.empty(len(values), dtype=object)
+            array[:] = [np.asarray(v) for v in values]
+            out[name] = array
+        else:
+            out[name] = np.asarray(values)
+    return out
+
+
+class TeacherTopK:
+    """Ray Data actor: adds the teacher's top-k log-probabilities and ids to tokenized rows."""
+
+    def __init__(self, recipe_data: dict, pad_token_id: int):
+        from launcher.models import load_model, resolve_dtype
+
+        torch.set_num_threads(1)
+        recipe = Recipe.model_validate(recipe_data)
+        self.task = recipe.model.task
+        self.top_k = recipe.distill.top_k
+        self.pad = pad_token_id
+        self.model = load_model(
+            teacher_model_config(recipe),
+            dtype=resolve_dtype(recipe.model.dtype),
+            pad_token_id=pad_token_id,
+        ).eval()
+
+    def __call__(self, table):
+        import pyarrow as pa
+
+        from launcher.data import collate
+
+        batch = collate(_batch_arrays(table), self.pad)
+        with torch.no_grad():
+            logits = self.model(**model_inputs(batch)).logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        k = min(self.top_k, logprobs.size(-1))
+        top, ids = logprobs.topk(k, dim=-1)
+        values, indices = [], []
+        lengths = (
+            [len(v) for v in table.column("input_ids").to_pylist()]
+            if self.task == "causal_lm"
+            else [1] * table.num_rows
+        )
+        for row, length in enumerate(lengths):
+            # Causal LM: one top-k per real token (padding dropped); classification: one per row.
+            values.append(
+                top[row, :length].reshape(-1).tolist()
+                if self.task == "causal_lm"
+                else top[row].tolist()
+            )
+            indices.append(
+                ids[row, :length].reshape(-1).tolist()
+                if self.task == "causal_lm"
+                else ids[row].tolist()
+            )
+        table = table.append_column("teacher_logprobs", pa.array(values, pa.list_(pa.float32())))
+        return table.append_column("teacher_ids", pa.array(indices, pa.list_(pa.int32())))
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def attach_teacher_outputs(recipe: Recipe, data, tokenizer, note: Callable[[str], None]):
+    """The prepared data with the training split carrying the teacher's top-k columns, from
+    the cache when an earlier run stored them with the same settings, else computed once."""
+    import ray.data
+
+    settings = offline_settings(recipe, tokenizer, data)
+    key = _digest(settings)
+    entry = cache_root(recipe) / "teacher" / key
+    meta_file = entry / "meta.json"
+    meta = _read_meta(meta_file)
+    if meta.get("complete"):
+        meta["reuses"] = meta.get("reuses", 0) + 1
+        meta["last_used"] = time.time()
+        meta_file.write_text(json.dumps(meta, indent=2, default=str))
+        note(f"teacher outputs reused from {entry} (cache key {key})")
+    else:
+        note(f"running the teacher once over {data.num_rows['train']:,} training rows")
+        tmp = entry.with_name(entry.name + f".tmp-{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        data.datasets["train"].map_batches(
+            TeacherTopK,
+            fn_constructor_kwargs={
+                "recipe_data": recipe.model_dump(mode="json"),
+                "pad_token_id": tokenizer.pad_token_id,
+            },
+            batch_format="pyarrow",
+            batch_size=TEACHER_BATCH_ROWS,
+            concurrency=1,
+            num_cpus=1,
+        ).write_parquet(str(tmp / "rows"))
+        meta = {
+            "key": key,
+            "settings": settings,
+            "rows": data.num_rows["train"],
+            "teacher_passes": meta.get("teacher_passes", 0) + 1,
+            "reuses": 0,
+            "created": time.time(),
+            "complete": True,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+        if entry.exists():
+            shutil.rmtree(entry)
+        tmp.rename(entry)
+        note(f"teacher outputs stored in {entry} (cache key {key})")
+    train = ray.data.read_parquet(str(entry / "rows")).materialize()
+    if train.count() != data.num_rows["train"]:
+        raise DistillError(
+            f"distill.cache_dir: {entry} holds {train.count()} rows but the training split has "
+            f"{data.num_rows['train']}; delete that directory to recompute it"
+        )
+    return dataclasses.replace(data, datasets={**data.datasets, "train": train})
+
+
+def collate_teacher(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Offline distillation columns of a batch, padded: [B, L, k] (causal LM) or [B, k]."""
+    from launcher.data import pad_sequences
+
+    ids = pad_sequences(batch["teacher_ids"], 0)
+    rows = [np.asarray(v, dtype=np.float32).reshape(-1) for v in batch["teacher_logprobs"]]
+    logprobs = np.zeros(tuple(ids.shape), dtype=np.float32)
+    for i, r in enumerate(rows):
+        logprobs[i, : len(r)] = r
+    out = {"teacher_ids": ids, "teacher_logprobs": torch.from_numpy(logprobs)}
+    labels = batch["labels"]
+    if labels.dtype == object or labels.ndim > 1:  # causal LM: one top-k per token
+        width = max(len(v) for v in batch["input_ids"])
+        out = {k: v.reshape(v.shape[0], width, -1) for k, v in out.items()}
+    return out
+
+
+# ----------------------------------------------------------------------------- driver hook
+
+
+def prepare_distillation(recipe: Recipe, data, tokenizer, view=None) -> tuple[Recipe, Any]:
+    """Before training: vocabulary and head checks, the student from teacher layers, and the
+    offline teacher pass. Returns the recipe to run (model.name_or_path may now name the
+    built student) and the prepared data (offline: train rows carry the teacher columns)."""
+    if recipe.distill is None:
+        return recipe, data
+    from launcher.models import load_tokenizer
+
+    def note(text: str) -> None:
+        if view is not None:
+            view.note(text)
+
+    teacher_cfg = teacher_model_config(recipe)
+    teacher_tokenizer = load_tokenizer(teacher_cfg)
+    check_vocabularies(
+        tokenizer, teacher_tokenizer, recipe.model.name_or_path, teacher_cfg.name_or_path
+    )
+    check_teacher_head(recipe)
+    if recipe.distill.init_student_from_teacher:
+        student = build_student_dir(recipe, tokenizer)
+        note(f"student built from teacher layers {recipe.distill.init_student_from_teacher}")
+        recipe = recipe.model_copy(
+            update={"model": recipe.model.model_copy(update={"name_or_path": str(student)})}
+        )
+    if recipe.distill.mode == "offline":
+        data = attach_teacher_outputs(recipe, data, tokenizer, note)
+    return recipe, data
+
+
+# ----------------------------------------------------------------------------- in workers
+
+
+class _Teacher:
+    """Calls the frozen teacher (under autocast when the run uses mixed precision with ddp)."""
+
+    def __init__(self, module: nn.Module, autocast: tuple[str, torch.dtype] | None):
+        self.module = module
+        self.autocast = autocast
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            if self.autocast is None:
+                return self.module(**model_inputs(batch)).logits
+            with torch.autocast(self.autocast[0], dtype=self.autocast[1]):
+                return self.module(**model_inputs(batch)).logits
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def build_teacher(recipe: Recipe, strategy, device: torch.device, pad_token_id: int | None):
+    """Online distillation: the teacher on this worker, frozen and in eval mode, in the run's
+    dtype; None for offline mode or no distillation. Under fsdp the teacher is sharded with
+    fully_shard like the student; under deepspeed ZeRO-3 it is partitioned at build time and
+    driven by an inference-only engine, so a teacher larger than one worker's memory fits."""
+    if recipe.distill is None or recipe.distill.mode != "online":
+        return None
+    from launcher.models import load_model, resolve_dtype
+    from launcher.strategies import resolve_precision
+
+    cfg = teacher_model_config(recipe)
+
+    def load() -> nn.Module:
+        model = load_model(cfg, dtype=resolve_dtype(cfg.dtype, device), pad_token_id=pad_token_id)
+        return _freeze(model)
+
+    name = recipe.strategy.name
+    if name == "fsdp":
+        return _Teacher(_sharded_teacher(load, device, strategy), None)
+    if name == "deepspeed" and recipe.strategy.zero_stage == 3:
+        return _Teacher(_zero3_teacher(load, strategy), None)
+    if name == "deepspeed":
+        # Stages 0-2 keep full weights on every rank; DeepSpeed's bf16/fp16 casts the student.
+        precision = strategy.config.get("bf16", {}).get("enabled") and torch.bfloat16
+        model = load().to(device)
+        return _Teacher(model.to(precision) if precision else model, None)
+    precision = resolve_precision(recipe, device)
+    autocast = (device.type, precision) if precision is not None else None
+    return _Teacher(load().to(device), autocast)
+
+
+def _sharded_teacher(load: Callable[[], nn.Module], device: torch.device, strategy) -> nn.Module:
+    """FSDP2: rank 0 loads the weights, the others build on meta; every block and the root are
+    sharded with fully_shard and rank 0 broadcasts the weights, each rank keeping its shard."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from launcher.strategies import _build_on_meta, transformer_blocks
+
+    rank = dist.get_rank()
+    model = load() if rank == 0 else _freeze(_build_on_meta(load))
+    full_state = model.state_dict() if rank == 0 else {}
+    if rank == 0:
+        model.to(device)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    options: dict[str, Any] = {"mesh": mesh}
+    if strategy.dtype is not None:
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=strategy.dtype)
+    for block in transformer_blocks(model):
+        fully_shard(block, **options)
+    fully_shard(model, **options)
+    if rank != 0:
+        model.to_empty(device=device)
+    set_model_state_dict(
+        model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    )
+    for buffer in model.buffers():
+        dist.broadcast(buffer.data, src=0)
+    return _freeze(model)
+
+
+def _zero3_teacher(load: Callable[[], nn.Module], strategy) -> nn.Module:
+    """ZeRO-3: built under zero.Init (each rank holds its partition) and wrapped in an engine
+    without optimizer, which gathers each layer's parameters for the forward pass."""
+    import deepspeed
+
+    config = {
+        k: v
+        for k, v in strategy.config.items()
+        if k not in ("optimizer", "scheduler", "gradient_clipping")
+    }
+    zero = dict(config.get("zero_optimization", {}))
+    zero.pop("offload_optimizer", None)
+    config["zero_optimization"] = zero
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        model = load()
+    engine, _, _, _ = deepspeed.initialize(model=model, config=config, dist_init_required=False)
+    engine.eval()
+    return engine
+
+
+def make_objective(recipe: Recipe, teacher: _Teacher | None) -> Objective:
+    """The loss of one micro-batch: (loss, tokens, parts). Parts are per-micro-batch values
+    the loop sums into the window's extra metrics (task_loss and distill_loss)."""
+    task = recipe.model.task
+    if recipe.distill is None:
+
+        def plain(module: nn.Module, batch: dict) -> tuple[torch.Tensor, int, dict[str, float]]:
+            loss, tokens = compute_loss(module, batch, task)
+            return loss, tokens, {}
+
+        return plain
+    d = recipe.distill
+
+    def distilled(module: nn.Module, batch: dict) -> tuple[torch.Tensor, int, dict[str, float]]:
+        labels = batch["labels"]
+        student = align_logits(module(**model_inputs(batch)).logits, labels, task)
+        hard = task_loss(student, labels, task)
+        if teacher is not None:
+            kl = kl_to_teacher(student, teacher.logits(batch), labels, task, d.temperature)
+        else:
+            kl = topk_kl_to_teacher(
+                student,
+                batch["teacher_logprobs"],
+                batch["teacher_ids"],
+                labels,
+                task,
+                d.temperature,
+            )
+        loss, soft = distillation_loss(hard, kl, d.alpha, d.temperature)
+        parts = {"task_loss": float(hard.detach()), "distill_loss": float(soft.detach())}
+        return loss, count_tokens(batch), parts
+
+    return distilled
+
+
+Adversary = Callable[[nn.Module, dict, Objective, Callable[[torch.Tensor], None]], None]
+
+
+def make_adversary(recipe: Recipe, model: nn.Module) -> Adversary | None:
+    """FGM for `train.adversarial`, or None. Call it after the clean backward, with the module,
+    the batch, the objective and the strategy's backward: it adds the adversarial gradient.
+
+    With tied input and output embeddings (GPT-2) the perturbed weights are the output layer's
+    too, as in any FGM on the embedding weights of such a model.
+    """
+    adversarial = recipe.train.adversarial
+    if adversarial is None:
+        return None
+    embedding = model.get_input_embeddings().weight
+
+    def adversary(module: nn.Module, batch: dict, objective: Objective, backward) -> None:
+        def loss() -> torch.Tensor:
+            return objective(module, batch)[0]
+
+        fgm_backward(embedding, adversarial.epsilon, loss, backward)
+
+    return adversary

@@ -1,0 +1,108 @@
+"""Distillation through the real job: 2 Ray Train workers, online and offline teachers, the
+teacher-output cache, the vocabulary check."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher.job import read_metrics, run
+from launcher.recipe import load_recipe
+
+
+def write_recipe(tmp_path: Path, body: dict, name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory) -> Path:
+    """A 3-layer GPT-2 with the same tokenizer as the tiny_gpt2 student (same corpus)."""
+    from launcher.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("teacher") / "gpt2", "gpt2", layers=3, seed=7)
+
+
+def distill_recipe(tmp_path, student, teacher, data, **distill) -> dict:
+    return {
+        "name": "tiny-distill",
+        "model": {"name_or_path": str(student)},
+        "data": {
+            "train": str(data["train"]),
+            "validation": str(data["validation"]),
+            "max_length": 32,
+        },
+        "distill": {
+            "teacher": {"name_or_path": str(teacher)},
+            "temperature": 2.0,
+            "alpha": 0.5,
+            **distill,
+        },
+        "train": {"max_steps": 6, "batch_size": 8, "lr": 3e-3, "log_every": 2, "seed": 0},
+        "scaling": {"num_workers": 2},
+        "checkpoint": {"storage_path": str(tmp_path / "runs"), "metric": "eval_loss"},
+    }
+
+
+def distill_metrics(run_dir: Path) -> list[dict]:
+    rows = [m for m in read_metrics(run_dir) if "distill_loss" in m]
+    assert rows, read_metrics(run_dir)
+    for m in rows:
+        assert math.isfinite(m["task_loss"]) and math.isfinite(m["distill_loss"])
+        # loss = alpha * task + (1 - alpha) * distill, averaged over the same micro-batches
+        assert m["loss"] == pytest.approx(0.5 * m["task_loss"] + 0.5 * m["distill_loss"], rel=1e-4)
+    return rows
+
+
+@pytest.mark.slow
+def test_online_distillation_two_workers(
+    ray_session, tiny_gpt2, tiny_teacher, story_data, tmp_path
+):
+    body = distill_recipe(tmp_path, tiny_gpt2, tiny_teacher, story_data)
+    summary = run(load_recipe(write_recipe(tmp_path, body)))
+    run_dir = Path(summary["run_dir"])
+    assert summary["status"] == "succeeded" and summary["steps"] == 6
+    rows = distill_metrics(run_dir)
+    assert rows[-1]["task_loss"] < rows[0]["task_loss"]
+    assert (run_dir / "model" / "config.json").exists()
+
+
+def cache_entries(cache: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(cache.glob("teacher/*/meta.json"))]
+
+
+@pytest.mark.slow
+def test_offline_teacher_pass_runs_once_and_a_second_run_reuses_it(
+    ray_session, tiny_gpt2, tiny_teacher, story_data, tmp_path
+):
+    cache = tmp_path / "cache"
+    body = distill_recipe(
+        tmp_path, tiny_gpt2, tiny_teacher, story_data, mode="offline", top_k=8, cache_dir=str(cache)
+    )
+    first = run(load_recipe(write_recipe(tmp_path, body)))
+    [entry] = cache_entries(cache)
+    assert entry["teacher_passes"] == 1 and entry["reuses"] == 0
+    assert entry["rows"] == 260 and entry["settings"]["top_k"] == 8
+    rows = distill_metrics(Path(first["run_dir"]))
+    assert rows[-1]["task_loss"] < rows[0]["task_loss"]
+
+    # The stored columns sit beside the tokens: top_k per token, flattened.
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(cache / "teacher" / entry["key"] / "rows")
+    row = table.slice(0, 1).to_pylist()[0]
+    assert len(row["teacher_logprobs"]) == len(row["teacher_ids"]) == 8 * len(row["input_ids"])
+    assert max(row["teacher_logprobs"]) <= 0
+
+    # Training settings are not part of the key: a second run reuses the stored outputs.
+    body["train"]["max_steps"] = 2
+    second = run(load_recipe(write_recipe(tmp_path, body)))
+    assert second["status"] == "succeeded"
+    [entry] = cache_entries(cache)
+    assert entry["teacher_passes"] == 1 and entry["reuses"] == 1
+    distill_metrics(Path(second["run_dir"]))
