@@ -29,7 +29,7 @@ from launcher.synthetic import instruction_rows, review_rows, story_lines, write
 
 SMOKE_STEPS = 4
 SMOKE_WORKERS = 2
-SMOKE_MAX_LENGTH = 64
+SMOKE_MAX_LENGTH = 128  # an instruction row with its prompt template fits
 SMOKE_BATCH_SIZE = 4
 SMOKE_NEW_TOKENS = 8
 SMOKE_MIN_FRACTION = 0.15
