@@ -753,6 +753,18 @@ def deepspeed_config(
     return _merge(generated, recipe.strategy.deepspeed_config)
 
 
+def _attach_deepspeed_comm() -> None:
+    """Point deepspeed.comm at the process group Ray Train (or the caller) already set up.
+
+    zero.Init asks deepspeed.comm for the world size before deepspeed.initialize runs; left
+    uninitialised it answers 1 and the batch-size check fails.
+    """
+    import deepspeed
+
+    if dist.is_available() and dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+
+
 class DeepSpeedStrategy:
     """DeepSpeed ZeRO 0-3 with optional CPU offload; works with gloo on CPU and NCCL on GPUs."""
 
@@ -778,6 +790,11 @@ class DeepSpeedStrategy:
         # Kept alive for the whole run: from_pretrained (and generate) look it up through a
         # weak reference to know that parameters are partitioned.
         self._hf_config = HfDeepSpeedConfig(self.config)
+        _attach_deepspeed_comm()
+        # zero.Init patches tensor constructors; torch._dynamo imported lazily inside it then
+        # fails its signature checks, so import it before.
+        import torch._dynamo  # noqa: F401
+
         with deepspeed.zero.Init(config_dict_or_path=self.config):
             return build_model()
 
