@@ -109,27 +109,31 @@ def check_vocabularies(student_tokenizer, teacher_tokenizer, student: str, teach
     )
 
 
-def check_teacher_head(recipe: Recipe) -> None:
-    """Classification: the teacher must be a classifier over the recipe's labels."""
+def check_teacher_head(recipe: Recipe) -> str | None:
+    """Classification: the teacher must predict as many labels as model.labels has. Returns a
+    warning when it has no classification head at all (its head then starts random, which only
+    a smoke test wants)."""
     if recipe.model.task != "classification":
-        return
+        return None
     from launcher.models import model_config_of
 
     config = model_config_of(teacher_model_config(recipe))
-    names = [a for a in (config.architectures or []) if a.endswith("ForSequenceClassification")]
+    name = recipe.distill.teacher.name_or_path
     labels = list(recipe.model.labels or [])
-    if not names:
-        raise DistillError(
-            f"distill.teacher: {recipe.distill.teacher.name_or_path} has no sequence "
-            f"classification head (architectures: {config.architectures}); distil from a "
+    heads = [a for a in (config.architectures or []) if a.endswith("ForSequenceClassification")]
+    if not heads:
+        return (
+            f"warning: distill.teacher {name} has no sequence classification head "
+            f"(architectures: {config.architectures}); its head starts random. Distil from a "
             f"teacher fine-tuned on the labels {labels}"
         )
     teacher_labels = [config.id2label[i] for i in sorted(config.id2label)]
     if len(teacher_labels) != len(labels):
         raise DistillError(
-            f"distill.teacher: {recipe.distill.teacher.name_or_path} predicts "
-            f"{len(teacher_labels)} labels {teacher_labels}; model.labels has {len(labels)} {labels}"
+            f"distill.teacher: {name} predicts {len(teacher_labels)} labels {teacher_labels}; "
+            f"model.labels has {len(labels)} {labels}"
         )
+    return None
 
 
 # ------------------------------------------------------------------ student from teacher
@@ -433,7 +437,9 @@ def prepare_distillation(recipe: Recipe, data, tokenizer, view=None) -> tuple[Re
     check_vocabularies(
         tokenizer, teacher_tokenizer, recipe.model.name_or_path, teacher_cfg.name_or_path
     )
-    check_teacher_head(recipe)
+    warning = check_teacher_head(recipe)
+    if warning:
+        note(warning)
     if recipe.distill.init_student_from_teacher:
         student = build_student_dir(recipe, tokenizer)
         note(f"student built from teacher layers {recipe.distill.init_student_from_teacher}")
@@ -610,3 +616,49 @@ def make_adversary(recipe: Recipe, model: nn.Module) -> Adversary | None:
         fgm_backward(embedding, adversarial.epsilon, loss, backward)
 
     return adversary
+
+
+# ------------------------------------------------------------------------ multi-task metrics
+
+
+def metric_slug(name: str) -> str:
+    """A source name as a metric-name part: eval_<slug>_loss."""
+    slug = "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
+    return slug or "source"
+
+
+def source_metrics(recipe: Recipe, data, run_dir: Path, view=None) -> dict[str, Any]:
+    """Multi-task runs: the exported model's eval metrics on each source of the validation
+    split (eval_<source>_loss, and perplexity or accuracy/f1), with Ray Data over the split's
+    tokenized rows. Appended to metrics.jsonl as a row at the last step (so summary.json's
+    final metrics show them) and returned as {"source_metrics": {...}}; {} without sources."""
+    from launcher.batch import PoolOptions, evaluate
+
+    validation = data.datasets.get("validation")
+    if validation is None or len(data.sources) < 2 or "source_id" not in validation.columns():
+        return {}
+    wanted = (
+        ["loss", "perplexity"] if recipe.model.task == "causal_lm" else ["loss", "accuracy", "f1"]
+    )
+    pool = PoolOptions(
+        batch_size=recipe.evaluate.batch_size if recipe.evaluate else 32, progress=False
+    )
+    found: dict[str, float] = {}
+    for source_id, name in enumerate(data.sources):
+        rows = validation.filter(lambda row, i=source_id: row["source_id"] == i).materialize()
+        if rows.count() == 0:
+            continue
+        result = evaluate(run_dir, rows, wanted, pool=pool)
+        for metric in wanted:
+            if isinstance(result.get(metric), int | float):
+                found[f"eval_{metric_slug(name)}_{metric}"] = float(result[metric])
+    if not found:
+        return {}
+    path = Path(run_dir) / "metrics.jsonl"
+    rows_seen = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    steps = [r["step"] for r in rows_seen if "step" in r and "event" not in r]
+    with path.open("a", encoding="utf-8") as out:
+        out.write(json.dumps({"step": max(steps, default=0), **found}) + "\n")
+    if view is not None:
+        view.note("per-source evaluation: " + ", ".join(f"{k}={v:.4g}" for k, v in found.items()))
+    return {"source_metrics": found}

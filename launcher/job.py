@@ -433,7 +433,7 @@ def run(
     """Run the whole job and return the summary. Raises DataError/ModelLoadError/LayoutError
     for bad input (before any training) and JobError when training fails."""
     from launcher.data import prepare_data
-    from launcher.distill import prepare_distillation
+    from launcher.distill import prepare_distillation, source_metrics
     from launcher.models import load_tokenizer
 
     view = view or ProgressView()
@@ -463,6 +463,7 @@ def run(
         view.note(f"exporting {checkpoint.name} to {run_dir / 'model'}")
         exported = export(recipe, checkpoint, run_dir, tokenizer)  # 3. export
         batch = batch_stage(recipe, run_dir, view)  # 4. batch
+        batch.update(source_metrics(recipe, data, run_dir, view))  # multi-task: per source
     except BaseException as exc:
         status = "preempted" if isinstance(exc, Preempted) else "failed"
         write_summary(recipe, state, status, {"error": str(exc), "data": data_facts(data)}, plan)

@@ -228,3 +228,146 @@ def test_student_with_distillation_ends_closer_to_the_teacher(tiny_gpt2, tmp_pat
         train_plain(student, stories, 20, 3e-3, loss_of)
         results[name] = held_out_kl(student, teacher, held_out)
     assert results["distilled"] < results["plain"] * 0.7, results
+
+
+# --------------------------------------------------------------- students from teacher layers
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])
+def test_student_from_teacher_layers_copies_chosen_blocks_and_the_rest(arch):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from launcher.distill import block_list, student_from_teacher
+    from launcher.tiny import model_config
+
+    torch.manual_seed(0)
+    cfg = model_config(arch, 80, width=32, layers=5)
+    if arch == "bert":
+        cfg.num_labels = 2
+        teacher = AutoModelForSequenceClassification.from_config(cfg).eval()
+    else:
+        teacher = AutoModelForCausalLM.from_config(cfg).eval()
+    student = student_from_teacher(teacher, [0, 2, 4]).eval()
+    path, blocks = block_list(student)
+    assert len(blocks) == 3 and student.config.num_hidden_layers == 3
+    teacher_state, student_state = teacher.state_dict(), student.state_dict()
+    for key, value in student_state.items():
+        if key.startswith(path + "."):
+            index, _, rest = key[len(path) + 1 :].partition(".")
+            source = f"{path}.{[0, 2, 4][int(index)]}.{rest}"
+        else:
+            source = key  # embeddings, final norm, head
+        assert torch.equal(value, teacher_state[source]), key
+    ids = torch.randint(0, 80, (2, 7))
+    assert student(input_ids=ids).logits.shape[-1] == teacher(input_ids=ids).logits.shape[-1]
+
+
+def test_student_from_teacher_refuses_missing_layers():
+    from transformers import AutoModelForCausalLM
+
+    from launcher.distill import DistillError, student_from_teacher
+    from launcher.tiny import model_config
+
+    teacher = AutoModelForCausalLM.from_config(model_config("gpt2", 80, width=32, layers=2))
+    with pytest.raises(DistillError, match=r"layer\(s\) \[4\] do not exist; the teacher has 2"):
+        student_from_teacher(teacher, [0, 4])
+
+
+# ------------------------------------------------------------------------ vocabulary check
+
+
+class FakeTokenizer:
+    def __init__(self, vocab: dict[str, int]):
+        self.vocab = vocab
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self.vocab)
+
+
+def test_vocabulary_mismatch_names_where_they_differ():
+    from launcher.distill import VocabularyMismatch, check_vocabularies
+
+    same = {"a": 0, "b": 1, "c": 2}
+    check_vocabularies(FakeTokenizer(same), FakeTokenizer(dict(same)), "s", "t")
+    with pytest.raises(VocabularyMismatch) as info:
+        check_vocabularies(
+            FakeTokenizer(same), FakeTokenizer({"a": 0, "x": 1, "c": 2, "d": 3}), "stu", "tea"
+        )
+    message = str(info.value)
+    assert "distill.teacher: tea" in message and "stu" in message
+    assert "(4 vs 3 tokens)" in message
+    assert "id 1: student 'b' / teacher 'x'" in message
+    assert "id 3: only in the teacher ('d')" in message
+    assert isinstance(info.value, ValueError)
+
+
+def test_cli_maps_distillation_errors_to_exit_2():
+    from launcher.cli import EXIT_BAD_INPUT, exit_code_for
+    from launcher.distill import DistillError, VocabularyMismatch
+
+    assert exit_code_for(VocabularyMismatch("x")) == EXIT_BAD_INPUT
+    assert exit_code_for(DistillError("x")) == EXIT_BAD_INPUT
+
+
+# ------------------------------------------------------------------ offline columns, cache key
+
+
+def test_collate_teacher_pads_top_k_per_token():
+    from launcher.data import collate
+
+    k = 3
+    rows = [[5, 6, 7, 8], [9, 10]]
+    batch = {
+        "input_ids": np.array([np.array(r) for r in rows], dtype=object),
+        "attention_mask": np.array([np.ones(len(r)) for r in rows], dtype=object),
+        "labels": np.array([np.array(r) for r in rows], dtype=object),
+        "teacher_logprobs": np.array(
+            [np.arange(len(r) * k, dtype=np.float32) * -0.1 for r in rows], dtype=object
+        ),
+        "teacher_ids": np.array([np.arange(len(r) * k) for r in rows], dtype=object),
+    }
+    out = collate(batch, pad_token_id=0)
+    assert out["teacher_ids"].shape == out["teacher_logprobs"].shape == (2, 4, k)
+    assert out["teacher_logprobs"].dtype == torch.float32
+    assert out["teacher_ids"][1, 1].tolist() == [3, 4, 5]
+    assert out["teacher_logprobs"][1, 2:].abs().sum() == 0  # padding
+    # classification: one top-k per row
+    cls = {
+        "input_ids": batch["input_ids"],
+        "labels": np.array([0, 1]),
+        "teacher_logprobs": np.array([[-0.1, -2.0], [-0.5, -0.9]], dtype=np.float32),
+        "teacher_ids": np.array([[1, 0], [0, 1]]),
+    }
+    assert collate(cls, pad_token_id=0)["teacher_ids"].shape == (2, 2)
+
+
+def test_offline_cache_key_follows_teacher_data_and_tokenization(tiny_gpt2, tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from launcher.distill import _digest, offline_settings
+    from launcher.recipe import validate_data
+
+    data_file = tmp_path / "train.jsonl"
+    data_file.write_text('{"text": "a b c"}\n')
+    body = {
+        "name": "k",
+        "model": {"name_or_path": str(tiny_gpt2)},
+        "data": {"train": str(data_file), "max_length": 32},
+        "distill": {"teacher": {"name_or_path": str(tiny_gpt2)}, "mode": "offline", "top_k": 8},
+    }
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+    prepared = SimpleNamespace(num_rows={"train": 1})
+
+    def key(change: dict | None = None, section: str = "data") -> str:
+        data = {**body, section: {**body[section], **(change or {})}}
+        return _digest(offline_settings(validate_data(data), tokenizer, prepared))
+
+    base = key()
+    assert key() == base
+    assert key({"max_length": 64}) != base  # tokenization
+    assert key({"top_k": 4}, "distill") != base  # what is stored
+    data_file.write_text('{"text": "a b c d"}\n')
+    assert key() != base  # the data file changed
+    assert key({"temperature": 3.0}, "distill") == key()  # applied at training time only
