@@ -577,6 +577,29 @@ def check_rules(recipe: Recipe) -> list[Problem]:
         problems.append(
             Problem("data.format", "classification data needs model.task: classification")
         )
+    if recipe.evaluate is not None:
+        # The batch stage checks this too, but only after training; say it before.
+        allowed = (
+            {"loss", "accuracy", "precision", "recall", "f1"}
+            if m.task == "classification"
+            else {"loss", "perplexity", "exact_match"}
+        )
+        for metric in recipe.evaluate.metrics:
+            if metric not in allowed:
+                problems.append(
+                    Problem(
+                        "evaluate.metrics",
+                        f"{metric} is not a {m.task} metric; allowed: {', '.join(sorted(allowed))}",
+                    )
+                )
+        if "exact_match" in recipe.evaluate.metrics and d.format != "instruction":
+            problems.append(
+                Problem(
+                    "evaluate.metrics",
+                    "exact_match needs data.format: instruction (a prompt and a reference "
+                    "output per row)",
+                )
+            )
     if d.split.validation + d.split.test >= 1:
         problems.append(
             Problem(
