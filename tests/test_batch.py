@@ -515,3 +515,18 @@ def test_evaluate_run_on_a_classification_run(ray_session, cls_model, review_dat
     )
     assert sum(map(sum, result["confusion_matrix"]["matrix"])) == len(rows)
     assert (run / "eval.json").exists() and (run / "confusion_matrix.png").exists()
+
+
+def test_recipe_refuses_metrics_that_do_not_fit_the_task(tmp_path):
+    from launcher.recipe import RecipeError, load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "name: r\nmodel: {name_or_path: gpt2}\ndata: {train: a.jsonl}\n"
+        "evaluate: {metrics: [loss, accuracy, exact_match]}\n"
+    )
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    text = info.value.render()
+    assert "evaluate.metrics: accuracy is not a causal_lm metric" in text
+    assert "exact_match needs data.format: instruction" in text
