@@ -106,3 +106,49 @@ def test_offline_teacher_pass_runs_once_and_a_second_run_reuses_it(
     [entry] = cache_entries(cache)
     assert entry["teacher_passes"] == 1 and entry["reuses"] == 1
     distill_metrics(Path(second["run_dir"]))
+
+
+def test_vocabulary_mismatch_exits_2_before_training(ray_session, tiny_gpt2, story_data, tmp_path):
+    from click.testing import CliRunner
+
+    from launcher.cli import cli
+    from launcher.tiny import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other", "gpt2", vocab_size=300)
+    body = distill_recipe(tmp_path, tiny_gpt2, other, story_data)
+    body["scaling"] = {"num_workers": 1}
+    result = CliRunner().invoke(cli, ["submit", str(write_recipe(tmp_path, body))])
+    assert result.exit_code == 2, result.output
+    assert "different tokenizer vocabulary" in result.output
+    assert "First differences: id " in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()  # failed before a run directory was made
+
+
+def test_student_from_teacher_layers_is_built_once_into_the_cache(
+    tiny_gpt2, tiny_teacher, tmp_path
+):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from launcher.distill import build_student_dir
+    from launcher.recipe import validate_data
+
+    recipe = validate_data(
+        {
+            "name": "s",
+            "model": {"name_or_path": str(tiny_gpt2)},
+            "data": {"train": "x.jsonl"},
+            "distill": {
+                "teacher": {"name_or_path": str(tiny_teacher)},
+                "init_student_from_teacher": [0, 2],
+                "cache_dir": str(tmp_path / "cache"),
+            },
+        }
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+    built = build_student_dir(recipe, tokenizer)
+    assert AutoConfig.from_pretrained(built).n_layer == 2
+    assert (built / "tokenizer.json").exists()
+    stamp = (built / "model.safetensors").stat().st_mtime_ns
+    assert build_student_dir(recipe, tokenizer) == built  # reused, not rebuilt
+    assert (built / "model.safetensors").stat().st_mtime_ns == stamp
