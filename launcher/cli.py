@@ -140,6 +140,7 @@ def schema(indent: int) -> None:
 
 def exit_code_for(exc: BaseException) -> int:
     """2 for bad input (recipe, data, model path, layout), 1 for a job that failed."""
+    from launcher.batch import BatchInputError
     from launcher.data import DataError
     from launcher.distill import DistillError
     from launcher.finetune import FinetuneError
@@ -156,6 +157,7 @@ def exit_code_for(exc: BaseException) -> int:
         DistillError,
         FinetuneError,
         DeepSpeedConfigError,
+        BatchInputError,
     )
     return EXIT_BAD_INPUT if isinstance(exc, bad_input) else EXIT_FAILED
 

@@ -34,6 +34,7 @@ class RunState:
     """What the driver learns while the job runs, for summary.json."""
 
     run_dir: Path
+    remote: str | None = None
     started: float = field(default_factory=time.time)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     parameters: dict[str, Any] = field(default_factory=dict)
@@ -47,18 +48,51 @@ class RunState:
 # --------------------------------------------------------------------------- run directory
 
 
-def new_run_dir(recipe: Recipe) -> Path:
-    """<storage_path>/<name>-<timestamp>, created, with the resolved recipe written in it."""
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    root = Path(os.path.expanduser(recipe.checkpoint.storage_path)).resolve()
-    run_dir = root / f"{recipe.name}-{stamp}"
-    suffix = 1
+def is_uri(storage_path: str) -> bool:
+    """s3://, gs://, file:// and other pyarrow filesystem URIs (not plain paths)."""
+    return "://" in storage_path
+
+
+def run_name(recipe: Recipe) -> str:
+    """<name>-<timestamp> of a new run."""
+    return f"{recipe.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def new_run_dir(recipe: Recipe) -> tuple[Path, str | None]:
+    """Create the run directory with the resolved recipe in it.
+
+    Local storage: <storage_path>/<name>-<timestamp>. URI storage: checkpoints go straight to
+    <uri>/<name>-<timestamp>/checkpoints through Ray Train; the driver's own files are staged in
+    a local directory and uploaded beside them at the end. Returns (local dir, remote URI).
+    """
+    storage = recipe.checkpoint.storage_path
+    name = run_name(recipe)
+    remote = None
+    if is_uri(storage):
+        remote = f"{storage.rstrip('/')}/{name}"
+        root = Path(os.environ.get("FTLAUNCH_STAGING", Path.home() / ".cache/ftlaunch/staging"))
+    else:
+        root = Path(os.path.expanduser(storage)).resolve()
+    run_dir, suffix = root / name, 1
     while run_dir.exists():
         suffix += 1
-        run_dir = root / f"{recipe.name}-{stamp}-{suffix}"
+        run_dir = root / f"{name}-{suffix}"
+    if remote is not None and suffix > 1:
+        remote = f"{remote}-{suffix}"
     run_dir.mkdir(parents=True)
     (run_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
-    return run_dir
+    return run_dir, remote
+
+
+def upload_run_dir(run_dir: Path, remote: str) -> None:
+    """Copy the driver's files (model, metrics, summary, ...) next to the remote checkpoints."""
+    import pyarrow.fs as pafs
+
+    fs, base = pafs.FileSystem.from_uri(remote)
+    fs.create_dir(base, recursive=True)
+    pafs.copy_files(
+        str(run_dir), base, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+    )
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -264,7 +298,7 @@ def train(
         ),
         run_config=ray.train.RunConfig(
             name="checkpoints",
-            storage_path=str(state.run_dir),
+            storage_path=state.remote or str(state.run_dir),
             failure_config=ray.train.FailureConfig(max_failures=recipe.train.max_failures),
             worker_runtime_env={"env_vars": worker_env()},
             checkpoint_config=ray.train.CheckpointConfig(
@@ -307,29 +341,32 @@ def train(
     return result, plan, metric
 
 
-def pick_checkpoint(result, metric: str | None, mode: str, run_dir: Path) -> Path:
-    """The best checkpoint by the recipe's metric, else the last one."""
+def pick_checkpoint(result, metric: str | None, mode: str, run_dir: Path):
+    """The best checkpoint by the recipe's metric, else the last one (a ray.train.Checkpoint)."""
+    import ray.train
+
     best = getattr(result, "best_checkpoints", None) or []
     if metric and best:
         scored = [(m.get(metric), c) for c, m in best if m.get(metric) is not None]
         if scored:
-            pick = (min if mode == "min" else max)(scored, key=lambda x: x[0])
-            return Path(pick[1].path)
+            return (min if mode == "min" else max)(scored, key=lambda x: x[0])[1]
     if result.checkpoint is not None:
-        return Path(result.checkpoint.path)
+        return result.checkpoint
     latest = latest_checkpoint(run_dir)
     if latest is None:
         raise JobError("training produced no checkpoint to export")
-    return latest
+    return ray.train.Checkpoint(str(latest))
 
 
-def export(recipe: Recipe, checkpoint_dir: Path, run_dir: Path, tokenizer) -> dict[str, Any]:
+def export(recipe: Recipe, checkpoint, run_dir: Path, tokenizer) -> dict[str, Any]:
     """Stage 3: consolidate the checkpoint into a Hugging Face model in run_dir/model."""
     from launcher.export import export_checkpoint
 
-    return export_checkpoint(
-        recipe, checkpoint_dir, run_dir, tokenizer, recipe.checkpoint.export.merge_lora
-    )
+    with checkpoint.as_directory() as local:  # downloads it first when storage is remote
+        info = export_checkpoint(
+            recipe, Path(local), run_dir, tokenizer, recipe.checkpoint.export.merge_lora
+        )
+    return {**info, "checkpoint": checkpoint.path}
 
 
 def batch_stage(recipe: Recipe, run_dir: Path, view: ProgressView) -> dict[str, Any]:
@@ -451,8 +488,8 @@ def run(
                 f"--resume {resume}: no checkpoint found under {resume}/checkpoints"
             )
     else:
-        run_dir, resume_from = new_run_dir(recipe), None
-    state = RunState(run_dir)
+        (run_dir, remote), resume_from = new_run_dir(recipe), None
+    state = RunState(run_dir, remote if resume is None else None)
     view.note(f"run directory: {run_dir}")
     if resume_from is not None:
         view.note(f"resuming from {resume_from}")
@@ -460,16 +497,24 @@ def run(
     try:
         result, plan, metric = train(recipe, data, tokenizer, state, view, resume_from)  # 2. train
         checkpoint = pick_checkpoint(result, metric, recipe.checkpoint.mode, run_dir)
-        view.note(f"exporting {checkpoint.name} to {run_dir / 'model'}")
+        view.note(f"exporting {Path(checkpoint.path).name} to {run_dir / 'model'}")
         exported = export(recipe, checkpoint, run_dir, tokenizer)  # 3. export
         batch = batch_stage(recipe, run_dir, view)  # 4. batch
         batch.update(source_metrics(recipe, data, run_dir, view))  # multi-task: per source
     except BaseException as exc:
         status = "preempted" if isinstance(exc, Preempted) else "failed"
         write_summary(recipe, state, status, {"error": str(exc), "data": data_facts(data)}, plan)
+        if state.remote:
+            upload_run_dir(run_dir, state.remote)
         raise
     extra = {"export": exported, **batch, "data": data_facts(data)}
-    return write_summary(recipe, state, "succeeded", extra, plan)  # 5.
+    if state.remote:
+        extra["storage"] = state.remote
+    summary = write_summary(recipe, state, "succeeded", extra, plan)  # 5.
+    if state.remote:
+        upload_run_dir(run_dir, state.remote)
+        view.note(f"uploaded the run directory to {state.remote}")
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

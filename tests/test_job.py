@@ -212,3 +212,25 @@ def test_bad_data_fails_with_exit_2_before_training(tiny_bert, tmp_path):
         and "Traceback" not in result.output
     )
     assert not list((tmp_path / "runs").glob("*/checkpoints/checkpoint_*"))
+
+
+def test_uri_storage_puts_the_whole_run_directory_there(
+    ray_session, tiny_gpt2, story_data, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("FTLAUNCH_STAGING", str(tmp_path / "staging"))
+    remote_root = tmp_path / "bucket"
+    body = causal_recipe(
+        tmp_path,
+        tiny_gpt2,
+        story_data,
+        train={"max_steps": 4},
+        scaling={"num_workers": 1},
+        checkpoint={"storage_path": f"file://{remote_root}", "metric": None},
+    )
+    summary = run(load_recipe(write_recipe(tmp_path, body)))
+    remote = next(remote_root.iterdir())
+    assert summary["storage"] == f"file://{remote}"
+    assert_contract(remote)
+    assert list((remote / "checkpoints").glob("checkpoint_*/ftlaunch_state.json"))
+    staged = tmp_path / "staging" / remote.name
+    assert not list(staged.glob("checkpoints/checkpoint_*"))  # checkpoints went straight to storage
