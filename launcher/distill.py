@@ -298,28 +298,31 @@ class TeacherTopK:
     def __init__(self, recipe_data: dict, pad_token_id: int):
         from launcher.models import load_model, resolve_dtype
 
-        torch.set_num_threads(1)
         recipe = Recipe.model_validate(recipe_data)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)
         self.task = recipe.model.task
         self.top_k = recipe.distill.top_k
         self.pad = pad_token_id
         self.model = load_model(
             teacher_model_config(recipe),
-            dtype=resolve_dtype(recipe.model.dtype),
+            dtype=resolve_dtype(recipe.model.dtype, self.device),
             pad_token_id=pad_token_id,
         ).eval()
+        self.model.to(self.device)
 
     def __call__(self, table):
         import pyarrow as pa
 
         from launcher.data import collate
 
-        batch = collate(_batch_arrays(table), self.pad)
+        batch = {k: v.to(self.device) for k, v in collate(_batch_arrays(table), self.pad).items()}
         with torch.no_grad():
             logits = self.model(**model_inputs(batch)).logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)
         k = min(self.top_k, logprobs.size(-1))
-        top, ids = logprobs.topk(k, dim=-1)
+        top, ids = (t.cpu() for t in logprobs.topk(k, dim=-1))
         values, indices = [], []
         lengths = (
             [len(v) for v in table.column("input_ids").to_pylist()]
@@ -363,6 +366,7 @@ def attach_teacher_outputs(recipe: Recipe, data, tokenizer, note: Callable[[str]
         note(f"teacher outputs reused from {entry} (cache key {key})")
     else:
         note(f"running the teacher once over {data.num_rows['train']:,} training rows")
+        gpus = int(ray.cluster_resources().get("GPU", 0)) if recipe.scaling.use_gpu else 0
         tmp = entry.with_name(entry.name + f".tmp-{os.getpid()}")
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -374,8 +378,9 @@ def attach_teacher_outputs(recipe: Recipe, data, tokenizer, note: Callable[[str]
             },
             batch_format="pyarrow",
             batch_size=TEACHER_BATCH_ROWS,
-            concurrency=1,
+            concurrency=max(gpus, 1),  # one teacher per GPU, else one on a CPU
             num_cpus=1,
+            num_gpus=1 if gpus else 0,
         ).write_parquet(str(tmp / "rows"))
         meta = {
             "key": key,

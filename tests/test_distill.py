@@ -371,3 +371,40 @@ def test_offline_cache_key_follows_teacher_data_and_tokenization(tiny_gpt2, tmp_
     data_file.write_text('{"text": "a b c d"}\n')
     assert key() != base  # the data file changed
     assert key({"temperature": 3.0}, "distill") == key()  # applied at training time only
+
+
+def test_teacher_pass_stores_top_k_log_probs_per_real_token(tiny_gpt2):
+    import pyarrow as pa
+    from transformers import AutoModelForCausalLM
+
+    from launcher.distill import TeacherTopK
+    from launcher.recipe import validate_data
+
+    recipe = validate_data(
+        {
+            "name": "t",
+            "model": {"name_or_path": str(tiny_gpt2)},
+            "data": {"train": "x.jsonl"},
+            "distill": {"teacher": {"name_or_path": str(tiny_gpt2)}, "mode": "offline", "top_k": 4},
+        }
+    )
+    rows = [[5, 6, 7, 8, 9], [10, 11]]
+    table = pa.table(
+        {
+            "input_ids": pa.array(rows, pa.list_(pa.int32())),
+            "attention_mask": pa.array([[1] * len(r) for r in rows], pa.list_(pa.int8())),
+            "labels": pa.array(rows, pa.list_(pa.int32())),
+        }
+    )
+    out = TeacherTopK(recipe.model_dump(mode="json"), pad_token_id=0)(table)
+    assert out.column_names[:3] == table.column_names  # the tokens stay, columns are added
+    second = out.slice(1, 1).to_pylist()[0]
+    assert len(second["teacher_ids"]) == len(second["teacher_logprobs"]) == 2 * 4
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    with torch.no_grad():
+        want = torch.log_softmax(model(input_ids=torch.tensor([rows[1]])).logits[0], -1)
+    top, ids = want.topk(4, dim=-1)
+    assert second["teacher_ids"] == ids.reshape(-1).tolist()
+    np.testing.assert_allclose(
+        second["teacher_logprobs"], top.reshape(-1).numpy(), rtol=1e-4, atol=1e-5
+    )
