@@ -167,7 +167,9 @@ class DistillConfig(Section):
     mode: Literal["online", "offline"] = "online"
     """online: teacher runs beside the student; offline: teacher top-k log-probs are precomputed."""
     top_k: int = Field(default=32, gt=0)
-    """offline mode: how many teacher log-probabilities are stored per token."""
+    """offline mode: how many teacher log-probabilities are stored per token. Training takes
+    the KL over these k entries, teacher and student both renormalised over them (the teacher's
+    mass outside its top-k is left out)."""
     init_student_from_teacher: list[int] | None = None
     """Initialise the student from these teacher layers (e.g. [0, 2, 4]), as DistilBERT was:
     the teacher's config with only these blocks, their weights and every non-block weight
