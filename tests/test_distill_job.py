@@ -152,3 +152,20 @@ def test_student_from_teacher_layers_is_built_once_into_the_cache(
     stamp = (built / "model.safetensors").stat().st_mtime_ns
     assert build_student_dir(recipe, tokenizer) == built  # reused, not rebuilt
     assert (built / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "strategy",
+    [{"name": "fsdp"}, {"name": "deepspeed", "zero_stage": 3}],
+    ids=["fsdp", "zero3"],
+)
+def test_online_teacher_is_sharded_with_the_student(
+    ray_session, tiny_gpt2, tiny_teacher, story_data, tmp_path, strategy
+):
+    body = distill_recipe(tmp_path, tiny_gpt2, tiny_teacher, story_data)
+    body["strategy"] = strategy
+    body["train"]["max_steps"] = 4
+    summary = run(load_recipe(write_recipe(tmp_path, body)))
+    assert summary["status"] == "succeeded" and summary["steps"] == 4
+    distill_metrics(Path(summary["run_dir"]))
