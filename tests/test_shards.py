@@ -1,0 +1,91 @@
+"""Two Ray Train workers read disjoint shards that together cover each epoch; tokenization ran
+once, in Ray Data, not in the workers."""
+
+from __future__ import annotations
+
+import sys
+
+import ray.cloudpickle
+import yaml
+
+from launcher.recipe import load_recipe
+
+# The workers cannot import this test module: ship its functions by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class Collector:
+    """Row ids seen by each (rank, epoch)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[int, int], list[int]] = {}
+
+    def add(self, rank: int, epoch: int, ids: list[int]) -> None:
+        self.seen.setdefault((rank, epoch), []).extend(ids)
+
+    def get(self) -> dict[tuple[int, int], list[int]]:
+        return self.seen
+
+
+def read_shard(config: dict) -> None:
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(2):
+        ids: list[int] = []
+        for batch in shard.iter_batches(
+            batch_size=16, local_shuffle_buffer_size=32, local_shuffle_seed=epoch
+        ):
+            ids.extend(int(i) for i in batch["row_id"])
+        ray.get(config["collector"].add.remote(rank, epoch, ids))
+
+
+def test_worker_shards_are_disjoint_cover_the_epoch_and_tokenize_once(
+    ray_session, tiny_gpt2, story_data, tmp_path
+):
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from launcher.data import prepare_data
+    from launcher.models import load_tokenizer
+
+    path = tmp_path / "recipe.yaml"
+    body = {
+        "name": "shards",
+        "model": {"name_or_path": str(tiny_gpt2)},
+        "data": {"train": str(story_data["train"]), "max_length": 32},
+        "checkpoint": {"metric": None},
+    }
+    path.write_text(yaml.safe_dump(body))
+    recipe = load_recipe(path)
+    data = prepare_data(recipe, load_tokenizer(recipe.model))
+    before = data.tokenization_runs()
+    all_ids = sorted(
+        int(r["row_id"]) for r in data.datasets["train"].select_columns(["row_id"]).take_all()
+    )
+
+    collector = ray.remote(num_cpus=0)(Collector).remote()
+    TorchTrainer(
+        read_shard,
+        train_loop_config={"collector": collector},
+        scaling_config=ray.train.ScalingConfig(num_workers=2),
+        run_config=ray.train.RunConfig(storage_path=str(tmp_path / "runs"), name="shards"),
+        datasets={"train": data.datasets["train"]},
+    ).fit()
+    seen = ray.get(collector.get.remote())
+
+    for epoch in range(2):
+        a, b = seen[(0, epoch)], seen[(1, epoch)]
+        assert not set(a) & set(b), "the two workers' shards overlap"
+        assert len(a) == len(b)  # equal shards: DDP steps stay in lockstep
+        covered = set(a) | set(b)
+        assert len(covered) == len(a) + len(b)  # no row twice within a shard
+        # Equal shards may leave out fewer rows than there are workers.
+        assert covered <= set(all_ids) and len(all_ids) - len(covered) < 2
+    assert seen[(0, 0)] != seen[(0, 1)]  # reshuffled per epoch
+
+    after = data.tokenization_runs()
+    assert after == before  # the workers read finished blocks; nothing was tokenized again
+    assert after["train"]["rows_in"] == data.raw_rows["train"]  # every raw row tokenized once
