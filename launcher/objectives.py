@@ -6,16 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
-
-
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors the model's forward takes (labels are handled by the objective)."""
-    inputs: dict = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    if "position_ids" in inputs:
-        # Packed batches: transformers keeps packed examples apart only without a KV cache.
-        inputs["use_cache"] = False
-    return inputs
+from launcher.data import model_inputs  # the batch layout belongs to the data stage
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
