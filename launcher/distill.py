@@ -117,7 +117,9 @@ def check_teacher_head(recipe: Recipe) -> str | None:
         return None
     from launcher.models import model_config_of
 
-    config = model_config_of(teacher_model_config(recipe))
+    # The teacher's own config: no task-head settings from the recipe laid over it.
+    teacher = teacher_model_config(recipe).model_copy(update={"task": "causal_lm"})
+    config = model_config_of(teacher)
     name = recipe.distill.teacher.name_or_path
     labels = list(recipe.model.labels or [])
     heads = [a for a in (config.architectures or []) if a.endswith("ForSequenceClassification")]

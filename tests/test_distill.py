@@ -408,3 +408,33 @@ def test_teacher_pass_stores_top_k_log_probs_per_real_token(tiny_gpt2):
     np.testing.assert_allclose(
         second["teacher_logprobs"], top.reshape(-1).numpy(), rtol=1e-4, atol=1e-5
     )
+
+
+def test_classification_teacher_must_predict_the_recipe_labels(tiny_bert, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from launcher.distill import DistillError, check_teacher_head
+    from launcher.recipe import validate_data
+
+    three = tmp_path / "three"
+    AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3).save_pretrained(
+        three
+    )
+
+    def recipe(teacher):
+        return validate_data(
+            {
+                "name": "c",
+                "model": {
+                    "name_or_path": str(tiny_bert),
+                    "task": "classification",
+                    "labels": ["negative", "positive"],
+                },
+                "data": {"train": "x.jsonl", "format": "classification"},
+                "distill": {"teacher": {"name_or_path": str(teacher)}},
+            }
+        )
+
+    with pytest.raises(DistillError, match="predicts 3 labels"):
+        check_teacher_head(recipe(three))
+    assert "has no sequence classification head" in check_teacher_head(recipe(tiny_bert))
