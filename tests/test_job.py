@@ -98,8 +98,7 @@ def test_instruction_format_runs_and_learns(ray_session, tiny_gpt2, instruction_
         tiny_gpt2,
         instruction_data,
         data={"format": "instruction", "max_length": 128},
-        train={"epochs": 1, "max_steps": 12},
-        scaling={"num_workers": 1},
+        train={"epochs": 1, "max_steps": 10},
     )
     summary = run(load_recipe(write_recipe(tmp_path, body)))
     run_dir = Path(summary["run_dir"])
