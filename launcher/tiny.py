@@ -6,6 +6,8 @@ requested architecture is saved beside it as a normal Hugging Face model directo
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -130,6 +132,14 @@ def model_config(arch: str, vocab_size: int, width: int = 64, layers: int = 2, *
     return cfg
 
 
+@functools.lru_cache(maxsize=8)
+def _shared_tokenizer(arch: str, corpus: tuple[str, ...], vocab_size: int):
+    """One trained tokenizer per (arch, corpus, size) in a process: the WordPiece trainer breaks
+    ties in no fixed order, so two tiny BERTs built here (a teacher and its student) would
+    otherwise get different vocabularies."""
+    return train_tokenizer(arch, corpus, vocab_size)
+
+
 def build_tiny_model(
     out_dir: str | Path,
     arch: str = "gpt2",
@@ -149,8 +159,10 @@ def build_tiny_model(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(
-        arch, corpus if corpus is not None else default_corpus(), vocab_size
+    tokenizer = copy.deepcopy(
+        _shared_tokenizer(
+            arch, tuple(corpus if corpus is not None else default_corpus()), vocab_size
+        )
     )
     cfg = model_config(arch, len(tokenizer), width=width, layers=layers)
     if arch == "gpt2":
