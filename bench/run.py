@@ -1,0 +1,251 @@
+"""`python -m bench.run [--quick] [--only NAME ...]`: ftlaunch against the plain libraries.
+
+Six measurements, each a ratio ftlaunch / baseline measured in the same run (see
+bench/README.md). Writes bench/results/<date>-<host>.json and bench/results/latest.md and
+prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    FULL,
+    QUICK,
+    SMOLLM2,
+    SST2_TRAIN,
+    Sizes,
+    exact_length_texts,
+    log,
+    write_text_rows,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SECTIONS = (
+    "time_to_first_step",
+    "train_tiny",
+    "train_smollm2",
+    "scaling",
+    "scoring",
+    "data",
+    "memory",
+)
+TINY_LENGTH, TINY_BATCH = 128, 8
+SMOL_LENGTH, SMOL_BATCH = 32, 2
+# One CPU (one torch thread) per training worker on both sides: with two OpenMP threads on a
+# shared 2-core machine, every op waits for a descheduled sibling thread and steps got 10x
+# slower and erratic (measured here under load); one thread keeps the ratio about the launcher.
+TRAIN_CPUS = 1
+
+
+def machine() -> dict[str, Any]:
+    import ray
+    import torch
+    import transformers
+
+    return {
+        "cpus": os.cpu_count(),
+        "gpus": torch.cuda.device_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "transformers": transformers.__version__,
+        "load_start": round(os.getloadavg()[0], 1),
+    }
+
+
+class Workspace:
+    """Models and data files the measurements share, built once per benchmark run."""
+
+    def __init__(self, root: Path, sizes: Sizes):
+        from launcher.tiny import build_tiny_model
+
+        self.root = root
+        self.sizes = sizes
+        self.tiny = build_tiny_model(root / "tiny-gpt2", "gpt2")
+        self.memory_model = build_tiny_model(
+            root / "gpt2-memory", "gpt2", width=sizes.memory_width, layers=4
+        )
+        rows = 2 * TINY_BATCH * max(sizes.tiny_steps, sizes.scaling_steps) + 64
+        self.tiny_data = write_text_rows(
+            root / "tiny-train.jsonl", exact_length_texts(self._tokenizer(), rows, TINY_LENGTH)
+        )
+        self._smol_data: Path | None = None
+
+    def _tokenizer(self, model: dict[str, Any] | None = None):
+        from launcher.models import load_tokenizer
+        from launcher.recipe import ModelConfig
+
+        return load_tokenizer(ModelConfig(**(model or {"name_or_path": str(self.tiny)})))
+
+    def smol_data(self) -> Path:
+        if self._smol_data is None:
+            rows = SMOL_BATCH * self.sizes.smol_steps + 16
+            texts = exact_length_texts(self._tokenizer(SMOLLM2), rows, SMOL_LENGTH)
+            self._smol_data = write_text_rows(self.root / "smol-train.jsonl", texts)
+        return self._smol_data
+
+
+def tiny_spec(ws: Workspace):
+    from bench.train import TrainSpec
+
+    s = ws.sizes
+    return TrainSpec(
+        label="tiny-gpt2",
+        model={"name_or_path": str(ws.tiny)},
+        data=ws.tiny_data,
+        steps=s.tiny_steps,
+        warmup=s.tiny_warmup,
+        log_every=s.tiny_log_every,
+        batch_size=TINY_BATCH,
+        length=TINY_LENGTH,
+        cpus_per_worker=TRAIN_CPUS,
+    )
+
+
+def section_runners(ws: Workspace) -> dict[str, Callable[[], dict[str, Any]]]:
+    from bench import train
+
+    s = ws.sizes
+    runs = ws.root / "runs"
+
+    def smollm2() -> dict[str, Any]:
+        spec = train.TrainSpec(
+            label="smollm2-lora",
+            model=dict(SMOLLM2),
+            data=ws.smol_data(),
+            steps=s.smol_steps,
+            warmup=s.smol_warmup,
+            log_every=s.smol_log_every,
+            batch_size=SMOL_BATCH,
+            length=SMOL_LENGTH,
+            lr=1e-4,
+            lora=True,
+            cpus_per_worker=TRAIN_CPUS,
+        )
+        return train.measure_throughput(spec, s.smol_repeats, runs)
+
+    def scaling() -> dict[str, Any]:
+        from dataclasses import replace
+
+        spec = replace(tiny_spec(ws), steps=s.scaling_steps)
+        return train.measure_scaling(spec, runs)
+
+    def scoring() -> dict[str, Any]:
+        from bench.scoring import measure_scoring, write_score_input
+
+        data = write_score_input(ws.root / "score.jsonl", s.score_rows, SST2_TRAIN)
+        return measure_scoring(ws.tiny, data, s.score_rows, s.repeats, ws.root / "scores")
+
+    def data() -> dict[str, Any]:
+        import ray
+
+        from bench.data_pipeline import measure_data
+
+        ray.shutdown()  # the children start their own Ray; keep the cores for them
+        return measure_data(
+            SST2_TRAIN, ws.tiny, s.data_repeats, s.data_multiplier, ws.root / "data"
+        )
+
+    def memory() -> dict[str, Any]:
+        from bench.memory import measure_memory
+
+        return measure_memory(ws.memory_model, ws.root / "memory")
+
+    return {
+        "time_to_first_step": lambda: train.measure_time_to_first_step(
+            tiny_spec(ws), s.ttfs_repeats, runs
+        ),
+        "train_tiny": lambda: train.measure_throughput(tiny_spec(ws), s.repeats, runs),
+        "train_smollm2": smollm2,
+        "scaling": scaling,
+        "scoring": scoring,
+        "data": data,
+        "memory": memory,
+    }
+
+
+def run_sections(ws: Workspace, names: list[str]) -> dict[str, Any]:
+    """Each section on its own: one that fails records its error and the rest still run."""
+    runners = section_runners(ws)
+    results: dict[str, Any] = {}
+    for name in names:
+        log(f"== {name}")
+        started = time.perf_counter()
+        try:
+            results[name] = runners[name]()
+        except Exception as exc:  # a broken section must not hide the others' figures
+            traceback.print_exc()
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        results[name]["seconds"] = time.perf_counter() - started
+        log(f"{name} took {results[name]['seconds']:.0f} s")
+    return results
+
+
+def write_results(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    from bench.report import markdown
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    json_path = out_dir / f"{stamp}-{result['host']}.json"
+    json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    md_path = out_dir / "latest.md"
+    md_path.write_text(markdown(result))
+    return json_path, md_path
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes, one repeat")
+    parser.add_argument(
+        "--only", nargs="+", choices=SECTIONS, default=None, help="run only these sections"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument("--work", type=Path, default=None, help="scratch directory (kept)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sizes = QUICK if args.quick else FULL
+    started = time.perf_counter()
+    result: dict[str, Any] = {
+        "date": datetime.now().isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "mode": "quick" if args.quick else "full",
+        "sizes": sizes.__dict__,
+        "machine": machine(),
+    }
+    with tempfile.TemporaryDirectory(prefix="ftlaunch-bench-") as tmp:
+        root = args.work or Path(tmp)
+        log(f"building tiny models and data in {root}")
+        ws = Workspace(root, sizes)
+        result["sections"] = run_sections(ws, list(args.only or SECTIONS))
+    result["machine"]["load_end"] = round(os.getloadavg()[0], 1)
+    result["seconds"] = time.perf_counter() - started
+    json_path, md_path = write_results(result, args.out)
+    from bench.report import markdown
+
+    print(markdown(result))
+    log(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

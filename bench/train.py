@@ -1,0 +1,364 @@
+"""Training throughput, time to first step and scaling: an ftlaunch run against a plain loop.
+
+Both sides train the same model on the same rows (every row exactly `length` tokens, so no
+padding and no shuffling difference matters), with the same batch, optimizer (AdamW, linear
+schedule, gradient clipping at 1.0), dropout and torch thread count. ftlaunch's steady-state
+tokens/s comes from the run's own metrics.jsonl after the warm-up steps; the plain loop times
+the same steps with perf_counter.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from bench.common import LLAMA_PROJECTIONS, log, median, ratio
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """One training configuration, shared by the ftlaunch run and the plain loop."""
+
+    label: str
+    model: dict[str, Any]
+    data: Path
+    steps: int
+    warmup: int
+    log_every: int
+    batch_size: int
+    length: int
+    lr: float = 1e-3
+    lora: bool = False
+    workers: int = 1
+    cpus_per_worker: int = 2
+
+
+class TimedView:
+    """A progress view for launcher.job.run that prints nothing and records when each driver
+    event happened (perf_counter): the data notes, trainer start, model built, first report."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, str]] = []
+        self.reports: list[tuple[float, dict[str, Any]]] = []
+
+    def start(self, total_steps: int) -> None:
+        self.events.append((time.perf_counter(), "trainer_start"))
+
+    def update(self, metrics: dict[str, Any]) -> None:
+        self.reports.append((time.perf_counter(), dict(metrics)))
+
+    def note(self, text: str) -> None:
+        self.events.append((time.perf_counter(), text))
+
+    def stop(self) -> None:
+        self.events.append((time.perf_counter(), "trainer_stop"))
+
+    def first(self, prefix: str) -> float | None:
+        return next((t for t, text in self.events if text.startswith(prefix)), None)
+
+
+# ------------------------------------------------------------------------------- ftlaunch
+
+
+def recipe_body(spec: TrainSpec, storage: Path) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "name": f"bench-{spec.label}",
+        "model": dict(spec.model),
+        "data": {
+            "train": str(spec.data),
+            "split": {"validation": 0.0},
+            "max_length": spec.length,
+        },
+        "train": {
+            "epochs": 1,
+            "max_steps": spec.steps,
+            "batch_size": spec.batch_size,
+            "lr": spec.lr,
+            "log_every": spec.log_every,
+            "seed": 0,
+        },
+        "scaling": {"num_workers": spec.workers, "cpus_per_worker": spec.cpus_per_worker},
+        "checkpoint": {"storage_path": str(storage), "keep": 1},
+    }
+    if spec.lora:
+        body["finetune"] = {
+            "method": "lora",
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": LLAMA_PROJECTIONS},
+        }
+    return body
+
+
+def steady_state(metrics: list[dict[str, Any]], warmup: int) -> dict[str, float]:
+    """Tokens and seconds of the report windows after the warm-up steps."""
+    windows = [m for m in metrics if m.get("tokens_per_s") and m.get("step", 0) > warmup]
+    tokens = sum(float(m["tokens"]) for m in windows)
+    seconds = sum(float(m["tokens"]) / float(m["tokens_per_s"]) for m in windows)
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds if seconds else None,
+        "reports": len(windows),
+    }
+
+
+def run_ftlaunch(spec: TrainSpec, storage: Path) -> dict[str, Any]:
+    """One `launcher.job.run` of the spec; steady-state tokens/s and the driver timeline."""
+    from launcher.job import read_metrics, run
+    from launcher.recipe import Recipe
+
+    recipe = Recipe.model_validate(recipe_body(spec, storage))
+    view = TimedView()
+    started = time.perf_counter()
+    summary = run(recipe, view=view)
+    wall = time.perf_counter() - started
+    run_dir = Path(summary["run_dir"])
+    metrics = [m for m in read_metrics(run_dir) if "event" not in m]
+    out = {
+        **steady_state(metrics, spec.warmup),
+        "wall_s": wall,
+        "final_loss": metrics[-1].get("loss") if metrics else None,
+        "timeline": timeline(view, started),
+    }
+    shutil.rmtree(run_dir, ignore_errors=True)  # exported models are large; keep the disk free
+    return out
+
+
+def timeline(view: TimedView, started: float) -> dict[str, float | None]:
+    """Seconds from the call of run() to each observable driver event."""
+
+    def since(t: float | None) -> float | None:
+        return None if t is None else t - started
+
+    return {
+        "ray_and_tokenizer_ready": since(view.first("preparing data")),
+        "data_ready": since(view.first("rows:")),
+        "trainer_start": since(view.first("trainer_start")),
+        "model_built": since(view.first("trainable parameters")),
+        "first_report": since(view.reports[0][0] if view.reports else None),
+        "trainer_stop": since(view.first("trainer_stop")),
+    }
+
+
+# ------------------------------------------------------------------------------ plain loop
+
+
+def load_plain_model(model: dict[str, Any]):
+    """The model with transformers alone (GGUF dequantized on load), fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from launcher.models import package_path
+
+    source = model["name_or_path"]
+    if source.startswith("pkg:"):
+        source = str(package_path(source))
+    kwargs = {"gguf_file": model["gguf_file"]} if model.get("gguf_file") else {}
+    return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+
+
+def load_plain_tokenizer(model: dict[str, Any]):
+    from transformers import AutoTokenizer
+
+    from launcher.models import package_path
+
+    source = model["name_or_path"]
+    if source.startswith("pkg:"):
+        source = str(package_path(source))
+    kwargs = {"gguf_file": model["gguf_file"]} if model.get("gguf_file") else {}
+    return AutoTokenizer.from_pretrained(source, **kwargs)
+
+
+def plain_rows(spec: TrainSpec, tokenizer) -> Any:
+    """The training rows as one (N, length) tensor: text + EOS, as ftlaunch tokenizes it."""
+    import json
+
+    import torch
+
+    texts = [json.loads(line)["text"] for line in spec.data.read_text().splitlines() if line]
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    ids = [row + eos for row in tokenizer(texts)["input_ids"]]
+    ids = [row for row in ids if len(row) == spec.length]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def run_plain(spec: TrainSpec, threads: int | None = None) -> dict[str, Any]:
+    """The same steps with PyTorch + transformers (+ peft) only, timed from the outside."""
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    torch.set_num_threads(threads or spec.cpus_per_worker)
+    marks = {"start": time.perf_counter()}
+    torch.manual_seed(0)
+    tokenizer = load_plain_tokenizer(spec.model)
+    rows = plain_rows(spec, tokenizer)
+    marks["data_ready"] = time.perf_counter()
+    model = load_plain_model(spec.model)
+    if spec.lora:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=8,
+            lora_alpha=16,
+            lora_dropout=0.05,
+            target_modules=LLAMA_PROJECTIONS,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, config)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=0.0)
+    schedule = get_linear_schedule_with_warmup(optimizer, 0, spec.steps)
+    marks["model_built"] = time.perf_counter()
+    order = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(spec.batch_size, spec.length, dtype=torch.long)
+    losses: list[float] = []
+    steady_from = None
+    for step in range(spec.steps):
+        if step == spec.warmup:
+            steady_from = time.perf_counter()
+        start = (step * spec.batch_size) % (rows.shape[0] - spec.batch_size + 1)
+        batch = rows[order[start : start + spec.batch_size]]
+        out = model(input_ids=batch, attention_mask=mask, labels=batch)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(out.loss.item())
+        if step == 0:
+            marks["first_step"] = time.perf_counter()
+    ended = time.perf_counter()
+    measured = spec.steps - spec.warmup
+    seconds = ended - steady_from if steady_from else None
+    tokens = measured * spec.batch_size * spec.length
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds if seconds else None,
+        "steps": measured,
+        "final_loss": losses[-1] if losses else None,
+        "timeline": {k: v - marks["start"] for k, v in marks.items() if k != "start"},
+    }
+
+
+# ---------------------------------------------------------------------------- measurements
+
+
+def measure_throughput(spec: TrainSpec, repeats: int, storage: Path) -> dict[str, Any]:
+    """Steady-state tokens/s, ftlaunch and plain alternating, `repeats` times each."""
+    ours, theirs = [], []
+    for i in range(repeats):
+        log(f"throughput {spec.label}: ftlaunch run {i + 1}/{repeats}")
+        ours.append(run_ftlaunch(spec, storage))
+        log(f"throughput {spec.label}: plain loop {i + 1}/{repeats}")
+        theirs.append(run_plain(spec))
+    a = median(r["tokens_per_s"] for r in ours)
+    b = median(r["tokens_per_s"] for r in theirs)
+    return {
+        "spec": describe(spec),
+        "ftlaunch_tokens_per_s": a,
+        "plain_tokens_per_s": b,
+        "ratio": ratio(a, b),
+        "ftlaunch_runs": ours,
+        "plain_runs": theirs,
+    }
+
+
+def measure_time_to_first_step(spec: TrainSpec, repeats: int, storage: Path) -> dict[str, Any]:
+    """Seconds from the call to the first finished optimizer step, Ray start included.
+
+    ftlaunch: launcher.job.run with log_every 1 after ray.shutdown(), so the first report
+    marks step 1; the phases come from the driver's own progress events. Plain: tokenizer,
+    data, model, optimizer and one step in this process (imports are warm on both sides).
+    """
+    import ray
+
+    spec = replace(spec, steps=2, warmup=0, log_every=1)
+    ours, theirs = [], []
+    for i in range(repeats):
+        log(f"time to first step: ftlaunch run {i + 1}/{repeats} (fresh Ray)")
+        ray.shutdown()
+        ours.append(run_ftlaunch(spec, storage)["timeline"])
+        log(f"time to first step: plain loop {i + 1}/{repeats}")
+        theirs.append(run_plain(spec)["timeline"])
+    first = median(t["first_report"] for t in ours)
+    plain_first = median(t["first_step"] for t in theirs)
+    return {
+        "spec": describe(spec),
+        "ftlaunch_s": first,
+        "plain_s": plain_first,
+        "ratio": ratio(first, plain_first),
+        "fixed_overhead_s": None if first is None else first - plain_first,
+        "breakdown_s": overhead_breakdown(ours, theirs),
+        "ftlaunch_runs": ours,
+        "plain_runs": theirs,
+    }
+
+
+def overhead_breakdown(ours: list[dict], theirs: list[dict]) -> dict[str, float | None]:
+    """Median seconds of each ftlaunch phase. Worker start and model build are one interval
+    seen from the driver; the model build part is estimated by the plain loop's model build."""
+
+    def phase(rows: list[dict], end: str, begin: str | None) -> float | None:
+        values = [
+            r[end] - (r[begin] if begin else 0.0)
+            for r in rows
+            if r.get(end) is not None and (begin is None or r.get(begin) is not None)
+        ]
+        return median(values)
+
+    model_build = phase(theirs, "model_built", "data_ready")
+    start_and_build = phase(ours, "model_built", "trainer_start")
+    return {
+        "ray_start_and_tokenizer": phase(ours, "ray_and_tokenizer_ready", None),
+        "data_prep": phase(ours, "data_ready", "ray_and_tokenizer_ready"),
+        "run_dir_and_plan": phase(ours, "trainer_start", "data_ready"),
+        "worker_start_estimated": (
+            None if start_and_build is None else start_and_build - (model_build or 0.0)
+        ),
+        "model_build_estimated": model_build,
+        "first_step_and_report": phase(ours, "first_report", "model_built"),
+        "plain_data": phase(theirs, "data_ready", None),
+        "plain_model_build": model_build,
+        "plain_first_step": phase(theirs, "first_step", "model_built"),
+    }
+
+
+def measure_scaling(spec: TrainSpec, storage: Path) -> dict[str, Any]:
+    """1 worker vs 2 workers (1 CPU each) on the same global batch and steps."""
+    global_batch = spec.batch_size * 2
+    one = replace(spec, label=f"{spec.label}-1w", workers=1, cpus_per_worker=1)
+    one = replace(one, batch_size=global_batch)
+    two = replace(spec, label=f"{spec.label}-2w", workers=2, cpus_per_worker=1)
+    log("scaling: 1 worker x 1 CPU")
+    single = run_ftlaunch(one, storage)
+    log("scaling: 2 workers x 1 CPU")
+    double = run_ftlaunch(two, storage)
+    speedup = ratio(double["tokens_per_s"], single["tokens_per_s"])
+    return {
+        "spec": describe(two),
+        "global_batch": global_batch,
+        "one_worker_tokens_per_s": single["tokens_per_s"],
+        "two_workers_tokens_per_s": double["tokens_per_s"],
+        "speedup": speedup,
+        "efficiency": None if speedup is None else speedup / 2,
+        "runs": {"one": single, "two": double},
+    }
+
+
+def describe(spec: TrainSpec) -> dict[str, Any]:
+    return {
+        "label": spec.label,
+        "model": spec.model,
+        "steps": spec.steps,
+        "warmup_steps": spec.warmup,
+        "log_every": spec.log_every,
+        "batch_size": spec.batch_size,
+        "length": spec.length,
+        "lora": spec.lora,
+        "workers": spec.workers,
+        "cpus_per_worker": spec.cpus_per_worker,
+    }
