@@ -112,17 +112,30 @@ def ensure_ray(verbose: bool = False) -> None:
 
     if ray.is_initialized():
         return
-    env = {
-        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", ""),
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", ""),
-    }
     ray.init(
         log_to_driver=verbose,
         logging_level="INFO" if verbose else "WARNING",
         include_dashboard=False if not os.environ.get("RAY_ADDRESS") else None,
-        runtime_env={"env_vars": {k: v for k, v in env.items() if v}},
+        runtime_env={"env_vars": ray_job_env()},
     )
+
+
+def ray_job_env() -> dict[str, str]:
+    """Environment for every process of the Ray job (controller, workers, data tasks).
+
+    Ray Train's controller drains each worker's one-slot report queue only when it polls, every
+    RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default): a report made sooner blocks the worker
+    until then, which caps a fast loop at one report per 2 s. Polling every 0.2 s removes that.
+    """
+    env = {
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get(
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
+        ),
+        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", ""),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", ""),
+    }
+    return {k: v for k, v in env.items() if v}
 
 
 def quiet_ray_data(verbose: bool) -> None:

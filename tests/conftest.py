@@ -30,13 +30,15 @@ def ray_session():
     """
     import ray
 
+    from launcher.job import ray_job_env
+
     if not ray.is_initialized():
         ray.init(
             num_cpus=4,
             include_dashboard=False,
             log_to_driver=False,
             configure_logging=False,
-            runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}},
+            runtime_env={"env_vars": ray_job_env()},
         )
     yield ray
     # Ray is shut down at interpreter exit; other session fixtures may still need it.
