@@ -958,16 +958,25 @@ class PreparedData:
         return ray.get(self.ledger.snapshot.remote()) if self.ledger is not None else {}
 
 
-def prepare_data(recipe: Any, tokenizer: Any, *, base_dir: Path | None = None) -> PreparedData:
+def prepare_data(
+    recipe: Any,
+    tokenizer: Any,
+    *,
+    base_dir: Path | None = None,
+    tables: dict[str, pa.Table] | None = None,
+) -> PreparedData:
     """Read and validate every split in the driver, then tokenize once with Ray Data.
 
     Raises DataError (before any training) for bad data. Relative paths are resolved against
-    `base_dir` (default: the working directory). Needs a running Ray (ray.init).
+    `base_dir` (default: the working directory). `tables` are splits already read with
+    `load_tables` (the driver reads them before starting Ray, so bad data fails fast).
+    Needs a running Ray (ray.init).
     """
     import ray
 
     check_prompt_template(recipe.data.prompt_template)
-    tables = load_tables(recipe, base_dir)
+    if tables is None:
+        tables = load_tables(recipe, base_dir)
     sources = _source_names(tables)
     batch_fn = tokenizer_for_batches(recipe, tokenizer)
     ledger = ray.remote(num_cpus=0)(_TokenizationLedger).remote()

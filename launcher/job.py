@@ -482,16 +482,18 @@ def run(
 ) -> dict[str, Any]:
     """Run the whole job and return the summary. Raises DataError/ModelLoadError/LayoutError
     for bad input (before any training) and JobError when training fails."""
-    from launcher.data import prepare_data
+    from launcher.data import load_tables, prepare_data
     from launcher.distill import prepare_distillation, source_metrics
     from launcher.models import load_tokenizer
 
     view = view or ProgressView()
+    # Bad input (model path, data files, rows) fails here, before Ray starts or a run dir exists.
+    tokenizer = load_tokenizer(recipe.model)
+    tables = load_tables(recipe)
     ensure_ray(verbose)
     quiet_ray_data(verbose)
-    tokenizer = load_tokenizer(recipe.model)
     view.note("preparing data (tokenizing once with Ray Data)")
-    data = prepare_data(recipe, tokenizer)  # 1. data: bad data fails here, before any run dir
+    data = prepare_data(recipe, tokenizer, tables=tables)  # 1. data
     recipe, data = prepare_distillation(recipe, data, tokenizer, view)  # teacher, offline pass
     view.note("rows: " + ", ".join(f"{k}={v:,}" for k, v in data.num_rows.items()))
     if resume is not None:
