@@ -906,11 +906,14 @@ class _TokenizationLedger:
     def __init__(self) -> None:
         self.counts: dict[str, dict[str, int]] = {}
 
-    def record(self, split: str, rows_in: int, rows_out: int) -> None:
-        entry = self.counts.setdefault(split, {"calls": 0, "rows_in": 0, "rows_out": 0})
+    def record(self, split: str, rows_in: int, rows_out: int, tokens_out: int = 0) -> None:
+        entry = self.counts.setdefault(
+            split, {"calls": 0, "rows_in": 0, "rows_out": 0, "tokens_out": 0}
+        )
         entry["calls"] += 1
         entry["rows_in"] += rows_in
         entry["rows_out"] += rows_out
+        entry["tokens_out"] += tokens_out
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         return {k: dict(v) for k, v in self.counts.items()}
@@ -922,7 +925,8 @@ def _tokenize_and_record(
     import ray
 
     out = fn(batch)
-    ray.get(ledger.record.remote(split, batch.num_rows, out.num_rows))
+    tokens = pc.sum(out.column("num_tokens")).as_py() or 0 if out.num_rows else 0
+    ray.get(ledger.record.remote(split, batch.num_rows, out.num_rows, tokens))
     return out
 
 
@@ -1023,7 +1027,11 @@ def _tokenize_splits(
             )
         datasets[split] = ds
         num_rows[split] = count
-        num_tokens[split] = int(ds.sum("num_tokens"))
+    # Token counts come from the tokenizing tasks themselves: an aggregation over the finished
+    # blocks would run another (shuffling) Ray Data job per split.
+    counts = ray.get(ledger.snapshot.remote())
+    for split in datasets:
+        num_tokens[split] = int(counts[split]["tokens_out"])
     return datasets, num_rows, num_tokens
 
 

@@ -6,6 +6,7 @@ KubeRay RayJob) or an embedded Ray started here; `ftlaunch submit` starts it in-
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -19,6 +20,22 @@ from typing import Any
 from launcher.progress import ProgressView
 from launcher.recipe import Recipe, dump_recipe, load_recipe
 from launcher.train_loop import Plan, latest_checkpoint, make_plan, train_loop_per_worker
+
+
+class Stopwatch:
+    """Seconds spent in each stage of the driver (summary.json `timings_s`)."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = round(time.perf_counter() - begin, 3)
 
 
 class JobError(Exception):
@@ -35,6 +52,7 @@ class RunState:
 
     run_dir: Path
     remote: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     parameters: dict[str, Any] = field(default_factory=dict)
@@ -246,6 +264,9 @@ def drain_sink(sink, state: RunState, view: ProgressView, stop: threading.Event,
                 # Replayed after a restart from an earlier checkpoint: already on record.
                 state.replayed += 1
             else:
+                if item.get("step", 0) >= 1 and "first_report" not in state.timings:
+                    # From the driver's start to the first training report (steps 1..log_every).
+                    state.timings["first_report"] = round(time.time() - state.started, 3)
                 state.last_step = max(state.last_step, int(item.get("step", 0)))
                 state.metrics.append(item)
                 out.write(json.dumps(item) + "\n")
@@ -455,6 +476,7 @@ def write_summary(
         "tokens_per_s": (tokens / train_time) if train_time > 0 else None,
         "restarts": state.restarts,
         "replayed_reports": state.replayed,
+        "timings_s": state.timings,
         "parameters": state.parameters,
         "final_metrics": final_metrics(rows),
         "strategy": recipe.strategy.name,
@@ -487,14 +509,17 @@ def run(
     from launcher.models import load_tokenizer
 
     view = view or ProgressView()
-    # Bad input (model path, data files, rows) fails here, before Ray starts or a run dir exists.
-    tokenizer = load_tokenizer(recipe.model)
-    tables = load_tables(recipe)
-    ensure_ray(verbose)
-    quiet_ray_data(verbose)
+    clock = Stopwatch()
+    with clock("load"):  # bad input (model path, data files, rows) fails here, before Ray starts
+        tokenizer = load_tokenizer(recipe.model)
+        tables = load_tables(recipe)
+    with clock("ray_start"):
+        ensure_ray(verbose)
+        quiet_ray_data(verbose)
     view.note("preparing data (tokenizing once with Ray Data)")
-    data = prepare_data(recipe, tokenizer, tables=tables)  # 1. data
-    recipe, data = prepare_distillation(recipe, data, tokenizer, view)  # teacher, offline pass
+    with clock("data"):
+        data = prepare_data(recipe, tokenizer, tables=tables)  # 1. data
+        recipe, data = prepare_distillation(recipe, data, tokenizer, view)  # teacher, offline pass
     view.note("rows: " + ", ".join(f"{k}={v:,}" for k, v in data.num_rows.items()))
     if resume is not None:
         run_dir, resume_from = Path(resume), latest_checkpoint(Path(resume))
@@ -504,18 +529,23 @@ def run(
             )
     else:
         (run_dir, remote), resume_from = new_run_dir(recipe), None
-    state = RunState(run_dir, remote if resume is None else None)
+    state = RunState(
+        run_dir, remote if resume is None else None, timings=clock.timings, started=clock.started
+    )
     view.note(f"run directory: {run_dir}")
     if resume_from is not None:
         view.note(f"resuming from {resume_from}")
     plan = None
     try:
-        result, plan, metric = train(recipe, data, tokenizer, state, view, resume_from)  # 2. train
+        with clock("train"):
+            result, plan, metric = train(recipe, data, tokenizer, state, view, resume_from)  # 2.
         checkpoint = pick_checkpoint(result, metric, recipe.checkpoint.mode, run_dir)
         view.note(f"exporting {Path(checkpoint.path).name} to {run_dir / 'model'}")
-        exported = export(recipe, checkpoint, run_dir, tokenizer)  # 3. export
-        batch = batch_stage(recipe, run_dir, view)  # 4. batch
-        batch.update(source_metrics(recipe, data, run_dir, view))  # multi-task: per source
+        with clock("export"):
+            exported = export(recipe, checkpoint, run_dir, tokenizer)  # 3. export
+        with clock("batch"):
+            batch = batch_stage(recipe, run_dir, view)  # 4. batch
+            batch.update(source_metrics(recipe, data, run_dir, view))  # multi-task: per source
     except BaseException as exc:
         status = "preempted" if isinstance(exc, Preempted) else "failed"
         write_summary(recipe, state, status, {"error": str(exc), "data": data_facts(data)}, plan)
