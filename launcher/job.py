@@ -152,13 +152,21 @@ def ray_job_env() -> dict[str, str]:
         "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", ""),
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", ""),
+        "TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error"),
     }
     return {k: v for k, v in env.items() if v}
 
 
 def quiet_ray_data(verbose: bool) -> None:
-    """Ray Data's own progress bars only with --verbose; ftlaunch shows one display."""
+    """Ray Data's and transformers' own progress bars and load reports only with --verbose;
+    ftlaunch shows one display."""
     import ray.data
+
+    if not verbose:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = verbose
