@@ -149,6 +149,10 @@ class SmokePlan:
         """Build the tiny models (cached) and write the data; returns the smoke recipe."""
         for model in self.models:
             build_model(model)
+        student, *teachers = self.models
+        for teacher in teachers:
+            if teacher.arch == student.arch:
+                share_tokenizer(student.path, teacher.path)
         for index, data_file in enumerate(self.data):
             write_jsonl(generate_rows(self.recipe, data_file.rows, seed=index), data_file.path)
         if self.prompts is not None:
@@ -303,6 +307,24 @@ def build_model(model: TinyModel) -> Path:
         if built.get("arch") == model.arch and built.get("layers") == model.layers:
             return model.path
     return build_tiny_model(model.path, model.arch, layers=model.layers)
+
+
+def share_tokenizer(student_dir: Path, teacher_dir: Path) -> None:
+    """Give the teacher the student's tokenizer, as distillation requires.
+
+    Tokenizers trained on the fly do not come out identical twice (ties in the merge order), so
+    the teacher takes the student's, its embedding matrix resized when the sizes differ.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    if AutoConfig.from_pretrained(teacher_dir).vocab_size != len(tokenizer):
+        arch = json.loads((teacher_dir / "ftlaunch-tiny.json").read_text())["arch"]
+        factory = AutoModel if arch == "bert" else AutoModelForCausalLM
+        model = factory.from_pretrained(teacher_dir)
+        model.resize_token_embeddings(len(tokenizer))
+        model.save_pretrained(teacher_dir)
 
 
 def generate_rows(recipe: Recipe, n: int, seed: int = 0) -> list[dict[str, Any]]:
