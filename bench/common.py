@@ -48,7 +48,7 @@ FULL = Sizes(
     ttfs_repeats=3,
     scaling_steps=60,
     score_rows=8000,
-    data_repeats=3,
+    data_repeats=2,
     data_multiplier=10,
     memory_width=128,
 )

@@ -150,6 +150,7 @@ def measure_data(
     source: Path, model_dir: Path, repeats: int, multiplier: int, work: Path
 ) -> dict[str, Any]:
     """Rows/s at 1x (median of repeats) and peak memory growth at 1x and `multiplier`x."""
+    work.mkdir(parents=True, exist_ok=True)
     big = repeated_file(source, multiplier, work / f"sst2-x{multiplier}.jsonl")
     runs: dict[str, dict[str, list]] = {}
     for impl in IMPLEMENTATIONS:

@@ -112,18 +112,33 @@ def run_ftlaunch(spec: TrainSpec, storage: Path) -> dict[str, Any]:
     recipe = Recipe.model_validate(recipe_body(spec, storage))
     view = TimedView()
     started = time.perf_counter()
-    summary = run(recipe, view=view)
+    error = None
+    try:
+        run_dir = Path(run(recipe, view=view)["run_dir"])
+    except Exception as exc:
+        # A stage after training (export, batch) can fail while the training figures are
+        # complete: keep them and say what failed.
+        run_dir = newest_run_dir(storage, recipe.name)
+        if run_dir is None or not (run_dir / "metrics.jsonl").exists():
+            raise
+        error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        log(f"{spec.label}: the job failed after training ({error}); training figures kept")
     wall = time.perf_counter() - started
-    run_dir = Path(summary["run_dir"])
     metrics = [m for m in read_metrics(run_dir) if "event" not in m]
     out = {
         **steady_state(metrics, spec.warmup),
         "wall_s": wall,
         "final_loss": metrics[-1].get("loss") if metrics else None,
         "timeline": timeline(view, started),
+        "job_error": error,
     }
     shutil.rmtree(run_dir, ignore_errors=True)  # exported models are large; keep the disk free
     return out
+
+
+def newest_run_dir(storage: Path, name: str) -> Path | None:
+    found = sorted(storage.glob(f"{name}-*"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
 
 
 def timeline(view: TimedView, started: float) -> dict[str, float | None]:
