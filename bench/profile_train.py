@@ -36,17 +36,18 @@ CATEGORIES = [
 OTHER = "other (the loop's own Python, logging)"
 
 
-def worker_pid(timeout: float = 600) -> int | None:
-    """The Ray Train worker process (its title names the worker actor)."""
+def worker_pid() -> int | None:
+    """Our Ray Train worker: a descendant of this process (other Ray clusters on the machine
+    have workers of the same name) whose title names the worker actor."""
     import psutil
 
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for proc in psutil.process_iter(["cmdline"]):
-            cmd = " ".join(proc.info["cmdline"] or [])
-            if "RayTrainWorker" in cmd and "IDLE" not in cmd:
-                return proc.pid
-        time.sleep(0.5)
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        if cmd.startswith("ray::RayTrainWorker"):
+            return proc.pid
     return None
 
 
@@ -111,14 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {}
     job = threading.Thread(target=lambda: result.update(run_ftlaunch(spec, root / "runs")))
     job.start()
+    wait_for_first_report(root / "runs")
     pid = worker_pid()
     if pid is None:
         log("no Ray Train worker found")
         return 1
-    wait_for_first_report(root / "runs")
     raw = root / "profile.txt"
     log(f"py-spy record on worker {pid} for {args.seconds} s")
-    subprocess.run(
+    spy = subprocess.run(
         [
             str(Path(sys.executable).parent / "py-spy"),
             "record",
@@ -137,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         ],
         check=False,
         capture_output=True,
+        text=True,
     )
+    if spy.returncode != 0:
+        log(f"py-spy failed: {spy.stderr[-500:]}")
     job.join()
     shares = summarize(raw)
     out = {
