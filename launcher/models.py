@@ -140,7 +140,18 @@ def load_model(
         raise ModelLoadError(_describe_failure(source, exc)) from None
     if pad_token_id is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
+    if gguf:
+        forget_gguf_origin(model)
     return model
+
+
+def forget_gguf_origin(model) -> None:
+    """A GGUF checkpoint is dequantized on load, yet transformers keeps its quantizer marker and
+    then refuses save_pretrained; the weights are plain tensors, so drop the marker."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
 
 
 def model_config_of(model_cfg: ModelConfig, pad_token_id: int | None = None):

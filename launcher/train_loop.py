@@ -393,7 +393,11 @@ def train_loop_per_worker(config: dict) -> None:
             pending = 0
             position.step += 1
             maybe_inject_failure(position.step, rank, config["run_dir"])
-            if stop_requested(config.get("stop_flag"), rank, device):
+            # Asked only on report steps: one driver round trip per step would cost more than
+            # a tiny model's step; preemption is noticed within log_every steps.
+            if position.step % t.log_every == 0 and stop_requested(
+                config.get("stop_flag"), rank, device
+            ):
                 plan.total_steps = position.step  # checkpoint now, then leave the loop
             end_of_epoch = position.batches_in_epoch >= plan.batches_per_epoch
             if end_of_epoch:
