@@ -48,7 +48,7 @@ class Position:
 class Window:
     """Running sums between two metric reports."""
 
-    loss_sum: float = 0.0
+    loss_sum: float | torch.Tensor = 0.0  # kept on the device: no sync per micro-step
     micro_steps: int = 0
     tokens: int = 0
     samples: int = 0
@@ -241,7 +241,7 @@ def window_metrics(window: Window, device: torch.device, world_size: int) -> dic
     """Mean loss and throughput over the window, summed across workers."""
     totals = all_reduce_sum(
         {
-            "loss": torch.tensor(window.loss_sum),
+            "loss": torch.as_tensor(window.loss_sum),
             "micro": torch.tensor(float(window.micro_steps)),
             "tokens": torch.tensor(float(window.tokens)),
             "samples": torch.tensor(float(window.samples)),
@@ -378,7 +378,7 @@ def train_loop_per_worker(config: dict) -> None:
                 strategy.backward(loss)
                 if adversary is not None:
                     adversary(module, batch, objective, strategy.backward)
-            window.loss_sum += float(loss.detach())
+            window.loss_sum = window.loss_sum + loss.detach().float()
             window.micro_steps += 1
             window.tokens += tokens
             for key, value in parts.items():  # e.g. task_loss and distill_loss
