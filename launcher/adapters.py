@@ -14,9 +14,6 @@ removing the adapters gives back a standard Hugging Face model.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator
-
 import torch
 from torch import nn
 
@@ -58,34 +55,15 @@ class BottleneckAdapter(nn.Module):
         self.down = nn.Linear(hidden_size, bottleneck)
         self.act = ACTIVATIONS[non_linearity]()
         self.up = nn.Linear(bottleneck, hidden_size)
-        with writable_parameters(self.parameters()):
-            # Zero up-projection: the adapter starts as the identity, so the base model's
-            # outputs are unchanged until training moves it.
-            nn.init.zeros_(self.up.weight)
-            nn.init.zeros_(self.up.bias)
-            nn.init.normal_(self.down.weight, std=0.02)
-            nn.init.zeros_(self.down.bias)
+        # Zero up-projection: the adapter starts as the identity, so the base model's outputs
+        # are unchanged until training moves it.
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        nn.init.normal_(self.down.weight, std=0.02)
+        nn.init.zeros_(self.down.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden + self.up(self.act(self.down(hidden)))
-
-
-@contextlib.contextmanager
-def writable_parameters(params: Iterable[nn.Parameter]) -> Iterator[None]:
-    """Make parameters writable in full, also when DeepSpeed ZeRO-3 has partitioned them.
-
-    Under `deepspeed.zero.Init` every submodule's parameters are partitioned as soon as its
-    constructor returns, so initialising them afterwards would write into empty placeholders:
-    they are gathered, changed on rank 0, and partitioned again from there.
-    """
-    params = list(params)
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-            yield
-    else:
-        yield
 
 
 def _apply_adapter_hook(module: nn.Module, args, output):

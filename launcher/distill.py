@@ -515,34 +515,16 @@ def build_teacher(recipe: Recipe, strategy, device: torch.device, pad_token_id: 
 
 
 def _sharded_teacher(load: Callable[[], nn.Module], device: torch.device, strategy) -> nn.Module:
-    """FSDP2: rank 0 loads the weights, the others build on meta; every block and the root are
-    sharded with fully_shard and rank 0 broadcasts the weights, each rank keeping its shard."""
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    """FSDP2: sharded like the student, each rank reading only its shard of the teacher's
+    weights; never offloaded, since it only runs forward."""
+    from launcher.models import checkpoint_weights_on_meta
+    from launcher.strategies import shard_and_load
 
-    from launcher.strategies import _build_on_meta, transformer_blocks
-
-    rank = dist.get_rank()
-    model = load() if rank == 0 else _freeze(_build_on_meta(load))
-    full_state = model.state_dict() if rank == 0 else {}
-    if rank == 0:
-        model.to(device)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    options: dict[str, Any] = {"mesh": mesh}
-    if strategy.dtype is not None:
-        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=strategy.dtype)
-    for block in transformer_blocks(model):
-        fully_shard(block, **options)
-    fully_shard(model, **options)
-    if rank != 0:
-        model.to_empty(device=device)
-    set_model_state_dict(
-        model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    )
-    for buffer in model.buffers():
-        dist.broadcast(buffer.data, src=0)
+    with checkpoint_weights_on_meta():
+        model = load()
+    options = strategy.shard_options(reduce_dtype=None)
+    options.pop("offload_policy", None)
+    shard_and_load(model, device, options)
     return _freeze(model)
 
 
@@ -550,6 +532,8 @@ def _zero3_teacher(load: Callable[[], nn.Module], strategy) -> nn.Module:
     """ZeRO-3: built under zero.Init (each rank holds its partition) and wrapped in an engine
     without optimizer, which gathers each layer's parameters for the forward pass."""
     import deepspeed
+
+    from launcher.strategies import build_partitioned
 
     config = {
         k: v
@@ -559,8 +543,7 @@ def _zero3_teacher(load: Callable[[], nn.Module], strategy) -> nn.Module:
     zero = dict(config.get("zero_optimization", {}))
     zero.pop("offload_optimizer", None)
     config["zero_optimization"] = zero
-    with deepspeed.zero.Init(config_dict_or_path=config):
-        model = load()
+    model = build_partitioned(load, config)
     engine, _, _, _ = deepspeed.initialize(model=model, config=config, dist_init_required=False)
     engine.eval()
     return engine

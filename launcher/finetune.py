@@ -300,28 +300,7 @@ def _targets_are_conv1d(model: nn.Module, targets: list[str]) -> bool:
 def _peft(model: nn.Module, cfg: FinetuneConfig, task: str) -> nn.Module:
     from peft import get_peft_model
 
-    peft_model = get_peft_model(model, peft_config(model, cfg, task))
-    if cfg.method == "lora":
-        _reset_partitioned_lora(peft_model)
-    return peft_model
-
-
-def _reset_partitioned_lora(peft_model: nn.Module) -> None:
-    """Redo LoRA's initialisation (B = 0) on parameters ZeRO-3 partitioned at construction.
-
-    peft zeroes lora_B after creating it, which under `deepspeed.zero.Init` writes into an
-    empty placeholder and leaves B random: the model would not start as the base model.
-    """
-    from peft.tuners.lora import LoraLayer
-
-    for module in peft_model.modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        for name in module.lora_A:
-            params = [*module.lora_A[name].parameters(), *module.lora_B[name].parameters()]
-            if any(hasattr(p, "ds_id") for p in params):
-                with bottleneck.writable_parameters(params):
-                    module.reset_lora_parameters(name, init_lora_weights=True)
+    return get_peft_model(model, peft_config(model, cfg, task))
 
 
 METHODS = {

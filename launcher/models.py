@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from launcher.recipe import ModelConfig
 
@@ -115,6 +120,31 @@ def model_class(task: str):
     return AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
 
 
+# Set by sharded strategies around their model builder: load_model then leaves checkpoint weights
+# as placeholders, to be read part by part once the model is sharded. The value is the context
+# a whole load runs in when the checkpoint cannot be read lazily.
+_WEIGHTS_ON_META: ContextVar[Callable[[], contextlib.AbstractContextManager] | None] = ContextVar(
+    "weights_on_meta", default=None
+)
+
+# Attribute set on each placeholder that stands for a checkpoint tensor: (safetensors file, key).
+CHECKPOINT_SOURCE = "_ftlaunch_checkpoint_source"
+
+
+@contextlib.contextmanager
+def checkpoint_weights_on_meta(
+    whole_load: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> Iterator[None]:
+    """Inside this block load_model builds models whose checkpoint weights are placeholders
+    (see `load_structure`). A checkpoint that cannot be read lazily is loaded whole inside
+    `whole_load()` (e.g. on meta off rank 0, or under deepspeed.zero.Init)."""
+    token = _WEIGHTS_ON_META.set(whole_load)
+    try:
+        yield
+    finally:
+        _WEIGHTS_ON_META.reset(token)
+
+
 def load_model(
     model_cfg: ModelConfig,
     *,
@@ -126,13 +156,31 @@ def load_model(
     """Load the model with its task head (GGUF weights are dequantized on load)."""
     source = _source(name_or_path or model_cfg.name_or_path)
     gguf = gguf_file if gguf_file is not None else model_cfg.gguf_file
+    dtype = dtype or resolve_dtype(model_cfg.dtype)
+    whole_load = _WEIGHTS_ON_META.get()
+    if whole_load is not None:
+        if not gguf:
+            model = load_structure(model_cfg, Path(source), dtype=dtype, pad_token_id=pad_token_id)
+            if model is not None:
+                return model
+        with whole_load():
+            model = _from_pretrained(model_cfg, source, gguf, dtype, pad_token_id)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()  # tied embeddings come apart on meta
+        return model
+    return _from_pretrained(model_cfg, source, gguf, dtype, pad_token_id)
+
+
+def _from_pretrained(
+    model_cfg: ModelConfig, source: str, gguf: str | None, dtype: torch.dtype, pad_token_id
+):
     kwargs = model_kwargs(model_cfg, pad_token_id)
     if gguf:
         kwargs["gguf_file"] = gguf
     try:
         model = model_class(model_cfg.task).from_pretrained(
             source,
-            dtype=dtype or resolve_dtype(model_cfg.dtype),
+            dtype=dtype,
             trust_remote_code=model_cfg.trust_remote_code,
             **kwargs,
         )
@@ -143,6 +191,165 @@ def load_model(
     if gguf:
         forget_gguf_origin(model)
     return model
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    """The safetensors files of a model directory (one file, or the shards of an index)."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        names = json.loads(index.read_text())["weight_map"].values()
+        return [directory / name for name in sorted(set(names))]
+    single = directory / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def load_structure(
+    model_cfg: ModelConfig, source: Path, *, dtype: torch.dtype, pad_token_id: int | None
+) -> nn.Module | None:
+    """The model with every weight its safetensors files hold left on the meta device, each
+    marked with where it lives (`CHECKPOINT_SOURCE`); nothing of the checkpoint is read.
+
+    Weights the checkpoint lacks (a new task head) and non-persistent buffers are real and
+    initialised as from_pretrained initialises them, drawing the same random numbers, so the
+    parameters created afterwards (LoRA, adapters) get the same values as in a plain load.
+    None when the checkpoint cannot be read lazily: no safetensors files, remote code, or a
+    layout that transformers converts on load (fused or renamed expert weights).
+    """
+    files = safetensors_files(source) if source.is_dir() else []
+    if not files:
+        return None
+    from transformers import AutoConfig
+
+    kwargs = model_kwargs(model_cfg, pad_token_id)
+    config = AutoConfig.from_pretrained(str(source), **kwargs)
+    mapping = model_class(model_cfg.task)._model_mapping
+    if model_cfg.trust_remote_code or type(config) not in mapping:
+        return None
+    with _unpartitioned_construction(), torch.device("meta"):
+        model = mapping[type(config)]._from_config(config, dtype=dtype)
+    found = _checkpoint_keys(model, files)
+    if found is None:
+        return None
+    _initialize_missing(model, found)
+    model.eval()  # as from_pretrained returns it
+    if model.can_generate() and (source / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(source)
+    if pad_token_id is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
+@contextlib.contextmanager
+def _unpartitioned_construction() -> Iterator[None]:
+    """While a ZeRO-3 config is registered, transformers builds models inside zero.Init; a
+    structure build must stay whole (the strategy partitions it once the weights are read)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
+
+
+def _checkpoint_keys(model: nn.Module, files: list[Path]) -> dict[str, tuple[str, str]] | None:
+    """Model state name -> (file, checkpoint key), renamed the way from_pretrained renames (base
+    model prefix, legacy names); None if some key needs a conversion beyond renaming."""
+    from safetensors import safe_open
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    state = model.state_dict()
+    found: dict[str, tuple[str, str]] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                target, converted = rename_source_key(
+                    key, renamings, converters, model.base_model_prefix, state
+                )
+                if converted is not None:
+                    return None
+                if target not in state:
+                    continue  # unused by this model (from_pretrained ignores it too)
+                shape = list(handle.get_slice(key).get_shape())
+                if shape != list(state[target].shape):
+                    raise ModelLoadError(
+                        f"{file}: {key} has shape {shape}, the model expects "
+                        f"{list(state[target].shape)} for {target}"
+                    )
+                found[target] = (str(file), key)
+    return found
+
+
+def _initialize_missing(model: nn.Module, found: dict[str, tuple[str, str]]) -> None:
+    """Mark checkpoint tensors with their source; give the rest real memory and initialise them
+    with the model's own init (which skips tensors flagged `_is_hf_initialized`)."""
+    state = model.state_dict(keep_vars=True)
+    for name, where in found.items():
+        setattr(state[name], CHECKPOINT_SOURCE, where)
+        state[name]._is_hf_initialized = True
+    loaded = {id(state[name]) for name in found}
+    fresh = [(n, t) for n, t in state.items() if id(t) not in loaded]
+    fresh += list(model.named_non_persistent_buffers())
+    for name, tensor in fresh:
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        value = torch.empty_like(tensor, device="cpu")
+        if attr in module._parameters:
+            module._parameters[attr] = nn.Parameter(value, requires_grad=tensor.requires_grad)
+        else:
+            module._buffers[attr] = value
+    model.initialize_weights()
+    _swap_for_placeholders(model, {id(state[name]) for name in found})
+
+
+def _swap_for_placeholders(model: nn.Module, ids: set[int]) -> None:
+    """Swap meta tensors for CPU placeholders of the same shape backed by one element each.
+
+    Fine-tuning wrappers (peft, adapters) move what they create to the device of the layer they
+    wrap; on meta their freshly initialised values would be lost, on a placeholder they stay.
+    Tied tensors stay tied: every module holding one gets the same placeholder.
+    """
+    swapped: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for attr, tensor in table.items():
+                if tensor is None or id(tensor) not in ids:
+                    continue
+                if id(tensor) not in swapped:
+                    value = torch.zeros((), dtype=tensor.dtype).expand(tensor.shape)
+                    if isinstance(tensor, nn.Parameter):
+                        value = nn.Parameter(value, requires_grad=tensor.requires_grad)
+                    for key in (CHECKPOINT_SOURCE, "_is_hf_initialized"):
+                        setattr(value, key, getattr(tensor, key))
+                    swapped[id(tensor)] = value
+                table[attr] = swapped[id(tensor)]
+
+
+def checkpoint_sources(model: nn.Module) -> dict[str, tuple[str, str]]:
+    """State name -> (safetensors file, key) for every placeholder left by `load_structure`,
+    under the names the model has now (after fine-tuning wrappers renamed them)."""
+    state = model.state_dict(keep_vars=True)
+    sources = {n: getattr(t, CHECKPOINT_SOURCE) for n, t in state.items() if _is_placeholder(t)}
+    for name, tensor in state.items():
+        # peft's modules_to_save trains a copy of a module; a copy of a placeholder is a
+        # placeholder of the same weight.
+        if name not in sources and ".modules_to_save." in name:
+            head, _, rest = name.partition(".modules_to_save.")
+            original = f"{head}.original_module.{rest.partition('.')[2]}"
+            if original in sources and tensor.shape == state[original].shape:
+                sources[name] = sources[original]
+    return sources
+
+
+def _is_placeholder(tensor: torch.Tensor) -> bool:
+    return hasattr(tensor, CHECKPOINT_SOURCE)
 
 
 def forget_gguf_origin(model) -> None:

@@ -220,14 +220,16 @@ def local_state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> in
 
 
 def resident_parameter_bytes(module: nn.Module) -> int:
-    """Bytes of parameter data this rank really holds (meta tensors hold none; ZeRO-3 its part)."""
-    total = 0
+    """Bytes of parameter storage this rank really holds, each storage counted once: meta
+    tensors and checkpoint placeholders hold (next to) none, ZeRO-3 its partition."""
+    seen: dict[int, int] = {}
     for param in module.parameters():
         local = getattr(param, "ds_tensor", param)
         local = local.to_local() if hasattr(local, "to_local") else local
         if local.device.type != "meta":
-            total += local.numel() * local.element_size()
-    return total
+            storage = local.untyped_storage()
+            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+    return sum(seen.values())
 
 
 class _Autocast(nn.Module):
@@ -388,23 +390,120 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         checkpoint(block)
 
 
-def _build_on_meta(build_model: Callable[[], nn.Module]) -> nn.Module:
-    """Run the builder with parameters created on the meta device (no weight memory)."""
+def shard_and_load(model: nn.Module, device: torch.device, options: dict[str, Any]) -> None:
+    """fully_shard each transformer block and then the root, and give every rank its shards.
+
+    The model comes from a builder run under `checkpoint_weights_on_meta`: weights the
+    checkpoint holds are placeholders, and each rank reads only its own rows of them from the
+    safetensors files once sharded, so no rank ever holds the whole model. What the checkpoint
+    lacks (new heads, adapters, buffers) is small, real on every rank, and taken from rank 0 so
+    all ranks agree. A checkpoint that cannot be read lazily (GGUF, .bin) is loaded whole by
+    rank 0 (the other ranks build on meta) and sent out the same way.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    from launcher.models import checkpoint_sources
+
+    sources = checkpoint_sources(model)
+    state = model.state_dict(keep_vars=True)
+    held = {n: t.detach() for n, t in state.items() if n not in sources} if _rank() == 0 else {}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers() if not b.is_meta}
+    _placeholders_to_meta(model, {id(state[n]) for n in sources})
+    for block in transformer_blocks(model):
+        fully_shard(block, **options)
+    fully_shard(model, **options)
+    offload = "offload_policy" in options
+    model.to_empty(device="cpu" if offload else device)
+    read_checkpoint_shards(model, sources)
+    set_model_state_dict(
+        model,
+        held,
+        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False),
+    )
+    del held
+    for name, buffer in model.named_buffers():
+        # Non-persistent buffers (e.g. rotary frequencies) are in no state dict.
+        if name in buffers:
+            buffer.copy_(buffers[name])
+        dist.broadcast(buffer.data, src=0)
+
+
+@contextlib.contextmanager
+def _whole_on_first_rank() -> Iterator[None]:
+    """A checkpoint that cannot be read lazily: rank 0 loads it, the others build on meta."""
+    if _rank() == 0:
+        yield
+        return
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
-        model = build_model()
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()  # tied embeddings come apart on meta
-    return model
+        yield
+
+
+def _placeholders_to_meta(model: nn.Module, ids: set[int]) -> None:
+    """Swap checkpoint placeholders for meta tensors (tied ones stay tied) before sharding, so
+    fully_shard allocates nothing for them until `to_empty`."""
+    swapped: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for attr, tensor in table.items():
+                if tensor is None or id(tensor) not in ids:
+                    continue
+                if id(tensor) not in swapped:
+                    value = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+                    if isinstance(tensor, nn.Parameter):
+                        value = nn.Parameter(value, requires_grad=tensor.requires_grad)
+                    swapped[id(tensor)] = value
+                table[attr] = swapped[id(tensor)]
+
+
+def read_checkpoint_shards(model: nn.Module, sources: dict[str, tuple[str, str]]) -> None:
+    """Copy into each tensor the part of its checkpoint value this rank holds: the rows of its
+    dim-0 shard for FSDP parameters, all of it for replicated tensors. pread instead of mmap
+    keeps the bytes of other ranks' rows out of this process."""
+    from safetensors import safe_open
+
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    by_file: dict[str, list[tuple[str, str]]] = {}
+    for name, (file, key) in sources.items():
+        if name in tensors:  # tied duplicates appear once among the module's tensors
+            by_file.setdefault(file, []).append((name, key))
+    with torch.no_grad():
+        for file, entries in by_file.items():
+            with safe_open(file, framework="pt", backend="pread") as handle:
+                for name, key in entries:
+                    local, rows = _local_rows(tensors[name])
+                    if local.numel() == 0:
+                        continue
+                    part = handle.get_slice(key)
+                    value = part[rows] if local.ndim else handle.get_tensor(key)
+                    local.copy_(value)
+
+
+def _local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, slice]:
+    """This rank's local tensor and which rows of the full tensor it holds."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(tensor, DTensor):
+        return tensor.data, slice(None)
+    if len(tensor.placements) != 1 or tensor.placements[0] != Shard(0):
+        raise ValueError(f"expected a dim-0 shard on a 1-D mesh, got {tensor.placements}")
+    local = tensor.to_local()
+    rows = tensor.shape[0]
+    chunk = math.ceil(rows / tensor.device_mesh.size())
+    start = min(tensor.device_mesh.get_local_rank() * chunk, rows)
+    stop = min(start + chunk, rows)
+    if local.shape[0] != stop - start:
+        raise ValueError(f"shard of {local.shape[0]} rows, expected rows {start}:{stop}")
+    return local, slice(start, stop)
 
 
 class FSDPStrategy:
     """FSDP2: each transformer block and then the root sharded with `fully_shard`.
 
-    Start-up memory: rank 0 builds the model with its weights (in host memory), every other rank
-    builds it on the meta device; after sharding, rank 0 broadcasts the weights tensor by tensor
-    and each rank keeps only its shard.
+    Start-up memory: the model is built with its checkpoint weights as placeholders and each
+    rank reads only its own shard of them (`shard_and_load`), so no rank holds the full model.
     """
 
     name = "fsdp"
@@ -422,50 +521,30 @@ class FSDPStrategy:
         self.schedule: torch.optim.lr_scheduler.LambdaLR | None = None
 
     def build(self, build_model: Callable[[], nn.Module]) -> nn.Module:
-        if _rank() == 0:
+        from launcher.models import checkpoint_weights_on_meta
+
+        with checkpoint_weights_on_meta(whole_load=_whole_on_first_rank):
             return build_model()
-        return _build_on_meta(build_model)
 
-    def _shard(self, model: nn.Module) -> None:
+    def shard_options(self, reduce_dtype: torch.dtype | None = torch.float32) -> dict[str, Any]:
+        """fully_shard keyword arguments: the mesh over all ranks, mixed precision, offload."""
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
-        mesh = init_device_mesh(self.device.type, (_world_size(),))
-        options: dict[str, Any] = {"mesh": mesh}
+        options: dict[str, Any] = {"mesh": init_device_mesh(self.device.type, (_world_size(),))}
         if self.dtype is not None:
             # Gradients are reduced in fp32 so the average is as exact as in ddp.
             options["mp_policy"] = MixedPrecisionPolicy(
-                param_dtype=self.dtype, reduce_dtype=torch.float32
+                param_dtype=self.dtype, reduce_dtype=reduce_dtype
             )
         if self.offload:
             options["offload_policy"] = CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
-        for block in transformer_blocks(model):
-            fully_shard(block, **options)
-        fully_shard(model, **options)
+        return options
 
     def prepare(self, model: nn.Module, total_steps: int) -> nn.Module:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-        )
-
-        full_state = model.state_dict() if _rank() == 0 else {}
         if self.recipe.strategy.activation_checkpointing:
             enable_activation_checkpointing(model)
-        if _rank() == 0 and not self.offload:
-            model.to(self.device)
-        self._shard(model)
-        if _rank() != 0:
-            model.to_empty(device="cpu" if self.offload else self.device)
-        set_model_state_dict(
-            model,
-            full_state,
-            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
-        )
-        del full_state
-        for buffer in model.buffers():
-            # Non-persistent buffers (e.g. rotary frequencies) are in no state dict.
-            dist.broadcast(buffer.data, src=0)
+        shard_and_load(model, self.device, self.shard_options())
         self.model = model
         self.optimizer = build_optimizer(model, self.train_cfg)
         self.schedule = build_schedule(self.optimizer, self.train_cfg, total_steps)
@@ -765,6 +844,69 @@ def _attach_deepspeed_comm() -> None:
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
 
 
+def build_partitioned(build_model: Callable[[], nn.Module], config: dict[str, Any]) -> nn.Module:
+    """ZeRO-3: build with checkpoint placeholders, then partition the model module by module,
+    each module's weights read from the safetensors files just before it is partitioned, so a
+    rank holds its partition plus at most one module's full weights. What the checkpoint lacks
+    (heads, adapters) is partitioned as built. A checkpoint that cannot be read lazily is
+    loaded under zero.Init, which partitions it as it loads."""
+    import deepspeed
+
+    from launcher.models import checkpoint_sources, checkpoint_weights_on_meta
+
+    _attach_deepspeed_comm()
+    # zero.Init patches tensor constructors; torch._dynamo imported lazily inside it then
+    # fails its signature checks, so import it before.
+    import torch._dynamo  # noqa: F401
+
+    with checkpoint_weights_on_meta(
+        whole_load=lambda: deepspeed.zero.Init(config_dict_or_path=config)
+    ):
+        model = build_model()
+    sources = checkpoint_sources(model)
+    state = model.state_dict(keep_vars=True)
+    by_tensor = {id(state[name]): where for name, where in sources.items()}
+    with contextlib.ExitStack() as files:
+        handles: dict[str, Any] = {}
+
+        def read(where: tuple[str, str]) -> torch.Tensor:
+            file, key = where
+            if file not in handles:
+                from safetensors import safe_open
+
+                handles[file] = files.enter_context(
+                    safe_open(file, framework="pt", backend="pread")
+                )
+            return handles[file].get_tensor(key)
+
+        for module in _children_first(model):
+            own = [
+                (table, attr, t)
+                for table in (module._parameters, module._buffers)
+                for attr, t in table.items()
+                if t is not None and id(t) in by_tensor
+            ]
+            if not own:
+                continue
+            for table, attr, tensor in own:
+                value = read(by_tensor[id(tensor)]).to(tensor.dtype)
+                if isinstance(tensor, nn.Parameter):
+                    tensor.data = value  # the same Parameter: ties hold
+                else:
+                    table[attr] = value
+                by_tensor.pop(id(tensor))
+            deepspeed.zero.Init(module=module, config_dict_or_path=config)
+    deepspeed.zero.Init(module=model, config_dict_or_path=config)
+    return model
+
+
+def _children_first(module: nn.Module) -> Iterator[nn.Module]:
+    """Every submodule, each after all of its children (zero.Init(module=...) recurses)."""
+    for child in module.children():
+        yield from _children_first(child)
+    yield module
+
+
 class DeepSpeedStrategy:
     """DeepSpeed ZeRO 0-3 with optional CPU offload; works with gloo on CPU and NCCL on GPUs."""
 
@@ -784,19 +926,12 @@ class DeepSpeedStrategy:
     def build(self, build_model: Callable[[], nn.Module]) -> nn.Module:
         if self.stage != 3:
             return build_model()
-        import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
         # Kept alive for the whole run: from_pretrained (and generate) look it up through a
         # weak reference to know that parameters are partitioned.
         self._hf_config = HfDeepSpeedConfig(self.config)
-        _attach_deepspeed_comm()
-        # zero.Init patches tensor constructors; torch._dynamo imported lazily inside it then
-        # fails its signature checks, so import it before.
-        import torch._dynamo  # noqa: F401
-
-        with deepspeed.zero.Init(config_dict_or_path=self.config):
-            return build_model()
+        return build_partitioned(build_model, self.config)
 
     def prepare(self, model: nn.Module, total_steps: int) -> nn.Module:
         import deepspeed

@@ -44,3 +44,120 @@ def test_gguf_model_is_dequantized_and_saves_as_a_plain_model(tmp_path):
     ids = torch.tensor([[1, 42, 7, 99]])
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, again(input_ids=ids).logits)
+
+
+# ------------------------------------------------- lazy checkpoint reads for sharded builds
+
+LAZY_CASES = [
+    ("tiny_gpt2", "causal_lm", "full"),
+    ("tiny_gpt2", "classification", "lora"),
+    ("tiny_llama", "causal_lm", "lora"),
+    ("tiny_llama", "classification", "prompt"),
+    ("tiny_bert", "classification", "adapter"),
+    ("tiny_gpt2", "causal_lm", "ia3"),
+]
+
+
+def _lazy_recipe(model_dir, task: str, method: str):
+    from launcher.recipe import Recipe
+
+    labels = {"labels": ["neg", "pos"]} if task == "classification" else {}
+    return Recipe(
+        name="lazy",
+        model={"name_or_path": str(model_dir), "task": task, **labels},
+        data={"train": "unused.jsonl"},
+        finetune={"method": method},
+    )
+
+
+@pytest.mark.parametrize(("fixture", "task", "method"), LAZY_CASES)
+def test_lazy_build_reads_nothing_yet_and_matches_a_plain_load_once_filled(
+    request, fixture, task, method
+):
+    """Under checkpoint_weights_on_meta the checkpoint's tensors are one-element placeholders
+    that name their source; what the checkpoint lacks (heads, LoRA, adapters, prompts) gets the
+    very values of a plain load with the same seed; reading the sources in gives the plain
+    model's outputs."""
+    from launcher.finetune import apply_finetune
+    from launcher.models import checkpoint_sources, checkpoint_weights_on_meta
+    from launcher.strategies import read_checkpoint_shards
+
+    recipe = _lazy_recipe(request.getfixturevalue(fixture), task, method)
+    torch.manual_seed(0)
+    plain = apply_finetune(load_model(recipe.model, pad_token_id=0), recipe)
+    after_plain = torch.rand(4)
+    torch.manual_seed(0)
+    with checkpoint_weights_on_meta():
+        lazy = apply_finetune(load_model(recipe.model, pad_token_id=0), recipe)
+    assert torch.equal(torch.rand(4), after_plain)  # the same random numbers were drawn
+
+    sources = checkpoint_sources(lazy)
+    plain_state, lazy_state = plain.state_dict(), lazy.state_dict(keep_vars=True)
+    assert plain_state.keys() == lazy_state.keys()
+    assert sources and set(sources) <= set(lazy_state)
+    for name, tensor in lazy_state.items():
+        if name in sources:
+            assert tensor.untyped_storage().nbytes() <= 8, name  # a placeholder
+            assert tensor.shape == plain_state[name].shape
+        else:
+            assert torch.equal(tensor, plain_state[name]), name
+    lazy_buffers, plain_buffers = dict(lazy.named_buffers()), dict(plain.named_buffers())
+    for name, buffer in lazy_buffers.items():
+        assert torch.equal(buffer, plain_buffers[name]), name
+
+    for name, tensor in lazy_state.items():
+        if name in sources:  # give each placeholder real memory to read into
+            module_name, _, attr = name.rpartition(".")
+            module = lazy.get_submodule(module_name)
+            table = module._parameters if attr in module._parameters else module._buffers
+            table[attr] = type(tensor)(torch.empty(tensor.shape, dtype=tensor.dtype))
+    if hasattr(lazy, "tie_weights"):
+        lazy.tie_weights()
+    read_checkpoint_shards(lazy, sources)
+    for name, value in lazy.state_dict().items():
+        assert torch.equal(value, plain_state[name]), name
+    ids = torch.randint(3, 200, (2, 12))
+    plain.eval(), lazy.eval()
+    with torch.no_grad():
+        assert torch.equal(lazy(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+def test_lazy_build_falls_back_to_a_whole_load_without_safetensors(tiny_gpt2, tmp_path):
+    """A .bin checkpoint cannot be read by slices: a single process loads it whole."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from launcher.models import checkpoint_sources, checkpoint_weights_on_meta
+
+    legacy = tmp_path / "legacy"
+    shutil.copytree(tiny_gpt2, legacy)
+    weights = legacy / "model.safetensors"
+    from safetensors.torch import load_file
+
+    torch.save(load_file(weights), legacy / "pytorch_model.bin")
+    weights.unlink()
+    with checkpoint_weights_on_meta():
+        model = load_model(ModelConfig(name_or_path=str(legacy)))
+    assert checkpoint_sources(model) == {}
+    reference = AutoModelForCausalLM.from_pretrained(tiny_gpt2).state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, reference[name]), name
+
+
+def test_lazy_build_refuses_a_checkpoint_whose_shapes_do_not_fit(tiny_gpt2, tmp_path):
+    import json
+    import shutil
+
+    from launcher.models import checkpoint_weights_on_meta
+
+    odd = tmp_path / "odd"
+    shutil.copytree(tiny_gpt2, odd)
+    config = json.loads((odd / "config.json").read_text())
+    config["n_positions"] *= 2  # the position table in the file is now too short
+    (odd / "config.json").write_text(json.dumps(config))
+    with (
+        checkpoint_weights_on_meta(),
+        pytest.raises(ModelLoadError, match=r"wpe\.weight has shape"),
+    ):
+        load_model(ModelConfig(name_or_path=str(odd)))
