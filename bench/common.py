@@ -34,6 +34,14 @@ class Sizes:
     data_repeats: int
     data_multiplier: int
     memory_width: int
+    # The trained GPT-2's shape and the batches (tokens per row x rows per worker).
+    train_width: int = 64
+    train_layers: int = 2
+    tiny_length: int = 128
+    tiny_batch: int = 8
+    smol_length: int = 32
+    smol_batch: int = 2
+    score_batch: int = 32
 
 
 FULL = Sizes(
@@ -51,6 +59,31 @@ FULL = Sizes(
     data_repeats=1,
     data_multiplier=10,
     memory_width=128,
+)
+# GPUs: a GPT-2 of the 124M shape (random weights, the tiny tokenizer's 512-token vocabulary) and
+# SmolLM2-135M on full-length rows, enough steps for a steady state, and a larger memory model.
+GPU = Sizes(
+    repeats=3,
+    tiny_steps=120,
+    tiny_warmup=30,
+    tiny_log_every=10,
+    smol_steps=60,
+    smol_warmup=15,
+    smol_log_every=5,
+    smol_repeats=3,
+    ttfs_repeats=2,
+    scaling_steps=120,
+    score_rows=20000,
+    data_repeats=1,
+    data_multiplier=10,
+    memory_width=512,
+    train_width=768,
+    train_layers=12,
+    tiny_length=512,
+    tiny_batch=16,
+    smol_length=512,
+    smol_batch=8,
+    score_batch=128,
 )
 QUICK = Sizes(
     repeats=1,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.common import ratio
+
 
 def _num(value: Any, digits: int = 3) -> str:
     if value is None:
@@ -23,13 +25,19 @@ def _row(*cells: Any) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
+def _accelerator(meta: dict[str, Any]) -> str:
+    accel = meta.get("accelerator") or {}
+    return f" ({accel['name']})" if accel.get("device") == "cuda" else ""
+
+
 def markdown(result: dict[str, Any]) -> str:
     """Every figure of `result` as tables; sections that failed show their error."""
     meta = result["machine"]
     lines = [
         f"# ftlaunch benchmarks: {result['date']} on {result['host']}",
         "",
-        f"Mode: {result['mode']}. {meta['cpus']} CPUs, {meta.get('gpus', 0)} GPUs, "
+        f"Mode: {result['mode']}. {meta['cpus']} CPUs, {meta.get('gpus', 0)} GPUs"
+        f"{_accelerator(meta)}, "
         f"torch {meta['torch']}, ray {meta['ray']}, transformers {meta['transformers']}. "
         f"Load average at start / end: {meta['load_start']} / {meta.get('load_end', 'n/a')} "
         f"(a shared machine: absolute numbers are noisy, ratios are measured in the same run). "
@@ -41,17 +49,28 @@ def markdown(result: dict[str, Any]) -> str:
         _row("---", "---", "---:", "---:", "---:"),
     ]
     s = result["sections"]
-    for key, label in (("train_tiny", "tiny GPT-2"), ("train_smollm2", "SmolLM2-135M LoRA")):
+    for key, label in (("train_tiny", "GPT-2"), ("train_smollm2", "SmolLM2-135M LoRA")):
         t = s.get(key, {})
+        shape = t.get("spec", {}).get("label", label) if key == "train_tiny" else label
         lines.append(
             _row(
                 1,
-                f"training tokens/s, steady state, {label}",
+                f"training tokens/s, steady state, {shape}",
                 _num(t.get("ftlaunch_tokens_per_s")),
                 _num(t.get("plain_tokens_per_s")),
                 _num(t.get("ratio")),
             )
         )
+        if t.get("ftlaunch_mfu") is not None:
+            lines.append(
+                _row(
+                    1,
+                    f"MFU, {shape} (peak {_num(t.get('peak_tflops_per_gpu'))} TFLOP/s per GPU)",
+                    _num(t.get("ftlaunch_mfu")),
+                    _num(t.get("plain_mfu")),
+                    _num(ratio(t.get("ftlaunch_mfu"), t.get("plain_mfu"))),
+                )
+            )
     t = s.get("time_to_first_step", {})
     lines.append(
         _row(
@@ -98,7 +117,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append(
         _row(
             5,
-            f"batch scoring rows/s ({_num(c.get('rows'))} rows, tiny GPT-2)",
+            f"batch scoring rows/s ({_num(c.get('rows'))} rows, "
+            f"{s.get('train_tiny', {}).get('spec', {}).get('label', 'GPT-2')})",
             _num(c.get("ftlaunch_rows_per_s")),
             _num(c.get("plain_rows_per_s")),
             _num(c.get("ratio")),
@@ -108,7 +128,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append(
         _row(
             6,
-            "scaling tokens/s, 2 workers vs 1 (1 CPU each); ratio = efficiency (speedup / 2)",
+            "scaling tokens/s, 2 workers vs 1 (1 CPU or GPU each); ratio = efficiency (speedup / 2)"
+            + (f" ({g['skipped']})" if g.get("skipped") else ""),
             _num(g.get("two_workers_tokens_per_s")),
             _num(g.get("one_worker_tokens_per_s")),
             _num(g.get("efficiency")),

@@ -23,6 +23,7 @@ from typing import Any
 
 from bench.common import (
     FULL,
+    GPU,
     QUICK,
     SMOLLM2,
     SST2_TRAIN,
@@ -31,6 +32,7 @@ from bench.common import (
     log,
     write_text_rows,
 )
+from bench.hardware import Accelerator, detect
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SECTIONS = (
@@ -42,15 +44,13 @@ SECTIONS = (
     "data",
     "memory",
 )
-TINY_LENGTH, TINY_BATCH = 128, 8
-SMOL_LENGTH, SMOL_BATCH = 32, 2
 # One CPU (one torch thread) per training worker on both sides: with two OpenMP threads on a
 # shared 2-core machine, every op waits for a descheduled sibling thread and steps got 10x
 # slower and erratic (measured here under load); one thread keeps the ratio about the launcher.
 TRAIN_CPUS = 1
 
 
-def machine() -> dict[str, Any]:
+def machine(accel: Accelerator) -> dict[str, Any]:
     import ray
     import torch
     import transformers
@@ -63,6 +63,7 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "ray": ray.__version__,
         "transformers": transformers.__version__,
+        "accelerator": accel.describe(),
         "load_start": round(os.getloadavg()[0], 1),
     }
 
@@ -70,19 +71,21 @@ def machine() -> dict[str, Any]:
 class Workspace:
     """Models and data files the measurements share, built once per benchmark run."""
 
-    def __init__(self, root: Path, sizes: Sizes):
+    def __init__(self, root: Path, sizes: Sizes, accel: Accelerator):
         from launcher.tiny import build_tiny_model
 
         self.root = root
         self.sizes = sizes
-        self.tiny = build_tiny_model(root / "tiny-gpt2", "gpt2")
+        self.accel = accel
+        self.tiny = build_tiny_model(
+            root / "tiny-gpt2", "gpt2", width=sizes.train_width, layers=sizes.train_layers
+        )
         self.memory_model = build_tiny_model(
             root / "gpt2-memory", "gpt2", width=sizes.memory_width, layers=4
         )
-        rows = 2 * TINY_BATCH * max(sizes.tiny_steps, sizes.scaling_steps) + 64
-        self.tiny_data = write_text_rows(
-            root / "tiny-train.jsonl", exact_length_texts(self._tokenizer(), rows, TINY_LENGTH)
-        )
+        rows = 2 * sizes.tiny_batch * max(sizes.tiny_steps, sizes.scaling_steps) + 64
+        texts = exact_length_texts(self._tokenizer(), rows, sizes.tiny_length)
+        self.tiny_data = write_text_rows(root / "tiny-train.jsonl", texts)
         self._smol_data: Path | None = None
 
     def _tokenizer(self, model: dict[str, Any] | None = None):
@@ -93,8 +96,8 @@ class Workspace:
 
     def smol_data(self) -> Path:
         if self._smol_data is None:
-            rows = SMOL_BATCH * self.sizes.smol_steps + 16
-            texts = exact_length_texts(self._tokenizer(SMOLLM2), rows, SMOL_LENGTH)
+            rows = self.sizes.smol_batch * self.sizes.smol_steps + 16
+            texts = exact_length_texts(self._tokenizer(SMOLLM2), rows, self.sizes.smol_length)
             self._smol_data = write_text_rows(self.root / "smol-train.jsonl", texts)
         return self._smol_data
 
@@ -104,16 +107,21 @@ def tiny_spec(ws: Workspace):
 
     s = ws.sizes
     return TrainSpec(
-        label="tiny-gpt2",
+        label=gpt2_label(s),
         model={"name_or_path": str(ws.tiny)},
         data=ws.tiny_data,
         steps=s.tiny_steps,
         warmup=s.tiny_warmup,
         log_every=s.tiny_log_every,
-        batch_size=TINY_BATCH,
-        length=TINY_LENGTH,
+        batch_size=s.tiny_batch,
+        length=s.tiny_length,
         cpus_per_worker=TRAIN_CPUS,
+        device=ws.accel.device,
     )
+
+
+def gpt2_label(sizes: Sizes) -> str:
+    return f"gpt2-{sizes.train_layers}x{sizes.train_width}"
 
 
 def section_runners(ws: Workspace) -> dict[str, Callable[[], dict[str, Any]]]:
@@ -130,17 +138,20 @@ def section_runners(ws: Workspace) -> dict[str, Callable[[], dict[str, Any]]]:
             steps=s.smol_steps,
             warmup=s.smol_warmup,
             log_every=s.smol_log_every,
-            batch_size=SMOL_BATCH,
-            length=SMOL_LENGTH,
+            batch_size=s.smol_batch,
+            length=s.smol_length,
             lr=1e-4,
             lora=True,
             cpus_per_worker=TRAIN_CPUS,
+            device=ws.accel.device,
         )
-        return train.measure_throughput(spec, s.smol_repeats, runs)
+        return train.measure_throughput(spec, s.smol_repeats, runs, ws.accel)
 
     def scaling() -> dict[str, Any]:
         from dataclasses import replace
 
+        if ws.accel.device == "cuda" and ws.accel.count < 2:
+            return {"skipped": "one GPU: scaling needs two"}
         spec = replace(tiny_spec(ws), steps=s.scaling_steps)
         return train.measure_scaling(spec, runs)
 
@@ -148,7 +159,9 @@ def section_runners(ws: Workspace) -> dict[str, Callable[[], dict[str, Any]]]:
         from bench.scoring import measure_scoring, write_score_input
 
         data = write_score_input(ws.root / "score.jsonl", s.score_rows, SST2_TRAIN)
-        return measure_scoring(ws.tiny, data, s.score_rows, s.repeats, ws.root / "scores")
+        return measure_scoring(
+            ws.tiny, data, s.score_rows, s.repeats, ws.root / "scores", s.score_batch
+        )
 
     def data() -> dict[str, Any]:
         import ray
@@ -169,7 +182,7 @@ def section_runners(ws: Workspace) -> dict[str, Callable[[], dict[str, Any]]]:
         "time_to_first_step": lambda: train.measure_time_to_first_step(
             tiny_spec(ws), s.ttfs_repeats, runs
         ),
-        "train_tiny": lambda: train.measure_throughput(tiny_spec(ws), s.repeats, runs),
+        "train_tiny": lambda: train.measure_throughput(tiny_spec(ws), s.repeats, runs, ws.accel),
         "train_smollm2": smollm2,
         "scaling": scaling,
         "scoring": scoring,
@@ -207,6 +220,15 @@ def write_results(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     return json_path, md_path
 
 
+def choose_sizes(quick: bool, accel: Accelerator) -> tuple[Sizes, str]:
+    """--quick shrinks everything; otherwise GPUs get the bigger GPU sizes."""
+    if quick:
+        return QUICK, "quick"
+    if accel.device == "cuda":
+        return GPU, "gpu"
+    return FULL, "full"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat")
@@ -223,19 +245,20 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sizes = QUICK if args.quick else FULL
+    accel = detect()
+    sizes, mode = choose_sizes(args.quick, accel)
     started = time.perf_counter()
     result: dict[str, Any] = {
         "date": datetime.now().isoformat(timespec="seconds"),
         "host": socket.gethostname(),
-        "mode": "quick" if args.quick else "full",
+        "mode": mode,
         "sizes": sizes.__dict__,
-        "machine": machine(),
+        "machine": machine(accel),
     }
     with tempfile.TemporaryDirectory(prefix="ftlaunch-bench-") as tmp:
         root = args.work or Path(tmp)
         log(f"building tiny models and data in {root}")
-        ws = Workspace(root, sizes)
+        ws = Workspace(root, sizes, accel)
         result["sections"] = run_sections(ws, list(args.only or SECTIONS))
     result["machine"]["load_end"] = round(os.getloadavg()[0], 1)
     result["seconds"] = time.perf_counter() - started

@@ -1,9 +1,10 @@
 """Batch scoring: `ftlaunch score` (launcher.batch.score) against a plain batched loop.
 
 Both compute the log-likelihood of every row of the same text file with the same causal LM,
-32 rows per forward pass, and write one JSON line per row. Both times include loading the model.
-The ftlaunch side runs on one Ray Data actor with 1 CPU (torch threads = 1); the plain loop
-runs in this process with 1 torch thread (see TRAIN_CPUS in bench/run.py for why one).
+`batch` rows per forward pass, and write one JSON line per row. Both times include loading the
+model. The ftlaunch side runs on one Ray Data actor with 1 CPU (torch threads = 1), on a GPU when
+the machine has one; the plain loop runs in this process with 1 torch thread, on the same device
+(see TRAIN_CPUS in bench/run.py for why one thread).
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import log, median, ratio
-
-BATCH = 32
 
 
 def write_score_input(path: Path, rows: int, source: Path) -> Path:
@@ -31,38 +30,40 @@ def write_score_input(path: Path, rows: int, source: Path) -> Path:
     return path
 
 
-def score_ftlaunch(model_dir: Path, data: Path, out: Path) -> float:
+def score_ftlaunch(model_dir: Path, data: Path, out: Path, batch: int) -> float:
     from launcher.batch import PoolOptions, score
 
-    pool = PoolOptions(batch_size=BATCH, num_actors=1, cpus_per_actor=1, progress=False)
+    pool = PoolOptions(batch_size=batch, num_actors=1, cpus_per_actor=1, progress=False)
     started = time.perf_counter()
     score(model_dir, data, out, pool=pool)
     return time.perf_counter() - started
 
 
-def score_plain(model_dir: Path, data: Path, out: Path) -> float:
-    """Read, tokenize 32 rows at a time (right padding), forward, sum token log-probs, write."""
+def score_plain(model_dir: Path, data: Path, out: Path, batch: int) -> float:
+    """Read, tokenize `batch` rows at a time (right padding), forward, sum token log-probs,
+    write."""
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
     rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line]
     limit = model.config.max_position_embeddings
     with out.open("w", encoding="utf-8") as sink, torch.inference_mode():
-        for start in range(0, len(rows), BATCH):
-            chunk = rows[start : start + BATCH]
+        for start in range(0, len(rows), batch):
+            chunk = rows[start : start + batch]
             enc = tokenizer(
                 [r["text"] for r in chunk],
                 padding=True,
                 truncation=True,
                 max_length=limit,
                 return_tensors="pt",
-            )
+            ).to(device)
             logits = model(**enc).logits[:, :-1].float()
             targets = enc["input_ids"][:, 1:]
             keep = enc["attention_mask"][:, 1:].bool()
@@ -75,20 +76,22 @@ def score_plain(model_dir: Path, data: Path, out: Path) -> float:
     return time.perf_counter() - started
 
 
-def measure_scoring(model_dir: Path, data: Path, rows: int, repeats: int, work: Path) -> dict:
+def measure_scoring(
+    model_dir: Path, data: Path, rows: int, repeats: int, work: Path, batch: int = 32
+) -> dict:
     """Rows/s of both, alternating, `repeats` times; outputs checked for the same row count."""
     ours, theirs = [], []
     for i in range(repeats):
         log(f"scoring: ftlaunch score {i + 1}/{repeats}")
-        ours.append(score_ftlaunch(model_dir, data, work / f"ftlaunch-{i}.jsonl"))
+        ours.append(score_ftlaunch(model_dir, data, work / f"ftlaunch-{i}.jsonl", batch))
         log(f"scoring: plain loop {i + 1}/{repeats}")
-        theirs.append(score_plain(model_dir, data, work / f"plain-{i}.jsonl"))
+        theirs.append(score_plain(model_dir, data, work / f"plain-{i}.jsonl", batch))
     agreement = compare_outputs(work / "ftlaunch-0.jsonl", work / "plain-0.jsonl")
     a = median(rows / s for s in ours)
     b = median(rows / s for s in theirs)
     return {
         "rows": rows,
-        "batch_size": BATCH,
+        "batch_size": batch,
         "ftlaunch_rows_per_s": a,
         "plain_rows_per_s": b,
         "ratio": ratio(a, b),

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import LLAMA_PROJECTIONS, log, median, ratio
+from bench.hardware import Accelerator, matmul_parameters, mfu, training_flops_per_token
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class TrainSpec:
     lora: bool = False
     workers: int = 1
     cpus_per_worker: int = 2
+    device: str = "cpu"  # "cuda": one GPU per worker, bf16 autocast on both sides
 
 
 class TimedView:
@@ -80,7 +82,11 @@ def recipe_body(spec: TrainSpec, storage: Path) -> dict[str, Any]:
             "log_every": spec.log_every,
             "seed": 0,
         },
-        "scaling": {"num_workers": spec.workers, "cpus_per_worker": spec.cpus_per_worker},
+        "scaling": {
+            "num_workers": spec.workers,
+            "cpus_per_worker": spec.cpus_per_worker,
+            "use_gpu": spec.device == "cuda",
+        },
         "checkpoint": {"storage_path": str(storage), "keep": 1},
     }
     if spec.lora:
@@ -205,12 +211,22 @@ def run_plain(spec: TrainSpec, threads: int | None = None) -> dict[str, Any]:
     from transformers import get_linear_schedule_with_warmup
 
     torch.set_num_threads(threads or spec.cpus_per_worker)
+    device = torch.device(spec.device)
+    # As ftlaunch's ddp does: fp32 weights, bf16 autocast on GPUs that have bf16.
+    autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+    def now() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # kernels run asynchronously: time what finished
+        return time.perf_counter()
+
     marks = {"start": time.perf_counter()}
     torch.manual_seed(0)
     tokenizer = load_plain_tokenizer(spec.model)
-    rows = plain_rows(spec, tokenizer)
-    marks["data_ready"] = time.perf_counter()
-    model = load_plain_model(spec.model)
+    rows = plain_rows(spec, tokenizer).to(device)
+    marks["data_ready"] = now()
+    model = load_plain_model(spec.model).to(device)
+    shape = model_shape(model)
     if spec.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -226,17 +242,18 @@ def run_plain(spec: TrainSpec, threads: int | None = None) -> dict[str, Any]:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=0.0)
     schedule = get_linear_schedule_with_warmup(optimizer, 0, spec.steps)
-    marks["model_built"] = time.perf_counter()
+    marks["model_built"] = now()
     order = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(spec.batch_size, spec.length, dtype=torch.long)
+    mask = torch.ones(spec.batch_size, spec.length, dtype=torch.long, device=device)
     losses: list[float] = []
     steady_from = None
     for step in range(spec.steps):
         if step == spec.warmup:
-            steady_from = time.perf_counter()
+            steady_from = now()
         start = (step * spec.batch_size) % (rows.shape[0] - spec.batch_size + 1)
-        batch = rows[order[start : start + spec.batch_size]]
-        out = model(input_ids=batch, attention_mask=mask, labels=batch)
+        batch = rows[order[start : start + spec.batch_size].to(device)]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = model(input_ids=batch, attention_mask=mask, labels=batch)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -244,8 +261,8 @@ def run_plain(spec: TrainSpec, threads: int | None = None) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         losses.append(out.loss.item())
         if step == 0:
-            marks["first_step"] = time.perf_counter()
-    ended = time.perf_counter()
+            marks["first_step"] = now()
+    ended = now()
     measured = spec.steps - spec.warmup
     seconds = ended - steady_from if steady_from else None
     tokens = measured * spec.batch_size * spec.length
@@ -256,14 +273,42 @@ def run_plain(spec: TrainSpec, threads: int | None = None) -> dict[str, Any]:
         "steps": measured,
         "final_loss": losses[-1] if losses else None,
         "timeline": {k: v - marks["start"] for k, v in marks.items() if k != "start"},
+        "model_shape": shape,
     }
+
+
+def model_shape(model) -> dict[str, int]:
+    """Matmul parameters, layers and width: what training FLOPs depend on."""
+    config = model.config
+    return {
+        "params": matmul_parameters(model),
+        "layers": config.num_hidden_layers,
+        "hidden": config.hidden_size,
+    }
+
+
+def add_mfu(out: dict[str, Any], spec: TrainSpec, accel: Accelerator | None) -> None:
+    """MFU of both sides on GPUs: the same FLOPs per token, each side's tokens/s."""
+    shape = next((r.get("model_shape") for r in out["plain_runs"] if r.get("model_shape")), None)
+    if accel is None or accel.device != "cuda" or shape is None:
+        return
+    flops = training_flops_per_token(
+        shape["params"], shape["layers"], shape["hidden"], spec.length, frozen_base=spec.lora
+    )
+    out["flops_per_token"] = flops
+    out["peak_tflops_per_gpu"] = accel.peak_tflops
+    out["ftlaunch_mfu"] = mfu(out["ftlaunch_tokens_per_s"], flops, accel, spec.workers)
+    out["plain_mfu"] = mfu(out["plain_tokens_per_s"], flops, accel, 1)
 
 
 # ---------------------------------------------------------------------------- measurements
 
 
-def measure_throughput(spec: TrainSpec, repeats: int, storage: Path) -> dict[str, Any]:
-    """Steady-state tokens/s, ftlaunch and plain alternating, `repeats` times each."""
+def measure_throughput(
+    spec: TrainSpec, repeats: int, storage: Path, accel: Accelerator | None = None
+) -> dict[str, Any]:
+    """Steady-state tokens/s, ftlaunch and plain alternating, `repeats` times each; on GPUs
+    also the model FLOPs utilisation of each."""
     ours, theirs = [], []
     for i in range(repeats):
         log(f"throughput {spec.label}: ftlaunch run {i + 1}/{repeats}")
@@ -272,7 +317,7 @@ def measure_throughput(spec: TrainSpec, repeats: int, storage: Path) -> dict[str
         theirs.append(run_plain(spec))
     a = median(r["tokens_per_s"] for r in ours)
     b = median(r["tokens_per_s"] for r in theirs)
-    return {
+    out = {
         "spec": describe(spec),
         "ftlaunch_tokens_per_s": a,
         "plain_tokens_per_s": b,
@@ -280,6 +325,8 @@ def measure_throughput(spec: TrainSpec, repeats: int, storage: Path) -> dict[str
         "ftlaunch_runs": ours,
         "plain_runs": theirs,
     }
+    add_mfu(out, spec, accel)
+    return out
 
 
 def measure_time_to_first_step(spec: TrainSpec, repeats: int, storage: Path) -> dict[str, Any]:
@@ -343,14 +390,14 @@ def overhead_breakdown(ours: list[dict], theirs: list[dict]) -> dict[str, float 
 
 
 def measure_scaling(spec: TrainSpec, storage: Path) -> dict[str, Any]:
-    """1 worker vs 2 workers (1 CPU each) on the same global batch and steps."""
+    """1 worker vs 2 workers (1 CPU, or 1 GPU, each) on the same global batch and steps."""
     global_batch = spec.batch_size * 2
     one = replace(spec, label=f"{spec.label}-1w", workers=1, cpus_per_worker=1)
     one = replace(one, batch_size=global_batch)
     two = replace(spec, label=f"{spec.label}-2w", workers=2, cpus_per_worker=1)
-    log("scaling: 1 worker x 1 CPU")
+    log(f"scaling: 1 worker x 1 {spec.device.upper()}")
     single = run_ftlaunch(one, storage)
-    log("scaling: 2 workers x 1 CPU")
+    log(f"scaling: 2 workers x 1 {spec.device.upper()}")
     double = run_ftlaunch(two, storage)
     speedup = ratio(double["tokens_per_s"], single["tokens_per_s"])
     return {
@@ -376,4 +423,5 @@ def describe(spec: TrainSpec) -> dict[str, Any]:
         "lora": spec.lora,
         "workers": spec.workers,
         "cpus_per_worker": spec.cpus_per_worker,
+        "device": spec.device,
     }

@@ -1,0 +1,139 @@
+"""The benchmark harness's own logic: device detection, GPU sizes, FLOPs per token and MFU.
+
+The benchmark itself (`make bench`) is not run here; these check the parts whose mistakes would
+make its figures wrong, the FLOPs formula against torch's own FLOP counter.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.common import FULL, GPU, QUICK
+from bench.hardware import (
+    Accelerator,
+    detect,
+    matmul_parameters,
+    mfu,
+    peak_tflops,
+    training_flops_per_token,
+)
+
+A100 = Accelerator("cuda", "NVIDIA A100-SXM4-80GB", 8, 312.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA L40S", 362.0),
+        ("NVIDIA L4", 121.0),
+        ("Tesla T4", 65.0),
+        ("Some Future Accelerator", None),
+    ],
+)
+def test_peak_flops_come_from_the_device_name(name, peak, monkeypatch):
+    monkeypatch.delenv("FTLAUNCH_PEAK_TFLOPS", raising=False)
+    assert peak_tflops(name) == peak
+
+
+def test_peak_flops_can_be_given_for_devices_the_table_lacks(monkeypatch):
+    monkeypatch.setenv("FTLAUNCH_PEAK_TFLOPS", "500")
+    assert peak_tflops("Some Future Accelerator") == 500.0
+
+
+def test_this_machine_runs_the_cpu_sizes(monkeypatch):
+    from bench.run import choose_sizes
+
+    monkeypatch.delenv("FTLAUNCH_BENCH_DEVICE", raising=False)
+    accel = detect()
+    assert accel.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setenv("FTLAUNCH_BENCH_DEVICE", "cpu")
+    cpu = detect()
+    assert cpu.device == "cpu" and cpu.peak_tflops is None
+    assert choose_sizes(False, cpu) == (FULL, "full")
+    assert choose_sizes(True, A100) == (QUICK, "quick")
+    sizes, mode = choose_sizes(False, A100)
+    assert mode == "gpu" and sizes is GPU
+    assert sizes.train_width > FULL.train_width and sizes.tiny_length > FULL.tiny_length
+
+
+def _counted_and_estimated(model_dir, lora: bool, length: int = 48) -> tuple[float, float]:
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModelForCausalLM
+
+    # Eager attention: its matmuls are ones the counter sees on CPU.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager")
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        from bench.common import LLAMA_PROJECTIONS
+
+        config = LoraConfig(r=4, target_modules=LLAMA_PROJECTIONS, task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+    ids = torch.randint(0, 500, (2, length))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, labels=ids).loss.backward()
+    c = model.config
+    per_token = training_flops_per_token(
+        matmul_parameters(model), c.num_hidden_layers, c.hidden_size, length, frozen_base=lora
+    )
+    return counter.get_total_flops(), per_token * ids.numel()
+
+
+@pytest.mark.parametrize(
+    ("fixture", "lora"), [("tiny_gpt2", False), ("tiny_llama", False), ("tiny_llama", True)]
+)
+def test_flops_per_token_match_torch_flop_counter(request, fixture, lora):
+    counted, estimated = _counted_and_estimated(request.getfixturevalue(fixture), lora)
+    assert estimated == pytest.approx(counted, rel=0.01)
+
+
+def test_mfu_is_achieved_over_peak_flops():
+    flops = training_flops_per_token(124_000_000, 12, 768, 512, frozen_base=False)
+    assert mfu(100_000.0, flops, A100, devices=2) == pytest.approx(100_000.0 * flops / (2 * 312e12))
+    assert mfu(100_000.0, flops, Accelerator("cpu", "x86_64", 1, None), 1) is None
+
+
+def test_plain_loop_reports_the_model_shape_and_the_table_shows_mfu(tiny_gpt2, tmp_path):
+    """The plain side of the throughput measurement, for real on this CPU, then the MFU that
+    the GPU mode derives from its shape and the row the table gets."""
+    from bench.common import exact_length_texts, write_text_rows
+    from bench.report import markdown
+    from bench.train import TrainSpec, add_mfu, load_plain_tokenizer, run_plain
+
+    model = {"name_or_path": str(tiny_gpt2)}
+    texts = exact_length_texts(load_plain_tokenizer(model), 40, 32)
+    spec = TrainSpec(
+        label="gpt2-2x64",
+        model=model,
+        data=write_text_rows(tmp_path / "rows.jsonl", texts),
+        steps=6,
+        warmup=2,
+        log_every=2,
+        batch_size=4,
+        length=32,
+        cpus_per_worker=1,
+    )
+    plain = run_plain(spec)
+    assert plain["tokens"] == 4 * 4 * 32 and plain["tokens_per_s"] > 0
+    assert plain["model_shape"]["layers"] == 2 and plain["model_shape"]["hidden"] == 64
+
+    out = {"ftlaunch_tokens_per_s": 900.0, "plain_tokens_per_s": 1000.0, "plain_runs": [plain]}
+    add_mfu(out, spec, A100)
+    flops = training_flops_per_token(plain["model_shape"]["params"], 2, 64, 32, frozen_base=False)
+    assert out["ftlaunch_mfu"] == pytest.approx(900.0 * flops / 312e12)
+    assert out["ftlaunch_mfu"] / out["plain_mfu"] == pytest.approx(0.9)
+    result = {
+        "date": "d",
+        "host": "h",
+        "mode": "gpu",
+        "machine": {"cpus": 2, "gpus": 8, "torch": "t", "ray": "r", "transformers": "x"}
+        | {"load_start": 0.0, "accelerator": A100.describe()},
+        "sections": {"train_tiny": {**out, "spec": {"label": spec.label}, "ratio": 0.9}},
+    }
+    table = markdown(result)
+    assert "(NVIDIA A100-SXM4-80GB)" in table
+    assert "| 1 | MFU, gpt2-2x64 (peak 312 TFLOP/s per GPU) |" in table
