@@ -54,7 +54,7 @@ TEACHER_COLUMNS = ("teacher_logprobs", "teacher_ids")
 CACHE_FORMAT = 1  # bump when the stored layout changes: old cache entries are then ignored
 TEACHER_BATCH_ROWS = 16
 
-Objective = Callable[[nn.Module, dict], tuple[torch.Tensor, int, dict[str, float]]]
+Objective = Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
 
 
 class DistillError(ValueError):
@@ -555,14 +555,18 @@ def make_objective(recipe: Recipe, teacher: _Teacher | None) -> Objective:
     task = recipe.model.task
     if recipe.distill is None:
 
-        def plain(module: nn.Module, batch: dict) -> tuple[torch.Tensor, int, dict[str, float]]:
+        def plain(
+            module: nn.Module, batch: dict
+        ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
             loss, tokens = compute_loss(module, batch, task)
             return loss, tokens, {}
 
         return plain
     d = recipe.distill
 
-    def distilled(module: nn.Module, batch: dict) -> tuple[torch.Tensor, int, dict[str, float]]:
+    def distilled(
+        module: nn.Module, batch: dict
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         labels = batch["labels"]
         student = align_logits(module(**model_inputs(batch)).logits, labels, task)
         hard = task_loss(student, labels, task)
@@ -578,7 +582,7 @@ def make_objective(recipe: Recipe, teacher: _Teacher | None) -> Objective:
                 d.temperature,
             )
         loss, soft = distillation_loss(hard, kl, d.alpha, d.temperature)
-        parts = {"task_loss": float(hard.detach()), "distill_loss": float(soft.detach())}
+        parts = {"task_loss": hard.detach().float(), "distill_loss": soft.detach().float()}
         return loss, count_tokens(batch), parts
 
     return distilled

@@ -314,8 +314,22 @@ def _swap_for_placeholders(model: nn.Module, ids: set[int]) -> None:
 
     Fine-tuning wrappers (peft, adapters) move what they create to the device of the layer they
     wrap; on meta their freshly initialised values would be lost, on a placeholder they stay.
-    Tied tensors stay tied: every module holding one gets the same placeholder.
     """
+
+    def placeholder(tensor: torch.Tensor) -> torch.Tensor:
+        value = torch.zeros((), dtype=tensor.dtype).expand(tensor.shape)
+        for key in (CHECKPOINT_SOURCE, "_is_hf_initialized"):
+            setattr(value, key, getattr(tensor, key))
+        return value
+
+    replace_tensors(model, ids, placeholder)
+
+
+def replace_tensors(
+    model: nn.Module, ids: set[int], make: Callable[[torch.Tensor], torch.Tensor]
+) -> None:
+    """Replace each parameter or buffer whose id is in `ids` by `make(tensor)` in every module
+    that holds it, so tied tensors stay tied; parameters stay parameters."""
     swapped: dict[int, torch.Tensor] = {}
     for module in model.modules():
         for table in (module._parameters, module._buffers):
@@ -323,11 +337,11 @@ def _swap_for_placeholders(model: nn.Module, ids: set[int]) -> None:
                 if tensor is None or id(tensor) not in ids:
                     continue
                 if id(tensor) not in swapped:
-                    value = torch.zeros((), dtype=tensor.dtype).expand(tensor.shape)
+                    value = make(tensor)
                     if isinstance(tensor, nn.Parameter):
+                        extra = dict(vars(value))  # attributes set by make()
                         value = nn.Parameter(value, requires_grad=tensor.requires_grad)
-                    for key in (CHECKPOINT_SOURCE, "_is_hf_initialized"):
-                        setattr(value, key, getattr(tensor, key))
+                        vars(value).update(extra)
                     swapped[id(tensor)] = value
                 table[attr] = swapped[id(tensor)]
 

@@ -9,23 +9,23 @@ import torch
 from launcher.data import model_inputs  # the batch layout belongs to the data stage
 
 
-def count_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Real (non-padding) tokens in a batch."""
+def count_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Real (non-padding) tokens in a batch, as a tensor on the batch's device: summed into the
+    report window without a device sync per micro-step."""
     # Packed batches carry no attention_mask (see launcher.data.collate); num_tokens always exists.
     if "num_tokens" in batch:
-        return int(batch["num_tokens"].sum().item())
-    return int(batch["attention_mask"].sum().item())
+        return batch["num_tokens"].sum()
+    return batch["attention_mask"].sum()
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
     """Mean cross-entropy: next-token over labelled positions (causal LM), or per sequence."""
     if task == "causal_lm":
-        shift_logits = logits[:, :-1, :].contiguous()
-        shift_labels = labels[:, 1:].contiguous()
+        # Shift the labels, not the logits: position i predicts label i + 1, the last position
+        # predicts nothing; no copy of the (batch, length, vocab) logits is made.
+        shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
         return torch.nn.functional.cross_entropy(
-            shift_logits.view(-1, shift_logits.size(-1)).float(),
-            shift_labels.view(-1),
-            ignore_index=-100,
+            logits.reshape(-1, logits.size(-1)).float(), shifted.reshape(-1), ignore_index=-100
         )
     return torch.nn.functional.cross_entropy(logits.float(), labels.view(-1))
 
@@ -37,7 +37,9 @@ def align_logits(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch
     return logits
 
 
-def compute_loss(model, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Tensor, int]:
+def compute_loss(
+    model, batch: dict[str, torch.Tensor], task: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward a batch and return (mean loss, tokens in the batch)."""
     out = model(**model_inputs(batch))
     logits = align_logits(out.logits, batch["labels"], task)

@@ -164,6 +164,31 @@ def clip_value(train_cfg: TrainConfig) -> float:
     return train_cfg.max_grad_norm if train_cfg.max_grad_norm is not None else math.inf
 
 
+def clip_and_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LambdaLR,
+    train_cfg: TrainConfig,
+    scaler: Any = None,
+) -> float:
+    """Clip the gradients' global norm, step optimizer and schedule, clear the gradients;
+    returns the norm before clipping (a DTensor norm under FSDP is made whole first)."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, clip_value(train_cfg))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
 def _write_strategy_file(directory: Path, name: str, **extra: Any) -> None:
     if _rank() == 0:
         info = {"strategy": name, "world_size": _world_size(), **extra}
@@ -305,18 +330,9 @@ class DDPStrategy:
 
     def step(self) -> float:
         assert self.optimizer is not None and self.schedule is not None
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, clip_value(self.train_cfg))
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.schedule.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return clip_and_step(
+            self.model, self.optimizer, self.schedule, self.train_cfg, scaler=self.scaler
+        )
 
     def lr(self) -> float:
         return float(self.schedule.get_last_lr()[0])
@@ -408,7 +424,11 @@ def shard_and_load(model: nn.Module, device: torch.device, options: dict[str, An
     sources = checkpoint_sources(model)
     state = model.state_dict(keep_vars=True)
     held = {n: t.detach() for n, t in state.items() if n not in sources} if _rank() == 0 else {}
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers() if not b.is_meta}
+    buffers = {
+        n: b.detach().clone()
+        for n, b in model.named_buffers()
+        if n not in sources and not b.is_meta
+    }
     _placeholders_to_meta(model, {id(state[n]) for n in sources})
     for block in transformer_blocks(model):
         fully_shard(block, **options)
@@ -444,18 +464,9 @@ def _whole_on_first_rank() -> Iterator[None]:
 def _placeholders_to_meta(model: nn.Module, ids: set[int]) -> None:
     """Swap checkpoint placeholders for meta tensors (tied ones stay tied) before sharding, so
     fully_shard allocates nothing for them until `to_empty`."""
-    swapped: dict[int, torch.Tensor] = {}
-    for module in model.modules():
-        for table in (module._parameters, module._buffers):
-            for attr, tensor in table.items():
-                if tensor is None or id(tensor) not in ids:
-                    continue
-                if id(tensor) not in swapped:
-                    value = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
-                    if isinstance(tensor, nn.Parameter):
-                        value = nn.Parameter(value, requires_grad=tensor.requires_grad)
-                    swapped[id(tensor)] = value
-                table[attr] = swapped[id(tensor)]
+    from launcher.models import replace_tensors
+
+    replace_tensors(model, ids, lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"))
 
 
 def read_checkpoint_shards(model: nn.Module, sources: dict[str, tuple[str, str]]) -> None:
@@ -565,14 +576,7 @@ class FSDPStrategy:
         (loss / self.train_cfg.grad_accum).backward()
 
     def step(self) -> float:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, clip_value(self.train_cfg))
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        self.optimizer.step()
-        self.schedule.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return clip_and_step(self.model, self.optimizer, self.schedule, self.train_cfg)
 
     def lr(self) -> float:
         return float(self.schedule.get_last_lr()[0])

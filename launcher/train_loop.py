@@ -48,13 +48,14 @@ class Position:
 class Window:
     """Running sums between two metric reports."""
 
-    loss_sum: float | torch.Tensor = 0.0  # kept on the device: no sync per micro-step
+    # Sums of per-micro-step tensors stay on the device: no sync per micro-step.
+    loss_sum: float | torch.Tensor = 0.0
     micro_steps: int = 0
-    tokens: int = 0
+    tokens: int | torch.Tensor = 0
     samples: int = 0
     grad_norm: float = float("nan")
     started: float = field(default_factory=time.perf_counter)
-    extra: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, float | torch.Tensor] = field(default_factory=dict)
 
 
 def make_plan(num_train_rows: int, recipe: Recipe) -> Plan:
@@ -243,9 +244,9 @@ def window_metrics(window: Window, device: torch.device, world_size: int) -> dic
         {
             "loss": torch.as_tensor(window.loss_sum),
             "micro": torch.tensor(float(window.micro_steps)),
-            "tokens": torch.tensor(float(window.tokens)),
+            "tokens": torch.as_tensor(window.tokens, dtype=torch.float64),
             "samples": torch.tensor(float(window.samples)),
-            **{k: torch.tensor(v) for k, v in window.extra.items()},
+            **{k: torch.as_tensor(v) for k, v in window.extra.items()},
         },
         device,
     )
@@ -339,6 +340,8 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0 and sink is not None:
             sink.put({"event": "metrics", **metrics})
         if ckpt_due:
+            # Ray Train hears only of checkpoints (metrics reach the driver through the sink):
+            # each report waits for the controller's next poll of this worker.
             tmp = save_checkpoint(strategy, position, rank)
             has_files = any(Path(tmp.name).iterdir())
             checkpoint = ray.train.Checkpoint.from_directory(tmp.name) if has_files else None
@@ -346,15 +349,12 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:06d}"
             )
             tmp.cleanup()
-        else:
-            ray.train.report(metrics)
 
     if t.eval_on_start and val_shard is not None and position.step == 0:
         last_eval = evaluate(module, val_shard, collate, recipe, device)
         start = {"step": 0, "epoch": 0.0, "lr": strategy.lr(), **last_eval}
         if rank == 0 and sink is not None:
             sink.put({"event": "metrics", **start})
-        ray.train.report(start)
 
     for epoch in range(position.epoch, t.epochs):
         if position.step >= plan.total_steps:

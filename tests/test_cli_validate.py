@@ -12,6 +12,7 @@ import jsonschema
 import pytest
 import yaml
 from click.testing import CliRunner
+from helpers import MINIMAL_YAML
 
 from launcher.cli import cli, main
 from launcher.recipe import load_recipe, parse_yaml, resolved_dict
@@ -19,13 +20,7 @@ from launcher.recipe import load_recipe, parse_yaml, resolved_dict
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
 
-MINIMAL = """\
-name: demo
-model:
-  name_or_path: gpt2
-data:
-  train: data/train.jsonl
-"""
+MINIMAL = MINIMAL_YAML
 
 # Every section of the contract, each with non-default values that apply together.
 FULL = """\

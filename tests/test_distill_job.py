@@ -8,16 +8,10 @@ import math
 from pathlib import Path
 
 import pytest
-import yaml
+from helpers import job_body, write_recipe
 
 from launcher.job import read_metrics, run
 from launcher.recipe import load_recipe
-
-
-def write_recipe(tmp_path: Path, body: dict, name: str = "recipe.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(body))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -29,24 +23,20 @@ def tiny_teacher(tmp_path_factory) -> Path:
 
 
 def distill_recipe(tmp_path, student, teacher, data, **distill) -> dict:
-    return {
-        "name": "tiny-distill",
-        "model": {"name_or_path": str(student)},
-        "data": {
-            "train": str(data["train"]),
-            "validation": str(data["validation"]),
-            "max_length": 32,
-        },
-        "distill": {
+    return job_body(
+        tmp_path,
+        student,
+        data,
+        name="tiny-distill",
+        train={"max_steps": 6, "batch_size": 8, "lr": 3e-3, "log_every": 2, "seed": 0},
+        checkpoint={"metric": "eval_loss"},
+        distill={
             "teacher": {"name_or_path": str(teacher)},
             "temperature": 2.0,
             "alpha": 0.5,
             **distill,
         },
-        "train": {"max_steps": 6, "batch_size": 8, "lr": 3e-3, "log_every": 2, "seed": 0},
-        "scaling": {"num_workers": 2},
-        "checkpoint": {"storage_path": str(tmp_path / "runs"), "metric": "eval_loss"},
-    }
+    )
 
 
 def distill_metrics(run_dir: Path) -> list[dict]:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+from helpers import job_body, write_recipe
 
 from launcher.job import latest_checkpoint, read_metrics, run
 from launcher.recipe import load_recipe
@@ -20,26 +20,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def lm_recipe(tmp_path: Path, model: Path, files: dict, **train) -> Path:
-    body = {
-        "name": "faults",
-        "model": {"name_or_path": str(model)},
-        "data": {
-            "train": str(files["train"]),
-            "validation": str(files["validation"]),
-            "max_length": 32,
-        },
-        "train": {"batch_size": 4, "lr": 3e-3, "log_every": 1, **train},
-        "scaling": {"num_workers": 2},
-        "checkpoint": {
-            "storage_path": str(tmp_path / "runs"),
-            "every": 2,
-            "metric": None,
-            "keep": None,
-        },
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(body))
-    return path
+    body = job_body(
+        tmp_path,
+        model,
+        files,
+        name="faults",
+        train={"batch_size": 4, "lr": 3e-3, "log_every": 1, **train},
+        checkpoint={"every": 2, "metric": None, "keep": None},
+    )
+    return write_recipe(tmp_path, body)
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from helpers import job_body, write_recipe
 
 from launcher.job import latest_checkpoint, read_metrics, run
 from launcher.recipe import load_recipe
@@ -15,25 +15,9 @@ from launcher.recipe import load_recipe
 CONTRACT = ["recipe.yaml", "metrics.jsonl", "checkpoints", "model", "summary.json", "metrics.png"]
 
 
-def write_recipe(tmp_path: Path, body: dict) -> Path:
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(body))
-    return path
-
-
 def causal_recipe(tmp_path: Path, model: Path, files: dict, **sections) -> dict:
-    body = {
-        "name": "tiny-lm",
-        "model": {"name_or_path": str(model)},
-        "data": {
-            "train": str(files["train"]),
-            "validation": str(files["validation"]),
-            "max_length": 32,
-        },
-        "train": {"epochs": 2, "batch_size": 8, "lr": 3e-3, "log_every": 2, "seed": 0},
-        "scaling": {"num_workers": 2},
-        "checkpoint": {"storage_path": str(tmp_path / "runs")},
-    }
+    train = {"epochs": 2, "batch_size": 8, "lr": 3e-3, "log_every": 2, "seed": 0}
+    body = job_body(tmp_path, model, files, name="tiny-lm", train=train)
     for key, value in sections.items():
         body.setdefault(key, {}).update(value)
     return body

@@ -13,6 +13,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from helpers import minimal_recipe
 
 from launcher.recipe import load_recipe, validate_data
 from launcher.targets import SECRET_ENV_NAMES
@@ -43,16 +44,6 @@ def drop_none(value):
     if isinstance(value, list):
         return [drop_none(v) for v in value]
     return value
-
-
-def make_recipe(**sections):
-    data = {
-        "name": "tiny-job",
-        "model": {"name_or_path": "some/model"},
-        "data": {"train": "train.jsonl"},
-    }
-    data.update(sections)
-    return validate_data(data)
 
 
 def containers(rayjob: dict) -> list[dict]:
@@ -121,7 +112,7 @@ def test_every_shipped_recipe_renders_valid_manifests(path):
 
 
 def test_render_follows_the_cluster_section():
-    recipe = make_recipe(
+    recipe = minimal_recipe(
         scaling={"num_workers": 4, "cpus_per_worker": 6},
         cluster={
             "target": "kuberay",
@@ -145,7 +136,7 @@ def test_render_follows_the_cluster_section():
 
 
 def test_cpu_only_workers_have_no_gpu_limits_or_tolerations():
-    check_rendered(make_recipe(cluster={"target": "kuberay", "gpus_per_worker": 0}))
+    check_rendered(minimal_recipe(cluster={"target": "kuberay", "gpus_per_worker": 0}))
 
 
 @pytest.mark.parametrize(
@@ -203,7 +194,7 @@ def test_secret_values_never_appear_in_rendered_files(tmp_path, monkeypatch):
 
 
 def test_multiline_recipe_is_a_readable_block_and_yaml_round_trips():
-    recipe = make_recipe()
+    recipe = minimal_recipe()
     text = to_yaml(render_kuberay(recipe))
     assert f"  {RECIPE_KEY}: |" in text and "&id" not in text
     _configmap, rayjob = yaml.safe_load_all(text)
@@ -211,7 +202,7 @@ def test_multiline_recipe_is_a_readable_block_and_yaml_round_trips():
 
 
 def test_operator_rules_catch_broken_manifests():
-    _, rayjob = render_kuberay(make_recipe())
+    _, rayjob = render_kuberay(minimal_recipe())
     broken = json.loads(json.dumps(rayjob))
     broken["metadata"]["name"] = "Bad_Name"
     broken["spec"]["clusterSelector"] = {"ray.io/cluster": "x"}

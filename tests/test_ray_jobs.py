@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 import requests
+from helpers import minimal_recipe
 
 from launcher.cli import main
 from launcher.preflight import ClusterShape, check_cluster
-from launcher.recipe import validate_data
 from launcher.targets import TargetError, ray_jobs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,16 +36,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def make_recipe(**sections):
-    data = {
-        "name": "tiny-job",
-        "model": {"name_or_path": "some/model"},
-        "data": {"train": "train.jsonl"},
-    }
-    data.update(sections)
-    return validate_data(data)
 
 
 class Head:
@@ -232,7 +222,7 @@ def test_unreachable_address_exits_2_with_clear_message(capsys):
 
 
 def test_submit_to_unreachable_address_is_a_target_error():
-    recipe = make_recipe()
+    recipe = minimal_recipe()
     with pytest.raises(TargetError, match="connection refused"):
         ray_jobs.submit_to_ray(recipe, "name: x\n", f"127.0.0.1:{free_port()}")
 
@@ -241,7 +231,7 @@ def test_address_resolution_order(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "http://from-env:8265")
     assert ray_jobs.resolve_address(None) == "http://from-env:8265"
     assert ray_jobs.resolve_address("head:8265") == "http://head:8265"
-    recipe = make_recipe(cluster={"target": "ray", "address": "http://from-recipe:8265/"})
+    recipe = minimal_recipe(cluster={"target": "ray", "address": "http://from-recipe:8265/"})
     assert ray_jobs.resolve_address(None, recipe) == "http://from-recipe:8265"
     monkeypatch.delenv("RAY_ADDRESS")
     with pytest.raises(TargetError, match="no Ray cluster address"):
@@ -253,24 +243,26 @@ def test_address_resolution_order(monkeypatch):
 def test_preflight_refusals_name_the_field():
     shape = ClusterShape(nodes=1, cpus=8, gpus=2)
     with pytest.raises(TargetError, match=r"asks for 4 GPU worker\(s\).*has 2 GPU"):
-        check_cluster(make_recipe(scaling={"num_workers": 4, "use_gpu": True}), shape, "X")
+        check_cluster(minimal_recipe(scaling={"num_workers": 4, "use_gpu": True}), shape, "X")
     # auto uses the GPUs the cluster has, so it needs one per worker too
     with pytest.raises(TargetError, match="GPU"):
-        check_cluster(make_recipe(scaling={"num_workers": 3}), shape, "X")
+        check_cluster(minimal_recipe(scaling={"num_workers": 3}), shape, "X")
     with pytest.raises(TargetError, match=r"3 worker\(s\) x 4 CPU = 12 CPUs"):
         check_cluster(
-            make_recipe(scaling={"num_workers": 3, "cpus_per_worker": 4, "use_gpu": False}),
+            minimal_recipe(scaling={"num_workers": 3, "cpus_per_worker": 4, "use_gpu": False}),
             shape,
             "X",
         )
     two_nodes = ClusterShape(nodes=2, cpus=8, gpus=2)
     with pytest.raises(TargetError, match=r"storage_path '\./runs' is a local path"):
-        check_cluster(make_recipe(), two_nodes, "X")
-    check_cluster(make_recipe(checkpoint={"storage_path": "s3://bucket/runs"}), two_nodes, "X")
+        check_cluster(minimal_recipe(), two_nodes, "X")
+    check_cluster(minimal_recipe(checkpoint={"storage_path": "s3://bucket/runs"}), two_nodes, "X")
 
 
 def test_runtime_env_carries_names_not_values(tmp_path):
-    recipe = make_recipe(cluster={"target": "ray", "address": "http://h:8265", "env": ["MY_KEY"]})
+    recipe = minimal_recipe(
+        cluster={"target": "ray", "address": "http://h:8265", "env": ["MY_KEY"]}
+    )
     environ = {"HF_TOKEN": "hf_secret_value", "AWS_PROFILE": "p", "HOME": "/root", "EMPTY": ""}
     env = ray_jobs.build_runtime_env(recipe, tmp_path, environ)
     assert env["env_vars"]["HF_TOKEN"] == "${HF_TOKEN}"
@@ -312,7 +304,7 @@ def test_trivial_job_status_logs_list_and_no_secret_sent(head, token_file, tmp_p
         "print('git shipped:', os.path.exists('.git'), flush=True)\n"
     )
     source = trivial_source(tmp_path, script)
-    recipe = make_recipe(cluster={"target": "ray", "address": head.address})
+    recipe = minimal_recipe(cluster={"target": "ray", "address": head.address})
     cluster = ray_jobs.connect(head.address)
     staged = ray_jobs.stage_working_dir("name: tiny-job\n", source, tmp_path / "stage")
     runtime_env = ray_jobs.build_runtime_env(recipe, staged)
@@ -353,7 +345,7 @@ def test_trivial_job_status_logs_list_and_no_secret_sent(head, token_file, tmp_p
 def test_stop_stops_a_long_running_job(head, token_file, tmp_path):
     script = "import time\nprint('working', flush=True)\ntime.sleep(600)\n"
     source = trivial_source(tmp_path, script)
-    recipe = make_recipe(name="sleeper")
+    recipe = minimal_recipe(name="sleeper")
     cluster = ray_jobs.connect(head.address)
     staged = ray_jobs.stage_working_dir("name: sleeper\n", source, tmp_path / "stage")
     job_id = ray_jobs.submit_entrypoint(
@@ -374,10 +366,10 @@ def test_stop_stops_a_long_running_job(head, token_file, tmp_path):
 
 
 def test_preflight_against_the_head_refuses_gpus_and_cpus(head, token_file):
-    too_many_gpus = make_recipe(scaling={"num_workers": 2, "use_gpu": True})
+    too_many_gpus = minimal_recipe(scaling={"num_workers": 2, "use_gpu": True})
     with pytest.raises(TargetError, match=r"asks for 2 GPU worker\(s\).*has 0 GPU"):
         ray_jobs.submit_to_ray(too_many_gpus, "name: x\n", head.address)
-    too_many_cpus = make_recipe(scaling={"num_workers": 3, "use_gpu": False})
+    too_many_cpus = minimal_recipe(scaling={"num_workers": 3, "use_gpu": False})
     with pytest.raises(TargetError, match=r"= 3 CPUs but the Ray cluster .* has 2 CPU"):
         ray_jobs.submit_to_ray(too_many_cpus, "name: x\n", head.address)
 
@@ -427,11 +419,11 @@ def test_local_storage_refused_once_the_cluster_has_two_nodes(head, token_file):
         cluster = ray_jobs.connect(head.address)
         shape = ray_jobs.cluster_shape(cluster)
         assert shape.nodes == 2
-        local = make_recipe(scaling={"use_gpu": False})
+        local = minimal_recipe(scaling={"use_gpu": False})
         with pytest.raises(TargetError, match="is a local path but the Ray cluster"):
             ray_jobs.submit_to_ray(local, "name: x\n", head.address)
         check_cluster(
-            make_recipe(scaling={"use_gpu": False}, checkpoint={"storage_path": "s3://b/runs"}),
+            minimal_recipe(scaling={"use_gpu": False}, checkpoint={"storage_path": "s3://b/runs"}),
             shape,
             head.address,
         )

@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import MINIMAL_YAML
 
 from launcher.recipe import (
     Problem,
@@ -22,13 +23,7 @@ from launcher.recipe import (
     validate_data,
 )
 
-MINIMAL = """\
-name: demo
-model:
-  name_or_path: gpt2
-data:
-  train: data/train.jsonl
-"""
+MINIMAL = MINIMAL_YAML
 
 CLASSIFIER = """\
 name: sentiment

@@ -7,31 +7,25 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from helpers import job_body, write_recipe
 
 from launcher.job import read_metrics, run
 from launcher.recipe import load_recipe
 
 
 def lora_recipe(tmp_path: Path, model: Path, files: dict, strategy: dict) -> Path:
-    body = {
-        "name": f"lora-{strategy['name']}",
-        "model": {"name_or_path": str(model)},
-        "data": {
-            "train": str(files["train"]),
-            "validation": str(files["validation"]),
-            "max_length": 32,
-        },
-        "finetune": {"method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
-        "train": {"max_steps": 8, "batch_size": 8, "lr": 1e-2, "log_every": 1},
-        "strategy": strategy,
-        "scaling": {"num_workers": 2},
-        "checkpoint": {"storage_path": str(tmp_path / "runs"), "metric": None},
-        "evaluate": {"metrics": ["loss", "perplexity"], "batch_size": 16},
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(body))
-    return path
+    body = job_body(
+        tmp_path,
+        model,
+        files,
+        name=f"lora-{strategy['name']}",
+        train={"max_steps": 8, "batch_size": 8, "lr": 1e-2, "log_every": 1},
+        checkpoint={"metric": None},
+        finetune={"method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+        strategy=strategy,
+        evaluate={"metrics": ["loss", "perplexity"], "batch_size": 16},
+    )
+    return write_recipe(tmp_path, body)
 
 
 @pytest.mark.slow

@@ -599,3 +599,55 @@ def test_sharded_start_up_never_needs_the_full_model_on_a_worker(tmp_path, monke
     for rank in (0, 1):
         assert ratios[("fsdp", rank)] < 0.75, ratios
         assert ratios[("ds3", rank)] < 0.75, ratios
+
+
+# ------------------------------------------- checkpoints that cannot be read in parts
+
+
+def _whole_load_worker(
+    rank: int, world: int, port: int, specs: list[dict], model_dir: str, out: str
+):
+    """Build and prepare each strategy from a checkpoint without safetensors (loaded whole on
+    rank 0 for fsdp, under zero.Init for ZeRO-3) and record the sharded model's logits."""
+    import torch.distributed as dist
+
+    from launcher.models import checkpoint_sources
+
+    _join_group(rank, world, port)
+    try:
+        probe = _batches(model_dir)[:2]
+        for spec in specs:
+            recipe = make_recipe(model_dir, **spec["strategy"])
+            strategy = make_strategy(recipe, "cpu")
+            model = strategy.build(lambda: _load_tiny(model_dir))
+            assert checkpoint_sources(model) == {}  # nothing to read in parts
+            module = strategy.prepare(model, total_steps=1)
+            module.eval()
+            with torch.no_grad():
+                logits = module(input_ids=probe).logits.float()
+            if rank == 0:
+                torch.save(logits, Path(out) / f"whole-{spec['id']}.pt")
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_checkpoints_without_safetensors_are_loaded_whole_and_still_shard(still_gpt2, tmp_path):
+    from safetensors.torch import load_file
+
+    legacy = tmp_path / "legacy"
+    shutil.copytree(still_gpt2, legacy)
+    torch.save(load_file(legacy / "model.safetensors"), legacy / "pytorch_model.bin")
+    (legacy / "model.safetensors").unlink()
+    specs = [
+        {"id": "fsdp", "strategy": {"name": "fsdp"}},
+        {"id": "ds3", "strategy": {"name": "deepspeed", "zero_stage": 3}},
+    ]
+    spawn(2, specs, legacy, tmp_path, worker=_whole_load_worker)
+    plain = _load_tiny(str(still_gpt2)).eval()
+    with torch.no_grad():
+        expected = plain(input_ids=_batches(str(still_gpt2))[:2]).logits
+    for spec in specs:
+        got = torch.load(tmp_path / f"whole-{spec['id']}.pt")
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

@@ -10,7 +10,7 @@ import struct
 from pathlib import Path
 
 import pytest
-import yaml
+from helpers import job_body, write_recipe
 
 from launcher.job import read_metrics, run
 from launcher.recipe import load_recipe
@@ -18,26 +18,20 @@ from launcher.tracking import flatten, numeric
 
 
 def tracked_recipe(tmp_path: Path, model: Path, data: dict, name: str = "tracked") -> Path:
-    body = {
-        "name": name,
-        "model": {"name_or_path": str(model)},
-        "data": {
-            "train": str(data["train"]),
-            "validation": str(data["validation"]),
-            "max_length": 32,
-        },
-        "train": {"max_steps": 6, "batch_size": 8, "lr": 3e-3, "log_every": 2, "eval_every": 3},
-        "scaling": {"num_workers": 2},
-        "checkpoint": {"storage_path": str(tmp_path / "runs"), "every": 3},
-        "tracking": {
+    body = job_body(
+        tmp_path,
+        model,
+        data,
+        name=name,
+        train={"max_steps": 6, "batch_size": 8, "lr": 3e-3, "log_every": 2, "eval_every": 3},
+        checkpoint={"every": 3},
+        tracking={
             "tensorboard": True,
             "mlflow": {"experiment": "ftlaunch-tests"},
             "wandb": {"project": "ftlaunch-tests", "mode": "offline"},
         },
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(body))
-    return path
+    )
+    return write_recipe(tmp_path, body, f"{name}.yaml")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,63 @@
+"""Recipe builders the test modules share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from launcher.recipe import Recipe, validate_data
+
+MINIMAL_YAML = """\
+name: demo
+model:
+  name_or_path: gpt2
+data:
+  train: data/train.jsonl
+"""
+
+
+def minimal_recipe(**sections: Any) -> Recipe:
+    """A valid recipe naming a hub model and a train file; `sections` replace whole sections."""
+    data: dict[str, Any] = {
+        "name": "tiny-job",
+        "model": {"name_or_path": "some/model"},
+        "data": {"train": "train.jsonl"},
+    }
+    data.update(sections)
+    return validate_data(data)
+
+
+def job_body(
+    tmp_path: Path,
+    model: Path,
+    files: dict[str, Path],
+    *,
+    name: str,
+    train: dict[str, Any],
+    checkpoint: dict[str, Any] | None = None,
+    **sections: Any,
+) -> dict[str, Any]:
+    """A two-worker job on a tiny model and generated train/validation files (32 tokens), runs
+    stored under tmp_path/runs; `checkpoint` adds to the checkpoint section, `sections` add
+    whole sections."""
+    return {
+        "name": name,
+        "model": {"name_or_path": str(model)},
+        "data": {
+            "train": str(files["train"]),
+            "validation": str(files["validation"]),
+            "max_length": 32,
+        },
+        "train": train,
+        "scaling": {"num_workers": 2},
+        "checkpoint": {"storage_path": str(tmp_path / "runs"), **(checkpoint or {})},
+        **sections,
+    }
+
+
+def write_recipe(directory: Path, body: dict[str, Any], name: str = "recipe.yaml") -> Path:
+    path = directory / name
+    path.write_text(yaml.safe_dump(body))
+    return path
