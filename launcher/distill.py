@@ -516,11 +516,12 @@ def build_teacher(recipe: Recipe, strategy, device: torch.device, pad_token_id: 
 
 def _sharded_teacher(load: Callable[[], nn.Module], device: torch.device, strategy) -> nn.Module:
     """FSDP2: sharded like the student, each rank reading only its shard of the teacher's
-    weights; never offloaded, since it only runs forward."""
+    weights (rank 0 loads a checkpoint that cannot be read in parts); never offloaded, since it
+    only runs forward."""
     from launcher.models import checkpoint_weights_on_meta
-    from launcher.strategies import shard_and_load
+    from launcher.strategies import _whole_on_first_rank, shard_and_load
 
-    with checkpoint_weights_on_meta():
+    with checkpoint_weights_on_meta(whole_load=_whole_on_first_rank):
         model = load()
     options = strategy.shard_options(reduce_dtype=None)
     options.pop("offload_policy", None)

@@ -206,15 +206,19 @@ def safetensors_files(directory: Path) -> list[Path]:
 def load_structure(
     model_cfg: ModelConfig, source: Path, *, dtype: torch.dtype, pad_token_id: int | None
 ) -> nn.Module | None:
-    """The model with every weight its safetensors files hold left on the meta device, each
-    marked with where it lives (`CHECKPOINT_SOURCE`); nothing of the checkpoint is read.
+    """The model with every weight its safetensors files hold replaced by a one-element CPU
+    placeholder marked with where it lives (`CHECKPOINT_SOURCE`); nothing of the checkpoint is
+    read.
 
     Weights the checkpoint lacks (a new task head) and non-persistent buffers are real and
     initialised as from_pretrained initialises them, drawing the same random numbers, so the
     parameters created afterwards (LoRA, adapters) get the same values as in a plain load.
-    None when the checkpoint cannot be read lazily: no safetensors files, remote code, or a
+    None when the checkpoint cannot be read lazily, and the caller loads it whole: not a local
+    directory (a hub id), no safetensors files, remote code, a quantized checkpoint, or a
     layout that transformers converts on load (fused or renamed expert weights).
     """
+    if model_cfg.trust_remote_code:
+        return None
     files = safetensors_files(source) if source.is_dir() else []
     if not files:
         return None
@@ -223,7 +227,7 @@ def load_structure(
     kwargs = model_kwargs(model_cfg, pad_token_id)
     config = AutoConfig.from_pretrained(str(source), **kwargs)
     mapping = model_class(model_cfg.task)._model_mapping
-    if model_cfg.trust_remote_code or type(config) not in mapping:
+    if getattr(config, "quantization_config", None) or type(config) not in mapping:
         return None
     with _unpartitioned_construction(), torch.device("meta"):
         model = mapping[type(config)]._from_config(config, dtype=dtype)
@@ -295,16 +299,9 @@ def _initialize_missing(model: nn.Module, found: dict[str, tuple[str, str]]) -> 
         setattr(state[name], CHECKPOINT_SOURCE, where)
         state[name]._is_hf_initialized = True
     loaded = {id(state[name]) for name in found}
-    fresh = [(n, t) for n, t in state.items() if id(t) not in loaded]
-    fresh += list(model.named_non_persistent_buffers())
-    for name, tensor in fresh:
-        module_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        value = torch.empty_like(tensor, device="cpu")
-        if attr in module._parameters:
-            module._parameters[attr] = nn.Parameter(value, requires_grad=tensor.requires_grad)
-        else:
-            module._buffers[attr] = value
+    fresh = {id(t) for t in state.values() if id(t) not in loaded}
+    fresh |= {id(b) for _, b in model.named_non_persistent_buffers()}
+    replace_tensors(model, fresh, lambda t: torch.empty_like(t, device="cpu"))
     model.initialize_weights()
     _swap_for_placeholders(model, {id(state[name]) for name in found})
 

@@ -435,6 +435,10 @@ def shard_and_load(model: nn.Module, device: torch.device, options: dict[str, An
     fully_shard(model, **options)
     offload = "offload_policy" in options
     model.to_empty(device="cpu" if offload else device)
+    if (
+        offload
+    ):  # parameters live on the CPU, buffers on the compute device (as fully_shard put them)
+        _buffers_to(model, device)
     read_checkpoint_shards(model, sources)
     set_model_state_dict(
         model,
@@ -449,9 +453,19 @@ def shard_and_load(model: nn.Module, device: torch.device, options: dict[str, An
         dist.broadcast(buffer.data, src=0)
 
 
+def _buffers_to(model: nn.Module, device: torch.device | str) -> None:
+    """Move every buffer to `device` (shared buffers stay shared)."""
+    from launcher.models import replace_tensors
+
+    ids = {id(b) for b in model.buffers() if b.device != torch.device(device)}
+    replace_tensors(model, ids, lambda t: t.to(device))
+
+
 @contextlib.contextmanager
 def _whole_on_first_rank() -> Iterator[None]:
-    """A checkpoint that cannot be read lazily: rank 0 loads it, the others build on meta."""
+    """A checkpoint that cannot be read lazily: rank 0 loads it; the others build the model
+    with meta parameters (they still open the checkpoint, and dequantize a GGUF file, but keep
+    none of its weights) and receive their shards from rank 0."""
     if _rank() == 0:
         yield
         return
@@ -856,7 +870,7 @@ def build_partitioned(build_model: Callable[[], nn.Module], config: dict[str, An
     loaded under zero.Init, which partitions it as it loads."""
     import deepspeed
 
-    from launcher.models import checkpoint_sources, checkpoint_weights_on_meta
+    from launcher.models import checkpoint_sources, checkpoint_weights_on_meta, replace_tensors
 
     _attach_deepspeed_comm()
     # zero.Init patches tensor constructors; torch._dynamo imported lazily inside it then
@@ -885,23 +899,48 @@ def build_partitioned(build_model: Callable[[], nn.Module], config: dict[str, An
 
         for module in _children_first(model):
             own = [
-                (table, attr, t)
+                t
                 for table in (module._parameters, module._buffers)
-                for attr, t in table.items()
+                for t in table.values()
                 if t is not None and id(t) in by_tensor
             ]
             if not own:
                 continue
-            for table, attr, tensor in own:
-                value = read(by_tensor[id(tensor)]).to(tensor.dtype)
+            for tensor in own:
+                value = read(by_tensor.pop(id(tensor)))
                 if isinstance(tensor, nn.Parameter):
-                    tensor.data = value  # the same Parameter: ties hold
+                    tensor.data = value.to(_zero_dtype(config, tensor.dtype))  # ties hold
                 else:
-                    table[attr] = value
-                by_tensor.pop(id(tensor))
+                    replace_tensors(model, {id(tensor)}, lambda _, v=value.to(tensor.dtype): v)
+            _cast_parameters(module, config)
             deepspeed.zero.Init(module=module, config_dict_or_path=config)
+    _cast_parameters(model, config)
     deepspeed.zero.Init(module=model, config_dict_or_path=config)
+    # zero.Init(module=...) places parameters only; built inside it, buffers would be on the
+    # device already, and the engine does not move a ZeRO-3 model.
+    from deepspeed.accelerator import get_accelerator
+
+    _buffers_to(model, get_accelerator().current_device_name())
     return model
+
+
+def _zero_dtype(config: dict[str, Any], dtype: torch.dtype) -> torch.dtype:
+    """The dtype ZeRO-3 keeps floating-point weights in: the config's half precision, if any
+    (what zero.Init's tensor constructors would have made), else as they are."""
+    if not dtype.is_floating_point:
+        return dtype
+    if config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return dtype
+
+
+def _cast_parameters(module: nn.Module, config: dict[str, Any]) -> None:
+    """Cast the module's not yet partitioned parameters to `_zero_dtype` in place."""
+    for param in module.parameters():
+        if not hasattr(param, "ds_id") and param.dtype != _zero_dtype(config, param.dtype):
+            param.data = param.data.to(_zero_dtype(config, param.dtype))
 
 
 def _children_first(module: nn.Module) -> Iterator[nn.Module]:

@@ -377,6 +377,10 @@ for method, pattern in (("lora", "lora_B"), ("adapter", "bottleneck_adapter.up")
         nonzero = sum(int(p.detach().abs().sum() > 0) for p in params)
     assert count_parameters(model) == plain[method], (count_parameters(model), plain[method])
     print(method, len(params), min(sizes), nonzero)
+# With bf16 on, ZeRO-3 keeps the weights in bf16, as zero.Init's constructors would have made them.
+half = build_partitioned(lambda: apply_finetune(load_model(recipe.model), recipe),
+    {**config, "bf16": {"enabled": True}})
+print("dtypes", sorted({str(p.ds_tensor.dtype) for p in half.parameters()}))
 """
 
 
@@ -403,6 +407,7 @@ def test_zero3_partitioned_lora_and_adapters_start_as_identity(tiny_gpt2):
     ]
     assert [(m, int(zero)) for m, _, _, zero in lines] == [("lora", 0), ("adapter", 0)], done.stdout
     assert all(int(size) > 0 for _, _, size, _ in lines)
+    assert "dtypes ['torch.bfloat16']" in done.stdout, done.stdout
 
 
 TRAINABLE_PREFIXES = {

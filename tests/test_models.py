@@ -161,3 +161,28 @@ def test_lazy_build_refuses_a_checkpoint_whose_shapes_do_not_fit(tiny_gpt2, tmp_
         pytest.raises(ModelLoadError, match=r"wpe\.weight has shape"),
     ):
         load_model(ModelConfig(name_or_path=str(odd)))
+
+
+def test_lazy_build_leaves_remote_code_and_quantized_checkpoints_to_a_whole_load(
+    tiny_gpt2, tmp_path
+):
+    import json
+    import shutil
+    from pathlib import Path
+
+    from launcher.models import load_structure
+
+    remote = ModelConfig(name_or_path=str(tiny_gpt2), trust_remote_code=True)
+    assert load_structure(remote, Path(tiny_gpt2), dtype=torch.float32, pad_token_id=None) is None
+    quantized = tmp_path / "fp8"
+    shutil.copytree(tiny_gpt2, quantized)
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (quantized / "config.json").write_text(json.dumps(config))
+    plain = ModelConfig(name_or_path=str(quantized))
+    assert load_structure(plain, quantized, dtype=torch.float32, pad_token_id=None) is None
+    hub_id = ModelConfig(name_or_path="some-org/some-model")
+    assert (
+        load_structure(hub_id, Path("some-org/some-model"), dtype=torch.float32, pad_token_id=None)
+        is None
+    )
