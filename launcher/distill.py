@@ -518,10 +518,10 @@ def _sharded_teacher(load: Callable[[], nn.Module], device: torch.device, strate
     """FSDP2: sharded like the student, each rank reading only its shard of the teacher's
     weights (rank 0 loads a checkpoint that cannot be read in parts); never offloaded, since it
     only runs forward."""
-    from launcher.models import checkpoint_weights_on_meta
+    from launcher.models import deferred_checkpoint_weights
     from launcher.strategies import _whole_on_first_rank, shard_and_load
 
-    with checkpoint_weights_on_meta(whole_load=_whole_on_first_rank):
+    with deferred_checkpoint_weights(whole_load=_whole_on_first_rank):
         model = load()
     options = strategy.shard_options(reduce_dtype=None)
     options.pop("offload_policy", None)

@@ -123,8 +123,8 @@ def model_class(task: str):
 # Set by sharded strategies around their model builder: load_model then leaves checkpoint weights
 # as placeholders, to be read part by part once the model is sharded. The value is the context
 # a whole load runs in when the checkpoint cannot be read lazily.
-_WEIGHTS_ON_META: ContextVar[Callable[[], contextlib.AbstractContextManager] | None] = ContextVar(
-    "weights_on_meta", default=None
+_DEFERRED_WEIGHTS: ContextVar[Callable[[], contextlib.AbstractContextManager] | None] = ContextVar(
+    "deferred_weights", default=None
 )
 
 # Attribute set on each placeholder that stands for a checkpoint tensor: (safetensors file, key).
@@ -132,17 +132,17 @@ CHECKPOINT_SOURCE = "_ftlaunch_checkpoint_source"
 
 
 @contextlib.contextmanager
-def checkpoint_weights_on_meta(
+def deferred_checkpoint_weights(
     whole_load: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> Iterator[None]:
     """Inside this block load_model builds models whose checkpoint weights are placeholders
     (see `load_structure`). A checkpoint that cannot be read lazily is loaded whole inside
     `whole_load()` (e.g. on meta off rank 0, or under deepspeed.zero.Init)."""
-    token = _WEIGHTS_ON_META.set(whole_load)
+    token = _DEFERRED_WEIGHTS.set(whole_load)
     try:
         yield
     finally:
-        _WEIGHTS_ON_META.reset(token)
+        _DEFERRED_WEIGHTS.reset(token)
 
 
 def load_model(
@@ -157,7 +157,7 @@ def load_model(
     source = _source(name_or_path or model_cfg.name_or_path)
     gguf = gguf_file if gguf_file is not None else model_cfg.gguf_file
     dtype = dtype or resolve_dtype(model_cfg.dtype)
-    whole_load = _WEIGHTS_ON_META.get()
+    whole_load = _DEFERRED_WEIGHTS.get()
     if whole_load is not None:
         if not gguf:
             model = load_structure(model_cfg, Path(source), dtype=dtype, pad_token_id=pad_token_id)

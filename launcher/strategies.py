@@ -409,7 +409,7 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 def shard_and_load(model: nn.Module, device: torch.device, options: dict[str, Any]) -> None:
     """fully_shard each transformer block and then the root, and give every rank its shards.
 
-    The model comes from a builder run under `checkpoint_weights_on_meta`: weights the
+    The model comes from a builder run under `deferred_checkpoint_weights`: weights the
     checkpoint holds are placeholders, and each rank reads only its own rows of them from the
     safetensors files once sharded, so no rank ever holds the whole model. What the checkpoint
     lacks (new heads, adapters, buffers) is small, real on every rank, and taken from rank 0 so
@@ -435,9 +435,8 @@ def shard_and_load(model: nn.Module, device: torch.device, options: dict[str, An
     fully_shard(model, **options)
     offload = "offload_policy" in options
     model.to_empty(device="cpu" if offload else device)
-    if (
-        offload
-    ):  # parameters live on the CPU, buffers on the compute device (as fully_shard put them)
+    if offload:
+        # Parameters live on the CPU, buffers on the compute device (where fully_shard put them).
         _buffers_to(model, device)
     read_checkpoint_shards(model, sources)
     set_model_state_dict(
@@ -485,25 +484,33 @@ def _placeholders_to_meta(model: nn.Module, ids: set[int]) -> None:
 
 def read_checkpoint_shards(model: nn.Module, sources: dict[str, tuple[str, str]]) -> None:
     """Copy into each tensor the part of its checkpoint value this rank holds: the rows of its
-    dim-0 shard for FSDP parameters, all of it for replicated tensors. pread instead of mmap
-    keeps the bytes of other ranks' rows out of this process."""
+    dim-0 shard for FSDP parameters, all of it for replicated tensors."""
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        handle = _checkpoint_handles(stack)
+        for name, (file, key) in sources.items():
+            if name not in tensors:  # tied duplicates appear once among the module's tensors
+                continue
+            local, rows = _local_rows(tensors[name])
+            if local.numel() == 0:
+                continue
+            part = handle(file)
+            local.copy_(part.get_slice(key)[rows] if local.ndim else part.get_tensor(key))
+
+
+def _checkpoint_handles(stack: contextlib.ExitStack) -> Callable[[str], Any]:
+    """A safetensors handle per file, opened on first use and closed with `stack`. pread
+    instead of mmap keeps the bytes a rank does not read out of its process."""
     from safetensors import safe_open
 
-    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
-    by_file: dict[str, list[tuple[str, str]]] = {}
-    for name, (file, key) in sources.items():
-        if name in tensors:  # tied duplicates appear once among the module's tensors
-            by_file.setdefault(file, []).append((name, key))
-    with torch.no_grad():
-        for file, entries in by_file.items():
-            with safe_open(file, framework="pt", backend="pread") as handle:
-                for name, key in entries:
-                    local, rows = _local_rows(tensors[name])
-                    if local.numel() == 0:
-                        continue
-                    part = handle.get_slice(key)
-                    value = part[rows] if local.ndim else handle.get_tensor(key)
-                    local.copy_(value)
+    handles: dict[str, Any] = {}
+
+    def handle(file: str) -> Any:
+        if file not in handles:
+            handles[file] = stack.enter_context(safe_open(file, framework="pt", backend="pread"))
+        return handles[file]
+
+    return handle
 
 
 def _local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, slice]:
@@ -546,9 +553,9 @@ class FSDPStrategy:
         self.schedule: torch.optim.lr_scheduler.LambdaLR | None = None
 
     def build(self, build_model: Callable[[], nn.Module]) -> nn.Module:
-        from launcher.models import checkpoint_weights_on_meta
+        from launcher.models import deferred_checkpoint_weights
 
-        with checkpoint_weights_on_meta(whole_load=_whole_on_first_rank):
+        with deferred_checkpoint_weights(whole_load=_whole_on_first_rank):
             return build_model()
 
     def shard_options(self, reduce_dtype: torch.dtype | None = torch.float32) -> dict[str, Any]:
@@ -870,32 +877,25 @@ def build_partitioned(build_model: Callable[[], nn.Module], config: dict[str, An
     loaded under zero.Init, which partitions it as it loads."""
     import deepspeed
 
-    from launcher.models import checkpoint_sources, checkpoint_weights_on_meta, replace_tensors
+    from launcher.models import checkpoint_sources, deferred_checkpoint_weights, replace_tensors
 
     _attach_deepspeed_comm()
     # zero.Init patches tensor constructors; torch._dynamo imported lazily inside it then
     # fails its signature checks, so import it before.
     import torch._dynamo  # noqa: F401
 
-    with checkpoint_weights_on_meta(
+    with deferred_checkpoint_weights(
         whole_load=lambda: deepspeed.zero.Init(config_dict_or_path=config)
     ):
         model = build_model()
     sources = checkpoint_sources(model)
     state = model.state_dict(keep_vars=True)
     by_tensor = {id(state[name]): where for name, where in sources.items()}
-    with contextlib.ExitStack() as files:
-        handles: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        handle = _checkpoint_handles(stack)
 
         def read(where: tuple[str, str]) -> torch.Tensor:
-            file, key = where
-            if file not in handles:
-                from safetensors import safe_open
-
-                handles[file] = files.enter_context(
-                    safe_open(file, framework="pt", backend="pread")
-                )
-            return handles[file].get_tensor(key)
+            return handle(where[0]).get_tensor(where[1])
 
         for module in _children_first(model):
             own = [

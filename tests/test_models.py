@@ -74,12 +74,12 @@ def _lazy_recipe(model_dir, task: str, method: str):
 def test_lazy_build_reads_nothing_yet_and_matches_a_plain_load_once_filled(
     request, fixture, task, method
 ):
-    """Under checkpoint_weights_on_meta the checkpoint's tensors are one-element placeholders
+    """Under deferred_checkpoint_weights the checkpoint's tensors are one-element placeholders
     that name their source; what the checkpoint lacks (heads, LoRA, adapters, prompts) gets the
     very values of a plain load with the same seed; reading the sources in gives the plain
     model's outputs."""
     from launcher.finetune import apply_finetune
-    from launcher.models import checkpoint_sources, checkpoint_weights_on_meta
+    from launcher.models import checkpoint_sources, deferred_checkpoint_weights
     from launcher.strategies import read_checkpoint_shards
 
     recipe = _lazy_recipe(request.getfixturevalue(fixture), task, method)
@@ -87,7 +87,7 @@ def test_lazy_build_reads_nothing_yet_and_matches_a_plain_load_once_filled(
     plain = apply_finetune(load_model(recipe.model, pad_token_id=0), recipe)
     after_plain = torch.rand(4)
     torch.manual_seed(0)
-    with checkpoint_weights_on_meta():
+    with deferred_checkpoint_weights():
         lazy = apply_finetune(load_model(recipe.model, pad_token_id=0), recipe)
     assert torch.equal(torch.rand(4), after_plain)  # the same random numbers were drawn
 
@@ -128,7 +128,7 @@ def test_lazy_build_falls_back_to_a_whole_load_without_safetensors(tiny_gpt2, tm
 
     from transformers import AutoModelForCausalLM
 
-    from launcher.models import checkpoint_sources, checkpoint_weights_on_meta
+    from launcher.models import checkpoint_sources, deferred_checkpoint_weights
 
     legacy = tmp_path / "legacy"
     shutil.copytree(tiny_gpt2, legacy)
@@ -137,7 +137,7 @@ def test_lazy_build_falls_back_to_a_whole_load_without_safetensors(tiny_gpt2, tm
 
     torch.save(load_file(weights), legacy / "pytorch_model.bin")
     weights.unlink()
-    with checkpoint_weights_on_meta():
+    with deferred_checkpoint_weights():
         model = load_model(ModelConfig(name_or_path=str(legacy)))
     assert checkpoint_sources(model) == {}
     reference = AutoModelForCausalLM.from_pretrained(tiny_gpt2).state_dict()
@@ -149,7 +149,7 @@ def test_lazy_build_refuses_a_checkpoint_whose_shapes_do_not_fit(tiny_gpt2, tmp_
     import json
     import shutil
 
-    from launcher.models import checkpoint_weights_on_meta
+    from launcher.models import deferred_checkpoint_weights
 
     odd = tmp_path / "odd"
     shutil.copytree(tiny_gpt2, odd)
@@ -157,7 +157,7 @@ def test_lazy_build_refuses_a_checkpoint_whose_shapes_do_not_fit(tiny_gpt2, tmp_
     config["n_positions"] *= 2  # the position table in the file is now too short
     (odd / "config.json").write_text(json.dumps(config))
     with (
-        checkpoint_weights_on_meta(),
+        deferred_checkpoint_weights(),
         pytest.raises(ModelLoadError, match=r"wpe\.weight has shape"),
     ):
         load_model(ModelConfig(name_or_path=str(odd)))
