@@ -13,7 +13,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
+# The evaluation metrics each task can compute: the recipe, the batch stage and the training
+# loop's per-source metrics all read this one table.
+METRICS_BY_TASK: dict[str, tuple[str, ...]] = {
+    "causal_lm": ("loss", "perplexity", "exact_match"),
+    "classification": ("loss", "accuracy", "precision", "recall", "f1"),
+}
+
 __all__ = [
+    "METRICS_BY_TASK",
     "accuracy",
     "classification_metrics",
     "confusion_matrix",
