@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 quickstart: $(STAMP)
-	$(BIN)/python -m launcher.quickstart
+	$(BIN)/python -m launcher.dev.quickstart
 
 test: $(STAMP)
 	$(BIN)/ruff check launcher tests bench

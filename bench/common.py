@@ -126,8 +126,8 @@ def log(text: str) -> None:
 
 
 def story_words() -> list[str]:
-    """Words of the project's own generated story lines (launcher.synthetic)."""
-    from launcher.synthetic import story_lines
+    """Words of the project's own generated story lines (launcher.dev.synthetic)."""
+    from launcher.dev.synthetic import story_lines
 
     return " ".join(story_lines(400, seed=11)).split()
 

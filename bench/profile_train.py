@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.train import TrainSpec, run_ftlaunch
     from launcher.models import load_tokenizer
     from launcher.recipe import ModelConfig
-    from launcher.tiny import build_tiny_model
+    from launcher.dev.tiny import build_tiny_model
 
     parser = argparse.ArgumentParser(prog="python -m bench.profile_train")
     parser.add_argument("--steps", type=int, default=1000)

@@ -72,7 +72,7 @@ class Workspace:
     """Models and data files the measurements share, built once per benchmark run."""
 
     def __init__(self, root: Path, sizes: Sizes, accel: Accelerator):
-        from launcher.tiny import build_tiny_model
+        from launcher.dev.tiny import build_tiny_model
 
         self.root = root
         self.sizes = sizes

@@ -116,8 +116,8 @@ def check_recipe(path: str, overrides: Sequence[str]) -> Recipe:
 
 
 def smoke_or_exit(resolved: Recipe, *, build: bool) -> Recipe:
-    """The smoke version of a recipe (launcher.smoke); with build, its model and data written."""
-    from launcher.smoke import smoke_plan, smoke_workdir
+    """The smoke version of a recipe (launcher.dev.smoke); with build, its model and data written."""
+    from launcher.dev.smoke import smoke_plan, smoke_workdir
 
     try:
         plan = smoke_plan(resolved, smoke_workdir())

@@ -47,7 +47,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> Path:
     """A 2-layer, 64-wide GPT-2 with a 512-token BPE tokenizer (no pad token, like GPT-2)."""
-    from launcher.tiny import build_tiny_model
+    from launcher.dev.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "gpt2", "gpt2")
 
@@ -55,7 +55,7 @@ def tiny_gpt2(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A 2-layer, 64-wide Llama with a BPE tokenizer."""
-    from launcher.tiny import build_tiny_model
+    from launcher.dev.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", "llama")
 
@@ -63,7 +63,7 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     """A 2-layer, 64-wide BERT encoder with a WordPiece tokenizer."""
-    from launcher.tiny import build_tiny_model
+    from launcher.dev.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "bert", "bert")
 
@@ -71,7 +71,7 @@ def tiny_bert(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def review_data(tmp_path_factory) -> dict[str, Path]:
     """Generated sentiment reviews as train/validation/test JSONL files."""
-    from launcher.synthetic import review_rows, write_jsonl
+    from launcher.dev.synthetic import review_rows, write_jsonl
 
     root = tmp_path_factory.mktemp("reviews")
     rows = review_rows(400, seed=3)
@@ -85,7 +85,7 @@ def review_data(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def story_data(tmp_path_factory) -> dict[str, Path]:
     """Generated story lines as train/validation JSONL files with a `text` field."""
-    from launcher.synthetic import story_lines, write_jsonl
+    from launcher.dev.synthetic import story_lines, write_jsonl
 
     root = tmp_path_factory.mktemp("stories")
     lines = [{"text": t} for t in story_lines(300, seed=4)]
@@ -98,7 +98,7 @@ def story_data(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def instruction_data(tmp_path_factory) -> dict[str, Path]:
     """Generated instruction rows as train/validation JSONL files."""
-    from launcher.synthetic import instruction_rows, write_jsonl
+    from launcher.dev.synthetic import instruction_rows, write_jsonl
 
     root = tmp_path_factory.mktemp("instructions")
     rows = instruction_rows(200, seed=5)

@@ -18,7 +18,7 @@ from transformers import (
 
 from launcher import batch
 from launcher.cli import main
-from launcher.synthetic import write_jsonl
+from launcher.dev.synthetic import write_jsonl
 
 LABELS = ["negative", "positive"]
 

@@ -193,8 +193,8 @@ def test_student_with_distillation_ends_closer_to_the_teacher(tiny_gpt2, tmp_pat
     teacher's behaviour over, so only the distilled student ends up near it on held-out stories."""
     from transformers import AutoModelForCausalLM
 
-    from launcher.synthetic import review_rows, story_lines
-    from launcher.tiny import build_tiny_model
+    from launcher.dev.synthetic import review_rows, story_lines
+    from launcher.dev.tiny import build_tiny_model
 
     student_dir = build_tiny_model(tmp_path / "student", "gpt2", layers=1, width=32, seed=2)
     reviews = lm_batches(tiny_gpt2, [r["text"] for r in review_rows(96, seed=1)])
@@ -238,7 +238,7 @@ def test_student_from_teacher_layers_copies_chosen_blocks_and_the_rest(arch):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from launcher.distill import block_list, student_from_teacher
-    from launcher.tiny import model_config
+    from launcher.dev.tiny import model_config
 
     torch.manual_seed(0)
     cfg = model_config(arch, 80, width=32, layers=5)
@@ -266,7 +266,7 @@ def test_student_from_teacher_refuses_missing_layers():
     from transformers import AutoModelForCausalLM
 
     from launcher.distill import DistillError, student_from_teacher
-    from launcher.tiny import model_config
+    from launcher.dev.tiny import model_config
 
     teacher = AutoModelForCausalLM.from_config(model_config("gpt2", 80, width=32, layers=2))
     with pytest.raises(DistillError, match=r"layer\(s\) \[4\] do not exist; the teacher has 2"):

@@ -17,7 +17,7 @@ from launcher.recipe import load_recipe
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory) -> Path:
     """A 3-layer GPT-2 with the same tokenizer as the tiny_gpt2 student (same corpus)."""
-    from launcher.tiny import build_tiny_model
+    from launcher.dev.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("teacher") / "gpt2", "gpt2", layers=3, seed=7)
 
@@ -102,7 +102,7 @@ def test_vocabulary_mismatch_exits_2_before_training(ray_session, tiny_gpt2, sto
     from click.testing import CliRunner
 
     from launcher.cli import cli
-    from launcher.tiny import build_tiny_model
+    from launcher.dev.tiny import build_tiny_model
 
     other = build_tiny_model(tmp_path / "other", "gpt2", vocab_size=300)
     body = distill_recipe(tmp_path, tiny_gpt2, other, story_data)

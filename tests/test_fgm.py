@@ -15,7 +15,7 @@ from launcher.objectives import fgm_backward, task_loss
 def tiny_lm(seed: int = 0):
     from transformers import GPT2LMHeadModel
 
-    from launcher.tiny import model_config
+    from launcher.dev.tiny import model_config
 
     torch.manual_seed(seed)
     # eval(): no dropout, so the two passes and the reference see the same network.

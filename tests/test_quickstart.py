@@ -1,4 +1,4 @@
-"""`make quickstart` runs `python -m launcher.quickstart`: a real pretrained model that pip ships,
+"""`make quickstart` runs `python -m launcher.dev.quickstart`: a real pretrained model that pip ships,
 generated data, and a metric that clearly improves."""
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ REPO = Path(__file__).resolve().parent.parent
 def test_makefile_quickstart_runs_the_quickstart_module():
     text = (REPO / "Makefile").read_text()
     target = text.split("\nquickstart:", 1)[1].split("\n\n", 1)[0]
-    assert "-m launcher.quickstart" in target
+    assert "-m launcher.dev.quickstart" in target
 
 
 def test_quickstart_data_is_generated_balanced_and_deterministic(tmp_path):
-    from launcher.quickstart import write_quickstart_data
+    from launcher.dev.quickstart import write_quickstart_data
 
     first = write_quickstart_data(tmp_path / "a")
     second = write_quickstart_data(tmp_path / "b")
@@ -34,7 +34,7 @@ def test_quickstart_data_is_generated_balanced_and_deterministic(tmp_path):
 @pytest.mark.slow
 def test_quickstart_improves_accuracy_end_to_end(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "launcher.quickstart"],
+        [sys.executable, "-m", "launcher.dev.quickstart"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -110,7 +110,7 @@ def test_make_targets_exist_and_run_what_the_guide_says():
         if line.startswith("make "):
             assert line.split()[1] in targets, f"README runs `{line}`, Makefile lacks it"
     quickstart = re.search(r"^quickstart:.*\n((?:\t.*\n)+)", makefile, re.M)
-    assert quickstart and "-m launcher.quickstart" in quickstart.group(1)
+    assert quickstart and "-m launcher.dev.quickstart" in quickstart.group(1)
 
 
 def test_links_to_files_in_the_repository_resolve():

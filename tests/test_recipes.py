@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from launcher.cli import cli
 from launcher.recipe import load_recipe
-from launcher.smoke import (
+from launcher.dev.smoke import (
     PROMPTS,
     SMOKE_STEPS,
     SMOKE_WORKERS,

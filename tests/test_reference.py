@@ -9,7 +9,7 @@ import pytest
 from pydantic import BaseModel
 
 from launcher.recipe import Recipe
-from launcher.reference import (
+from launcher.dev.reference import (
     END,
     START,
     WRITE_COMMAND,

@@ -271,7 +271,7 @@ def _batches(model_dir: str) -> torch.Tensor:
     """The global batch of every step: (2 * GRAD_ACCUM * BATCH, SEQ) token ids, no padding."""
     from transformers import AutoTokenizer
 
-    from launcher.synthetic import story_lines
+    from launcher.dev.synthetic import story_lines
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = tok(" ".join(story_lines(200, seed=7)))["input_ids"]
@@ -579,7 +579,7 @@ def _peak_worker(rank: int, world: int, port: int, specs: list[dict], model_dir:
 def test_sharded_start_up_never_needs_the_full_model_on_a_worker(tmp_path, monkeypatch):
     """A model of about 100 MB: loading it for ddp raises a worker's peak memory by the whole
     model (so the measurement sees it); fsdp and ZeRO-3 stay well below it on every rank."""
-    from launcher.tiny import build_tiny_model
+    from launcher.dev.tiny import build_tiny_model
 
     model_dir = build_tiny_model(tmp_path / "wide", "gpt2", width=512, layers=8)
     model_bytes = sum(p.numel() * p.element_size() for p in _load_tiny(str(model_dir)).parameters())

@@ -19,8 +19,8 @@ SPECIAL = {"bos": "<|bos|>", "eos": "<|endoftext|>", "pad": "<|pad|>", "unk": "<
 
 
 def default_corpus() -> list[str]:
-    """A small English corpus the project generates itself (see launcher.synthetic)."""
-    from launcher.synthetic import review_rows, story_lines
+    """A small English corpus the project generates itself (see launcher.dev.synthetic)."""
+    from launcher.dev.synthetic import review_rows, story_lines
 
     texts = [row["text"] for row in review_rows(600, seed=1)]
     texts += story_lines(300, seed=2)

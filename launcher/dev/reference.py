@@ -1,8 +1,8 @@
 """The recipe reference in README.md, generated from the schema so the two never drift.
 
-python -m launcher.reference            # print the reference
-python -m launcher.reference --write    # rewrite README.md's reference block
-python -m launcher.reference --check    # exit 1 when README.md's block is stale
+python -m launcher.dev.reference            # print the reference
+python -m launcher.dev.reference --write    # rewrite README.md's reference block
+python -m launcher.dev.reference --check    # exit 1 when README.md's block is stale
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from launcher.recipe import Recipe
 START = "<!-- recipe-reference:start -->"
 END = "<!-- recipe-reference:end -->"
 README = Path(__file__).resolve().parent.parent / "README.md"
-WRITE_COMMAND = "python -m launcher.reference --write"
+WRITE_COMMAND = "python -m launcher.dev.reference --write"
 
 Row = tuple[str, str, str, str]  # key, type, default, description
 
@@ -200,7 +200,7 @@ def with_reference(readme: str, reference: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launcher.reference", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m launcher.dev.reference", description=__doc__)
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--write", action="store_true", help="rewrite README.md's block")
     action.add_argument("--check", action="store_true", help="exit 1 if README.md is stale")

@@ -5,9 +5,9 @@ labels, fine-tuning method, strategy, distillation, adversarial training, evalua
 generation, trackers) and swaps out what needs GPUs, the hub or hours:
 
 - the model (and a distillation teacher) becomes a tiny random model of the same family
-  (GPT-2, Llama or BERT; launcher.tiny), built once and cached under the smoke directory;
+  (GPT-2, Llama or BERT; launcher.dev.tiny), built once and cached under the smoke directory;
 - every data source becomes a small generated file in the recipe's format, with its field names
-  and label names (launcher.synthetic), and the prompts file a few generated prompts;
+  and label names (launcher.dev.synthetic), and the prompts file a few generated prompts;
 - training stops after a few optimizer steps on 2 CPU workers (1 CPU each), in full precision;
 - runs go under the smoke directory, and the job runs here (target local).
 
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.recipe import Recipe, resolved_dict, validate_data
-from launcher.synthetic import instruction_rows, review_rows, story_lines, write_jsonl
+from launcher.dev.synthetic import instruction_rows, review_rows, story_lines, write_jsonl
 
 SMOKE_STEPS = 4
 SMOKE_WORKERS = 2
@@ -299,7 +299,7 @@ def _local_cpu_layout(data: dict[str, Any], runs_dir: Path) -> None:
 
 def build_model(model: TinyModel) -> Path:
     """Build a tiny model unless the directory already holds the same one."""
-    from launcher.tiny import build_tiny_model
+    from launcher.dev.tiny import build_tiny_model
 
     marker = model.path / "ftlaunch-tiny.json"
     if marker.is_file():
