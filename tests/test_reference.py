@@ -47,7 +47,7 @@ def test_readme_reference_matches_the_schema():
     block = readme_block(README.read_text(encoding="utf-8"))
     assert block is not None, f"README.md lacks the markers {START} / {END}"
     assert block == render_reference(), (
-        f"README.md's recipe reference is out of date with launcher/recipe.py; "
+        f"README.md's recipe reference is out of date with launcher/recipe/schema.py; "
         f"run `{WRITE_COMMAND}` and commit README.md"
     )
 

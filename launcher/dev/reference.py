@@ -34,7 +34,7 @@ Row = tuple[str, str, str, str]  # key, type, default, description
 def render_reference() -> str:
     """Markdown: one table per recipe section (key, type, default, description)."""
     parts = [
-        f"<!-- generated from launcher/recipe.py by `{WRITE_COMMAND}`; do not edit -->",
+        f"<!-- generated from launcher/recipe/schema.py by `{WRITE_COMMAND}`; do not edit -->",
         "",
         "Every key a recipe may hold. Unknown keys are errors, and so are keys that do nothing",
         "for the chosen method, strategy or task (the *description* says when a key applies).",
