@@ -142,11 +142,11 @@ def exit_code_for(exc: BaseException) -> int:
     """2 for bad input (recipe, data, model path, layout), 1 for a job that failed."""
     from launcher.batch import BatchInputError
     from launcher.data import DataError
+    from launcher.deepspeed_config import DeepSpeedConfigError
     from launcher.distill import DistillError
     from launcher.finetune import FinetuneError
     from launcher.job import LayoutError
     from launcher.models import ModelLoadError
-    from launcher.strategies import DeepSpeedConfigError
 
     bad_input = (
         RecipeError,

@@ -19,14 +19,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from launcher.deepspeed_config import (
+    DeepSpeedConfigError,
+    check_deepspeed_overrides,
+    deepspeed_config,
+)
 from launcher.recipe import Recipe
 from launcher.strategies import (
-    DeepSpeedConfigError,
     build_optimizer,
     build_schedule,
-    check_deepspeed_overrides,
     consolidate,
-    deepspeed_config,
     make_strategy,
     read_strategy_file,
     resident_parameter_bytes,

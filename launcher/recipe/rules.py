@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from launcher.deepspeed_config import check_deepspeed_overrides
 from launcher.recipe.problems import (
     Doc,
     Problem,
@@ -266,8 +267,6 @@ def check_rules(recipe: Recipe) -> list[Problem]:
             )
         )
     if s.name == "deepspeed" and s.deepspeed_config:
-        from launcher.strategies import check_deepspeed_overrides
-
         problems += [Problem("", message) for message in check_deepspeed_overrides(recipe)]
     return problems
 
