@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from launcher.errors import BadInputError
+
 ADAPTER_ATTR = "bottleneck_adapter"
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -38,7 +40,7 @@ FEED_FORWARD_OUTPUT = {
 }
 
 
-class AdapterPlacementError(ValueError):
+class AdapterPlacementError(BadInputError, ValueError):
     """The model's blocks or their feed-forward part cannot be found."""
 
 

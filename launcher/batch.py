@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from launcher import metrics as M
+from launcher.errors import BadInputError
 
 ID_COLUMN = "id"
 ROW_ID_COLUMN = "row_id"
@@ -40,7 +41,7 @@ CAUSAL_METRICS = {"loss", "perplexity", "exact_match"}
 CLASSIFICATION_METRICS = {"loss", "accuracy", "precision", "recall", "f1"}
 
 
-class BatchInputError(ValueError):
+class BatchInputError(BadInputError, ValueError):
     """Bad input for a batch job (model reference, data file, option): the CLI exits with 2."""
 
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import click
 
 from launcher import __version__
+from launcher.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, BadInputError, exit_code_for
 from launcher.recipe import (
     Recipe,
     RecipeError,
@@ -18,10 +19,8 @@ from launcher.recipe import (
     resolved_dict,
 )
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
-
-class BadInput(click.ClickException):
+class BadInput(click.ClickException, BadInputError):
     """Bad input from the user: printed without a traceback, exit code 2."""
 
     exit_code = EXIT_BAD_INPUT
@@ -136,30 +135,6 @@ def schema(indent: int) -> None:
       ftlaunch schema > recipe.schema.json
     """
     click.echo(json.dumps(json_schema(), indent=indent))
-
-
-def exit_code_for(exc: BaseException) -> int:
-    """2 for bad input (recipe, data, model path, layout), 1 for a job that failed."""
-    from launcher.batch import BatchInputError
-    from launcher.data import DataError
-    from launcher.deepspeed_config import DeepSpeedConfigError
-    from launcher.distill import DistillError
-    from launcher.finetune import FinetuneError
-    from launcher.job import LayoutError
-    from launcher.models import ModelLoadError
-
-    bad_input = (
-        RecipeError,
-        DataError,
-        ModelLoadError,
-        LayoutError,
-        FileNotFoundError,
-        DistillError,
-        FinetuneError,
-        DeepSpeedConfigError,
-        BatchInputError,
-    )
-    return EXIT_BAD_INPUT if isinstance(exc, bad_input) else EXIT_FAILED
 
 
 def print_final(summary: dict) -> None:

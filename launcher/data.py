@@ -41,6 +41,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from launcher.errors import BadInputError
+
 SPLITS = ("train", "validation", "test")
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
 IGNORE_INDEX = -100
@@ -58,7 +60,7 @@ row has a non-empty input and disappears otherwise. User templates use {instruct
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
-class DataError(Exception):
+class DataError(BadInputError):
     """Bad data: a missing or unreadable file, a row without a required field, an unknown label,
     an empty dataset. The message names the file, row and field and says what is expected."""
 

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from launcher.errors import BadInputError
 from launcher.objectives import (
     align_logits,
     compute_loss,
@@ -57,7 +58,7 @@ TEACHER_BATCH_ROWS = 16
 Objective = Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
 
 
-class DistillError(ValueError):
+class DistillError(BadInputError, ValueError):
     """A distillation setup that cannot work (bad teacher, layers, labels): exit code 2."""
 
 

@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from launcher.errors import BadInputError
 from launcher.recipe import load_recipe
 
 
-class ExportError(FileNotFoundError):
+class ExportError(BadInputError, FileNotFoundError):
     """A run directory or checkpoint that cannot be exported (bad input: exit code 2)."""
 
 

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from launcher import adapters as bottleneck
+from launcher.errors import BadInputError
 from launcher.recipe import FinetuneConfig, Recipe
 
 PEFT_METHODS = ("lora", "prefix", "prompt", "ia3")
@@ -74,7 +75,7 @@ IA3_TARGETS: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
-class FinetuneError(ValueError):
+class FinetuneError(BadInputError, ValueError):
     """A fine-tuning method that cannot be applied to this model; names the recipe field."""
 
 

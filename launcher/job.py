@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from launcher.errors import BadInputError, JobFailedError
 from launcher.progress import ProgressView
 from launcher.recipe import Recipe, dump_recipe, load_recipe
 from launcher.train_loop import Plan, latest_checkpoint, make_plan, train_loop_per_worker
@@ -38,11 +39,11 @@ class Stopwatch:
             self.timings[stage] = round(time.perf_counter() - begin, 3)
 
 
-class JobError(Exception):
+class JobError(JobFailedError):
     """The job itself failed (a worker crashed, training diverged): exit code 1."""
 
 
-class LayoutError(Exception):
+class LayoutError(BadInputError):
     """A resource layout that cannot make progress on this cluster: exit code 2."""
 
 
@@ -222,7 +223,7 @@ class StopFlag:
         return self.stop
 
 
-class Preempted(Exception):
+class Preempted(JobFailedError):
     """The driver got SIGTERM; a checkpoint was saved when possible. Exit code 1."""
 
 
@@ -578,7 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m launcher.job RECIPE [--set k=v ...] [--resume RUN_DIR] [--verbose]`."""
     import argparse
 
-    from launcher.cli import exit_code_for, print_final
+    from launcher.cli import print_final
+    from launcher.errors import exit_code_for
 
     parser = argparse.ArgumentParser(prog="python -m launcher.job", description=__doc__)
     parser.add_argument("recipe")

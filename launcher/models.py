@@ -12,12 +12,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from launcher.errors import BadInputError
 from launcher.recipe import ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(BadInputError):
     """A model or tokenizer that cannot be loaded (bad path, offline hub, broken files)."""
 
 

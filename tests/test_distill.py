@@ -302,8 +302,8 @@ def test_vocabulary_mismatch_names_where_they_differ():
 
 
 def test_cli_maps_distillation_errors_to_exit_2():
-    from launcher.cli import EXIT_BAD_INPUT, exit_code_for
     from launcher.distill import DistillError, VocabularyMismatch
+    from launcher.errors import EXIT_BAD_INPUT, exit_code_for
 
     assert exit_code_for(VocabularyMismatch("x")) == EXIT_BAD_INPUT
     assert exit_code_for(DistillError("x")) == EXIT_BAD_INPUT

@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from launcher.errors import BadInputError
 from launcher.recipe.schema import (
     all_paths,
     field_at,
@@ -37,7 +38,7 @@ class Problem:
         return f"{prefix}{field}{self.message}"
 
 
-class RecipeError(Exception):
+class RecipeError(BadInputError):
     """A recipe that cannot run; carries every problem found."""
 
     def __init__(self, problems: Sequence[Problem], source: str | None = None):

@@ -1,29 +1,21 @@
 """Where the driver starts: in-process (local), a Ray cluster (ray_jobs), Kubernetes (kuberay).
 
 Targets only start and watch the driver; nothing about training lives here. What they share:
-the two failure kinds the CLI maps to exit codes, and which environment variables a job may
-need (passed by name, never by value).
+TargetError (the job cannot be started as asked: exit 2; a job that ran and failed raises
+launcher.errors.JobFailedError: exit 1), and which environment variables a job may need (passed
+by name, never by value).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+from launcher.errors import BadInputError
 from launcher.recipe import Recipe
 
 
-class TargetError(Exception):
+class TargetError(BadInputError):
     """The job cannot be started as asked (unreachable cluster, too few GPUs, ...): exit 2."""
-
-
-class JobFailedError(Exception):
-    """The job ran and did not succeed: exit 1."""
-
-    def __init__(self, job_id: str, status: str, message: str = ""):
-        self.job_id = job_id
-        self.status = status
-        detail = f": {message}" if message else ""
-        super().__init__(f"job {job_id} ended {status}{detail}")
 
 
 # Credentials jobs commonly need. They travel by name only: a Ray cluster resolves them from

@@ -25,9 +25,10 @@ from typing import Any, TextIO
 
 import launcher
 from launcher import __version__
+from launcher.errors import JobFailedError
 from launcher.preflight import ClusterShape, check_cluster, is_uri
 from launcher.recipe import Recipe
-from launcher.targets import JobFailedError, TargetError, env_names_set_here
+from launcher.targets import TargetError, env_names_set_here
 
 RECIPE_FILE = "ftlaunch-recipe.yaml"
 DEFAULT_PORT = 8265
@@ -422,7 +423,8 @@ def follow_to_end(cluster: Cluster, job_id: str, out: TextIO) -> str:
     status = wait_for_end(cluster, job_id, timeout_s=60)
     if status != "SUCCEEDED":
         info = cluster.client.get_job_info(job_id)
-        raise JobFailedError(job_id, status, info.message or "")
+        detail = f": {info.message}" if info.message else ""
+        raise JobFailedError(f"job {job_id} ended {status}{detail}")
     return status
 
 
