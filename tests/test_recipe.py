@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import textwrap
+import typing
 from pathlib import Path
 
 import pytest
 from helpers import MINIMAL_YAML
 
+from launcher.metrics import METRICS_BY_TASK
 from launcher.recipe import (
+    MetricName,
     Problem,
     Recipe,
     RecipeError,
@@ -357,6 +360,11 @@ RULES = [
         "generate.temperature",
         "only applies with generate.do_sample: true",
     ),
+    (
+        "evaluate: {metrics: [loss, accuracy]}",
+        "evaluate.metrics",
+        "accuracy is not a causal_lm metric; allowed: exact_match, loss, perplexity",
+    ),
 ]
 
 
@@ -369,6 +377,11 @@ def test_cross_field_rule(tmp_path, addition, path, fragment):
     assert matching, [p.render() for p in problems]
     assert fragment in matching[0].message
     assert matching[0].where is not None and ":" in matching[0].where
+
+
+def test_the_schema_names_exactly_the_metrics_some_task_computes():
+    named = set(typing.get_args(MetricName))
+    assert named == {m for metrics in METRICS_BY_TASK.values() for m in metrics}
 
 
 def _with_defaults(addition: str) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from launcher.deepspeed_config import check_deepspeed_overrides
+from launcher.metrics import METRICS_BY_TASK
 from launcher.recipe.problems import (
     Doc,
     Problem,
@@ -162,11 +163,7 @@ def check_rules(recipe: Recipe) -> list[Problem]:
         )
     if recipe.evaluate is not None:
         # The batch stage checks this too, but only after training; say it before.
-        allowed = (
-            {"loss", "accuracy", "precision", "recall", "f1"}
-            if m.task == "classification"
-            else {"loss", "perplexity", "exact_match"}
-        )
+        allowed = METRICS_BY_TASK[m.task]
         for metric in recipe.evaluate.metrics:
             if metric not in allowed:
                 problems.append(

@@ -277,6 +277,8 @@ class CheckpointConfig(Section):
 
 # ------------------------------------------------------------------------- evaluate / generate
 
+# Every metric some task computes, in the order the reference lists them; which task allows
+# which is launcher.metrics.METRICS_BY_TASK, checked by the rules (a test keeps the two in step).
 MetricName = Literal["loss", "perplexity", "accuracy", "f1", "precision", "recall", "exact_match"]
 
 
