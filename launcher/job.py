@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from launcher.errors import BadInputError, JobFailedError
+from launcher.errors import BadInputError, JobFailedError, exit_code_for
 from launcher.progress import ProgressView
 from launcher.recipe import Recipe, dump_recipe, load_recipe
 from launcher.train_loop import Plan, latest_checkpoint, make_plan, train_loop_per_worker
@@ -580,7 +580,6 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from launcher.cli import print_final
-    from launcher.errors import exit_code_for
 
     parser = argparse.ArgumentParser(prog="python -m launcher.job", description=__doc__)
     parser.add_argument("recipe")
