@@ -110,7 +110,7 @@ def test_run_dir_with_adapter_only_loads_base_plus_adapter(tmp_path, tiny_gpt2, 
 
     source = batch.resolve_model(run)
     assert source.adapter == str(run / "adapter") and source.name_or_path == str(tiny_gpt2)
-    model, tok = batch.load_for_inference(source)
+    model, tok = batch.load_scoring_model(source)
     ids = tokenizer("the fox ran home", return_tensors="pt").input_ids
     with torch.no_grad():
         got = model(input_ids=ids).logits

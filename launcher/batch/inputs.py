@@ -1,0 +1,186 @@
+"""Input rows of a batch job: read with their place in the file, validated where the file and
+line can still be named, given an id, and put into Ray's object store in chunks."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from launcher.errors import BadInputError
+
+ID_COLUMN = "id"
+ROW_ID_COLUMN = "row_id"
+INTERNAL_PREFIX = "_ftl_"
+LABEL_ID = INTERNAL_PREFIX + "label_id"
+# Input chunks put into Ray's object store: at most this many rows or (roughly) bytes each.
+CHUNK_ROWS = 4096
+CHUNK_BYTES = 4 * 2**20
+INPUT_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
+
+
+class BatchInputError(BadInputError, ValueError):
+    """Bad input for a batch job (model reference, data file, option): the CLI exits with 2."""
+
+
+def _input_suffix(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in INPUT_SUFFIXES:
+        raise BatchInputError(
+            f"{path}: unsupported data file type {suffix or '(none)'}; allowed: "
+            + ", ".join(INPUT_SUFFIXES)
+        )
+    return suffix
+
+
+def iter_records(path: str | Path, text_column: str = "text") -> Iterator[tuple[str, dict]]:
+    """(location, row) for every row of a data file; location reads "file, line N"."""
+    path = Path(path)
+    if not path.is_file():
+        raise BatchInputError(f"data file not found: {path}")
+    suffix = _input_suffix(path)
+    if suffix in (".jsonl", ".json"):
+        yield from _iter_json(path)
+    elif suffix == ".txt":
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    yield f"{path}, line {number}", {text_column: line.rstrip("\n")}
+    elif suffix in (".csv", ".tsv"):
+        yield from _iter_csv(path, "\t" if suffix == ".tsv" else ",")
+    else:
+        import pyarrow.parquet as pq
+
+        number = 0
+        for record_batch in pq.ParquetFile(path).iter_batches(batch_size=CHUNK_ROWS):
+            for row in record_batch.to_pylist():
+                number += 1
+                yield f"{path}, row {number}", row
+
+
+def _iter_json(path: Path) -> Iterator[tuple[str, dict]]:
+    with path.open(encoding="utf-8") as handle:
+        first = handle.read(1)
+        while first and first.isspace():
+            first = handle.read(1)
+        handle.seek(0)
+        if first == "[":  # a JSON array file
+            try:
+                rows = json.load(handle)
+            except ValueError as exc:
+                raise BatchInputError(f"{path}: invalid JSON: {exc}") from None
+            for number, row in enumerate(rows, 1):
+                yield _checked_object(f"{path}, item {number}", row)
+            return
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {number}"
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise BatchInputError(f"{where}: invalid JSON: {exc}") from None
+            yield _checked_object(where, row)
+
+
+def _checked_object(where: str, row: Any) -> tuple[str, dict]:
+    if not isinstance(row, dict):
+        raise BatchInputError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return where, row
+
+
+def _iter_csv(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
+    import csv
+
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle, delimiter=delimiter)
+        for row in reader:
+            yield f"{path}, line {reader.line_num}", dict(row)
+
+
+def require_text(where: str, row: dict, name: str, hint: str = "") -> str:
+    """The string in `row[name]`, or a BatchInputError naming the place and the fields present."""
+    if name not in row:
+        fields = ", ".join(sorted(row)) or "none"
+        raise BatchInputError(f"{where}: no `{name}` field (fields: {fields}){hint}")
+    value = row[name]
+    if not isinstance(value, str):
+        raise BatchInputError(f"{where}: `{name}` must be a string, got {type(value).__name__}")
+    return value
+
+
+PROMPT_HINT = '; a prompts .jsonl needs {"prompt": "..."} on every line (or use a .txt file)'
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a .jsonl (field `prompt`) or .txt (one per line) file; clear errors."""
+    path = Path(path)
+    prompts = [require_text(w, row, "prompt", PROMPT_HINT) for w, row in prompt_records(path)]
+    if not prompts:
+        raise BatchInputError(f"{path}: no prompts in the file")
+    return prompts
+
+
+def prompt_records(path: Path) -> Iterator[tuple[str, dict]]:
+    if path.suffix.lower() not in (".jsonl", ".json", ".txt"):
+        raise BatchInputError(
+            f"{path}: prompts must be a .jsonl file with a `prompt` field or a .txt file "
+            "with one prompt per line"
+        )
+    return iter_records(path, text_column="prompt")
+
+
+RowCheck = Callable[[str, dict], dict]
+
+
+def stage_rows(
+    records: Iterator[tuple[str, dict]], check: RowCheck | None = None, chunk_rows: int = CHUNK_ROWS
+) -> tuple[list, int]:
+    """Validate rows, give each an id, and put them in Ray's object store in chunks.
+
+    Rows keep their `id` when the first row has one (every row must then); otherwise each
+    gets `row_id`, its 0-based position in the file. Returns (object refs of Arrow tables,
+    number of rows).
+    """
+    import pyarrow as pa
+    import ray
+
+    refs: list = []
+    chunk: list[dict] = []
+    has_id: bool | None = None
+    count = chunk_bytes = 0
+    for where, row in records:
+        if has_id is None:
+            has_id = ID_COLUMN in row
+        if has_id and ID_COLUMN not in row:
+            raise BatchInputError(f"{where}: no `id` field, but earlier rows have one")
+        row = check(where, row) if check else row
+        if not has_id:
+            row = {**row, ROW_ID_COLUMN: count}
+        chunk.append(row)
+        chunk_bytes += _approx_size(row)
+        count += 1
+        if len(chunk) >= chunk_rows or chunk_bytes >= CHUNK_BYTES:
+            refs.append(ray.put(pa.Table.from_pylist(chunk)))
+            chunk, chunk_bytes = [], 0
+    if chunk:
+        refs.append(ray.put(pa.Table.from_pylist(chunk)))
+    return refs, count
+
+
+def _approx_size(row: dict) -> int:
+    """Rough in-memory size of a row: string lengths, 16 bytes for anything else."""
+    return sum(len(v) if isinstance(v, (str, bytes)) else 16 for v in row.values())
+
+
+def first_record(records: Iterator[tuple[str, dict]], path: str | Path) -> tuple[str, dict]:
+    try:
+        return next(records)
+    except StopIteration:
+        raise BatchInputError(f"{path}: no rows to process") from None
+
+
+def chain_first(first: tuple[str, dict], rest: Iterator[tuple[str, dict]]):
+    yield first
+    yield from rest
