@@ -3,12 +3,11 @@ line can still be named, given an id, and put into Ray's object store in chunks.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 from launcher.errors import BadInputError
+from launcher.records import DataError, iter_rows
 
 ID_COLUMN = "id"
 ROW_ID_COLUMN = "row_id"
@@ -17,21 +16,10 @@ LABEL_ID = INTERNAL_PREFIX + "label_id"
 # Input chunks put into Ray's object store: at most this many rows or (roughly) bytes each.
 CHUNK_ROWS = 4096
 CHUNK_BYTES = 4 * 2**20
-INPUT_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
 
 
 class BatchInputError(BadInputError, ValueError):
     """Bad input for a batch job (model reference, data file, option): the CLI exits with 2."""
-
-
-def _input_suffix(path: Path) -> str:
-    suffix = path.suffix.lower()
-    if suffix not in INPUT_SUFFIXES:
-        raise BatchInputError(
-            f"{path}: unsupported data file type {suffix or '(none)'}; allowed: "
-            + ", ".join(INPUT_SUFFIXES)
-        )
-    return suffix
 
 
 def iter_records(path: str | Path, text_column: str = "text") -> Iterator[tuple[str, dict]]:
@@ -39,64 +27,11 @@ def iter_records(path: str | Path, text_column: str = "text") -> Iterator[tuple[
     path = Path(path)
     if not path.is_file():
         raise BatchInputError(f"data file not found: {path}")
-    suffix = _input_suffix(path)
-    if suffix in (".jsonl", ".json"):
-        yield from _iter_json(path)
-    elif suffix == ".txt":
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if line.strip():
-                    yield f"{path}, line {number}", {text_column: line.rstrip("\n")}
-    elif suffix in (".csv", ".tsv"):
-        yield from _iter_csv(path, "\t" if suffix == ".tsv" else ",")
-    else:
-        import pyarrow.parquet as pq
-
-        number = 0
-        for record_batch in pq.ParquetFile(path).iter_batches(batch_size=CHUNK_ROWS):
-            for row in record_batch.to_pylist():
-                number += 1
-                yield f"{path}, row {number}", row
-
-
-def _iter_json(path: Path) -> Iterator[tuple[str, dict]]:
-    with path.open(encoding="utf-8") as handle:
-        first = handle.read(1)
-        while first and first.isspace():
-            first = handle.read(1)
-        handle.seek(0)
-        if first == "[":  # a JSON array file
-            try:
-                rows = json.load(handle)
-            except ValueError as exc:
-                raise BatchInputError(f"{path}: invalid JSON: {exc}") from None
-            for number, row in enumerate(rows, 1):
-                yield _checked_object(f"{path}, item {number}", row)
-            return
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {number}"
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise BatchInputError(f"{where}: invalid JSON: {exc}") from None
-            yield _checked_object(where, row)
-
-
-def _checked_object(where: str, row: Any) -> tuple[str, dict]:
-    if not isinstance(row, dict):
-        raise BatchInputError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    return where, row
-
-
-def _iter_csv(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
-    import csv
-
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
-        for row in reader:
-            yield f"{path}, line {reader.line_num}", dict(row)
+    try:
+        for place, row in iter_rows(path, text_column=text_column):
+            yield f"{path}, {place}", row
+    except DataError as exc:
+        raise BatchInputError(str(exc)) from None
 
 
 def require_text(where: str, row: dict, name: str, hint: str = "") -> str:
