@@ -296,6 +296,26 @@ def test_cli_missing_model_dir_exits_2(tmp_path, capsys):
     assert "Traceback" not in err
 
 
+def test_cli_scores_a_classifier_saved_with_default_labels(ray_session, tiny_bert, tmp_path):
+    """transformers 5 leaves the default id2label (LABEL_0, LABEL_1) out of config.json."""
+    model_dir = tmp_path / "stock-cls"
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2).save_pretrained(
+        model_dir
+    )
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(model_dir)
+    data = write_jsonl([{"text": "a fine mug"}, {"text": "it broke"}], tmp_path / "d.jsonl")
+    out = tmp_path / "scores.jsonl"
+    code = main(["score", str(model_dir), "--data", str(data), "--out", str(out), "-q"])
+    assert code == 0
+    rows = read_jsonl(out)
+    assert len(rows) == 2
+    for row in rows:
+        probs = [row["prob_LABEL_0"], row["prob_LABEL_1"]]
+        assert math.isclose(sum(probs), 1.0, rel_tol=1e-5)
+        assert row["predicted_label"] in ("LABEL_0", "LABEL_1")
+
+
 def test_cli_prompts_without_prompt_field_exits_2(ray_session, tiny_gpt2, tmp_path, capsys):
     prompts = write_jsonl([{"prompt": "ok"}, {"question": "where?"}], tmp_path / "p.jsonl")
     out = tmp_path / "g.jsonl"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,15 +37,6 @@ class ModelSource:
         )
 
 
-def _task_from_architectures(architectures: Sequence[str] | None) -> str | None:
-    for name in architectures or ():
-        if name.endswith("ForSequenceClassification"):
-            return "classification"
-        if name.endswith(("ForCausalLM", "LMHeadModel")):
-            return "causal_lm"
-    return None
-
-
 def _labels_from_config(config: dict) -> tuple[str, ...] | None:
     id2label = config.get("id2label") or {}
     if not id2label:
@@ -62,7 +52,9 @@ def _finish_source(
     where: str, name_or_path: str, config: dict, task: str | None, **extra: Any
 ) -> ModelSource:
     """Pick the task (given, or from the architectures) and the labels of a classifier."""
-    task = task or _task_from_architectures(config.get("architectures"))
+    from launcher.models import task_from_architectures  # imports torch
+
+    task = task or task_from_architectures(config.get("architectures"))
     if task is None:
         archs = ", ".join(config.get("architectures") or []) or "none listed"
         raise BatchInputError(
@@ -86,6 +78,19 @@ def _read_json(path: Path) -> dict:
         raise BatchInputError(f"cannot read {path}: {exc}") from None
 
 
+def _directory_config(directory: Path, trust_remote_code: bool = False) -> dict:
+    """A model directory's config as transformers reads it, defaults included (transformers 5
+    leaves a default id2label, LABEL_0 and LABEL_1, out of config.json). A config transformers
+    cannot interpret (no model_type, remote code not trusted) is taken as written."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError):
+        return _read_json(directory / "config.json")
+    return config.to_dict()
+
+
 def _resolve_run_dir(run: Path, task: str | None) -> ModelSource:
     recipe_model: dict = {}
     if (run / "recipe.yaml").exists():
@@ -97,7 +102,7 @@ def _resolve_run_dir(run: Path, task: str | None) -> ModelSource:
     labels = recipe_model.get("labels")
     common = {"trust_remote_code": bool(recipe_model.get("trust_remote_code", False))}
     if (run / "model" / "config.json").exists():
-        config = _read_json(run / "model" / "config.json")
+        config = _directory_config(run / "model", common["trust_remote_code"])
         return _finish_source(str(run), str(run / "model"), config, task, labels=labels, **common)
     if (run / "adapter").is_dir():
         base = recipe_model.get("name_or_path")
@@ -112,7 +117,7 @@ def _resolve_run_dir(run: Path, task: str | None) -> ModelSource:
             task = {"SEQ_CLS": "classification", "CAUSAL_LM": "causal_lm"}.get(peft_task)
         config = {}
         if Path(base).is_dir() and (Path(base) / "config.json").exists():
-            config = _read_json(Path(base) / "config.json")
+            config = _directory_config(Path(base), common["trust_remote_code"])
         return _finish_source(
             str(run),
             base,
@@ -156,7 +161,7 @@ def resolve_model(model_ref: str | Path, *, task: str | None = None) -> ModelSou
         if any((path / name).exists() for name in ("recipe.yaml", "model", "adapter")):
             return _resolve_run_dir(path, task)
         if (path / "config.json").exists():
-            return _finish_source(str(path), str(path), _read_json(path / "config.json"), task)
+            return _finish_source(str(path), str(path), _directory_config(path), task)
         ggufs = sorted(path.glob("*.gguf"))
         if ggufs:
             return _finish_source(
