@@ -27,9 +27,6 @@ from launcher.batch.pool import OutputWriter, PoolOptions, dataset_from_refs, en
 from launcher.batch.source import ModelSource, resolve_model, scoring_tokenizer
 from launcher.batch.worker import GenerationOptions, check_template
 
-CAUSAL_METRICS = {"loss", "perplexity", "exact_match"}
-CLASSIFICATION_METRICS = {"loss", "accuracy", "precision", "recall", "f1"}
-
 
 def generate(
     model_ref: str | Path,
@@ -172,7 +169,7 @@ class _EvalTotals:
 
 
 def _check_metrics(metrics: Sequence[str], task: str) -> list[str]:
-    allowed = CAUSAL_METRICS if task == "causal_lm" else CLASSIFICATION_METRICS
+    allowed = M.METRICS_BY_TASK[task]
     chosen = list(dict.fromkeys(metrics))
     wrong = [m for m in chosen if m not in allowed]
     if wrong or not chosen:
@@ -348,8 +345,8 @@ def _eval_result(totals: _EvalTotals, chosen: list[str], source: ModelSource) ->
     if "loss" in chosen:
         result["loss"] = totals.row_loss / max(totals.rows, 1)
     report = M.classification_metrics(truth, predicted, list(source.labels or ()))
-    for name in ("accuracy", "precision", "recall", "f1"):
-        if name in chosen:
+    for name in M.METRICS_BY_TASK["classification"]:
+        if name in chosen and name != "loss":  # the loss is the row mean above
             result[name] = report[name]
     result["per_label"] = report["per_label"]
     result["confusion_matrix"] = report["confusion_matrix"]
