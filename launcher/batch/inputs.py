@@ -58,6 +58,7 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def prompt_records(path: Path) -> Iterator[tuple[str, dict]]:
+    """The rows of a prompts file (.jsonl/.json rows, or one `prompt` per .txt line)."""
     if path.suffix.lower() not in (".jsonl", ".json", ".txt"):
         raise BatchInputError(
             f"{path}: prompts must be a .jsonl file with a `prompt` field or a .txt file "
@@ -110,12 +111,16 @@ def _approx_size(row: dict) -> int:
 
 
 def first_record(records: Iterator[tuple[str, dict]], path: str | Path) -> tuple[str, dict]:
+    """The first (location, row), taken off `records`; the job's options may depend on it."""
     try:
         return next(records)
     except StopIteration:
         raise BatchInputError(f"{path}: no rows to process") from None
 
 
-def chain_first(first: tuple[str, dict], rest: Iterator[tuple[str, dict]]):
+def chain_first(
+    first: tuple[str, dict], rest: Iterator[tuple[str, dict]]
+) -> Iterator[tuple[str, dict]]:
+    """`first` put back in front of the records it was taken from."""
     yield first
     yield from rest

@@ -442,7 +442,7 @@ def evaluate_run(
     statistics = [m for m in chosen if m != "exact_match"]
     if statistics:
         source = resolve_model(run_dir)
-        _, tokenizer = scoring_tokenizer(source)
+        tokenizer = scoring_tokenizer(source)
         tokenized = ray.data.from_arrow(table).map_batches(
             D.tokenizer_for_batches(recipe, tokenizer),
             batch_format="pyarrow",

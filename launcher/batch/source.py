@@ -184,14 +184,11 @@ def load_scoring_model(source: ModelSource, device=None):
     """Load (model, tokenizer) for inference: eval mode, on `device`, adapter applied."""
     import torch
 
-    from launcher.models import load_model, load_tokenizer, resolve_dtype
+    from launcher.models import load_model, resolve_dtype
 
     device = device or torch.device("cpu")
     cfg = source.model_config()
-    tokenizer_cfg = cfg
-    if source.adapter and _has_tokenizer(Path(source.adapter)):
-        tokenizer_cfg = cfg.model_copy(update={"name_or_path": source.adapter, "gguf_file": None})
-    tokenizer = load_tokenizer(tokenizer_cfg)
+    tokenizer = scoring_tokenizer(source)
     model = load_model(
         cfg, dtype=resolve_dtype(cfg.dtype, device), pad_token_id=tokenizer.pad_token_id
     )
@@ -208,10 +205,10 @@ def load_scoring_model(source: ModelSource, device=None):
 
 
 def scoring_tokenizer(source: ModelSource):
-    """The tokenizer the batch actors will use (adapter's own when it ships one)."""
+    """The tokenizer the batch actors use: the adapter's own when it ships one."""
     from launcher.models import load_tokenizer
 
     cfg = source.model_config()
     if source.adapter and _has_tokenizer(Path(source.adapter)):
         cfg = cfg.model_copy(update={"name_or_path": source.adapter, "gguf_file": None})
-    return cfg, load_tokenizer(cfg)
+    return load_tokenizer(cfg)
