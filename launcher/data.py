@@ -27,9 +27,7 @@ this costs memory proportional to the raw text only.
 
 from __future__ import annotations
 
-import csv
 import functools
-import json
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -41,10 +39,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from launcher.errors import BadInputError
+from launcher.records import (
+    DataError,
+    RawTable,
+    parse_hf_spec,
+    read_directory,
+    read_hf,
+    read_table,
+)
 
 SPLITS = ("train", "validation", "test")
-FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
 IGNORE_INDEX = -100
 # Row ids of text chunks: (document row id << PIECE_BITS) | piece index.
 PIECE_BITS = 20
@@ -60,21 +64,7 @@ row has a non-empty input and disappears otherwise. User templates use {instruct
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
-class DataError(BadInputError):
-    """Bad data: a missing or unreadable file, a row without a required field, an unknown label,
-    an empty dataset. The message names the file, row and field and says what is expected."""
-
-
 # ------------------------------------------------------------------------------- reading
-
-
-@dataclass
-class RawTable:
-    """Canonical rows read from one source, plus how to name a row in an error message."""
-
-    table: pa.Table
-    where: Callable[[int], str]
-    """Row index (0-based) -> "path: line 7" / "path: row 7"."""
 
 
 @dataclass(frozen=True)
@@ -114,301 +104,35 @@ def fields_for(recipe: Any) -> Fields:
     )
 
 
-@dataclass(frozen=True)
-class HfSpec:
-    """A parsed `hf:<dataset>[:<config>]:<split>` source."""
-
-    dataset: str
-    config: str | None
-    split: str
-
-
-def parse_hf_spec(spec: str) -> HfSpec:
-    """`hf:imdb:train` -> HfSpec("imdb", None, "train"); `hf:glue:sst2:validation` -> with config."""
-    body = spec[3:] if spec.startswith("hf:") else spec
-    parts = body.split(":")
-    if len(parts) not in (2, 3) or not all(p.strip() for p in parts):
-        raise DataError(
-            f"bad Hugging Face source {spec!r}: expected hf:<dataset>:<split> or "
-            "hf:<dataset>:<config>:<split>, e.g. hf:imdb:train or hf:glue:sst2:validation"
-        )
-    parts = [p.strip() for p in parts]
-    if len(parts) == 2:
-        return HfSpec(parts[0], None, parts[1])
-    return HfSpec(parts[0], parts[1], parts[2])
-
-
 def read_source(spec: str, fields: Fields, base_dir: Path | None = None) -> RawTable:
     """Read one source (file, directory or hf: spec) into validated canonical columns."""
     if spec.startswith("hf:"):
-        return _read_hf(spec, fields)
+        return _canonical(read_hf(spec), fields)
     path = Path(spec).expanduser()
     if base_dir is not None and not path.is_absolute():
         path = base_dir / path
     if not path.exists():
         raise DataError(f"{path}: file not found")
     if path.is_dir():
-        return _read_directory(path, fields)
+        return read_directory(path, functools.partial(read_file, fields=fields))
     return read_file(path, fields)
-
-
-def _read_directory(path: Path, fields: Fields) -> RawTable:
-    files = sorted(
-        p
-        for p in path.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in FILE_SUFFIXES
-        and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    )
-    if not files:
-        raise DataError(
-            f"{path}: directory has no data files (looked for {', '.join(FILE_SUFFIXES)})"
-        )
-    parts = [read_file(f, fields) for f in files]
-    offsets = np.cumsum([0] + [p.table.num_rows for p in parts])
-
-    def where(i: int) -> str:
-        k = int(np.searchsorted(offsets, i, side="right")) - 1
-        return parts[k].where(i - int(offsets[k]))
-
-    return RawTable(pa.concat_tables([p.table for p in parts]), where)
 
 
 def read_file(path: Path, fields: Fields) -> RawTable:
     """Read one local file by its suffix and validate its rows."""
-    suffix = path.suffix.lower()
-    readers = {
-        ".jsonl": _read_jsonl,
-        ".json": _read_json,
-        ".csv": functools.partial(_read_delimited, delimiter=","),
-        ".tsv": functools.partial(_read_delimited, delimiter="\t"),
-        ".parquet": _read_parquet,
-        ".txt": functools.partial(_read_txt, fields=fields),
-    }
-    if suffix not in readers:
-        raise DataError(
-            f"{path}: unsupported file type {suffix or '(none)'!r}; "
-            f"use one of {', '.join(FILE_SUFFIXES)}"
-        )
-    try:
-        table, where = readers[suffix](path)
-    except DataError:
-        raise
-    except (OSError, UnicodeDecodeError, pa.ArrowException) as exc:
-        raise DataError(f"{path}: cannot read file: {_short(exc)}") from None
-    if table.num_rows == 0:
-        raise DataError(f"{path}: file is empty (no rows)")
-    return RawTable(canonical_columns(table, fields, where), where)
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-def _line_namer(path: Path, line_of_row: Callable[[int], int]) -> Callable[[int], str]:
-    return lambda i: f"{path}: line {line_of_row(i)}"
-
-
-def _row_namer(path: Path, noun: str = "row") -> Callable[[int], str]:
-    return lambda i: f"{path}: {noun} {i + 1}"
-
-
-def _read_jsonl(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
-    import pyarrow.json as pj
-
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: file is empty (no rows)")
-    try:
-        table = pj.read_json(path)
-    except pa.ArrowInvalid as exc:
-        if "Empty JSON file" in str(exc):
-            raise DataError(f"{path}: file is empty (no rows)") from None
-        # pyarrow does not say which line; find it (and the cause) in plain Python.
-        table = _read_jsonl_slowly(path)
-    return table, _line_namer(path, functools.partial(_nonblank_line_number, path))
-
-
-def _nonblank_line_number(path: Path, row: int) -> int:
-    """1-based line number of the row-th (0-based) non-blank line; pyarrow skips blank lines."""
-    seen = -1
-    with path.open("rb") as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                seen += 1
-                if seen == row:
-                    return number
-    return row + 1
-
-
-def _read_jsonl_slowly(path: Path) -> pa.Table:
-    """Parse line by line to name the bad line; rows of mixed types become Python objects."""
-    rows: list[dict] = []
-    with path.open("r", encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(
-                    f"{path}: line {number}: expected a JSON object per line, "
-                    f"got {type(row).__name__}"
-                )
-            rows.append(row)
-    return _table_from_rows(rows, path, lambda i: f"line {_nonblank_line_number(path, i)}")
-
-
-def _table_from_rows(rows: list[dict], path: Path, name: Callable[[int], str]) -> pa.Table:
-    """Rows -> table, with a named row when one field holds values of different JSON types."""
-    if not rows:
-        return pa.table({})
-    try:
-        return pa.Table.from_pylist(rows)
-    except (pa.ArrowException, TypeError, ValueError):
-        pass
-    names = dict.fromkeys(k for row in rows for k in row)
-    for key in names:
-        first: tuple[int, type] | None = None
-        for i, row in enumerate(rows):
-            value = row.get(key)
-            if value is None:
-                continue
-            kind = _json_kind(value)
-            if first is None:
-                first = (i, kind)
-            elif kind != first[1]:
-                raise DataError(
-                    f"{path}: {name(i)}: field {key!r} is a {kind} here but a {first[1]} "
-                    f"in {name(first[0])}; a field must have one type in every row"
-                )
-    raise DataError(f"{path}: cannot read rows into a table")
-
-
-def _json_kind(value: Any) -> str:
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "list"
-    return "object"
-
-
-def _read_json(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise DataError(f"{path}: file is empty (no rows)")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        # Many .json files are really JSON Lines.
-        if exc.msg == "Extra data":
-            return _read_jsonl(path)
-        raise DataError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON array of objects (or JSON Lines)")
-    for i, row in enumerate(data):
-        if not isinstance(row, dict):
-            raise DataError(
-                f"{path}: item {i + 1}: expected a JSON object, got {type(row).__name__}"
-            )
-    return _table_from_rows(data, path, lambda i: f"item {i + 1}"), _row_namer(path, "item")
-
-
-def _read_delimited(path: Path, delimiter: str) -> tuple[pa.Table, Callable[[int], str]]:
-    import pyarrow.csv as pcsv
-
-    with path.open("r", encoding="utf-8", newline="") as f:
-        header = next(csv.reader(f, delimiter=delimiter), None)
-    if not header:
-        raise DataError(f"{path}: file is empty (no header row)")
-    # Every column is text: a label column of digits must not turn into numbers, and an empty
-    # cell is an empty string, not a missing value (a missing column is still an error).
-    table = pcsv.read_csv(
-        path,
-        parse_options=pcsv.ParseOptions(delimiter=delimiter),
-        convert_options=pcsv.ConvertOptions(
-            column_types=dict.fromkeys(header, pa.string()), strings_can_be_null=False
-        ),
-    )
-    # Row N of the data is line N+1 of the file (after the header) unless a quoted cell spans lines.
-    return table, _row_namer(path)
-
-
-def _read_parquet(path: Path) -> tuple[pa.Table, Callable[[int], str]]:
-    import pyarrow.parquet as pq
-
-    return pq.read_table(path), _row_namer(path)
-
-
-def _read_txt(path: Path, fields: Fields) -> tuple[pa.Table, Callable[[int], str]]:
-    if "text" not in fields.required or len(fields.required) != 1:
+    if path.suffix.lower() == ".txt" and (
+        "text" not in fields.required or len(fields.required) != 1
+    ):
         raise DataError(
             f"{path}: .txt files hold plain text only; data.format "
             f"{'classification' if 'label' in fields.required else 'instruction'} needs "
             f"fields {', '.join(fields.required.values())}: use .jsonl, .csv or .parquet"
         )
-    documents, starts = split_paragraphs(path.read_text(encoding="utf-8"))
-    table = pa.table({fields.required["text"]: pa.array(documents, pa.string())})
-    return table, lambda i: f"{path}: line {starts[i]}"
+    return _canonical(read_table(path, text_column=fields.required.get("text", "text")), fields)
 
 
-def split_paragraphs(text: str) -> tuple[list[str], list[int]]:
-    """Documents separated by blank lines, and the 1-based line where each starts."""
-    documents: list[str] = []
-    starts: list[int] = []
-    current: list[str] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            if not current:
-                starts.append(number)
-            current.append(line)
-        elif current:
-            documents.append("\n".join(current))
-            current = []
-    if current:
-        documents.append("\n".join(current))
-    return documents, starts
-
-
-def _read_hf(spec: str, fields: Fields) -> RawTable:
-    hf = parse_hf_spec(spec)
-    try:
-        import datasets
-
-        ds = datasets.load_dataset(hf.dataset, hf.config, split=hf.split)
-    except Exception as exc:
-        raise DataError(
-            f"{spec}: cannot load Hugging Face dataset {hf.dataset!r}"
-            + (f" (config {hf.config!r})" if hf.config else "")
-            + f" split {hf.split!r}: {_short(exc)} "
-            "(is the hub reachable, or the dataset in the local cache?)"
-        ) from None
-    table = hf_table(ds)
-    if table.num_rows == 0:
-        raise DataError(f"{spec}: dataset split is empty (no rows)")
-    where = _row_namer(Path(spec))
-    return RawTable(canonical_columns(table, fields, where), where)
-
-
-def hf_table(ds: Any) -> pa.Table:
-    """A `datasets.Dataset` as an Arrow table; ClassLabel columns become their label names
-    (so they match model.labels), and the -1 "no label" id becomes a missing value."""
-    import datasets
-
-    table = ds.with_format("arrow")[:]
-    for name, feature in ds.features.items():
-        if isinstance(feature, datasets.ClassLabel) and name in table.column_names:
-            ids = table.column(name).combine_chunks()
-            ids = pc.if_else(pc.less(ids, 0), pa.scalar(None, ids.type), ids)
-            names = pc.take(pa.array(feature.names, pa.string()), ids)
-            table = table.set_column(table.column_names.index(name), name, names)
-    return table
+def _canonical(raw: RawTable, fields: Fields) -> RawTable:
+    return RawTable(canonical_columns(raw.table, fields, raw.where), raw.where)
 
 
 # ---------------------------------------------------------------------------- validation

@@ -1,4 +1,4 @@
-"""Knowledge distillation, adversarial training and per-source metrics around the training loop.
+"""Knowledge distillation and adversarial training around the training loop.
 
 In the driver, before training (`prepare_distillation`):
   1. the teacher's tokenizer must have exactly the student's vocabulary (logits are compared
@@ -16,9 +16,6 @@ In each training worker: `build_teacher` (online mode: frozen, eval, no gradient
 dtype; sharded with fully_shard under fsdp and partitioned by a second DeepSpeed engine under
 ZeRO-3), `make_objective` (the loss of one micro-batch with its parts for the metrics) and
 `make_adversary` (FGM on the input embeddings).
-
-After training (`source_metrics`): eval_<source>_loss per source of a multi-source validation
-split, from the exported model.
 """
 
 from __future__ import annotations
@@ -612,49 +609,3 @@ def make_adversary(recipe: Recipe, model: nn.Module) -> Adversary | None:
         fgm_backward(embedding, adversarial.epsilon, loss, backward)
 
     return adversary
-
-
-# ------------------------------------------------------------------------ multi-task metrics
-
-
-def metric_slug(name: str) -> str:
-    """A source name as a metric-name part: eval_<slug>_loss."""
-    slug = "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
-    return slug or "source"
-
-
-def source_metrics(recipe: Recipe, data, run_dir: Path, view=None) -> dict[str, Any]:
-    """Multi-task runs: the exported model's eval metrics on each source of the validation
-    split (eval_<source>_loss, and perplexity or accuracy/f1), with Ray Data over the split's
-    tokenized rows. Appended to metrics.jsonl as a row at the last step (so summary.json's
-    final metrics show them) and returned as {"source_metrics": {...}}; {} without sources."""
-    from launcher.batch import PoolOptions, evaluate
-
-    validation = data.datasets.get("validation")
-    if validation is None or len(data.sources) < 2 or "source_id" not in validation.columns():
-        return {}
-    wanted = (
-        ["loss", "perplexity"] if recipe.model.task == "causal_lm" else ["loss", "accuracy", "f1"]
-    )
-    pool = PoolOptions(
-        batch_size=recipe.evaluate.batch_size if recipe.evaluate else 32, progress=False
-    )
-    found: dict[str, float] = {}
-    for source_id, name in enumerate(data.sources):
-        rows = validation.filter(lambda row, i=source_id: row["source_id"] == i).materialize()
-        if rows.count() == 0:
-            continue
-        result = evaluate(run_dir, rows, wanted, pool=pool)
-        for metric in wanted:
-            if isinstance(result.get(metric), int | float):
-                found[f"eval_{metric_slug(name)}_{metric}"] = float(result[metric])
-    if not found:
-        return {}
-    path = Path(run_dir) / "metrics.jsonl"
-    rows_seen = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    steps = [r["step"] for r in rows_seen if "step" in r and "event" not in r]
-    with path.open("a", encoding="utf-8") as out:
-        out.write(json.dumps({"step": max(steps, default=0), **found}) + "\n")
-    if view is not None:
-        view.note("per-source evaluation: " + ", ".join(f"{k}={v:.4g}" for k, v in found.items()))
-    return {"source_metrics": found}

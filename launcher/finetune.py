@@ -606,6 +606,9 @@ def _export_info(model_dir: Path) -> dict[str, Any]:
 
 
 def _task_of(model_dir: Path) -> str:
-    config = json.loads((model_dir / "config.json").read_text())
-    archs = config.get("architectures") or []
-    return "classification" if any("SequenceClassification" in a for a in archs) else "causal_lm"
+    from transformers import AutoConfig
+
+    from launcher.models import task_from_architectures
+
+    architectures = AutoConfig.from_pretrained(str(model_dir)).architectures
+    return task_from_architectures(architectures) or "causal_lm"

@@ -517,8 +517,9 @@ def run(
 ) -> dict[str, Any]:
     """Run the whole job and return the summary. Raises DataError/ModelLoadError/LayoutError
     for bad input (before any training) and JobError when training fails."""
+    from launcher.batch.jobs import source_metrics
     from launcher.data import load_tables, prepare_data
-    from launcher.distill import prepare_distillation, source_metrics
+    from launcher.distill import prepare_distillation
     from launcher.models import load_tokenizer
 
     view = view or ProgressView()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from pathlib import Path
 
@@ -386,3 +386,14 @@ def model_config_of(model_cfg: ModelConfig, pad_token_id: int | None = None):
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(_describe_failure(model_cfg.name_or_path, exc)) from None
+
+
+def task_from_architectures(architectures: Sequence[str] | None) -> str | None:
+    """The task a checkpoint's `architectures` name: "classification" for a sequence
+    classification head, "causal_lm" for a causal LM head, None when they name neither."""
+    for name in architectures or ():
+        if name.endswith("ForSequenceClassification"):
+            return "classification"
+        if name.endswith(("ForCausalLM", "LMHeadModel")):
+            return "causal_lm"
+    return None

@@ -110,7 +110,7 @@ def test_run_dir_with_adapter_only_loads_base_plus_adapter(tmp_path, tiny_gpt2, 
 
     source = batch.resolve_model(run)
     assert source.adapter == str(run / "adapter") and source.name_or_path == str(tiny_gpt2)
-    model, tok = batch.load_for_inference(source)
+    model, tok = batch.load_scoring_model(source)
     ids = tokenizer("the fox ran home", return_tensors="pt").input_ids
     with torch.no_grad():
         got = model(input_ids=ids).logits
@@ -294,6 +294,26 @@ def test_cli_missing_model_dir_exits_2(tmp_path, capsys):
     assert code == 2
     assert f"error: model directory not found: {tmp_path / 'no-such-run'}" in err
     assert "Traceback" not in err
+
+
+def test_cli_scores_a_classifier_saved_with_default_labels(ray_session, tiny_bert, tmp_path):
+    """transformers 5 leaves the default id2label (LABEL_0, LABEL_1) out of config.json."""
+    model_dir = tmp_path / "stock-cls"
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2).save_pretrained(
+        model_dir
+    )
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(model_dir)
+    data = write_jsonl([{"text": "a fine mug"}, {"text": "it broke"}], tmp_path / "d.jsonl")
+    out = tmp_path / "scores.jsonl"
+    code = main(["score", str(model_dir), "--data", str(data), "--out", str(out), "-q"])
+    assert code == 0
+    rows = read_jsonl(out)
+    assert len(rows) == 2
+    for row in rows:
+        probs = [row["prob_LABEL_0"], row["prob_LABEL_1"]]
+        assert math.isclose(sum(probs), 1.0, rel_tol=1e-5)
+        assert row["predicted_label"] in ("LABEL_0", "LABEL_1")
 
 
 def test_cli_prompts_without_prompt_field_exits_2(ray_session, tiny_gpt2, tmp_path, capsys):

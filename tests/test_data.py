@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from launcher import data as D
+from launcher import records
 from launcher.data import DataError, make_collate, prepare_data
 from launcher.dev.synthetic import instruction_rows, review_rows, story_lines, write_jsonl
 from launcher.recipe import validate_data
@@ -60,13 +61,13 @@ def message(exc_info) -> str:
 
 
 def test_hf_spec_parsing():
-    assert D.parse_hf_spec("hf:imdb:train") == D.HfSpec("imdb", None, "train")
-    assert D.parse_hf_spec("hf:nyu-mll/glue:sst2:validation") == D.HfSpec(
+    assert records.parse_hf_spec("hf:imdb:train") == records.HfSpec("imdb", None, "train")
+    assert records.parse_hf_spec("hf:nyu-mll/glue:sst2:validation") == records.HfSpec(
         "nyu-mll/glue", "sst2", "validation"
     )
     for bad in ("hf:imdb", "hf:a:b:c:d", "hf::train", "hf:imdb:"):
         with pytest.raises(DataError, match=r"expected hf:<dataset>:<split> or"):
-            D.parse_hf_spec(bad)
+            records.parse_hf_spec(bad)
     assert D.source_name("hf:glue:sst2:train") == "glue:sst2:train"
     assert D.source_name("data/reviews.jsonl") == "reviews"
     assert D.source_name("data/reviews") == "reviews"
@@ -93,10 +94,10 @@ def test_hf_class_labels_become_names():
             {"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=LABELS)}
         ),
     )
-    table = D.hf_table(ds)
+    table = records.hf_table(ds)
     assert table.column("label").to_pylist() == ["positive", "negative", None]
     fields = D.Fields({"text": "sentence", "label": "label"}, labels=tuple(LABELS))
-    where = D._row_namer(Path("hf:glue:sst2:test"))
+    where = records.row_namer(Path("hf:glue:sst2:test"))
     assert D.canonical_columns(table.slice(0, 2), fields, where).column("label").to_pylist() == [
         1,
         0,
@@ -155,7 +156,7 @@ def test_directory_reads_files_recursively_in_order(tmp_path):
 
 
 def test_txt_documents_are_paragraphs():
-    docs, starts = D.split_paragraphs("one\ntwo\n\n\nthree\n  \nfour\n")
+    docs, starts = records.split_paragraphs("one\ntwo\n\n\nthree\n  \nfour\n")
     assert docs == ["one\ntwo", "three", "four"]
     assert starts == [1, 5, 7]
 

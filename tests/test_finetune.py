@@ -338,7 +338,7 @@ def test_key_of_another_method_fails_validation():
 
 @pytest.mark.parametrize("method", ["prompt", "adapter"])
 def test_batch_engine_loads_exports_that_need_their_adapter(tiny_gpt2, tmp_path, method):
-    from launcher.batch import load_for_inference as batch_load
+    from launcher.batch import load_scoring_model as batch_load
     from launcher.batch import resolve_model
 
     recipe, tokenizer, model = build(tiny_gpt2, "causal_lm", method)

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from launcher.distill import metric_slug, source_metrics
+from launcher.batch.jobs import metric_slug, source_metrics
 
 
 @pytest.mark.parametrize(
