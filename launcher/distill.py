@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from launcher.collate import collate, model_inputs
 from launcher.objectives import (
     align_logits,
     compute_loss,
@@ -44,13 +45,11 @@ from launcher.objectives import (
     distillation_loss,
     fgm_backward,
     kl_to_teacher,
-    model_inputs,
     task_loss,
     topk_kl_to_teacher,
 )
 from launcher.recipe import ModelConfig, Recipe
 
-TEACHER_COLUMNS = ("teacher_logprobs", "teacher_ids")
 CACHE_FORMAT = 1  # bump when the stored layout changes: old cache entries are then ignored
 TEACHER_BATCH_ROWS = 16
 
@@ -279,7 +278,7 @@ def offline_settings(recipe: Recipe, tokenizer, data) -> dict[str, Any]:
 
 
 def _batch_arrays(table) -> dict[str, np.ndarray]:
-    """A pyarrow batch as the numpy dict `launcher.data.collate` takes."""
+    """A pyarrow batch as the numpy dict `launcher.collate.collate` takes."""
     out = {}
     for name in ("input_ids", "attention_mask", "labels", "position_ids"):
         if name not in table.column_names:
@@ -316,8 +315,6 @@ class TeacherTopK:
 
     def __call__(self, table):
         import pyarrow as pa
-
-        from launcher.data import collate
 
         batch = {k: v.to(self.device) for k, v in collate(_batch_arrays(table), self.pad).items()}
         with torch.no_grad():
@@ -405,23 +402,6 @@ def attach_teacher_outputs(recipe: Recipe, data, tokenizer, note: Callable[[str]
             f"{data.num_rows['train']}; delete that directory to recompute it"
         )
     return dataclasses.replace(data, datasets={**data.datasets, "train": train})
-
-
-def collate_teacher(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Offline distillation columns of a batch, padded: [B, L, k] (causal LM) or [B, k]."""
-    from launcher.data import pad_sequences
-
-    ids = pad_sequences(batch["teacher_ids"], 0)
-    rows = [np.asarray(v, dtype=np.float32).reshape(-1) for v in batch["teacher_logprobs"]]
-    logprobs = np.zeros(tuple(ids.shape), dtype=np.float32)
-    for i, r in enumerate(rows):
-        logprobs[i, : len(r)] = r
-    out = {"teacher_ids": ids, "teacher_logprobs": torch.from_numpy(logprobs)}
-    labels = batch["labels"]
-    if labels.dtype == object or labels.ndim > 1:  # causal LM: one top-k per token
-        width = max(len(v) for v in batch["input_ids"])
-        out = {k: v.reshape(v.shape[0], width, -1) for k, v in out.items()}
-    return out
 
 
 # ----------------------------------------------------------------------------- driver hook

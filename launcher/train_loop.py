@@ -267,7 +267,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from launcher.data import make_collate
+    from launcher.collate import make_collate
     from launcher.distill import build_teacher, make_adversary, make_objective
     from launcher.finetune import apply_finetune, count_parameters
     from launcher.models import load_model
