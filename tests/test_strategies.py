@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from launcher.export import consolidate
 from launcher.recipe import Recipe
 from launcher.strategies import (
     DeepSpeedConfigError,
     build_optimizer,
     build_schedule,
     check_deepspeed_overrides,
-    consolidate,
     deepspeed_config,
     make_strategy,
     read_strategy_file,
