@@ -147,6 +147,15 @@ INTERNALS: tuple[Internal, ...] = (
         "0.19.8",
     ),
     Internal(
+        "engine_basic_optimizer",
+        "deepspeed",
+        "DeepSpeedEngine.basic_optimizer",
+        ("launcher.strategies.DeepSpeedStrategy.local_state_bytes",),
+        "the torch optimizer the engine wraps (its param groups are the fp32 partitions and "
+        "its state the Adam moments this rank holds)",
+        "0.19.8",
+    ),
+    Internal(
         "ds_to_universal_main",
         "deepspeed",
         "deepspeed.checkpoint.ds_to_universal.main(args)",

@@ -201,6 +201,14 @@ def _engine_universal_flag():
     assert "load_universal_checkpoint" in inspect.getsource(DeepSpeedConfig)
 
 
+@check("engine_basic_optimizer")
+def _engine_basic_optimizer():
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    source = inspect.getsource(DeepSpeedEngine)
+    assert "self.basic_optimizer = " in source, "the engine no longer keeps basic_optimizer"
+
+
 @check("ds_to_universal_main")
 def _ds_to_universal_main():
     from deepspeed.checkpoint import ds_to_universal
