@@ -80,30 +80,6 @@ def _apply_adapter_hook(module: nn.Module, args, output):
     return adapter(output)
 
 
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's list of transformer blocks and its dotted name (e.g. `transformer.h`).
-
-    Found as the ModuleList whose length is the config's number of layers.
-    """
-    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    found = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and len(module) == layers and len(module) > 0
-    ]
-    if not found:
-        lists = [
-            f"{name} ({len(m)})"
-            for name, m in model.named_modules()
-            if isinstance(m, nn.ModuleList)
-        ]
-        raise AdapterPlacementError(
-            f"cannot find the transformer blocks of {type(model).__name__}: no module list of "
-            f"{layers} layers (module lists: {', '.join(lists) or 'none'})"
-        )
-    return min(found, key=lambda item: len(item[0]))
-
-
 def feed_forward_path(model: nn.Module, block: nn.Module) -> str:
     """Path, inside one block, of the module whose output the adapter transforms."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -122,18 +98,22 @@ def feed_forward_path(model: nn.Module, block: nn.Module) -> str:
 
 
 def add_bottleneck_adapters(
-    model: nn.Module, reduction_factor: int = 16, non_linearity: str = "relu"
+    model: nn.Module,
+    blocks: tuple[str, nn.ModuleList],
+    reduction_factor: int = 16,
+    non_linearity: str = "relu",
 ) -> list[str]:
     """Insert an adapter after every block's feed-forward part; returns the adapted module names.
 
+    `blocks` is the model's block list and its dotted name (launcher.models.transformer_blocks).
     Adapters are created on the device and in the dtype of the module they follow.
     """
     hidden = model.config.hidden_size
     bottleneck = max(1, hidden // reduction_factor)
-    blocks_name, blocks = find_blocks(model)
-    path = feed_forward_path(model, blocks[0])
+    blocks_name, blocks_list = blocks
+    path = feed_forward_path(model, blocks_list[0])
     names = []
-    for index, block in enumerate(blocks):
+    for index, block in enumerate(blocks_list):
         target = block.get_submodule(path)
         if hasattr(target, ADAPTER_ATTR):
             raise AdapterPlacementError(f"{blocks_name}.{index}.{path} already has an adapter")

@@ -39,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from launcher.collate import IGNORE_INDEX
 from launcher.records import (
     DataError,
     RawTable,
@@ -49,7 +50,6 @@ from launcher.records import (
 )
 
 SPLITS = ("train", "validation", "test")
-IGNORE_INDEX = -100
 # Row ids of text chunks: (document row id << PIECE_BITS) | piece index.
 PIECE_BITS = 20
 TOKENIZE_BATCH_ROWS = 256
@@ -59,9 +59,6 @@ PASSTHROUGH = ("source", "source_id")
 DEFAULT_PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 """Default instruction template; `{input_block}` becomes "### Input:\\n<input>\\n\\n" when the
 row has a non-empty input and disappears otherwise. User templates use {instruction} and {input}."""
-
-# Model inputs in a collated batch; the other keys (row_id, num_tokens, source) are bookkeeping.
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
 # ------------------------------------------------------------------------------- reading
@@ -456,8 +453,8 @@ def tokenize_packed(table: pa.Table, tokenizer: Any, max_length: int) -> pa.Tabl
     each sequence) starts, and the first token of each example gets label -100, so no loss
     crosses an example boundary. Attention stays inside each example only for models whose mask
     is built from position_ids: transformers' create_causal_mask does it (GPT-2, Llama, ...) when
-    the forward gets no attention_mask and no KV cache, which is what `collate` and
-    `model_inputs` arrange. Other models, prefix tuning (it brings a cache) and custom attention
+    the forward gets no attention_mask and no KV cache, which is what launcher.collate's
+    `collate` and `model_inputs` arrange. Other models, prefix tuning (it brings a cache) and custom attention
     code attend across example boundaries within a packed sequence.
     Packing is per map_batches batch: the last sequence of a batch may be shorter.
     Row id: (row id of the sequence's first example << PIECE_BITS) | sequences started by it.
@@ -776,79 +773,3 @@ def _blocks(table: pa.Table, rows_per_block: int = 2 * TOKENIZE_BATCH_ROWS) -> l
     count = max(1, min(16, math.ceil(table.num_rows / rows_per_block)))
     size = math.ceil(table.num_rows / count)
     return [table.slice(i * size, size) for i in range(count) if i * size < table.num_rows]
-
-
-# ------------------------------------------------------------------------------- collation
-
-
-def pad_sequences(values: Any, pad: int) -> Any:
-    """Variable-length integer sequences (object array or 2-D array) -> padded int64 tensor."""
-    import torch
-
-    rows = [np.asarray(v, dtype=np.int64).reshape(-1) for v in values]
-    width = max((len(r) for r in rows), default=0)
-    out = np.full((len(rows), width), pad, dtype=np.int64)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r
-    return torch.from_numpy(out)
-
-
-def collate(batch: dict[str, np.ndarray], pad_token_id: int) -> dict[str, Any]:
-    """Pad one batch: input_ids with pad_token_id, attention_mask with 0, labels with -100,
-    position_ids with 0; classification labels and bookkeeping columns become 1-D tensors.
-
-    Packed batches (with position_ids) carry no attention_mask: padding sits after every real
-    token, so the causal mask already hides it, and without a 2-D mask transformers derives
-    per-example attention from position_ids (create_causal_mask's packed-sequence detection).
-    """
-    import torch
-
-    out: dict[str, Any] = {"input_ids": pad_sequences(batch["input_ids"], pad_token_id)}
-    packed = "position_ids" in batch
-    if "attention_mask" in batch and not packed:
-        out["attention_mask"] = pad_sequences(batch["attention_mask"], 0)
-    if packed:
-        out["position_ids"] = pad_sequences(batch["position_ids"], 0)
-    if "labels" in batch:
-        labels = batch["labels"]
-        if labels.dtype != object and labels.ndim == 1:
-            out["labels"] = torch.from_numpy(np.array(labels, dtype=np.int64))
-        else:
-            out["labels"] = pad_sequences(labels, IGNORE_INDEX)
-    for key in ("num_tokens", "row_id", "source_id"):
-        if key in batch:
-            out[key] = torch.from_numpy(np.array(batch[key], dtype=np.int64))
-    if "teacher_logprobs" in batch:  # offline distillation: the stored teacher top-k
-        from launcher.distill import collate_teacher
-
-        out.update(collate_teacher(batch))
-    return out
-
-
-def make_collate(pad_token_id: int) -> Any:
-    """A collate_fn for `iter_torch_batches(collate_fn=...)` that pads each batch to its longest
-    row. Returns only tensors, so Ray moves the batch to the training device."""
-    if pad_token_id is None:
-        raise ValueError("make_collate needs a pad token id (tokenizer.pad_token_id is None)")
-    from ray.data.collate_fn import NumpyBatchCollateFn
-
-    # Ray 2.47+ wants a NumpyBatchCollateFn instance (plain functions are deprecated) to hand
-    # the batch over as a dict of numpy arrays.
-    class PadCollate(NumpyBatchCollateFn):
-        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-            return collate(batch, pad_token_id)
-
-    return PadCollate()
-
-
-def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    """The keyword arguments of the model's forward for a collated batch (labels excluded).
-
-    Packed batches also get use_cache=False: transformers derives per-example attention from
-    position_ids only when there is no attention_mask and no KV cache (a causal LM builds an
-    empty cache whenever use_cache is on, which is the default even in training).
-    """
-    inputs: dict[str, Any] = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    if "position_ids" in inputs:
-        inputs["use_cache"] = False
-    return inputs

@@ -34,7 +34,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from launcher.collate import collate, model_inputs
 from launcher.errors import BadInputError
+from launcher.models import (
+    BlocksNotFoundError,
+    _source,
+    deferred_checkpoint_weights,
+    load_model,
+    load_tokenizer,
+    model_config_of,
+    resolve_dtype,
+    transformer_blocks,
+)
 from launcher.objectives import (
     align_logits,
     compute_loss,
@@ -42,13 +53,11 @@ from launcher.objectives import (
     distillation_loss,
     fgm_backward,
     kl_to_teacher,
-    model_inputs,
     task_loss,
     topk_kl_to_teacher,
 )
 from launcher.recipe import ModelConfig, Recipe
 
-TEACHER_COLUMNS = ("teacher_logprobs", "teacher_ids")
 CACHE_FORMAT = 1  # bump when the stored layout changes: old cache entries are then ignored
 TEACHER_BATCH_ROWS = 16
 
@@ -113,8 +122,6 @@ def check_teacher_head(recipe: Recipe) -> str | None:
     a smoke test wants)."""
     if recipe.model.task != "classification":
         return None
-    from launcher.models import model_config_of
-
     # The teacher's own config: no task-head settings from the recipe laid over it.
     teacher = teacher_model_config(recipe).model_copy(update={"task": "causal_lm"})
     config = model_config_of(teacher)
@@ -139,19 +146,6 @@ def check_teacher_head(recipe: Recipe) -> str | None:
 # ------------------------------------------------------------------ student from teacher
 
 
-def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ModuleList holding the transformer blocks (GPT-2 h, Llama layers, BERT layer)."""
-    from launcher.strategies import block_classes
-
-    names = block_classes(model)
-    for path, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and module and type(module[0]).__name__ in names:
-            return path, module
-    raise DistillError(
-        f"cannot find the transformer blocks of {type(model).__name__} to pick layers from"
-    )
-
-
 def student_key(teacher_key: str, prefix: str, layers: list[int]) -> str | None:
     """The student's name for a teacher weight, or None when its block is not kept."""
     if not teacher_key.startswith(prefix):
@@ -167,7 +161,10 @@ def student_from_teacher(teacher: nn.Module, layers: list[int]) -> nn.Module:
     those blocks and every weight outside the blocks are copied from the teacher."""
     import copy
 
-    path, blocks = block_list(teacher)
+    try:
+        path, blocks = transformer_blocks(teacher)
+    except BlocksNotFoundError as exc:
+        raise DistillError(f"distill.init_student_from_teacher: {exc}") from None
     bad = [i for i in layers if i >= len(blocks)]
     if bad:
         raise DistillError(
@@ -192,8 +189,6 @@ def student_from_teacher(teacher: nn.Module, layers: list[int]) -> nn.Module:
 def _fingerprint(name_or_path: str) -> dict[str, Any]:
     """What identifies a model's weights: a hub id as is; a local directory by its files'
     names, sizes and modification times (cheap, and changes whenever the files change)."""
-    from launcher.models import _source
-
     path = Path(_source(name_or_path))
     if not path.exists():
         return {"hub": name_or_path}
@@ -222,8 +217,6 @@ def _digest(settings: dict[str, Any]) -> str:
 
 def build_student_dir(recipe: Recipe, tokenizer) -> Path:
     """Build (once) and save the student made from the teacher's layers; returns its directory."""
-    from launcher.models import load_model
-
     d = recipe.distill
     settings = {
         "format": CACHE_FORMAT,
@@ -277,7 +270,7 @@ def offline_settings(recipe: Recipe, tokenizer, data) -> dict[str, Any]:
 
 
 def _batch_arrays(table) -> dict[str, np.ndarray]:
-    """A pyarrow batch as the numpy dict `launcher.data.collate` takes."""
+    """A pyarrow batch as the numpy dict `launcher.collate.collate` takes."""
     out = {}
     for name in ("input_ids", "attention_mask", "labels", "position_ids"):
         if name not in table.column_names:
@@ -296,8 +289,6 @@ class TeacherTopK:
     """Ray Data actor: adds the teacher's top-k log-probabilities and ids to tokenized rows."""
 
     def __init__(self, recipe_data: dict, pad_token_id: int):
-        from launcher.models import load_model, resolve_dtype
-
         recipe = Recipe.model_validate(recipe_data)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
@@ -314,8 +305,6 @@ class TeacherTopK:
 
     def __call__(self, table):
         import pyarrow as pa
-
-        from launcher.data import collate
 
         batch = {k: v.to(self.device) for k, v in collate(_batch_arrays(table), self.pad).items()}
         with torch.no_grad():
@@ -405,23 +394,6 @@ def attach_teacher_outputs(recipe: Recipe, data, tokenizer, note: Callable[[str]
     return dataclasses.replace(data, datasets={**data.datasets, "train": train})
 
 
-def collate_teacher(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Offline distillation columns of a batch, padded: [B, L, k] (causal LM) or [B, k]."""
-    from launcher.data import pad_sequences
-
-    ids = pad_sequences(batch["teacher_ids"], 0)
-    rows = [np.asarray(v, dtype=np.float32).reshape(-1) for v in batch["teacher_logprobs"]]
-    logprobs = np.zeros(tuple(ids.shape), dtype=np.float32)
-    for i, r in enumerate(rows):
-        logprobs[i, : len(r)] = r
-    out = {"teacher_ids": ids, "teacher_logprobs": torch.from_numpy(logprobs)}
-    labels = batch["labels"]
-    if labels.dtype == object or labels.ndim > 1:  # causal LM: one top-k per token
-        width = max(len(v) for v in batch["input_ids"])
-        out = {k: v.reshape(v.shape[0], width, -1) for k, v in out.items()}
-    return out
-
-
 # ----------------------------------------------------------------------------- driver hook
 
 
@@ -431,7 +403,6 @@ def prepare_distillation(recipe: Recipe, data, tokenizer, view=None) -> tuple[Re
     built student) and the prepared data (offline: train rows carry the teacher columns)."""
     if recipe.distill is None:
         return recipe, data
-    from launcher.models import load_tokenizer
 
     def note(text: str) -> None:
         if view is not None:
@@ -474,7 +445,7 @@ class _Teacher:
                 return self.module(**model_inputs(batch)).logits
 
 
-def _freeze(model: nn.Module) -> nn.Module:
+def _frozen_for_inference(model: nn.Module) -> nn.Module:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -488,14 +459,13 @@ def build_teacher(recipe: Recipe, strategy, device: torch.device, pad_token_id: 
     driven by an inference-only engine, so a teacher larger than one worker's memory fits."""
     if recipe.distill is None or recipe.distill.mode != "online":
         return None
-    from launcher.models import load_model, resolve_dtype
     from launcher.strategies import resolve_precision
 
     cfg = teacher_model_config(recipe)
 
     def load() -> nn.Module:
         model = load_model(cfg, dtype=resolve_dtype(cfg.dtype, device), pad_token_id=pad_token_id)
-        return _freeze(model)
+        return _frozen_for_inference(model)
 
     name = recipe.strategy.name
     if name == "fsdp":
@@ -516,7 +486,6 @@ def _sharded_teacher(load: Callable[[], nn.Module], device: torch.device, strate
     """FSDP2: sharded like the student, each rank reading only its shard of the teacher's
     weights (rank 0 loads a checkpoint that cannot be read in parts); never offloaded, since it
     only runs forward."""
-    from launcher.models import deferred_checkpoint_weights
     from launcher.strategies import _whole_on_first_rank, shard_and_load
 
     with deferred_checkpoint_weights(whole_load=_whole_on_first_rank):
@@ -524,7 +493,7 @@ def _sharded_teacher(load: Callable[[], nn.Module], device: torch.device, strate
     options = strategy.shard_options(reduce_dtype=None)
     options.pop("offload_policy", None)
     shard_and_load(model, device, options)
-    return _freeze(model)
+    return _frozen_for_inference(model)
 
 
 def _zero3_teacher(load: Callable[[], nn.Module], strategy) -> nn.Module:

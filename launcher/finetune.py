@@ -1,4 +1,4 @@
-"""Fine-tuning methods: which parameters train, and how the trained model is exported.
+"""Fine-tuning methods: which parameters train (launcher.export writes the trained model out).
 
     full     every parameter trains
     lora     peft LoRA on the attention / MLP projections (`target_modules: auto` per architecture)
@@ -11,40 +11,21 @@
 
 For classification every method also trains the new classification head (`score` or
 `classifier`); peft methods list it in `modules_to_save`.
-
-Export layout (inside a run directory or any output directory):
-
-    model/    a Hugging Face model + tokenizer + ftlaunch_export.json. For full, freeze, bitfit and
-              merged lora/ia3 it alone is the trained model. For prefix, prompt, adapter and
-              unmerged lora/ia3 it holds the base weights (with the trained head) and the
-              adapter in model/adapter/; `load_for_inference` puts them together.
-    adapter/  peft methods: the peft adapter (adapter_config.json + weights), loadable with
-              `PeftModel.from_pretrained(base, "adapter")`. adapter and bitfit: only the trained
-              tensors plus ftlaunch_adapter.json, loadable with `load_adapter(base, "adapter")`.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from launcher import adapters as bottleneck
 from launcher.errors import BadInputError
+from launcher.models import BlocksNotFoundError, transformer_blocks
 from launcher.recipe import FinetuneConfig, Recipe
 
 PEFT_METHODS = ("lora", "prefix", "prompt", "ia3")
-MERGEABLE = ("lora", "ia3")
-DELTA_METHODS = ("adapter", "bitfit")  # project-side methods that also write adapter/
 HEAD_NAMES = ("score", "classifier")
-EXPORT_INFO_FILE = "ftlaunch_export.json"
-ADAPTER_INFO_FILE = "ftlaunch_adapter.json"
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 
 _ATTENTION_MLP_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _BERT_LIKE = ["query", "key", "value", "dense"]
@@ -190,6 +171,13 @@ def _require_head(model: nn.Module, task: str, method: str) -> list[str]:
     return heads
 
 
+def _blocks_for(model: nn.Module, method: str) -> tuple[str, nn.ModuleList]:
+    try:
+        return transformer_blocks(model)
+    except BlocksNotFoundError as exc:
+        raise FinetuneError(f"finetune.method {method}: {exc}") from None
+
+
 def _train_only(model: nn.Module, modules: list[nn.Module]) -> nn.Module:
     model.requires_grad_(False)
     for module in modules:
@@ -202,7 +190,7 @@ def _full(model: nn.Module, cfg: FinetuneConfig, task: str) -> nn.Module:
 
 
 def _freeze(model: nn.Module, cfg: FinetuneConfig, task: str) -> nn.Module:
-    _, blocks = bottleneck.find_blocks(model)
+    _, blocks = _blocks_for(model, "freeze")
     n = cfg.trainable_layers
     if n > len(blocks):
         raise FinetuneError(
@@ -238,9 +226,10 @@ def _bitfit(model: nn.Module, cfg: FinetuneConfig, task: str) -> nn.Module:
 def _adapter(model: nn.Module, cfg: FinetuneConfig, task: str) -> nn.Module:
     heads = [model.get_submodule(h) for h in _require_head(model, task, "adapter")]
     model.requires_grad_(False)
+    blocks = _blocks_for(model, "adapter")
     try:
         bottleneck.add_bottleneck_adapters(
-            model, cfg.adapter.reduction_factor, cfg.adapter.non_linearity
+            model, blocks, cfg.adapter.reduction_factor, cfg.adapter.non_linearity
         )
     except bottleneck.AdapterPlacementError as exc:
         raise FinetuneError(str(exc)) from None
@@ -309,10 +298,7 @@ METHODS = {
     "freeze": _freeze,
     "bitfit": _bitfit,
     "adapter": _adapter,
-    "lora": _peft,
-    "prefix": _peft,
-    "prompt": _peft,
-    "ia3": _peft,
+    **dict.fromkeys(PEFT_METHODS, _peft),
 }
 
 
@@ -338,277 +324,3 @@ def count_parameters(model: nn.Module) -> dict[str, Any]:
             trainable += n
     percent = round(100.0 * trainable / total, 4) if total else 0.0
     return {"trainable": trainable, "total": total, "percent": percent}
-
-
-def describe_parameters(counts: Mapping[str, Any]) -> str:
-    """One line for the log: `trainable params: 1,234 / 56,789 (2.17%)`."""
-    return (
-        f"trainable params: {counts['trainable']:,} / {counts['total']:,} "
-        f"({counts['percent']:.2f}%)"
-    )
-
-
-# ------------------------------------------------------------------------------- export
-
-
-def rebuild_trained_model(
-    recipe: Recipe, state_dict: Mapping[str, torch.Tensor], *, pad_token_id: int | None = None
-) -> nn.Module:
-    """The trained module of a run, rebuilt on the CPU: base model + method + trained weights.
-
-    `state_dict` has the key names of the module `apply_finetune` returned (as a consolidated
-    checkpoint has them).
-    """
-    from launcher.models import load_model
-
-    trained = apply_finetune(load_model(recipe.model, pad_token_id=pad_token_id), recipe)
-    load_trained_state(trained, state_dict)
-    return trained
-
-
-def load_trained_state(trained: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Load a full state dict; a key may be absent only when a tied twin of it is present."""
-    result = trained.load_state_dict(dict(state_dict), strict=False)
-    storage: dict[int, list[str]] = {}
-    for key, tensor in trained.state_dict().items():
-        storage.setdefault(tensor.data_ptr(), []).append(key)
-    twins = {key: group for group in storage.values() for key in group}
-    missing = [k for k in result.missing_keys if not any(t in state_dict for t in twins.get(k, []))]
-    if missing or result.unexpected_keys:
-        raise FinetuneError(
-            f"state dict does not match finetune.method {_method_of(trained)}: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
-            f"{result.unexpected_keys[:5]}{'...' if len(result.unexpected_keys) > 5 else ''}"
-        )
-
-
-def _method_of(model: nn.Module) -> str:
-    config = getattr(model, "peft_config", None)
-    if config:
-        return str(next(iter(config.values())).peft_type.value).lower()
-    return "full/freeze/bitfit/adapter"
-
-
-def export_model(
-    recipe: Recipe,
-    state_dict: Mapping[str, torch.Tensor],
-    run_dir: Path,
-    tokenizer,
-    merge: bool,
-) -> dict[str, Any]:
-    """Write run_dir/model (and run_dir/adapter for adapter methods) from a trained state dict.
-
-    Works for any output directory, so `ftlaunch export RUN --out DIR` calls it with DIR.
-    Returns the export info for summary.json (see `export_trained_model`).
-    """
-    pad = getattr(tokenizer, "pad_token_id", None)
-    trained = rebuild_trained_model(recipe, state_dict, pad_token_id=pad)
-    return export_trained_model(trained, recipe, Path(run_dir), tokenizer, merge)
-
-
-def export_trained_model(
-    trained: nn.Module, recipe: Recipe, out_dir: Path, tokenizer, merge: bool
-) -> dict[str, Any]:
-    """Export an in-memory trained module (changes it: adapters are merged or taken out).
-
-    Returns {"method", "model_dir", "adapter_dir", "merged", "standalone", "note",
-    "model_bytes", "adapter_bytes"}; `standalone` says whether model/ alone, loaded with
-    AutoModelFor*.from_pretrained, is the trained model.
-    """
-    method = recipe.finetune.method
-    out_dir = Path(out_dir)
-    model_dir, adapter_dir = out_dir / "model", out_dir / "adapter"
-    for directory in (model_dir, adapter_dir):
-        if directory.exists():
-            shutil.rmtree(directory)
-    trained = trained.cpu().eval()
-    merged = False
-    if method in PEFT_METHODS:
-        trained.save_pretrained(str(adapter_dir))
-        merged = merge and method in MERGEABLE
-        plain = trained.merge_and_unload() if merged else _unwrap_peft(trained)
-        standalone = merged
-    elif method in DELTA_METHODS:
-        _save_delta(trained, recipe, adapter_dir)
-        if method == "adapter":
-            bottleneck.remove_bottleneck_adapters(trained)
-        plain, standalone = trained, method == "bitfit"
-    else:
-        plain, standalone = trained, True
-        adapter_dir = None
-    plain.save_pretrained(str(model_dir))
-    tokenizer.save_pretrained(str(model_dir))
-    if not standalone:
-        shutil.copytree(adapter_dir, model_dir / "adapter")
-    note = _export_note(method, merged, recipe.model.task)
-    _write_json(
-        model_dir / EXPORT_INFO_FILE,
-        {
-            "method": method,
-            "task": recipe.model.task,
-            "standalone": standalone,
-            "merged": merged,
-            "adapter": None if standalone else "adapter",
-            "note": note,
-        },
-    )
-    return {
-        "method": method,
-        "model_dir": str(model_dir),
-        "adapter_dir": str(adapter_dir) if adapter_dir else None,
-        "merged": merged,
-        "standalone": standalone,
-        "note": note,
-        "model_bytes": directory_bytes(model_dir),
-        "adapter_bytes": directory_bytes(adapter_dir) if adapter_dir else 0,
-    }
-
-
-def _unwrap_peft(peft_model: nn.Module) -> nn.Module:
-    """The base model with trained heads in place and no adapter layers (nothing merged)."""
-    if not peft_model.peft_config[peft_model.active_adapter].is_prompt_learning:
-        return peft_model.unload()
-    from peft.utils.other import AuxiliaryTrainingWrapper
-
-    base = peft_model.get_base_model()
-    for name, module in list(base.named_modules()):
-        if isinstance(module, AuxiliaryTrainingWrapper):
-            parent, _, child = name.rpartition(".")
-            plain = module.unload_and_optionally_merge_module(
-                merge=False, safe_merge=False, adapter_names=None
-            )
-            setattr(base.get_submodule(parent) if parent else base, child, plain)
-    return base
-
-
-def _save_delta(trained: nn.Module, recipe: Recipe, adapter_dir: Path) -> None:
-    """adapter / bitfit: the trained tensors alone, loadable onto the base with load_adapter."""
-    from safetensors.torch import save_file
-
-    tensors = {
-        name: p.detach().cpu().contiguous().clone()
-        for name, p in trained.named_parameters()
-        if p.requires_grad
-    }
-    adapter_dir.mkdir(parents=True)
-    save_file(tensors, str(adapter_dir / ADAPTER_WEIGHTS_FILE))
-    info: dict[str, Any] = {
-        "method": recipe.finetune.method,
-        "task": recipe.model.task,
-        "base_model_name_or_path": recipe.model.name_or_path,
-    }
-    if recipe.finetune.method == "adapter":
-        info.update(recipe.finetune.adapter.model_dump())
-    _write_json(adapter_dir / ADAPTER_INFO_FILE, info)
-
-
-def _export_note(method: str, merged: bool, task: str) -> str:
-    loader = "load with launcher.finetune.load_for_inference(model_dir)"
-    base = "the base weights" + (" (with the trained head)" if task == "classification" else "")
-    if method in MERGEABLE:
-        if merged:
-            return f"{method} merged into model/; adapter/ holds the unmerged peft adapter"
-        return (
-            f"merge_lora is false: model/ holds {base} and model/adapter the {method} "
-            f"adapter; {loader} or peft PeftModel.from_pretrained"
-        )
-    if method in ("prefix", "prompt"):
-        return (
-            f"{method} tuning cannot be merged into the weights: model/ holds {base} and "
-            f"model/adapter the peft adapter; {loader} or peft "
-            "PeftModel.from_pretrained(base, model_dir/adapter)"
-        )
-    if method == "adapter":
-        return (
-            "bottleneck adapters have no standard Hugging Face form: model/ holds "
-            f"{base} and model/adapter the adapters; {loader}"
-        )
-    if method == "bitfit":
-        return (
-            "bitfit is not merged from a delta: model/ is the full model with the trained "
-            "biases; adapter/ holds only the trained tensors (launcher.finetune.load_adapter)"
-        )
-    return "model/ is the trained model"
-
-
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def directory_bytes(path: Path) -> int:
-    """Total size of the files under `path`."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
-# ------------------------------------------------------------------------------ loading
-
-
-def load_adapter(base: nn.Module, adapter_dir: str | Path) -> nn.Module:
-    """Put an exported adapter (peft, bottleneck adapter or bitfit delta) onto a base model."""
-    adapter_dir = Path(adapter_dir)
-    if (adapter_dir / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(base, str(adapter_dir))
-    info_file = adapter_dir / ADAPTER_INFO_FILE
-    if not info_file.exists():
-        raise FinetuneError(
-            f"{adapter_dir} is not an adapter directory (neither adapter_config.json nor "
-            f"{ADAPTER_INFO_FILE} in it)"
-        )
-    from safetensors.torch import load_file
-
-    info = json.loads(info_file.read_text())
-    if info["method"] == "adapter":
-        bottleneck.add_bottleneck_adapters(base, info["reduction_factor"], info["non_linearity"])
-    weights = load_file(str(adapter_dir / ADAPTER_WEIGHTS_FILE))
-    result = base.load_state_dict(weights, strict=False)
-    if result.unexpected_keys:
-        raise FinetuneError(
-            f"{adapter_dir}: tensors do not fit {type(base).__name__}: "
-            f"{', '.join(result.unexpected_keys[:5])}"
-        )
-    return base
-
-
-def load_for_inference(
-    path: str | Path, *, dtype: torch.dtype | None = None, task: str | None = None
-) -> nn.Module:
-    """The trained model of a run directory or an exported model/ directory, in eval mode.
-
-    Reads model/ftlaunch_export.json: when model/ is not standalone the adapter in
-    model/adapter is put on top. Plain Hugging Face directories load as they are.
-    """
-    from launcher.models import model_class
-
-    path = Path(path)
-    if (path / "model").is_dir():
-        path = path / "model"
-    task = task or _export_info(path).get("task") or _task_of(path)
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = model_class(task).from_pretrained(str(path), **kwargs)
-    return attach_exported_adapter(model, path).eval()
-
-
-def attach_exported_adapter(model: nn.Module, model_dir: str | Path) -> nn.Module:
-    """`model` loaded from an exported model/ directory, with its adapter put on when needed.
-
-    Exports of prefix, prompt, adapter and unmerged lora/ia3 keep the adapter in model/adapter
-    (ftlaunch_export.json says so); any other directory gives `model` back unchanged.
-    """
-    adapter = _export_info(Path(model_dir)).get("adapter")
-    return load_adapter(model, Path(model_dir) / adapter) if adapter else model
-
-
-def _export_info(model_dir: Path) -> dict[str, Any]:
-    info_file = model_dir / EXPORT_INFO_FILE
-    return json.loads(info_file.read_text()) if info_file.exists() else {}
-
-
-def _task_of(model_dir: Path) -> str:
-    from transformers import AutoConfig
-
-    from launcher.models import task_from_architectures
-
-    architectures = AutoConfig.from_pretrained(str(model_dir)).architectures
-    return task_from_architectures(architectures) or "causal_lm"

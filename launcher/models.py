@@ -121,6 +121,36 @@ def model_class(task: str):
     return AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
 
 
+class BlocksNotFoundError(ValueError):
+    """A model whose list of transformer blocks cannot be found."""
+
+
+def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList holding the model's transformer blocks, and its dotted name
+    (`transformer.h` for GPT-2, `model.layers` for Llama, `bert.encoder.layer` for BERT).
+
+    Blocks are the classes Hugging Face models inside `model` (peft wrappers included) name in
+    `_no_split_modules`; a model naming none (DistilBERT, ELECTRA) has them in the module list
+    as long as `config.num_hidden_layers`. The outermost such list wins.
+    """
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    found = [(n, m) for n, m in lists if type(m[0]).__name__ in names]
+    if not found:
+        layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+        found = [(n, m) for n, m in lists if len(m) == layers]
+    if not found:
+        shown = ", ".join(f"{n} ({len(m)})" for n, m in lists) or "none"
+        raise BlocksNotFoundError(
+            f"cannot find the transformer blocks of {type(model).__name__}: no module list of "
+            f"{' or '.join(sorted(names)) or 'blocks'} and none of config.num_hidden_layers "
+            f"entries (module lists: {shown})"
+        )
+    return min(found, key=lambda item: len(item[0]))
+
+
 # Set by sharded strategies around their model builder: load_model then leaves checkpoint weights
 # as placeholders, to be read part by part once the model is sharded. The value is the context
 # a whole load runs in when the checkpoint cannot be read lazily.

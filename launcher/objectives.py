@@ -6,13 +6,13 @@ from collections.abc import Callable
 
 import torch
 
-from launcher.data import model_inputs  # the batch layout belongs to the data stage
+from launcher.collate import IGNORE_INDEX, model_inputs
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Real (non-padding) tokens in a batch, as a tensor on the batch's device: summed into the
     report window without a device sync per micro-step."""
-    # Packed batches carry no attention_mask (see launcher.data.collate); num_tokens always exists.
+    # Packed batches carry no attention_mask (see launcher.collate); num_tokens always exists.
     if "num_tokens" in batch:
         return batch["num_tokens"].sum()
     return batch["attention_mask"].sum()
@@ -23,9 +23,11 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Te
     if task == "causal_lm":
         # Shift the labels, not the logits: position i predicts label i + 1, the last position
         # predicts nothing; no copy of the (batch, length, vocab) logits is made.
-        shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+        shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
         return torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)).float(), shifted.reshape(-1), ignore_index=-100
+            logits.reshape(-1, logits.size(-1)).float(),
+            shifted.reshape(-1),
+            ignore_index=IGNORE_INDEX,
         )
     return torch.nn.functional.cross_entropy(logits.float(), labels.view(-1))
 
@@ -63,10 +65,10 @@ def eval_sums(
         nll = torch.nn.functional.cross_entropy(
             shift_logits.reshape(-1, shift_logits.size(-1)),
             shift_labels.reshape(-1),
-            ignore_index=-100,
+            ignore_index=IGNORE_INDEX,
             reduction="sum",
         )
-        count = (shift_labels != -100).sum()
+        count = (shift_labels != IGNORE_INDEX).sum()
         return {"nll": nll.detach(), "count": count.to(torch.float64)}
     labels = labels.view(-1)
     nll = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
@@ -114,7 +116,7 @@ def _distill_positions(
     """
     if task != "causal_lm":
         return (student, *others)
-    keep = labels[:, 1:] != -100
+    keep = labels[:, 1:] != IGNORE_INDEX
     return tuple(x[:, :-1][keep] for x in (student, *others))
 
 

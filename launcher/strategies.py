@@ -2,8 +2,8 @@
 
 Every strategy offers the same small interface (`Strategy`) so the training loop never asks which
 one runs: build the model, prepare it (wrap, optimizer, schedule), run backward per micro-batch,
-step, save and load sharded checkpoints. `consolidate` turns a checkpoint directory back into one
-full fp32 state dict in a plain process, without a process group.
+step, save and load sharded checkpoints. launcher.export turns a checkpoint directory back into
+one full fp32 state dict in a plain process, without a process group.
 
 Checkpoint layout written by `save` (inside the directory the training loop reports):
 
@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from launcher.deepspeed_config import deepspeed_config, mixed_precision_name
+from launcher.models import BlocksNotFoundError, transformer_blocks
 from launcher.recipe import Recipe, TrainConfig
 
 STRATEGY_FILE = "strategy.json"
@@ -199,7 +200,8 @@ def read_strategy_file(directory: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _check_strategy(directory: Path, expected: str) -> dict[str, Any]:
+def check_strategy_file(directory: Path, expected: str) -> dict[str, Any]:
+    """The checkpoint's strategy.json; ValueError unless strategy `expected` wrote it."""
     info = read_strategy_file(directory)
     if info["strategy"] != expected:
         raise ValueError(
@@ -207,15 +209,6 @@ def _check_strategy(directory: Path, expected: str) -> dict[str, Any]:
             f"cannot load it with {expected!r}"
         )
     return info
-
-
-def _fp32_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached CPU copies; floating tensors as fp32 (integer buffers keep their dtype)."""
-    out = {}
-    for key, value in state.items():
-        value = value.detach().cpu()
-        out[key] = value.float() if value.is_floating_point() else value
-    return out
 
 
 def local_state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> int:
@@ -348,7 +341,7 @@ class DDPStrategy:
 
     def load(self, directory: Path) -> None:
         directory = Path(directory)
-        _check_strategy(directory, self.name)
+        check_strategy_file(directory, self.name)
         if self.scaler is not None and (directory / "scaler.pt").exists():
             self.scaler.load_state_dict(torch.load(directory / "scaler.pt", weights_only=True))
         state = torch.load(directory / "model.pt", map_location=self.device, weights_only=True)
@@ -366,26 +359,16 @@ class DDPStrategy:
         return local_state_bytes(self.model, self.optimizer)
 
 
-def _consolidate_ddp(directory: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
-    return _fp32_cpu(state)
-
-
 # ----------------------------------------------------------------------------------- FSDP
 
 
-def block_classes(model: nn.Module) -> set[str]:
-    """Transformer block class names from every Hugging Face model inside `model` (PEFT too)."""
-    names: set[str] = set()
-    for module in model.modules():
-        names.update(getattr(module, "_no_split_modules", None) or ())
-    return names
-
-
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The block modules (e.g. GPT2Block, LlamaDecoderLayer) in module order."""
-    names = block_classes(model)
-    return [m for m in model.modules() if type(m).__name__ in names]
+def block_modules(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks (e.g. GPT2Block, LlamaDecoderLayer) that fully_shard and activation
+    checkpointing wrap one by one; none for a model without a block list (the root alone)."""
+    try:
+        return list(transformer_blocks(model)[1])
+    except BlocksNotFoundError:
+        return []
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
@@ -398,7 +381,7 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         return
     from torch.distributed._composable import checkpoint
 
-    for block in transformer_blocks(model):
+    for block in block_modules(model):
         checkpoint(block)
 
 
@@ -426,7 +409,7 @@ def shard_and_load(model: nn.Module, device: torch.device, options: dict[str, An
         if n not in sources and not b.is_meta
     }
     _placeholders_to_meta(model, {id(state[n]) for n in sources})
-    for block in transformer_blocks(model):
+    for block in block_modules(model):
         fully_shard(block, **options)
     fully_shard(model, **options)
     offload = "offload_policy" in options
@@ -621,7 +604,7 @@ class FSDPStrategy:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         directory = Path(directory)
-        _check_strategy(directory, self.name)
+        check_strategy_file(directory, self.name)
         state = self._state()
         dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
         set_state_dict(
@@ -641,21 +624,6 @@ class FSDPStrategy:
 
 
 DCP_DIR = "dcp"
-
-
-def _consolidate_fsdp(directory: Path) -> dict[str, torch.Tensor]:
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    state: dict[str, Any] = {}
-    _load_state_dict(
-        state,
-        storage_reader=FileSystemReader(str(directory / DCP_DIR)),
-        planner=_EmptyStateDictLoadPlanner(keys={"model"}),
-        no_dist=True,
-    )
-    return _fp32_cpu(state["model"])
 
 
 # ------------------------------------------------------------------------------ DeepSpeed
@@ -834,7 +802,7 @@ class DeepSpeedStrategy:
 
     def load(self, directory: Path) -> None:
         directory = Path(directory)
-        info = _check_strategy(directory, self.name)
+        info = check_strategy_file(directory, self.name)
         if info["world_size"] == _world_size() and info.get("zero_stage") == self.stage:
             self.engine.load_checkpoint(str(directory / DS_DIR), tag=info["tag"])
         else:
@@ -883,23 +851,6 @@ DS_DIR = "ds"
 DS_TAG = "state"
 
 
-def _consolidate_deepspeed(directory: Path) -> dict[str, torch.Tensor]:
-    info = read_strategy_file(directory)
-    ds_dir = directory / DS_DIR
-    if info.get("zero_stage", 0) == 0:
-        # No ZeRO: the engine saved the full module state dict from rank 0.
-        states = torch.load(
-            ds_dir / info["tag"] / "mp_rank_00_model_states.pt",
-            map_location="cpu",
-            weights_only=False,
-        )
-        return _fp32_cpu(states["module"])
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=info["tag"])
-    return _fp32_cpu(state)
-
-
 # -------------------------------------------------------------------------------- factory
 
 
@@ -907,12 +858,6 @@ STRATEGIES: dict[str, Callable[[Recipe, torch.device], Strategy]] = {
     "ddp": DDPStrategy,
     "fsdp": FSDPStrategy,
     "deepspeed": DeepSpeedStrategy,
-}
-
-CONSOLIDATORS: dict[str, Callable[[Path], dict[str, torch.Tensor]]] = {
-    "ddp": _consolidate_ddp,
-    "fsdp": _consolidate_fsdp,
-    "deepspeed": _consolidate_deepspeed,
 }
 
 
@@ -924,14 +869,3 @@ def make_strategy(recipe: Recipe, device: torch.device | str) -> Strategy:
             f"strategy.name: {name!r} is not available; choose one of {', '.join(STRATEGIES)}"
         )
     return STRATEGIES[name](recipe, torch.device(device))
-
-
-def consolidate(strategy_name: str, checkpoint_dir: Path) -> dict[str, torch.Tensor]:
-    """The full fp32 state dict (unwrapped key names) from a checkpoint, in a plain process."""
-    checkpoint_dir = Path(checkpoint_dir)
-    if strategy_name not in CONSOLIDATORS:
-        raise ValueError(
-            f"cannot consolidate strategy {strategy_name!r}; known: {', '.join(CONSOLIDATORS)}"
-        )
-    _check_strategy(checkpoint_dir, strategy_name)
-    return CONSOLIDATORS[strategy_name](checkpoint_dir)

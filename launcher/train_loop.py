@@ -115,7 +115,9 @@ def all_reduce_sum(
     return out
 
 
-def evaluate(module, shard, collate, recipe: Recipe, device: torch.device) -> dict[str, float]:
+def validation_metrics(
+    module, shard, collate, recipe: Recipe, device: torch.device
+) -> dict[str, float]:
     """Validation metrics over every worker's validation shard, reduced exactly."""
     task = recipe.model.task
     num_labels = len(recipe.model.labels or [])
@@ -267,7 +269,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from launcher.data import make_collate
+    from launcher.collate import make_collate
     from launcher.distill import build_teacher, make_adversary, make_objective
     from launcher.finetune import apply_finetune, count_parameters
     from launcher.models import load_model
@@ -333,7 +335,7 @@ def train_loop_per_worker(config: dict) -> None:
             metrics["grad_norm"] = window.grad_norm
         window = Window()
         if eval_due or (ckpt_due and val_shard is not None and not last_eval):
-            last_eval = evaluate(module, val_shard, collate, recipe, device)
+            last_eval = validation_metrics(module, val_shard, collate, recipe, device)
             metrics.update(last_eval)
         elif ckpt_due:
             metrics.update(last_eval)
@@ -351,7 +353,7 @@ def train_loop_per_worker(config: dict) -> None:
             tmp.cleanup()
 
     if t.eval_on_start and val_shard is not None and position.step == 0:
-        last_eval = evaluate(module, val_shard, collate, recipe, device)
+        last_eval = validation_metrics(module, val_shard, collate, recipe, device)
         start = {"step": 0, "epoch": 0.0, "lr": strategy.lr(), **last_eval}
         if rank == 0 and sink is not None:
             sink.put({"event": "metrics", **start})

@@ -14,7 +14,8 @@ import torch
 
 from launcher import data as D
 from launcher import records
-from launcher.data import DataError, make_collate, prepare_data
+from launcher.collate import make_collate, model_inputs
+from launcher.data import DataError, prepare_data
 from launcher.dev.synthetic import instruction_rows, review_rows, story_lines, write_jsonl
 from launcher.recipe import validate_data
 
@@ -486,7 +487,7 @@ def test_packed_examples_do_not_see_each_other(gpt2_tok, tiny_gpt2):
     )
     assert "attention_mask" not in batch
     with torch.no_grad():
-        together = model(**D.model_inputs(batch)).logits[0]
+        together = model(**model_inputs(batch)).logits[0]
         second = gpt2_tok(texts[1])["input_ids"] + [gpt2_tok.eos_token_id]
         alone = model(input_ids=torch.tensor([second])).logits[0]
     start = len(gpt2_tok(texts[0])["input_ids"]) + 1

@@ -238,7 +238,8 @@ def test_student_from_teacher_layers_copies_chosen_blocks_and_the_rest(arch):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from launcher.dev.tiny import model_config
-    from launcher.distill import block_list, student_from_teacher
+    from launcher.distill import student_from_teacher
+    from launcher.models import transformer_blocks
 
     torch.manual_seed(0)
     cfg = model_config(arch, 80, width=32, layers=5)
@@ -248,7 +249,7 @@ def test_student_from_teacher_layers_copies_chosen_blocks_and_the_rest(arch):
     else:
         teacher = AutoModelForCausalLM.from_config(cfg).eval()
     student = student_from_teacher(teacher, [0, 2, 4]).eval()
-    path, blocks = block_list(student)
+    path, blocks = transformer_blocks(student)
     assert len(blocks) == 3 and student.config.num_hidden_layers == 3
     teacher_state, student_state = teacher.state_dict(), student.state_dict()
     for key, value in student_state.items():
@@ -313,7 +314,7 @@ def test_cli_maps_distillation_errors_to_exit_2():
 
 
 def test_collate_teacher_pads_top_k_per_token():
-    from launcher.data import collate
+    from launcher.collate import collate
 
     k = 3
     rows = [[5, 6, 7, 8], [9, 10]]

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from launcher.dev.synthetic import review_rows, story_lines
+from launcher.export import export_model
+from launcher.export_layout import load_exported_model
 from launcher.finetune import (
     FinetuneError,
     apply_finetune,
     count_parameters,
-    export_model,
-    load_for_inference,
     lora_target_modules,
 )
 from launcher.models import load_model, load_tokenizer
@@ -188,7 +188,7 @@ def test_method_trains_exactly_its_parameters_and_exports(models, tmp_path, meth
 
     trained_out = logits(model, batch)
     info = export_model(recipe, model.state_dict(), tmp_path, tokenizer, merge=True)
-    reloaded = load_for_inference(tmp_path)
+    reloaded = load_exported_model(tmp_path)
     torch.testing.assert_close(logits(reloaded, batch), trained_out, atol=1e-5, rtol=1e-4)
 
     meta = json.loads((tmp_path / "model" / "ftlaunch_export.json").read_text())
@@ -220,7 +220,7 @@ def test_peft_adapter_on_base_matches_merged_model(models, tmp_path, method, tas
 
     base = load_model(recipe.model, pad_token_id=tokenizer.pad_token_id)
     on_base = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
-    merged = load_for_inference(tmp_path)
+    merged = load_exported_model(tmp_path)
     assert not isinstance(merged, PeftModel)
     torch.testing.assert_close(logits(on_base, batch), logits(merged, batch), atol=1e-5, rtol=1e-4)
 
@@ -239,7 +239,7 @@ def test_lora_without_merge_keeps_base_weights_and_adapter(tiny_gpt2, tmp_path):
     saved = model_class("causal_lm").from_pretrained(tmp_path / "model").state_dict()
     for key, value in base_sd.items():
         assert torch.equal(saved[key], value), key
-    reloaded = load_for_inference(tmp_path / "model")
+    reloaded = load_exported_model(tmp_path / "model")
     torch.testing.assert_close(logits(reloaded, batch), logits(model, batch), atol=1e-5, rtol=1e-4)
 
 

@@ -48,7 +48,7 @@ def test_causal_lm_two_workers_trains_exports_and_reloads(
 ):
     from transformers import AutoModelForCausalLM
 
-    from launcher.strategies import consolidate
+    from launcher.export import consolidate
 
     recipe = load_recipe(write_recipe(tmp_path, causal_recipe(tmp_path, tiny_gpt2, story_data)))
     summary = run(recipe)

@@ -186,3 +186,45 @@ def test_lazy_build_leaves_remote_code_and_quantized_checkpoints_to_a_whole_load
         load_structure(hub_id, Path("some-org/some-model"), dtype=torch.float32, pad_token_id=None)
         is None
     )
+
+
+# ------------------------------------------------------------------------ transformer blocks
+
+
+@pytest.mark.parametrize(
+    ("arch", "path"),
+    [("gpt2", "transformer.h"), ("llama", "model.layers"), ("bert", "bert.encoder.layer")],
+)
+def test_transformer_blocks_are_the_outermost_block_list(arch, path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from launcher.dev.tiny import model_config
+    from launcher.models import transformer_blocks
+
+    cfg = model_config(arch, 80, width=32, layers=3)
+    if arch == "bert":
+        cfg.num_labels = 2
+        model = AutoModelForSequenceClassification.from_config(cfg)
+    else:
+        model = AutoModelForCausalLM.from_config(cfg)
+    name, blocks = transformer_blocks(model)
+    assert (name, len(blocks)) == (path, 3)
+    assert blocks is model.get_submodule(path)
+    targets = {"gpt2": ["c_attn"], "llama": ["q_proj"], "bert": ["query"]}[arch]
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=targets))
+    name, wrapped_blocks = transformer_blocks(wrapped)
+    assert name == f"base_model.model.{path}" and wrapped_blocks is blocks
+
+
+def test_transformer_blocks_without_no_split_modules_use_the_layer_count():
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    from launcher.models import BlocksNotFoundError, transformer_blocks
+
+    config = DistilBertConfig(vocab_size=80, dim=32, hidden_dim=64, n_layers=2, n_heads=2)
+    model = DistilBertForSequenceClassification(config)
+    name, blocks = transformer_blocks(model)
+    assert (name, len(blocks)) == ("distilbert.transformer.layer", 2)
+    with pytest.raises(BlocksNotFoundError, match="cannot find the transformer blocks of Linear"):
+        transformer_blocks(torch.nn.Linear(2, 2))

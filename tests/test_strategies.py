@@ -24,11 +24,11 @@ from launcher.deepspeed_config import (
     check_deepspeed_overrides,
     deepspeed_config,
 )
+from launcher.export import consolidate
 from launcher.recipe import Recipe
 from launcher.strategies import (
     build_optimizer,
     build_schedule,
-    consolidate,
     make_strategy,
     read_strategy_file,
     resident_parameter_bytes,

@@ -197,7 +197,7 @@ def load_scoring_model(source: ModelSource, device=None):
 
         model = PeftModel.from_pretrained(model, source.adapter)
     elif Path(cfg.name_or_path).is_dir():
-        from launcher.finetune import attach_exported_adapter
+        from launcher.export_layout import attach_exported_adapter
 
         # prefix / prompt / adapter exports keep their adapter in model/adapter.
         model = attach_exported_adapter(model, cfg.name_or_path)

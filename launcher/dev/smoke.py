@@ -210,16 +210,6 @@ def smoke_plan(recipe: Recipe, workdir: Path) -> SmokePlan:
     return SmokePlan(validate_data(data), recipe, plan_models, plan_data, prompts)
 
 
-def smoke_recipe(recipe: Recipe, workdir: Path) -> Recipe:
-    """The shrunk recipe alone (what `ftlaunch validate --smoke` prints); writes nothing."""
-    return smoke_plan(recipe, workdir).recipe
-
-
-def prepare_smoke(recipe: Recipe, workdir: Path) -> Recipe:
-    """Build what a smoke run needs under `workdir` and return the recipe to run."""
-    return smoke_plan(recipe, workdir).materialize()
-
-
 def _tiny_models(recipe: Recipe, models_dir: Path) -> tuple[TinyModel, TinyModel | None]:
     """The student (the recipe's model) and, for distillation, the teacher.
 
