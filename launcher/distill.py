@@ -49,6 +49,7 @@ from launcher.objectives import (
     topk_kl_to_teacher,
 )
 from launcher.recipe import ModelConfig, Recipe
+from launcher.rundir import metrics_path, read_metrics
 
 TEACHER_COLUMNS = ("teacher_logprobs", "teacher_ids")
 CACHE_FORMAT = 1  # bump when the stored layout changes: old cache entries are then ignored
@@ -649,10 +650,8 @@ def source_metrics(recipe: Recipe, data, run_dir: Path, view=None) -> dict[str, 
                 found[f"eval_{metric_slug(name)}_{metric}"] = float(result[metric])
     if not found:
         return {}
-    path = Path(run_dir) / "metrics.jsonl"
-    rows_seen = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    steps = [r["step"] for r in rows_seen if "step" in r and "event" not in r]
-    with path.open("a", encoding="utf-8") as out:
+    steps = [r["step"] for r in read_metrics(run_dir) if "step" in r and "event" not in r]
+    with metrics_path(run_dir).open("a", encoding="utf-8") as out:
         out.write(json.dumps({"step": max(steps, default=0), **found}) + "\n")
     if view is not None:
         view.note("per-source evaluation: " + ", ".join(f"{k}={v:.4g}" for k, v in found.items()))

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.recipe import load_recipe
+from launcher.rundir import latest_checkpoint
 
 
 class ExportError(FileNotFoundError):
@@ -15,8 +16,6 @@ class ExportError(FileNotFoundError):
 
 def find_checkpoint(run_dir: Path, name: str | None) -> Path:
     """The named checkpoint, else the one the run exported, else the newest."""
-    from launcher.job import latest_checkpoint
-
     checkpoints = run_dir / "checkpoints"
     if name is not None:
         path = checkpoints / name
