@@ -14,8 +14,8 @@ import torch
 
 from launcher import data as D
 from launcher.data import DataError, make_collate, prepare_data
-from launcher.recipe import validate_data
 from launcher.dev.synthetic import instruction_rows, review_rows, story_lines, write_jsonl
+from launcher.recipe import validate_data
 
 LABELS = ["negative", "positive"]
 

@@ -237,8 +237,8 @@ def test_student_with_distillation_ends_closer_to_the_teacher(tiny_gpt2, tmp_pat
 def test_student_from_teacher_layers_copies_chosen_blocks_and_the_rest(arch):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from launcher.distill import block_list, student_from_teacher
     from launcher.dev.tiny import model_config
+    from launcher.distill import block_list, student_from_teacher
 
     torch.manual_seed(0)
     cfg = model_config(arch, 80, width=32, layers=5)
@@ -265,8 +265,8 @@ def test_student_from_teacher_layers_copies_chosen_blocks_and_the_rest(arch):
 def test_student_from_teacher_refuses_missing_layers():
     from transformers import AutoModelForCausalLM
 
-    from launcher.distill import DistillError, student_from_teacher
     from launcher.dev.tiny import model_config
+    from launcher.distill import DistillError, student_from_teacher
 
     teacher = AutoModelForCausalLM.from_config(model_config("gpt2", 80, width=32, layers=2))
     with pytest.raises(DistillError, match=r"layer\(s\) \[4\] do not exist; the teacher has 2"):

@@ -13,6 +13,7 @@ import re
 import pytest
 import torch
 
+from launcher.dev.synthetic import review_rows, story_lines
 from launcher.finetune import (
     FinetuneError,
     apply_finetune,
@@ -24,7 +25,6 @@ from launcher.finetune import (
 from launcher.models import load_model, load_tokenizer
 from launcher.objectives import compute_loss
 from launcher.recipe import Recipe, RecipeError, validate_data
-from launcher.dev.synthetic import review_rows, story_lines
 
 METHODS = ["full", "lora", "adapter", "prefix", "prompt", "ia3", "bitfit", "freeze"]
 LABELS = ["negative", "positive"]

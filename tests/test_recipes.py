@@ -18,7 +18,6 @@ import pytest
 from click.testing import CliRunner
 
 from launcher.cli import cli
-from launcher.recipe import load_recipe
 from launcher.dev.smoke import (
     PROMPTS,
     SMOKE_STEPS,
@@ -28,6 +27,7 @@ from launcher.dev.smoke import (
     model_family,
     smoke_plan,
 )
+from launcher.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))

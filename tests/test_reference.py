@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from launcher.recipe import Recipe
 from launcher.dev.reference import (
     END,
     START,
@@ -18,6 +17,7 @@ from launcher.dev.reference import (
     render_reference,
     with_reference,
 )
+from launcher.recipe import Recipe
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

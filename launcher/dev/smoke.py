@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher.recipe import Recipe, resolved_dict, validate_data
 from launcher.dev.synthetic import instruction_rows, review_rows, story_lines, write_jsonl
+from launcher.recipe import Recipe, resolved_dict, validate_data
 
 SMOKE_STEPS = 4
 SMOKE_WORKERS = 2
