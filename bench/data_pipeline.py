@@ -100,7 +100,7 @@ def child(impl: str, path: Path, model_dir: Path) -> dict[str, Any]:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if impl != "datasets":
-        from launcher.job import ensure_ray, quiet_ray_data
+        from launcher.raysession import ensure_ray, quiet_ray_data
 
         ensure_ray()
         quiet_ray_data(False)

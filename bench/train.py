@@ -112,8 +112,9 @@ def steady_state(metrics: list[dict[str, Any]], warmup: int) -> dict[str, float]
 
 def run_ftlaunch(spec: TrainSpec, storage: Path) -> dict[str, Any]:
     """One `launcher.job.run` of the spec; steady-state tokens/s and the driver timeline."""
-    from launcher.job import read_metrics, run
+    from launcher.job import run
     from launcher.recipe import Recipe
+    from launcher.rundir import read_metrics
 
     recipe = Recipe.model_validate(recipe_body(spec, storage))
     view = TimedView()

@@ -139,24 +139,10 @@ def schema(indent: int) -> None:
 
 def print_final(summary: dict) -> None:
     """The end of a run: where it is, how it went, what to try next."""
-    run_dir = summary["run_dir"]
-    click.echo("")
-    click.echo(f"run {summary['status']}: {run_dir}")
-    final = summary.get("final_metrics", {})
-    shown = {k: v for k, v in final.items() if k in ("loss",) or k.startswith("eval_")}
-    if shown:
-        click.echo("final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
-    for key, value in (summary.get("eval") or {}).items():
-        if isinstance(value, int | float):
-            click.echo(f"evaluation {key}: {value:.4g}")
-    click.echo(f"steps: {summary['steps']}, wall time: {summary['wall_time_s']:.1f}s")
-    click.echo("next:")
-    click.echo(f"  ftlaunch eval {run_dir} --data <file>       # score it on more data")
-    if summary.get("method") and summary.get("task", "causal_lm") == "causal_lm":
-        click.echo(f"  ftlaunch generate {run_dir} --prompts <file> --out out.jsonl")
-    click.echo(
-        f"  python -c \"from transformers import AutoModel; AutoModel.from_pretrained('{run_dir}/model')\""
-    )
+    from launcher.summary import final_report
+
+    for line in final_report(summary):
+        click.echo(line)
 
 
 @cli.command()
@@ -249,17 +235,58 @@ def submit(
 
 def submit_remote(resolved, recipe_path: str, target: str, *, dry_run: bool, follow: bool) -> None:
     """Targets ray and kuberay: hand the resolved recipe to the cluster target."""
-    if target == "ray":
-        from launcher.targets import ray_jobs
+    from launcher.targets import JobFailedError, TargetError
 
-        code = ray_jobs.submit_from_cli(
-            resolved, dump_recipe(resolved), dry_run=dry_run, follow=follow
+    try:
+        if target == "ray":
+            submit_ray(resolved, dry_run=dry_run, follow=follow)
+        else:
+            submit_kuberay(resolved, dry_run=dry_run)
+    except TargetError as exc:
+        raise BadInput(str(exc)) from None
+    except JobFailedError as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise click.exceptions.Exit(EXIT_FAILED) from None
+
+
+def echo_output(chunk: str) -> None:
+    """A piece of a job's output, as it arrives."""
+    click.echo(chunk, nl=False)
+
+
+def submit_ray(resolved: Recipe, *, dry_run: bool, follow: bool) -> None:
+    """`submit --target ray`: print what would be sent, or submit and follow the job."""
+    import yaml
+
+    from launcher.targets import ray_jobs
+
+    if dry_run:
+        click.echo(
+            yaml.safe_dump(ray_jobs.describe_submission(resolved), sort_keys=False), nl=False
         )
-    else:
-        from launcher.targets import kuberay
+        return
+    submission = ray_jobs.submit_to_ray(resolved, dump_recipe(resolved))
+    for note in submission.notes:
+        click.echo(note)
+    click.echo(f"submitted {submission.job_id} to {submission.cluster.address}")
+    if follow:
+        ray_jobs.follow_to_end(submission.cluster, submission.job_id, echo_output)
 
-        code = kuberay.submit_from_cli(resolved, dry_run=dry_run)
-    raise click.exceptions.Exit(code or 0)
+
+def submit_kuberay(resolved: Recipe, *, dry_run: bool) -> None:
+    """`submit --target kuberay`: print the manifests, or create the RayJob."""
+    from launcher.targets import kuberay
+
+    note = kuberay.storage_note(resolved) if dry_run else None
+    result = kuberay.submit_to_kuberay(resolved, dry_run)
+    if note:
+        click.echo(note, err=True)
+    if dry_run:
+        click.echo(result, nl=False)
+        return
+    ns = resolved.cluster.namespace
+    click.echo(f"created RayJob {result} in namespace {ns}")
+    click.echo(f"  ftlaunch status {result} --target kuberay --namespace {ns}")
 
 
 # ------------------------------------------------------------------ cluster jobs and render
@@ -339,7 +366,7 @@ def logs(job_id: str, address: str | None, follow: bool) -> None:
     from launcher.targets import ray_jobs
 
     if follow:
-        cluster_call(ray_jobs.job_logs, job_id, address, True, sys.stdout)
+        cluster_call(ray_jobs.job_logs, job_id, address, True, echo_output)
     else:
         click.echo(cluster_call(ray_jobs.job_logs, job_id, address), nl=False)
 
@@ -404,7 +431,11 @@ def render_kuberay_cmd(recipe: str, overrides: tuple[str, ...], output: str | No
 
     from launcher.targets import kuberay
 
-    text = cluster_call(kuberay.render_yaml, load_or_exit(recipe, overrides))
+    resolved = load_or_exit(recipe, overrides)
+    text = cluster_call(kuberay.render_yaml, resolved)
+    note = kuberay.storage_note(resolved)
+    if note:
+        click.echo(note, err=True)
     if output:
         Path(output).write_text(text, encoding="utf-8")
         click.echo(f"wrote {output}", err=True)

@@ -27,15 +27,13 @@ from launcher.finetune import PEFT_METHODS, FinetuneError, apply_finetune
 from launcher.internals import load_dcp_without_process_group
 from launcher.models import load_model, load_tokenizer
 from launcher.recipe import Recipe, load_recipe
+from launcher.rundir import latest_checkpoint
 from launcher.strategies import (
     DCP_DIR,
     DS_DIR,
     check_strategy_file,
     read_strategy_file,
 )
-
-# The latest checkpoint of a run directory; its home is moving to launcher.rundir.
-from launcher.train_loop import latest_checkpoint
 
 MERGEABLE = ("lora", "ia3")
 DELTA_METHODS = ("adapter", "bitfit")  # project-side methods that also write adapter/

@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from launcher.objectives import eval_metrics, eval_sums
 from launcher.recipe import Recipe
-
-STATE_FILE = "ftlaunch_state.json"
+from launcher.rundir import STATE_FILE, checkpoint_step, latest_checkpoint
 
 
 @dataclass
@@ -32,6 +32,22 @@ class Plan:
     total_steps: int
     steps_per_epoch: int
     batches_per_epoch: int
+
+
+@dataclass
+class WorkerConfig:
+    """What every worker gets from the driver: built there once, pickled to each worker."""
+
+    recipe: Recipe
+    plan: Plan
+    run_dir: str
+    pad_token_id: int | None
+    has_validation: bool
+    resume_from: str | None = None
+    # A ray.util.queue.Queue: rank 0 puts its reports and events there for the driver.
+    sink: Any = None
+    # A handle to the driver's stop-flag actor (SIGTERM): polled on report steps.
+    stop_flag: Any = None
 
 
 @dataclass
@@ -170,18 +186,7 @@ def save_checkpoint(strategy, position: Position, rank: int) -> tempfile.Tempora
 
 def _checkpoint_step(checkpoint) -> int:
     with checkpoint.as_directory() as d:
-        return json.loads((Path(d) / STATE_FILE).read_text())["step"]
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint with the highest step in a run directory, if any."""
-    found = []
-    for state in (Path(run_dir) / "checkpoints").glob(f"checkpoint_*/{STATE_FILE}"):
-        try:
-            found.append((json.loads(state.read_text())["step"], state.parent))
-        except (OSError, ValueError, KeyError):
-            continue
-    return max(found)[1] if found else None
+        return checkpoint_step(d)
 
 
 def restore_checkpoint(
@@ -218,18 +223,6 @@ def restore_checkpoint(
     )
 
 
-def maybe_inject_failure(step: int, rank: int, marker_dir: str) -> None:
-    """Test hook: FTLAUNCH_FAIL_AT_STEP=k kills FTLAUNCH_FAIL_RANK (default 1) once at step k."""
-    at = os.environ.get("FTLAUNCH_FAIL_AT_STEP")
-    if not at or step != int(at) or rank != int(os.environ.get("FTLAUNCH_FAIL_RANK", "1")):
-        return
-    marker = Path(marker_dir) / ".ftlaunch-failure-injected"
-    if marker.exists():
-        return
-    marker.write_text(f"rank {rank} exited at step {step}\n")
-    os._exit(1)
-
-
 def stop_requested(flag, rank: int, device: torch.device) -> bool:
     """Whether the driver asked to stop (SIGTERM); rank 0 asks, every rank gets the answer."""
     if flag is None:
@@ -264,8 +257,15 @@ def window_metrics(window: Window, device: torch.device, world_size: int) -> dic
     return out
 
 
-def train_loop_per_worker(config: dict) -> None:
+def train_loop_per_worker(config: WorkerConfig) -> None:
     """One Ray Train worker: build, restore, loop, report. `config` comes from the driver."""
+    from launcher.strategies import make_strategy
+
+    run_worker(config, make_strategy)
+
+
+def run_worker(config: WorkerConfig, make_strategy: Callable[[Recipe, torch.device], Any]) -> None:
+    """The worker's whole life, with the strategy made by `make_strategy` (tests wrap it)."""
     import ray.train
     import ray.train.torch
 
@@ -273,11 +273,8 @@ def train_loop_per_worker(config: dict) -> None:
     from launcher.distill import build_teacher, make_adversary, make_objective
     from launcher.finetune import apply_finetune, count_parameters
     from launcher.models import load_model
-    from launcher.strategies import make_strategy
 
-    recipe = Recipe.model_validate(config["recipe"])
-    plan = Plan(**config["plan"])
-    sink = config.get("sink")
+    recipe, plan, sink = config.recipe, config.plan, config.sink
     t = recipe.train
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
@@ -288,9 +285,7 @@ def train_loop_per_worker(config: dict) -> None:
     # Model: built through the strategy (ZeRO-3 and FSDP never materialise it whole).
     strategy = make_strategy(recipe, device)
     model = strategy.build(
-        lambda: apply_finetune(
-            load_model(recipe.model, pad_token_id=config["pad_token_id"]), recipe
-        )
+        lambda: apply_finetune(load_model(recipe.model, pad_token_id=config.pad_token_id), recipe)
     )
     params = count_parameters(model)
     if rank == 0 and sink is not None:
@@ -298,19 +293,16 @@ def train_loop_per_worker(config: dict) -> None:
     module = strategy.prepare(model, plan.total_steps)
     # What one micro-batch costs: the task loss, or distillation from a frozen teacher (online
     # mode builds it here, sharded like the student); FGM adds an adversarial backward.
-    teacher = build_teacher(recipe, strategy, device, config["pad_token_id"])
+    teacher = build_teacher(recipe, strategy, device, config.pad_token_id)
     objective = make_objective(recipe, teacher)
     adversary = make_adversary(recipe, strategy.unwrapped())
-    position = (
-        restore_checkpoint(strategy, rank, config.get("resume_from"), config["run_dir"])
-        or Position()
-    )
+    position = restore_checkpoint(strategy, rank, config.resume_from, config.run_dir) or Position()
     if rank == 0 and sink is not None and position.step > 0:
         sink.put({"event": "resumed", "step": position.step, "restarts": position.restarts})
 
-    collate = make_collate(config["pad_token_id"])
+    collate = make_collate(config.pad_token_id)
     train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("validation") if config["has_validation"] else None
+    val_shard = ray.train.get_dataset_shard("validation") if config.has_validation else None
     last_eval: dict[str, float] = {}
     window = Window()
     module.train()
@@ -394,12 +386,9 @@ def train_loop_per_worker(config: dict) -> None:
             window.grad_norm = float(grad_norm)
             pending = 0
             position.step += 1
-            maybe_inject_failure(position.step, rank, config["run_dir"])
             # Asked only on report steps: one driver round trip per step would cost more than
             # a tiny model's step; preemption is noticed within log_every steps.
-            if position.step % t.log_every == 0 and stop_requested(
-                config.get("stop_flag"), rank, device
-            ):
+            if position.step % t.log_every == 0 and stop_requested(config.stop_flag, rank, device):
                 plan.total_steps = position.step  # checkpoint now, then leave the loop
             end_of_epoch = position.batches_in_epoch >= plan.batches_per_epoch
             if end_of_epoch:

@@ -30,7 +30,7 @@ def ray_session():
     """
     import ray
 
-    from launcher.job import ray_job_env
+    from launcher.raysession import ray_job_env
 
     if not ray.is_initialized():
         ray.init(

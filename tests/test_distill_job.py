@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from helpers import job_body, write_recipe
 
-from launcher.job import read_metrics, run
+from launcher.job import run
 from launcher.recipe import load_recipe
+from launcher.rundir import read_metrics
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from helpers import job_body, write_recipe
 
-from launcher.job import latest_checkpoint, read_metrics, run
+from launcher.job import run
 from launcher.recipe import load_recipe
+from launcher.rundir import latest_checkpoint, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 

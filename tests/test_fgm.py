@@ -98,8 +98,9 @@ def test_fgm_two_worker_ddp_job_on_a_two_source_mix(
 
     import yaml
 
-    from launcher.job import read_metrics, run
+    from launcher.job import run
     from launcher.recipe import load_recipe
+    from launcher.rundir import read_metrics
 
     body = {
         "name": "tiny-fgm",

@@ -9,8 +9,9 @@ import pytest
 import torch
 from helpers import job_body, write_recipe
 
-from launcher.job import latest_checkpoint, read_metrics, run
+from launcher.job import run
 from launcher.recipe import load_recipe
+from launcher.rundir import latest_checkpoint, read_metrics
 
 CONTRACT = ["recipe.yaml", "metrics.jsonl", "checkpoints", "model", "summary.json", "metrics.png"]
 
@@ -132,7 +133,7 @@ def test_resume_matches_uninterrupted_run(
     """Stopped at step 6, resumed: the same final weights as one run straight through."""
     from safetensors.torch import load_file
 
-    from launcher.job import JobError
+    from launcher.train import JobError
 
     def body(storage: str) -> dict:
         return causal_recipe(

@@ -25,8 +25,9 @@ import requests
 from helpers import minimal_recipe
 
 from launcher.cli import main
-from launcher.preflight import ClusterShape, check_cluster
+from launcher.raysession import ClusterShape
 from launcher.targets import TargetError, ray_jobs
+from launcher.targets.preflight import check_cluster
 
 REPO = Path(__file__).resolve().parent.parent
 HEAD_SIDE_HF_TOKEN = "hf_cluster_side_value_1234"

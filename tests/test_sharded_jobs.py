@@ -9,8 +9,9 @@ import pytest
 import torch
 from helpers import job_body, write_recipe
 
-from launcher.job import read_metrics, run
+from launcher.job import run
 from launcher.recipe import load_recipe
+from launcher.rundir import read_metrics
 
 
 def lora_recipe(tmp_path: Path, model: Path, files: dict, strategy: dict) -> Path:

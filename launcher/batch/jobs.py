@@ -26,6 +26,7 @@ from launcher.batch.inputs import (
 from launcher.batch.pool import OutputWriter, PoolOptions, dataset_from_refs, ensure_ray, run_job
 from launcher.batch.source import ModelSource, resolve_model, scoring_tokenizer
 from launcher.batch.worker import GenerationOptions, check_template
+from launcher.rundir import metrics_path, read_metrics
 
 
 def generate(
@@ -535,10 +536,8 @@ def source_metrics(recipe: Any, data: Any, run_dir: Path, view: Any = None) -> d
                 found[f"eval_{metric_slug(name)}_{metric}"] = float(result[metric])
     if not found:
         return {}
-    path = Path(run_dir) / "metrics.jsonl"
-    rows_seen = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    steps = [r["step"] for r in rows_seen if "step" in r and "event" not in r]
-    with path.open("a", encoding="utf-8") as out:
+    steps = [r["step"] for r in read_metrics(Path(run_dir)) if "step" in r and "event" not in r]
+    with metrics_path(Path(run_dir)).open("a", encoding="utf-8") as out:
         out.write(json.dumps({"step": max(steps, default=0), **found}) + "\n")
     if view is not None:
         view.note("per-source evaluation: " + ", ".join(f"{k}={v:.4g}" for k, v in found.items()))

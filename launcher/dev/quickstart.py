@@ -33,7 +33,7 @@ def before_after(metrics: list[dict], key: str) -> tuple[float, float] | None:
 
 def main(argv: list[str] | None = None) -> int:
     from launcher.cli import main as cli_main
-    from launcher.job import read_metrics
+    from launcher.rundir import read_metrics
 
     write_quickstart_data()
     print(f"wrote quickstart data to {DATA_DIR}/ (train 640, validation 160, test 200 reviews)")

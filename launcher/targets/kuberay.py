@@ -9,13 +9,12 @@ of exactly scaling.num_workers pods trains. Credentials come from a Secret by na
 from __future__ import annotations
 
 import re
-import sys
 from typing import Any
 
 import yaml
 
-from launcher.preflight import is_uri
 from launcher.recipe import Recipe, dump_recipe
+from launcher.rundir import is_uri
 from launcher.targets import TargetError, env_names_for_pods
 
 RAY_VERSION = "2.60.0"
@@ -291,10 +290,7 @@ def storage_note(recipe: Recipe) -> str | None:
 
 
 def render_yaml(recipe: Recipe) -> str:
-    """`ftlaunch render kuberay`: the manifests as YAML (notes go to stderr)."""
-    note = storage_note(recipe)
-    if note:
-        print(note, file=sys.stderr)
+    """`ftlaunch render kuberay`: the manifests as YAML (see storage_note for what to tell)."""
     return to_yaml(render_kuberay(recipe))
 
 
@@ -404,19 +400,3 @@ def status_fields(rayjob: dict[str, Any]) -> dict[str, Any]:
         "jobId": status.get("jobId", ""),
         "dashboardURL": status.get("dashboardURL", ""),
     }
-
-
-def submit_from_cli(recipe: Recipe, *, dry_run: bool) -> int:
-    """`ftlaunch submit --target kuberay`: print (dry run) or apply; returns the exit code."""
-    try:
-        result = submit_to_kuberay(recipe, dry_run)
-    except TargetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if dry_run:
-        print(result, end="")
-    else:
-        ns = recipe.cluster.namespace
-        print(f"created RayJob {result} in namespace {ns}")
-        print(f"  ftlaunch status {result} --target kuberay --namespace {ns}")
-    return 0

@@ -14,21 +14,22 @@ import contextlib
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import launcher
 from launcher import __version__
 from launcher.errors import JobFailedError
-from launcher.preflight import ClusterShape, check_cluster, is_uri
+from launcher.raysession import ClusterShape
 from launcher.recipe import Recipe
+from launcher.rundir import is_uri, run_name
 from launcher.targets import TargetError, env_names_set_here
+from launcher.targets.preflight import check_cluster
 
 RECIPE_FILE = "ftlaunch-recipe.yaml"
 DEFAULT_PORT = 8265
@@ -266,43 +267,46 @@ def quiet_ray_client_logs() -> None:
 
 def submission_id(recipe: Recipe, now: datetime | None = None) -> str:
     """<name>-<timestamp>, like the run directory: unique per submission, readable."""
-    return f"{recipe.name}-{(now or datetime.now()).strftime('%Y%m%d-%H%M%S')}"
+    return run_name(recipe.name, now)
 
 
 # ------------------------------------------------------------------------------- submit
+
+
+@dataclass
+class Submission:
+    """A job submitted to a cluster, and what the user should know about it."""
+
+    job_id: str
+    cluster: Cluster
+    notes: list[str] = field(default_factory=list)
 
 
 def submit_to_ray(
     recipe: Recipe,
     recipe_text: str,
     address: str | None = None,
-    follow: bool = False,
     *,
     source: Path | None = None,
-    out: TextIO | None = None,
     preflight: bool = True,
-) -> str:
-    """Preflight, stage and submit the driver as a Ray job; returns the submission id.
+) -> Submission:
+    """Preflight, stage and submit the driver as a Ray job.
 
-    With follow, streams the job's logs to `out` until it ends and raises JobFailedError
-    unless it SUCCEEDED. Raises TargetError (exit 2) for anything the user must fix first.
+    Raises TargetError (exit 2) for anything the user must fix first. Follow the job with
+    follow_to_end.
     """
-    out = out or sys.stdout
     quiet_ray_client_logs()
     cluster = connect(address, recipe)
     if preflight:
         check_cluster(recipe, cluster_shape(cluster), cluster.address)
-    warn_relative_storage(recipe, out)
+    note = relative_storage_note(recipe)
     source = (source or Path.cwd()).resolve()
     job_id = submission_id(recipe)
     with tempfile.TemporaryDirectory(prefix="ftlaunch-job-") as tmp:
         staged = stage_working_dir(recipe_text, source, Path(tmp) / "job")
         runtime_env = build_runtime_env(recipe, staged)
         job_id = _submit(cluster, recipe, runtime_env, job_id)
-    print(f"submitted {job_id} to {cluster.address}", file=out, flush=True)
-    if follow:
-        follow_to_end(cluster, job_id, out)
-    return job_id
+    return Submission(job_id, cluster, [note] if note else [])
 
 
 def _submit(cluster: Cluster, recipe: Recipe, runtime_env: dict[str, Any], job_id: str) -> str:
@@ -352,16 +356,16 @@ def submit_entrypoint(
             ) from None
 
 
-def warn_relative_storage(recipe: Recipe, out: TextIO) -> None:
-    """A relative storage path lands inside the job's temporary working directory."""
+def relative_storage_note(recipe: Recipe) -> str | None:
+    """A relative storage path lands inside the job's temporary working directory: say so."""
     path = recipe.checkpoint.storage_path
-    if not is_uri(path) and not Path(os.path.expanduser(path)).is_absolute():
-        print(
-            f"note: checkpoint.storage_path {path!r} is relative: on the cluster it resolves "
-            f"inside the job's temporary working directory; use an absolute path or a URI to "
-            f"keep the run directory",
-            file=out,
-        )
+    if is_uri(path) or Path(os.path.expanduser(path)).is_absolute():
+        return None
+    return (
+        f"note: checkpoint.storage_path {path!r} is relative: on the cluster it resolves "
+        f"inside the job's temporary working directory; use an absolute path or a URI to "
+        f"keep the run directory"
+    )
 
 
 # ------------------------------------------------------------------- status / logs / stop
@@ -393,33 +397,40 @@ def job_status(job_id: str, address: str | None = None) -> dict[str, Any]:
     }
 
 
+# Receives each chunk of a job's output as it arrives (the CLI writes it to the terminal).
+OnOutput = Callable[[str], object]
+
+
 def job_logs(
-    job_id: str, address: str | None = None, follow: bool = False, out: TextIO | None = None
+    job_id: str,
+    address: str | None = None,
+    follow: bool = False,
+    on_output: OnOutput | None = None,
 ) -> str:
-    """The job's output so far (follow: stream it to `out` until the job ends); returns it."""
+    """The job's output so far (follow: passed to `on_output` until the job ends); returns it."""
     cluster = connect(address)
     if not follow:
         return _job_call(cluster, job_id, "get_job_logs")
     _job_call(cluster, job_id, "get_job_status")  # a clear error for an unknown id
-    return _tail(cluster, job_id, out or sys.stdout)
+    return _tail(cluster, job_id, on_output)
 
 
-def _tail(cluster: Cluster, job_id: str, out: TextIO) -> str:
+def _tail(cluster: Cluster, job_id: str, on_output: OnOutput | None) -> str:
     chunks: list[str] = []
 
     async def pump() -> None:
         async for chunk in cluster.client.tail_job_logs(job_id):
             chunks.append(chunk)
-            out.write(chunk)
-            out.flush()
+            if on_output is not None:
+                on_output(chunk)
 
     asyncio.run(pump())
     return "".join(chunks)
 
 
-def follow_to_end(cluster: Cluster, job_id: str, out: TextIO) -> str:
-    """Stream the logs until the job ends; JobFailedError unless it SUCCEEDED."""
-    _tail(cluster, job_id, out)
+def follow_to_end(cluster: Cluster, job_id: str, on_output: OnOutput | None = None) -> str:
+    """Pass the logs to `on_output` until the job ends; JobFailedError unless it SUCCEEDED."""
+    _tail(cluster, job_id, on_output)
     status = wait_for_end(cluster, job_id, timeout_s=60)
     if status != "SUCCEEDED":
         info = cluster.client.get_job_info(job_id)
@@ -479,21 +490,3 @@ def describe_submission(recipe: Recipe, source: Path | None = None) -> dict[str,
         "runtime_env": runtime_env,
         "metadata": {"recipe": recipe.name, "ftlaunch_version": __version__},
     }
-
-
-def submit_from_cli(recipe: Recipe, recipe_text: str, *, dry_run: bool, follow: bool) -> int:
-    """`ftlaunch submit --target ray`: submit (or describe) and return the exit code."""
-    import yaml
-
-    if dry_run:
-        print(yaml.safe_dump(describe_submission(recipe), sort_keys=False), end="")
-        return 0
-    try:
-        submit_to_ray(recipe, recipe_text, None, follow)
-    except TargetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except JobFailedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0

@@ -1,0 +1,132 @@
+"""The Ray session a job runs in: connecting, its environment, and what the cluster can hold."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from launcher.errors import BadInputError
+
+if TYPE_CHECKING:  # for annotations only: the recipe is a layer-1 neighbour, not a dependency
+    from launcher.recipe import Recipe
+
+
+class LayoutError(BadInputError):
+    """A resource layout that cannot make progress on this cluster: exit code 2."""
+
+
+@dataclass(frozen=True)
+class ClusterShape:
+    """What a running Ray cluster offers: live nodes and their total resources."""
+
+    nodes: int
+    cpus: float
+    gpus: float
+
+
+def ensure_ray(verbose: bool = False) -> None:
+    """Connect to RAY_ADDRESS when set, else start an embedded Ray on this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(
+        log_to_driver=verbose,
+        logging_level="INFO" if verbose else "WARNING",
+        include_dashboard=False if not os.environ.get("RAY_ADDRESS") else None,
+        runtime_env={"env_vars": ray_job_env()},
+    )
+
+
+def ray_job_env() -> dict[str, str]:
+    """Environment for every process of the Ray job (controller, workers, data tasks).
+
+    Ray Train's controller drains each worker's one-slot report queue only when it polls, every
+    RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default): a report made before the previous one
+    was drained blocks the worker until then. Workers report to Ray Train only with checkpoints
+    (metrics go through the driver's sink), so that is rare; polling every second bounds it and
+    notices a finished or failed worker sooner. Each poll also takes the worker's GIL away from
+    the training thread for a moment: polling every 0.2 s cost a tiny model ~8% of its
+    throughput (bench/README.md).
+    """
+    env = {
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get(
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1.0"
+        ),
+        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", ""),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", ""),
+        "TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error"),
+    }
+    return {k: v for k, v in env.items() if v}
+
+
+def worker_env() -> dict[str, str]:
+    """Environment the training workers need from the driver's (fault-injection hooks included)."""
+    keep = ("FTLAUNCH_", "DS_ACCELERATOR", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")
+    return {k: v for k, v in os.environ.items() if k.startswith(keep)}
+
+
+def quiet_ray_data(verbose: bool) -> None:
+    """Ray Data's and transformers' own progress bars and load reports only with --verbose;
+    ftlaunch shows one display."""
+    import ray.data
+
+    if not verbose:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    ctx.print_on_execution_start = verbose
+
+
+def connected_shape() -> ClusterShape:
+    """The shape of the Ray cluster this process is connected to."""
+    import ray
+
+    resources = ray.cluster_resources()
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    return ClusterShape(nodes=nodes, cpus=resources.get("CPU", 0), gpus=resources.get("GPU", 0))
+
+
+def wants_gpu(recipe: Recipe, shape: ClusterShape) -> bool:
+    """scaling.use_gpu resolved against a cluster: auto uses GPUs when it has them."""
+    if recipe.scaling.use_gpu == "auto":
+        return shape.gpus > 0
+    return bool(recipe.scaling.use_gpu)
+
+
+def use_gpu(recipe: Recipe) -> bool:
+    """scaling.use_gpu resolved against the connected cluster."""
+    return wants_gpu(recipe, connected_shape())
+
+
+def check_layout(recipe: Recipe, shape: ClusterShape, cluster: str = "the Ray cluster") -> None:
+    """Refuse a worker layout the cluster can never schedule (Ray would wait forever).
+
+    `cluster` names it in the message (e.g. "the Ray cluster at http://head:8265").
+    """
+    s = recipe.scaling
+    gpu = wants_gpu(recipe, shape)
+    where = f"{cluster} has {{}} on {shape.nodes} node(s)"
+    if gpu and s.num_workers > shape.gpus:
+        raise LayoutError(
+            f"scaling asks for {s.num_workers} GPU worker(s) (scaling.num_workers: "
+            f"{s.num_workers}, scaling.use_gpu: {str(s.use_gpu).lower()}) but "
+            + where.format(f"{shape.gpus:g} GPU(s)")
+            + "; lower scaling.num_workers, set scaling.use_gpu: false, or add GPU nodes"
+        )
+    cpus = s.num_workers * s.cpus_per_worker
+    if cpus > shape.cpus:
+        raise LayoutError(
+            f"scaling asks for {s.num_workers} worker(s) x {s.cpus_per_worker} CPU = {cpus} CPUs "
+            "but "
+            + where.format(f"{shape.cpus:g} CPU(s)")
+            + "; lower scaling.num_workers or scaling.cpus_per_worker"
+        )
+    if recipe.strategy.mixed_precision == "fp16" and not gpu:
+        raise LayoutError("strategy.mixed_precision: fp16 needs GPUs; this run uses the CPU")

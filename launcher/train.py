@@ -1,0 +1,293 @@
+"""Stage 2, driver side: Ray Train over the prepared shards, reports into the run directory.
+
+The workers run launcher.train_loop; this side builds their typed config, drains their reports
+into metrics.jsonl, the progress display and the trackers, routes SIGTERM to a stop flag and
+picks the checkpoint to export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from launcher.errors import JobFailedError
+from launcher.progress import ProgressView
+from launcher.raysession import (
+    LayoutError,
+    check_layout,
+    connected_shape,
+    wants_gpu,
+    worker_env,
+)
+from launcher.recipe import Recipe
+from launcher.rundir import (
+    CHECKPOINTS_DIR,
+    RunState,
+    checkpoint_step,
+    latest_checkpoint,
+    metrics_path,
+)
+from launcher.train_loop import (
+    Plan,
+    WorkerConfig,
+    make_plan,
+    run_worker,
+    train_loop_per_worker,
+)
+
+# Fault-injection for tests: FTLAUNCH_FAIL_AT_STEP=k makes rank FTLAUNCH_FAIL_RANK (default 1)
+# exit once, right after its optimizer step k (a marker file in the run directory says so).
+FAIL_AT_STEP, FAIL_RANK = "FTLAUNCH_FAIL_AT_STEP", "FTLAUNCH_FAIL_RANK"
+FAILURE_MARKER = ".ftlaunch-failure-injected"
+
+
+class JobError(JobFailedError):
+    """The job itself failed (a worker crashed, training diverged): exit code 1."""
+
+
+class Preempted(JobFailedError):
+    """The driver got SIGTERM; a checkpoint was saved when possible. Exit code 1."""
+
+
+class StopFlag:
+    """Set by the driver on SIGTERM; rank 0 polls it so every worker checkpoints and stops."""
+
+    def __init__(self) -> None:
+        self.stop = False
+
+    def set(self) -> None:
+        self.stop = True
+
+    def is_set(self) -> bool:
+        return self.stop
+
+
+def watch_sigterm(flag, state: RunState, view: ProgressView):
+    """Route SIGTERM to the workers' stop flag; returns the previous handler."""
+    import signal
+
+    def on_sigterm(signum, frame) -> None:
+        state.preempted = True
+        flag.set.remote()
+        view.note("SIGTERM: saving a checkpoint and stopping (resume with --resume)")
+
+    try:
+        return signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread: preemption is then the caller's business
+        return None
+
+
+def drain_sink(sink, state: RunState, view: ProgressView, stop: threading.Event, tracker) -> None:
+    """Move worker reports into metrics.jsonl, the progress display and the trackers."""
+    with metrics_path(state.run_dir).open("a", encoding="utf-8") as out:
+        while not (stop.is_set() and sink.empty()):
+            try:
+                item = sink.get(timeout=0.5)
+            except Exception:  # queue.Empty from ray.util.queue
+                continue
+            event = item.pop("event", "metrics")
+            if event == "parameters":
+                state.parameters = item
+                view.note(
+                    f"trainable parameters: {item['trainable']:,} of {item['total']:,} "
+                    f"({item['percent']:.2f}%)"
+                )
+            elif event == "resumed":
+                state.restarts = item["restarts"]
+                record = {"event": "restart", "step": item["step"], "restarts": item["restarts"]}
+                out.write(json.dumps(record) + "\n")
+                out.flush()
+                view.note(f"restarted from the checkpoint at step {item['step']}")
+            elif item.get("step", 0) <= state.last_step and state.restarts:
+                # Replayed after a restart from an earlier checkpoint: already on record.
+                state.replayed += 1
+            else:
+                if item.get("step", 0) >= 1 and "first_report" not in state.timings:
+                    # From the driver's start to the first training report (steps 1..log_every).
+                    state.timings["first_report"] = round(time.time() - state.started, 3)
+                state.last_step = max(state.last_step, int(item.get("step", 0)))
+                state.metrics.append(item)
+                out.write(json.dumps(item) + "\n")
+                out.flush()
+                view.update(item)
+                if tracker is not None:
+                    tracker.log(item, int(item["step"]))
+
+
+def export_metric(recipe: Recipe, with_validation: bool) -> str | None:
+    """The metric that picks the checkpoint to export (eval_* ones need validation data)."""
+    metric = recipe.checkpoint.metric
+    if metric and (with_validation or not metric.startswith("eval_")):
+        return metric
+    return None
+
+
+def train(
+    recipe: Recipe,
+    data,
+    tokenizer,
+    state: RunState,
+    view: ProgressView,
+    resume_from: Path | None,
+) -> tuple[Any, Plan, str | None]:
+    """Run Ray Train over the prepared shards; returns (Ray's Result, the plan, export metric).
+
+    Raises LayoutError before training when the cluster cannot hold the workers, JobError when
+    training fails, Preempted after a SIGTERM.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    from launcher.tracking import open_tracker
+
+    shape = connected_shape()
+    gpu = wants_gpu(recipe, shape)
+    check_layout(recipe, shape)
+    try:
+        plan = make_plan(data.num_rows["train"], recipe)
+    except ValueError as exc:
+        raise LayoutError(str(exc)) from None
+    view.start(plan.total_steps)
+    sink = Queue(maxsize=10_000)
+    flag = ray.remote(num_cpus=0)(StopFlag).remote()
+    datasets = {"train": data.datasets["train"]}
+    with_validation = "validation" in data.datasets and data.num_rows.get("validation", 0) > 0
+    if with_validation:
+        datasets["validation"] = data.datasets["validation"]
+    ckpt = recipe.checkpoint
+    metric = export_metric(recipe, with_validation)
+    config = WorkerConfig(
+        recipe=recipe,
+        plan=plan,
+        run_dir=str(state.run_dir),
+        pad_token_id=tokenizer.pad_token_id,
+        has_validation=with_validation,
+        resume_from=str(resume_from) if resume_from else None,
+        sink=sink,
+        stop_flag=flag,
+    )
+    trainer = TorchTrainer(
+        worker_function(),
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=recipe.scaling.num_workers,
+            use_gpu=gpu,
+            resources_per_worker={
+                "CPU": recipe.scaling.cpus_per_worker,
+                **({"GPU": 1} if gpu else {}),
+            },
+        ),
+        run_config=ray.train.RunConfig(
+            name=CHECKPOINTS_DIR,
+            storage_path=state.remote or str(state.run_dir),
+            failure_config=ray.train.FailureConfig(max_failures=recipe.train.max_failures),
+            worker_runtime_env={"env_vars": worker_env()},
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=ckpt.keep,
+                checkpoint_score_attribute=metric,
+                checkpoint_score_order=ckpt.mode,
+            ),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets)),
+    )
+    tracker = open_tracker(recipe, state.run_dir)
+    stop = threading.Event()
+    drainer = threading.Thread(
+        target=drain_sink, args=(sink, state, view, stop, tracker), daemon=True
+    )
+    drainer.start()
+    previous = watch_sigterm(flag, state, view)
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        raise JobError(f"training failed: {exc}") from exc
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
+        stop.set()
+        drainer.join(timeout=30)
+        view.stop()
+        if tracker is not None:
+            tracker.close()
+    if result.error is not None:
+        raise JobError(f"training failed: {result.error}")
+    if state.preempted:
+        raise Preempted(
+            f"stopped by SIGTERM after step {state.last_step}; continue with "
+            f"--resume {state.run_dir}"
+        )
+    return result, plan, metric
+
+
+def pick_checkpoint(result, metric: str | None, mode: str, run_dir: Path):
+    """The best checkpoint by the recipe's metric, else the last one (a ray.train.Checkpoint)."""
+    import ray.train
+
+    best = getattr(result, "best_checkpoints", None) or []
+    if metric and best:
+        scored = [(m.get(metric), c) for c, m in best if m.get(metric) is not None]
+        if scored:
+            return (min if mode == "min" else max)(scored, key=lambda x: x[0])[1]
+    if result.checkpoint is not None:
+        return result.checkpoint
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        raise JobError("training produced no checkpoint to export")
+    return ray.train.Checkpoint(str(latest))
+
+
+# ----------------------------------------------------------------- fault injection (tests)
+
+
+def worker_function():
+    """The function every worker runs: the training loop, or with FTLAUNCH_FAIL_AT_STEP set,
+    the same loop with a strategy that exits once (the fault-tolerance tests)."""
+    return train_loop_failing_once if os.environ.get(FAIL_AT_STEP) else train_loop_per_worker
+
+
+class FailingOnce:
+    """A strategy that ends its process right after optimizer step `at`, once per run."""
+
+    def __init__(self, strategy, at: int, rank: int, marker: Path) -> None:
+        self._strategy, self._at, self._rank, self._marker = strategy, at, rank, marker
+        self._step = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._strategy, name)
+
+    def load(self, directory: Path) -> None:
+        self._strategy.load(directory)
+        self._step = checkpoint_step(directory)
+
+    def step(self) -> float:
+        grad_norm = self._strategy.step()
+        self._step += 1
+        if self._step == self._at and not self._marker.exists():
+            self._marker.write_text(f"rank {self._rank} exited at step {self._step}\n")
+            os._exit(1)
+        return grad_norm
+
+
+def train_loop_failing_once(config: WorkerConfig) -> None:
+    """train_loop_per_worker whose rank FTLAUNCH_FAIL_RANK exits after step FTLAUNCH_FAIL_AT_STEP."""
+    import ray.train
+
+    from launcher.strategies import make_strategy
+
+    at, failing = int(os.environ[FAIL_AT_STEP]), int(os.environ.get(FAIL_RANK, "1"))
+    rank = ray.train.get_context().get_world_rank()
+    marker = Path(config.run_dir) / FAILURE_MARKER
+    if rank != failing:
+        run_worker(config, make_strategy)
+        return
+    run_worker(
+        config, lambda recipe, device: FailingOnce(make_strategy(recipe, device), at, rank, marker)
+    )
