@@ -18,15 +18,19 @@ IGNORE_INDEX = -100
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
-def pad_sequences(values: Any, pad: int) -> Any:
-    """Variable-length integer sequences (object array or 2-D array) -> padded int64 tensor."""
+def pad_sequences(values: Any, pad: int, side: str = "right") -> Any:
+    """Variable-length integer sequences (object array or 2-D array) -> padded int64 tensor,
+    padded on the right (training, scoring) or on the left (generation)."""
     import torch
 
     rows = [np.asarray(v, dtype=np.int64).reshape(-1) for v in values]
     width = max((len(r) for r in rows), default=0)
     out = np.full((len(rows), width), pad, dtype=np.int64)
     for i, r in enumerate(rows):
-        out[i, : len(r)] = r
+        if side == "left":
+            out[i, width - len(r) :] = r
+        else:
+            out[i, : len(r)] = r
     return torch.from_numpy(out)
 
 

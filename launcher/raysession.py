@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -25,13 +26,15 @@ class ClusterShape:
     gpus: float
 
 
-def ensure_ray(verbose: bool = False) -> None:
-    """Connect to RAY_ADDRESS when set, else start an embedded Ray on this machine."""
+def ensure_ray(verbose: bool = False, address: str | None = None) -> None:
+    """Connect to `address` (else RAY_ADDRESS when set), else start an embedded Ray on this
+    machine; nothing to do when this process is already connected."""
     import ray
 
     if ray.is_initialized():
         return
     ray.init(
+        address=address,
         log_to_driver=verbose,
         logging_level="INFO" if verbose else "WARNING",
         include_dashboard=False if not os.environ.get("RAY_ADDRESS") else None,
@@ -82,6 +85,12 @@ def quiet_ray_data(verbose: bool) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose
+    if not verbose:
+        # Ray Data's per-run INFO lines and its progress-bar notice would interleave with ours.
+        levels = {"ray.data": logging.WARNING, "ray.data._internal.progress": logging.ERROR}
+        for name, level in levels.items():
+            logger = logging.getLogger(name)
+            logger.setLevel(max(level, logger.getEffectiveLevel()))
 
 
 def connected_shape() -> ClusterShape:

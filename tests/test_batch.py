@@ -394,6 +394,7 @@ def test_evaluate_run_and_generate_run_on_an_instruction_run(
     import shutil
 
     from launcher import data as D
+    from launcher import tokenize as T
 
     run = tmp_path / "run"
     shutil.copytree(tiny_gpt2, run / "model")
@@ -420,7 +421,7 @@ def test_evaluate_run_and_generate_run_on_an_instruction_run(
     model, tokenizer = gpt2
     tokenizer.pad_token = tokenizer.eos_token
     table = D.load_tables(recipe)["validation"]
-    tokenized = D.tokenize_instruction(table, tokenizer, recipe.data.max_length, None)
+    tokenized = T.tokenize_instruction(table, tokenizer, recipe.data.max_length, None)
     nll = tokens = 0.0
     with torch.no_grad():
         for ids, labels in zip(
@@ -440,7 +441,7 @@ def test_evaluate_run_and_generate_run_on_an_instruction_run(
     assert path == run / "generations.jsonl"
     (row,) = read_jsonl(path)
     assert row["prompt"] == "Is this review positive or negative?"
-    rendered = D.render_prompt(None, row["prompt"], "Great mug.")
+    rendered = T.render_prompt(None, row["prompt"], "Great mug.")
     ids = tokenizer(rendered, return_tensors="pt").input_ids
     with torch.no_grad():
         direct = model.generate(

@@ -14,6 +14,7 @@ import torch
 
 from launcher import data as D
 from launcher import records
+from launcher import tokenize as T
 from launcher.collate import make_collate, model_inputs
 from launcher.data import DataError, prepare_data
 from launcher.dev.synthetic import instruction_rows, review_rows, story_lines, write_jsonl
@@ -309,7 +310,7 @@ def test_txt_cannot_hold_labelled_rows(tmp_path):
 
 def test_bad_prompt_template_and_duplicate_source_names(tmp_path):
     with pytest.raises(DataError, match=r"must contain \{instruction\}"):
-        D.check_prompt_template("Q: {input}\nA:")
+        T.check_prompt_template("Q: {input}\nA:")
     path = write_jsonl([{"text": "a"}] * 4, tmp_path / "a.jsonl")
     recipe = make_recipe({"train": [{"path": str(path)}, {"path": str(path)}]})
     with pytest.raises(DataError, match=r"share the name\(s\) a: give each source a distinct"):
@@ -438,7 +439,7 @@ def _table(texts: list[str]) -> pa.Table:
 
 def test_text_long_documents_are_chunked(gpt2_tok):
     text = " ".join(story_lines(20, seed=1))
-    out = D.tokenize_text(_table([text, "short one."]), gpt2_tok, max_length=16)
+    out = T.tokenize_text(_table([text, "short one."]), gpt2_tok, max_length=16)
     ids = out.column("input_ids").to_pylist()
     doc = gpt2_tok(text)["input_ids"] + [gpt2_tok.eos_token_id]
     n_chunks = -(-len(doc) // 16)
@@ -449,7 +450,7 @@ def test_text_long_documents_are_chunked(gpt2_tok):
     assert out.column("labels").to_pylist() == ids
     assert out.column("row_id").to_pylist()[: n_chunks + 1] == [
         *(i for i in range(n_chunks)),
-        1 << D.PIECE_BITS,
+        1 << T.PIECE_BITS,
     ]
     assert out.column("num_tokens").to_pylist() == [len(x) for x in ids]
     assert ids[-1][-1] == gpt2_tok.eos_token_id
@@ -457,7 +458,7 @@ def test_text_long_documents_are_chunked(gpt2_tok):
 
 def test_packing_fills_sequences_and_restarts_positions(gpt2_tok):
     texts = story_lines(30, seed=2)
-    out = D.tokenize_packed(_table(texts), gpt2_tok, max_length=32).to_pylist()
+    out = T.tokenize_packed(_table(texts), gpt2_tok, max_length=32).to_pylist()
     eos = gpt2_tok.eos_token_id
     assert all(r["num_tokens"] == 32 for r in out[:-1]) and out[-1]["num_tokens"] <= 32
     stream = [t for r in out for t in r["input_ids"]]
@@ -481,7 +482,7 @@ def test_packed_examples_do_not_see_each_other(gpt2_tok, tiny_gpt2):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
     texts = ["Ada walked to the harbour at dawn.", "Ben sang about the old mill at dawn."]
-    packed = D.tokenize_packed(_table(texts), gpt2_tok, max_length=64)
+    packed = T.tokenize_packed(_table(texts), gpt2_tok, max_length=64)
     batch = make_collate(gpt2_tok.pad_token_id)(
         {k: packed.column(k).to_numpy(zero_copy_only=False) for k in packed.column_names}
     )
@@ -503,14 +504,14 @@ def test_instruction_rows_truncate_and_drop(gpt2_tok):
             "row_id": [0, 1],
         }
     )
-    out = D.tokenize_instruction(table, gpt2_tok, max_length=48, template=None).to_pylist()
+    out = T.tokenize_instruction(table, gpt2_tok, max_length=48, template=None).to_pylist()
     assert [r["row_id"] for r in out] == [0]  # row 1's response did not fit: dropped
-    prompt = D.render_prompt(None, "Say yes.", "")
+    prompt = T.render_prompt(None, "Say yes.", "")
     assert prompt == "### Instruction:\nSay yes.\n\n### Response:\n"
-    assert D.render_prompt("Q: {instruction} {input} {other}", "a", "b") == "Q: a b {other}"
-    assert D.render_prompt("{instruction}|{input}", "say {input}", "x") == "say {input}|x"
+    assert T.render_prompt("Q: {instruction} {input} {other}", "a", "b") == "Q: a b {other}"
+    assert T.render_prompt("{instruction}|{input}", "say {input}", "x") == "say {input}|x"
     assert (
-        D.render_prompt(None, "I", "ctx")
+        T.render_prompt(None, "I", "ctx")
         == "### Instruction:\nI\n\n### Input:\nctx\n\n### Response:\n"
     )
 
@@ -556,7 +557,7 @@ def test_instruction_labels_mask_exactly_the_prompt(ray_session, gpt2_tok, instr
     assert set(batch) == {"input_ids", "attention_mask", "labels", "num_tokens", "row_id"}
     for i in range(8):
         row = raw[int(batch["row_id"][i])]
-        prompt = gpt2_tok(D.render_prompt(None, row["instruction"], row["input"]))["input_ids"]
+        prompt = gpt2_tok(T.render_prompt(None, row["instruction"], row["input"]))["input_ids"]
         n = int(batch["num_tokens"][i])
         labels = batch["labels"][i].tolist()
         ids = batch["input_ids"][i].tolist()

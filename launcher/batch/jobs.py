@@ -11,7 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from launcher import data as D
 from launcher import metrics as M
+from launcher import tokenize as T
 from launcher.batch.inputs import (
     LABEL_ID,
     PROMPT_HINT,
@@ -23,9 +25,10 @@ from launcher.batch.inputs import (
     require_text,
     stage_rows,
 )
-from launcher.batch.pool import OutputWriter, PoolOptions, dataset_from_refs, ensure_ray, run_job
+from launcher.batch.pool import OutputWriter, PoolOptions, dataset_from_refs, run_job
 from launcher.batch.source import ModelSource, resolve_model, scoring_tokenizer
 from launcher.batch.worker import GenerationOptions, check_template
+from launcher.raysession import ensure_ray
 from launcher.rundir import metrics_path, read_metrics
 
 
@@ -67,7 +70,7 @@ def generate(
         return row
 
     writer = OutputWriter(out_path)
-    ensure_ray(pool.address)
+    ensure_ray(address=pool.address)
     refs, count = stage_rows(prompt_records(path), check)
     dataset = dataset_from_refs(refs, str(path))
     job = {
@@ -132,7 +135,7 @@ def score(
             require_text(where, row, name)
         return row
 
-    ensure_ray(pool.address)
+    ensure_ray(address=pool.address)
     refs, count = stage_rows(chain_first(first, records), check)
     dataset = dataset_from_refs(refs, str(path))
     with writer:
@@ -236,7 +239,7 @@ def evaluate(
     if labels:
         source = ModelSource(**{**asdict(source), "labels": tuple(labels)})
     chosen = _check_metrics(metrics, source.task)
-    ensure_ray(pool.address)
+    ensure_ray(address=pool.address)
     if isinstance(data, (str, Path)) or _is_arrow_table(data):
         records, name = _eval_records(data, text_field)
         dataset, total, job, references = _eval_input_from_records(
@@ -404,8 +407,6 @@ def _evaluation_table(recipe: Any, base_dir: Path | None = None):
     """Canonical rows to evaluate on: evaluate.data, else the test split, else validation."""
     import pyarrow as pa
 
-    from launcher import data as D
-
     if recipe.evaluate.data:
         table = D.read_source(recipe.evaluate.data, D.fields_for(recipe), base_dir).table
         return table.append_column("row_id", pa.array(np.arange(table.num_rows)))
@@ -431,12 +432,10 @@ def evaluate_run(
     """
     import ray.data
 
-    from launcher import data as D
-
     run_dir = Path(run_dir)
     cfg = recipe.evaluate
     pool = PoolOptions(batch_size=cfg.batch_size, progress=progress)
-    ensure_ray(pool.address)
+    ensure_ray(address=pool.address)
     table = _evaluation_table(recipe, base_dir)
     chosen = list(dict.fromkeys(cfg.metrics))
     result: dict[str, Any] = {}
@@ -445,9 +444,9 @@ def evaluate_run(
         source = resolve_model(run_dir)
         tokenizer = scoring_tokenizer(source)
         tokenized = ray.data.from_arrow(table).map_batches(
-            D.tokenizer_for_batches(recipe, tokenizer),
+            T.tokenizer_for_batches(recipe, tokenizer),
             batch_format="pyarrow",
-            batch_size=D.TOKENIZE_BATCH_ROWS,
+            batch_size=T.TOKENIZE_BATCH_ROWS,
         )
         result.update(evaluate(run_dir, tokenized, statistics, pool=pool))
     if "exact_match" in chosen:

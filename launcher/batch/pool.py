@@ -18,18 +18,11 @@ from pathlib import Path
 from launcher.batch.inputs import INTERNAL_PREFIX, BatchInputError
 from launcher.batch.source import ModelSource, scoring_tokenizer
 from launcher.batch.worker import BatchWorker
+from launcher.raysession import quiet_ray_data
 
 # Model batches per actor call: rows are sorted by length within this window.
 BUCKET_BATCHES = 8
 OUTPUT_SUFFIXES = (".jsonl", ".parquet")
-
-
-def ensure_ray(address: str | None = None) -> None:
-    """Connect to `address` (or start a local Ray) unless Ray is already up."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
 
 
 def _cluster_gpus() -> int:
@@ -80,27 +73,11 @@ def run_job(
     # Results in input order (generations follow the prompts file); costs little with one
     # operator, since actors already take blocks in order.
     mapped.context.execution_options.preserve_order = True
-    with _quiet_ray_data(), progress_display(total, description, pool.progress) as advance:
+    quiet_ray_data(verbose=False)
+    with progress_display(total, description, pool.progress) as advance:
         for block in mapped.iter_batches(batch_size=None, batch_format="pyarrow"):
             advance(block.num_rows)
             yield block
-
-
-@contextmanager
-def _quiet_ray_data():
-    """Ray Data's per-run INFO lines and its progress-bar notice would interleave with ours."""
-    import logging
-
-    levels = {"ray.data": logging.WARNING, "ray.data._internal.progress": logging.ERROR}
-    loggers = {name: logging.getLogger(name) for name in levels}
-    before = {name: logger.level for name, logger in loggers.items()}
-    for name, logger in loggers.items():
-        logger.setLevel(max(levels[name], logger.getEffectiveLevel()))
-    try:
-        yield
-    finally:
-        for name, logger in loggers.items():
-            logger.setLevel(before[name])
 
 
 @contextmanager

@@ -15,6 +15,7 @@ import numpy as np
 
 from launcher.batch.inputs import ID_COLUMN, LABEL_ID, ROW_ID_COLUMN, BatchInputError
 from launcher.batch.source import ModelSource, load_scoring_model
+from launcher.collate import pad_sequences
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def apply_template(template: str | None, row: dict, instruction_format: bool = F
     extra = row.get("input")
     extra = "" if extra is None else str(extra)
     if instruction_format:
-        from launcher.data import render_prompt
+        from launcher.tokenize import render_prompt
 
         return render_prompt(template, prompt, extra)
     if not template:
@@ -89,19 +90,9 @@ def length_buckets(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
 
 
 def _pad(sequences: Sequence[Sequence[int]], pad_value: int, side: str):
-    """Stack sequences into (ids, attention mask) tensors, padded on `side`."""
-    import torch
-
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_value, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        if not seq:
-            continue
-        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
-        ids[i, span] = torch.tensor(list(seq), dtype=torch.long)
-        mask[i, span] = 1
-    return ids, mask
+    """(ids, attention mask) tensors of sequences padded on `side`."""
+    mask = pad_sequences([[1] * len(seq) for seq in sequences], 0, side)
+    return pad_sequences(sequences, pad_value, side), mask
 
 
 def token_logprobs(model, rows: Sequence[tuple[list[int], list[int]]], pad_id: int, device):
