@@ -9,7 +9,14 @@ from collections.abc import Sequence
 import click
 
 from launcher import __version__
-from launcher.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, BadInputError, exit_code_for
+from launcher.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_OK,
+    BadInputError,
+    JobFailedError,
+    exit_code_for,
+)
 from launcher.recipe import (
     Recipe,
     RecipeError,
@@ -235,7 +242,7 @@ def submit(
 
 def submit_remote(resolved, recipe_path: str, target: str, *, dry_run: bool, follow: bool) -> None:
     """Targets ray and kuberay: hand the resolved recipe to the cluster target."""
-    from launcher.targets import JobFailedError, TargetError
+    from launcher.targets import TargetError
 
     try:
         if target == "ray":
