@@ -290,12 +290,16 @@ class ChatEncoder:
             raise ChatDataError(row, self.field_name, "no assistant turn to train")
         self._check_roles_render(messages, row)
         first_trained = assistants[-1] if self.train_on == "last_assistant" else assistants[0]
-        keep = self._messages_that_fit(messages, assistants, first_trained, row)
-        if keep is None:
-            return Dropped(DROP_TOO_LONG)
-        kept = messages[:keep]
-        text = self._render(kept, row)
+        keep = len(messages)
+        text = self._render(messages, row)
         ids, offsets = self._tokenize(text)
+        if len(ids) > self.max_length:
+            keep = self._leading_turns_that_fit(messages, assistants, first_trained, row)
+            if keep is None:
+                return Dropped(DROP_TOO_LONG)
+            text = self._render(messages[:keep], row)
+            ids, offsets = self._tokenize(text)
+        kept = messages[:keep]
         if self.train_on == "all":
             labels = list(ids)
         else:
@@ -305,17 +309,15 @@ class ChatEncoder:
             labels = [IGNORE_INDEX] * len(ids)
             for start, end in self._assistant_token_spans(kept, trained, text, ids, offsets, row):
                 labels[start:end] = ids[start:end]
-        return ChatExample(list(ids), labels, keep, truncated=keep < len(messages))
+        return ChatExample(ids, labels, keep, truncated=keep < len(messages))
 
     # -- length ----------------------------------------------------------------------------
 
-    def _messages_that_fit(
+    def _leading_turns_that_fit(
         self, messages: list[dict[str, Any]], assistants: list[int], first_trained: int, row: int
     ) -> int | None:
-        """How many leading messages to keep: all when they fit, else the most that end with an
-        assistant turn at or after the first trained one; None when even that does not fit."""
-        if self._length(messages, row) <= self.max_length:
-            return len(messages)
+        """For a conversation over max_length: the most leading messages that end with an
+        assistant turn at or after the first trained one and fit; None when none fit."""
         cuts = [i + 1 for i in assistants if first_trained <= i < len(messages) - 1]
         best = None
         lo, hi = 0, len(cuts) - 1

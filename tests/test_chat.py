@@ -450,3 +450,55 @@ def test_template_that_rewrites_earlier_turns_needs_markers(tiny_tokenizer):
 def test_unknown_train_on_is_refused(tiny_tokenizer):
     with pytest.raises(BadInputError, match=r"data\.train_on"):
         ChatEncoder(tiny_tokenizer, max_length=512, chat_template=CHATML, train_on="user")
+
+
+def test_markers_that_miss_turns_fall_back_to_prefix_rendering(tiny_tokenizer):
+    """Blocks that do not mark every assistant turn cannot give the mask: "auto" renders
+    prefixes instead, "markers" refuses."""
+    last_marked = CHATML_MARKED.replace(
+        "{% if m['role'] == 'assistant' %}", "{% if m['role'] == 'assistant' and loop.last %}"
+    )
+    row = conversation(2)
+    auto = ChatEncoder(tiny_tokenizer, max_length=512, chat_template=last_marked)
+    plain = ChatEncoder(tiny_tokenizer, max_length=512, chat_template=CHATML)
+    assert auto.encode_row(row, 1) == plain.encode_row(row, 1)
+    strict = ChatEncoder(
+        tiny_tokenizer, max_length=512, chat_template=last_marked, mask_method="markers"
+    )
+    with pytest.raises(ChatTemplateError, match="1 generation blocks for 2 assistant turns"):
+        strict.encode_row(row, 1)
+
+
+class _SlowView:
+    """The tiny tokenizer seen as a slow one: no character offsets."""
+
+    is_fast = False
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def __call__(self, text, **kwargs):
+        kwargs.pop("return_offsets_mapping", None)
+        return self._tokenizer(text, **kwargs)
+
+
+def test_slow_tokenizers_count_tokens_up_to_each_boundary(tiny_tokenizer):
+    fast = ChatEncoder(tiny_tokenizer, max_length=512, chat_template=CHATML)
+    slow = ChatEncoder(_SlowView(tiny_tokenizer), max_length=512, chat_template=CHATML)
+    row = conversation(3, system=True)
+    assert slow.encode_row(row, 1) == fast.encode_row(row, 1)
+
+
+def test_conversation_opening_with_the_assistant(tiny_tokenizer):
+    row = [{"role": "assistant", "content": ANSWERS[0]}, *conversation(1)]
+    with_markers = ChatEncoder(tiny_tokenizer, max_length=512, chat_template=CHATML_MARKED)
+    pieces = trained_pieces(with_markers.encode_row(row, 1), tiny_tokenizer)
+    assert pieces == [ANSWERS[0] + "<|im_end|>"] * 2
+    everything = ChatEncoder(tiny_tokenizer, max_length=512, chat_template=CHATML, train_on="all")
+    assert isinstance(everything.encode_row(row, 1), ChatExample)
+    without = ChatEncoder(tiny_tokenizer, max_length=512, chat_template=CHATML)
+    with pytest.raises(ChatDataError, match="message 1: an assistant turn with nothing before it"):
+        without.encode_row(row, 1)
