@@ -115,6 +115,8 @@ def normalize_messages(
     def bad(detail: str) -> ChatDataError:
         return ChatDataError(row, field_name, detail)
 
+    if not isinstance(value, list | tuple | str | Mapping) and hasattr(value, "tolist"):
+        value = value.tolist()  # a NumPy array of message dicts, as Ray Data's numpy batches give
     if not isinstance(value, list | tuple):
         raise bad(f"must be a list of messages, got {_kind(value)}")
     if not value:

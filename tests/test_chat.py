@@ -502,3 +502,18 @@ def test_conversation_opening_with_the_assistant(tiny_tokenizer):
     without = ChatEncoder(tiny_tokenizer, max_length=512, chat_template=CHATML)
     with pytest.raises(ChatDataError, match="message 1: an assistant turn with nothing before it"):
         without.encode_row(row, 1)
+
+
+def test_rows_read_through_arrow_and_numpy(tiny_tokenizer):
+    """Both layouts in one column: Arrow unifies the structs (None where a key is missing) and
+    Ray Data's numpy batches hand over arrays of dicts."""
+    import pyarrow as pa
+
+    rows = [{"messages": conversation(2)}, {"messages": conversation(2, "sharegpt")}]
+    column = pa.Table.from_pylist(rows).column("messages")
+    encoder = ChatEncoder(tiny_tokenizer, max_length=512, chat_template=CHATML)
+    expected = encoder.encode_row(conversation(2), 1)
+    for value in column.to_pylist():
+        assert encoder.encode_row(value, 1) == expected
+    for value in column.to_numpy(zero_copy_only=False):
+        assert encoder.encode_row(value, 1) == expected
