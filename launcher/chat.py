@@ -17,7 +17,7 @@ One row becomes `input_ids` + `labels` (-100 where no loss is taken), ready for 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -54,7 +54,8 @@ class ChatTemplateError(BadInputError):
 @dataclass(frozen=True)
 class MessageLayout:
     """How a message is spelled: which keys hold the role and the text, and role-name mapping
-    (source name -> one of ROLES). A message matches the layout when both keys hold a value."""
+    (source name -> one of ROLES; names already in ROLES map to themselves). A message is read
+    with the first layout whose role key it holds."""
 
     role_key: str
     content_key: str
@@ -68,9 +69,7 @@ class MessageLayout:
 
 ROLE_CONTENT = MessageLayout("role", "content")
 SHAREGPT = MessageLayout(
-    "from",
-    "value",
-    {"human": "user", "gpt": "assistant", "observation": "tool"},
+    "from", "value", {"human": "user", "gpt": "assistant", "observation": "tool"}
 )
 DEFAULT_LAYOUTS = (ROLE_CONTENT, SHAREGPT)
 
@@ -128,7 +127,10 @@ def normalize_messages(
 
 
 def _normalize_message(
-    message: Any, index: int, layouts: Sequence[MessageLayout], bad: Any
+    message: Any,
+    index: int,
+    layouts: Sequence[MessageLayout],
+    bad: Callable[[str], ChatDataError],
 ) -> dict[str, Any]:
     where = f"message {index + 1}"
     if not isinstance(message, Mapping):
@@ -175,18 +177,19 @@ def load_chat_template(
 ) -> str:
     """The Jinja template to render with: `chat_template` (Jinja text, or a file path relative to
     `base_dir`) when given, else the tokenizer's own."""
+    name = getattr(tokenizer, "name_or_path", "") or "the model"
+    source = f"the chat template of {name!r} (model.name_or_path)"
     if chat_template is not None:
-        text = _template_text(chat_template, base_dir)
+        text, source = _template_text(chat_template, base_dir), "data.chat_template"
     else:
         try:
             text = tokenizer.get_chat_template()
         except ValueError:
-            name = getattr(tokenizer, "name_or_path", "") or "the model"
             raise ChatTemplateError(
                 f"model.name_or_path: the tokenizer of {name!r} has no chat template; set "
                 "data.chat_template to a Jinja template (text or a file)"
             ) from None
-    _check_syntax(tokenizer, text)
+    _check_syntax(tokenizer, text, source)
     return text
 
 
@@ -210,7 +213,7 @@ def _template_text(chat_template: str, base_dir: str | Path | None) -> str:
     return text
 
 
-def _check_syntax(tokenizer: Any, template: str) -> None:
+def _check_syntax(tokenizer: Any, template: str, source: str) -> None:
     """Fail early on a template Jinja cannot compile; errors raised by the template itself on
     this probe conversation are left for the rows to report."""
     import jinja2
@@ -220,7 +223,7 @@ def _check_syntax(tokenizer: Any, template: str) -> None:
         tokenizer.apply_chat_template(probe, chat_template=template, tokenize=False)
     except jinja2.TemplateSyntaxError as exc:
         raise ChatTemplateError(
-            f"data.chat_template: not a valid Jinja template (line {exc.lineno}: {exc.message})"
+            f"{source}: not a valid Jinja template (line {exc.lineno}: {exc.message})"
         ) from None
     except Exception:  # a template may reject the probe itself; the rows report that
         pass
