@@ -517,3 +517,12 @@ def test_rows_read_through_arrow_and_numpy(tiny_tokenizer):
         assert encoder.encode_row(value, 1) == expected
     for value in column.to_numpy(zero_copy_only=False):
         assert encoder.encode_row(value, 1) == expected
+
+
+def test_encoder_survives_pickling(tiny_tokenizer):
+    """Ray ships the encoder to its data workers."""
+    import pickle
+
+    encoder = ChatEncoder(tiny_tokenizer, max_length=512, chat_template=CHATML_MARKED)
+    copied = pickle.loads(pickle.dumps(encoder))
+    assert copied.encode_row(conversation(2), 1) == encoder.encode_row(conversation(2), 1)
