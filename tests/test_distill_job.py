@@ -50,6 +50,7 @@ def distill_metrics(run_dir: Path) -> list[dict]:
     return rows
 
 
+@pytest.mark.ray_job
 @pytest.mark.slow
 def test_online_distillation_two_workers(
     ray_session, tiny_gpt2, tiny_teacher, story_data, tmp_path
@@ -67,6 +68,7 @@ def cache_entries(cache: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(cache.glob("teacher/*/meta.json"))]
 
 
+@pytest.mark.ray_job
 @pytest.mark.slow
 def test_offline_teacher_pass_runs_once_and_a_second_run_reuses_it(
     ray_session, tiny_gpt2, tiny_teacher, story_data, tmp_path
@@ -151,6 +153,7 @@ def test_student_from_teacher_layers_is_built_once_into_the_cache(
     [{"name": "fsdp"}, {"name": "deepspeed", "zero_stage": 3}],
     ids=["fsdp", "zero3"],
 )
+@pytest.mark.ray_job
 def test_online_teacher_is_sharded_with_the_student(
     ray_session, tiny_gpt2, tiny_teacher, story_data, tmp_path, strategy
 ):

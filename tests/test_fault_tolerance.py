@@ -32,6 +32,7 @@ def lm_recipe(tmp_path: Path, model: Path, files: dict, **train) -> Path:
     return write_recipe(tmp_path, body)
 
 
+@pytest.mark.ray_job
 @pytest.mark.slow
 def test_killed_worker_restarts_from_last_checkpoint(
     ray_session, tiny_gpt2, story_data, tmp_path, monkeypatch
@@ -53,6 +54,7 @@ def test_killed_worker_restarts_from_last_checkpoint(
     assert (run_dir / "model" / "config.json").exists()
 
 
+@pytest.mark.ray_job
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_resume_continues(ray_session, tiny_gpt2, story_data, tmp_path):
     recipe_path = lm_recipe(tmp_path, tiny_gpt2, story_data, max_steps=400)

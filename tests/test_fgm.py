@@ -87,6 +87,7 @@ def test_fgm_needs_ddp_and_full_finetuning(tmp_path):
         validate_data({**base, "finetune": {"method": "lora"}})
 
 
+@pytest.mark.ray_job
 @pytest.mark.slow
 def test_fgm_two_worker_ddp_job_on_a_two_source_mix(
     ray_session, tiny_gpt2, story_data, review_data, tmp_path

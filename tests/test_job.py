@@ -44,6 +44,7 @@ def assert_contract(run_dir: Path) -> dict:
     return summary
 
 
+@pytest.mark.ray_job
 def test_causal_lm_two_workers_trains_exports_and_reloads(
     ray_session, tiny_gpt2, story_data, tmp_path
 ):
@@ -77,21 +78,36 @@ def test_causal_lm_two_workers_trains_exports_and_reloads(
     )
 
 
-def test_instruction_format_runs_and_learns(ray_session, tiny_gpt2, instruction_data, tmp_path):
+@pytest.fixture(scope="module")
+def instruction_run_on_uri(ray_session, tiny_gpt2, instruction_data, tmp_path_factory):
+    """One two-worker instruction job whose storage is a file:// URI: the instruction format and
+    URI storage are checked on the same run."""
+    tmp_path = tmp_path_factory.mktemp("instruction-uri")
+    remote_root = tmp_path / "bucket"
     body = causal_recipe(
         tmp_path,
         tiny_gpt2,
         instruction_data,
         data={"format": "instruction", "max_length": 128},
         train={"epochs": 1, "max_steps": 10},
+        checkpoint={"storage_path": f"file://{remote_root}"},
     )
-    summary = run(load_recipe(write_recipe(tmp_path, body)))
-    run_dir = Path(summary["run_dir"])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FTLAUNCH_STAGING", str(tmp_path / "staging"))
+        summary = run(load_recipe(write_recipe(tmp_path, body)))
+    return summary, remote_root, tmp_path / "staging"
+
+
+@pytest.mark.ray_job
+def test_instruction_format_runs_and_learns(instruction_run_on_uri):
+    _, remote_root, _ = instruction_run_on_uri
+    run_dir = next(remote_root.iterdir())  # the whole run directory, uploaded
     assert_contract(run_dir)
     seen = losses(run_dir)
     assert seen[-1] < seen[0]
 
 
+@pytest.mark.ray_job
 def test_classification_two_workers(ray_session, tiny_bert, review_data, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
@@ -127,6 +143,7 @@ def test_classification_two_workers(ray_session, tiny_bert, review_data, tmp_pat
     assert model.config.id2label == {0: "negative", 1: "positive"}
 
 
+@pytest.mark.ray_job
 def test_resume_matches_uninterrupted_run(
     ray_session, tiny_gpt2, story_data, tmp_path, monkeypatch
 ):
@@ -198,23 +215,12 @@ def test_bad_data_fails_with_exit_2_before_training(tiny_bert, tmp_path):
     assert not list((tmp_path / "runs").glob("*/checkpoints/checkpoint_*"))
 
 
-def test_uri_storage_puts_the_whole_run_directory_there(
-    ray_session, tiny_gpt2, story_data, tmp_path, monkeypatch
-):
-    monkeypatch.setenv("FTLAUNCH_STAGING", str(tmp_path / "staging"))
-    remote_root = tmp_path / "bucket"
-    body = causal_recipe(
-        tmp_path,
-        tiny_gpt2,
-        story_data,
-        train={"max_steps": 4},
-        scaling={"num_workers": 1},
-        checkpoint={"storage_path": f"file://{remote_root}", "metric": None},
-    )
-    summary = run(load_recipe(write_recipe(tmp_path, body)))
+@pytest.mark.ray_job
+def test_uri_storage_puts_the_whole_run_directory_there(instruction_run_on_uri):
+    summary, remote_root, staging = instruction_run_on_uri
     remote = next(remote_root.iterdir())
     assert summary["storage"] == f"file://{remote}"
     assert_contract(remote)
     assert list((remote / "checkpoints").glob("checkpoint_*/ftlaunch_state.json"))
-    staged = tmp_path / "staging" / remote.name
+    staged = staging / remote.name
     assert not list(staged.glob("checkpoints/checkpoint_*"))  # checkpoints went straight to storage

@@ -31,6 +31,7 @@ def test_quickstart_data_is_generated_balanced_and_deterministic(tmp_path):
     assert len(labels) == 640 and abs(labels.count("positive") - labels.count("negative")) < 64
 
 
+@pytest.mark.ray_job
 @pytest.mark.slow
 def test_quickstart_improves_accuracy_end_to_end(tmp_path):
     done = subprocess.run(

@@ -375,6 +375,7 @@ def test_preflight_against_the_head_refuses_gpus_and_cpus(head, token_file):
         ray_jobs.submit_to_ray(too_many_cpus, "name: x\n", head.address)
 
 
+@pytest.mark.ray_job
 @pytest.mark.slow
 def test_tiny_recipe_end_to_end_through_ftlaunch_submit(
     head, token_file, tmp_path, tiny_gpt2, story_data

@@ -300,6 +300,7 @@ def only_run_dir(runs: Path) -> Path:
     return found[0]
 
 
+@pytest.mark.ray_job
 @pytest.mark.slow
 @pytest.mark.parametrize("path", RECIPES, ids=IDS)
 def test_recipe_runs_end_to_end_in_smoke_mode(path, ray_session, smoke_dir, monkeypatch):

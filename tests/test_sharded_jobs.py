@@ -35,6 +35,7 @@ def lora_recipe(tmp_path: Path, model: Path, files: dict, strategy: dict) -> Pat
     [{"name": "deepspeed", "zero_stage": 3}, {"name": "fsdp"}],
     ids=["zero3", "fsdp"],
 )
+@pytest.mark.ray_job
 def test_lora_adapter_is_complete_and_reloads(
     ray_session, tiny_gpt2, story_data, tmp_path, strategy
 ):

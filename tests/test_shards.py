@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+import pytest
 import ray.cloudpickle
 import yaml
 
@@ -41,6 +42,7 @@ def read_shard(config: dict) -> None:
         ray.get(config["collector"].add.remote(rank, epoch, ids))
 
 
+@pytest.mark.ray_job
 def test_worker_shards_are_disjoint_cover_the_epoch_and_tokenize_once(
     ray_session, tiny_gpt2, story_data, tmp_path
 ):

@@ -55,6 +55,7 @@ def assert_same_series(logged: list[tuple[int, float]], expected: list[tuple[int
     assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6)
 
 
+@pytest.mark.ray_job
 @pytest.mark.slow  # shares one tracked two-worker job
 def test_tensorboard_event_file_reads_back(tracked_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -73,6 +74,7 @@ def test_tensorboard_event_file_reads_back(tracked_run):
     assert "recipe/text_summary" in events.Tags()["tensors"]  # the resolved recipe, as text
 
 
+@pytest.mark.ray_job
 @pytest.mark.slow  # shares one tracked two-worker job
 def test_mlflow_file_store_holds_one_run_with_the_recipe_as_params(tracked_run):
     from mlflow import MlflowClient
@@ -98,6 +100,7 @@ def test_mlflow_file_store_holds_one_run_with_the_recipe_as_params(tracked_run):
     assert mlrun.data.metrics["loss"] == pytest.approx(series(reports, "loss")[-1][1])
 
 
+@pytest.mark.ray_job
 @pytest.mark.slow  # shares one tracked two-worker job
 def test_wandb_offline_run_files_exist(tracked_run):
     from launcher.tracking import run_id_for
