@@ -17,7 +17,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # Ray Train's controller takes a worker's checkpoint report only when it polls the worker
-# (launcher.job.ray_job_env): polling four times a second instead of once cuts the wait at each
+# (launcher.raysession.ray_job_env): polling four times a second instead of once cuts the wait at each
 # checkpoint and at the end of every test job from up to 1 s to up to 0.25 s. Throughput, the
 # price of frequent polls, does not matter here.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
