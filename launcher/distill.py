@@ -486,9 +486,9 @@ def _sharded_teacher(load: Callable[[], nn.Module], device: torch.device, strate
     """FSDP2: sharded like the student, each rank reading only its shard of the teacher's
     weights (rank 0 loads a checkpoint that cannot be read in parts); never offloaded, since it
     only runs forward."""
-    from launcher.strategies import _whole_on_first_rank, shard_and_load
+    from launcher.sharded_load import shard_and_load, whole_on_first_rank
 
-    with deferred_checkpoint_weights(whole_load=_whole_on_first_rank):
+    with deferred_checkpoint_weights(whole_load=whole_on_first_rank):
         model = load()
     options = strategy.shard_options(reduce_dtype=None)
     options.pop("offload_policy", None)
@@ -501,7 +501,7 @@ def _zero3_teacher(load: Callable[[], nn.Module], strategy) -> nn.Module:
     without optimizer, which gathers each layer's parameters for the forward pass."""
     import deepspeed
 
-    from launcher.strategies import build_partitioned
+    from launcher.sharded_load import build_partitioned
 
     config = {
         k: v

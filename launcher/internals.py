@@ -55,7 +55,7 @@ INTERNALS: tuple[Internal, ...] = (
         "nn.Module._parameters / nn.Module._buffers",
         (
             "launcher.models.replace_tensors",
-            "launcher.strategies.build_partitioned",
+            "launcher.sharded_load.build_partitioned",
         ),
         "the dicts holding a module's own parameters and buffers; assigning an entry replaces "
         "the tensor the module uses (tied modules share the same object)",
@@ -73,7 +73,7 @@ INTERNALS: tuple[Internal, ...] = (
         "dynamo_before_zero_init",
         "torch",
         "import torch._dynamo",
-        ("launcher.strategies.build_partitioned",),
+        ("launcher.sharded_load.build_partitioned",),
         "importing torch._dynamo before deepspeed.zero.Init patches tensor constructors keeps "
         "its lazy import from failing inside zero.Init",
         "2.13.0",
@@ -172,7 +172,7 @@ INTERNALS: tuple[Internal, ...] = (
         (
             "launcher.strategies.local_state_bytes",
             "launcher.strategies.resident_parameter_bytes",
-            "launcher.strategies._cast_parameters",
+            "launcher.sharded_load._cast_parameters",
             "launcher.finetune.count_parameters",
         ),
         "a partitioned parameter's local partition, its full size, and that it is partitioned",

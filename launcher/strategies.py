@@ -39,8 +39,14 @@ import torch.distributed as dist
 from torch import nn
 
 from launcher.deepspeed_config import deepspeed_config, mixed_precision_name
-from launcher.models import BlocksNotFoundError, transformer_blocks
 from launcher.recipe import Recipe, TrainConfig
+from launcher.sharded_load import (
+    block_modules,
+    build_partitioned,
+    process_rank,
+    shard_and_load,
+    whole_on_first_rank,
+)
 
 STRATEGY_FILE = "strategy.json"
 SCHEDULE_FILE = "schedule.pt"
@@ -65,10 +71,6 @@ class Strategy(Protocol):
 
 
 # ------------------------------------------------------------------------- shared helpers
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _world_size() -> int:
@@ -187,7 +189,7 @@ def clip_and_step(
 
 
 def _write_strategy_file(directory: Path, name: str, **extra: Any) -> None:
-    if _rank() == 0:
+    if process_rank() == 0:
         info = {"strategy": name, "world_size": _world_size(), **extra}
         (directory / STRATEGY_FILE).write_text(json.dumps(info, indent=2))
 
@@ -329,7 +331,7 @@ class DDPStrategy:
     def save(self, directory: Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        if _rank() == 0:
+        if process_rank() == 0:
             # Replicas are identical, so rank 0 alone writes model and optimizer.
             torch.save(self.model.state_dict(), directory / "model.pt")
             torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
@@ -362,15 +364,6 @@ class DDPStrategy:
 # ----------------------------------------------------------------------------------- FSDP
 
 
-def block_modules(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks (e.g. GPT2Block, LlamaDecoderLayer) that fully_shard and activation
-    checkpointing wrap one by one; none for a model without a block list (the root alone)."""
-    try:
-        return list(transformer_blocks(model)[1])
-    except BlocksNotFoundError:
-        return []
-
-
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each block's activations in backward (non-reentrant, key names unchanged)."""
     target = model
@@ -383,131 +376,6 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
     for block in block_modules(model):
         checkpoint(block)
-
-
-def shard_and_load(model: nn.Module, device: torch.device, options: dict[str, Any]) -> None:
-    """fully_shard each transformer block and then the root, and give every rank its shards.
-
-    The model comes from a builder run under `deferred_checkpoint_weights`: weights the
-    checkpoint holds are placeholders, and each rank reads only its own rows of them from the
-    safetensors files once sharded, so no rank ever holds the whole model. What the checkpoint
-    lacks (new heads, adapters, buffers) is small, real on every rank, and taken from rank 0 so
-    all ranks agree. A checkpoint that cannot be read lazily (GGUF, .bin) is loaded whole by
-    rank 0 (the other ranks build on meta) and sent out the same way.
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import fully_shard
-
-    from launcher.models import checkpoint_sources
-
-    sources = checkpoint_sources(model)
-    state = model.state_dict(keep_vars=True)
-    held = {n: t.detach() for n, t in state.items() if n not in sources} if _rank() == 0 else {}
-    buffers = {
-        n: b.detach().clone()
-        for n, b in model.named_buffers()
-        if n not in sources and not b.is_meta
-    }
-    _placeholders_to_meta(model, {id(state[n]) for n in sources})
-    for block in block_modules(model):
-        fully_shard(block, **options)
-    fully_shard(model, **options)
-    offload = "offload_policy" in options
-    model.to_empty(device="cpu" if offload else device)
-    if offload:
-        # Parameters live on the CPU, buffers on the compute device (where fully_shard put them).
-        _buffers_to(model, device)
-    read_checkpoint_shards(model, sources)
-    set_model_state_dict(
-        model,
-        held,
-        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False),
-    )
-    del held
-    for name, buffer in model.named_buffers():
-        # Non-persistent buffers (e.g. rotary frequencies) are in no state dict.
-        if name in buffers:
-            buffer.copy_(buffers[name])
-        dist.broadcast(buffer.data, src=0)
-
-
-def _buffers_to(model: nn.Module, device: torch.device | str) -> None:
-    """Move every buffer to `device` (shared buffers stay shared)."""
-    from launcher.models import replace_tensors
-
-    ids = {id(b) for b in model.buffers() if b.device != torch.device(device)}
-    replace_tensors(model, ids, lambda t: t.to(device))
-
-
-@contextlib.contextmanager
-def _whole_on_first_rank() -> Iterator[None]:
-    """A checkpoint that cannot be read lazily: rank 0 loads it; the others build the model
-    with meta parameters (they still open the checkpoint, and dequantize a GGUF file, but keep
-    none of its weights) and receive their shards from rank 0."""
-    if _rank() == 0:
-        yield
-        return
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
-        yield
-
-
-def _placeholders_to_meta(model: nn.Module, ids: set[int]) -> None:
-    """Swap checkpoint placeholders for meta tensors (tied ones stay tied) before sharding, so
-    fully_shard allocates nothing for them until `to_empty`."""
-    from launcher.models import replace_tensors
-
-    replace_tensors(model, ids, lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"))
-
-
-def read_checkpoint_shards(model: nn.Module, sources: dict[str, tuple[str, str]]) -> None:
-    """Copy into each tensor the part of its checkpoint value this rank holds: the rows of its
-    dim-0 shard for FSDP parameters, all of it for replicated tensors."""
-    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
-    with contextlib.ExitStack() as stack, torch.no_grad():
-        handle = _checkpoint_handles(stack)
-        for name, (file, key) in sources.items():
-            if name not in tensors:  # tied duplicates appear once among the module's tensors
-                continue
-            local, rows = _local_rows(tensors[name])
-            if local.numel() == 0:
-                continue
-            part = handle(file)
-            local.copy_(part.get_slice(key)[rows] if local.ndim else part.get_tensor(key))
-
-
-def _checkpoint_handles(stack: contextlib.ExitStack) -> Callable[[str], Any]:
-    """A safetensors handle per file, opened on first use and closed with `stack`. pread
-    instead of mmap keeps the bytes a rank does not read out of its process."""
-    from safetensors import safe_open
-
-    handles: dict[str, Any] = {}
-
-    def handle(file: str) -> Any:
-        if file not in handles:
-            handles[file] = stack.enter_context(safe_open(file, framework="pt", backend="pread"))
-        return handles[file]
-
-    return handle
-
-
-def _local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, slice]:
-    """This rank's local tensor and which rows of the full tensor it holds."""
-    from torch.distributed.tensor import DTensor, Shard
-
-    if not isinstance(tensor, DTensor):
-        return tensor.data, slice(None)
-    if len(tensor.placements) != 1 or tensor.placements[0] != Shard(0):
-        raise ValueError(f"expected a dim-0 shard on a 1-D mesh, got {tensor.placements}")
-    local = tensor.to_local()
-    rows = tensor.shape[0]
-    chunk = math.ceil(rows / tensor.device_mesh.size())
-    start = min(tensor.device_mesh.get_local_rank() * chunk, rows)
-    stop = min(start + chunk, rows)
-    if local.shape[0] != stop - start:
-        raise ValueError(f"shard of {local.shape[0]} rows, expected rows {start}:{stop}")
-    return local, slice(start, stop)
 
 
 class FSDPStrategy:
@@ -534,7 +402,7 @@ class FSDPStrategy:
     def build(self, build_model: Callable[[], nn.Module]) -> nn.Module:
         from launcher.models import deferred_checkpoint_weights
 
-        with deferred_checkpoint_weights(whole_load=_whole_on_first_rank):
+        with deferred_checkpoint_weights(whole_load=whole_on_first_rank):
             return build_model()
 
     def shard_options(self, reduce_dtype: torch.dtype | None = torch.float32) -> dict[str, Any]:
@@ -593,7 +461,7 @@ class FSDPStrategy:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         dcp.save(self._state(), checkpoint_id=str(directory / DCP_DIR))
-        if _rank() == 0:
+        if process_rank() == 0:
             torch.save(self.schedule.state_dict(), directory / SCHEDULE_FILE)
         _write_strategy_file(directory, self.name)
         _barrier()
@@ -627,99 +495,6 @@ DCP_DIR = "dcp"
 
 
 # ------------------------------------------------------------------------------ DeepSpeed
-
-
-def _attach_deepspeed_comm() -> None:
-    """Point deepspeed.comm at the process group Ray Train (or the caller) already set up.
-
-    zero.Init asks deepspeed.comm for the world size before deepspeed.initialize runs; left
-    uninitialised it answers 1 and the batch-size check fails.
-    """
-    import deepspeed
-
-    if dist.is_available() and dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
-
-
-def build_partitioned(build_model: Callable[[], nn.Module], config: dict[str, Any]) -> nn.Module:
-    """ZeRO-3: build with checkpoint placeholders, then partition the model module by module,
-    each module's weights read from the safetensors files just before it is partitioned, so a
-    rank holds its partition plus at most one module's full weights. What the checkpoint lacks
-    (heads, adapters) is partitioned as built. A checkpoint that cannot be read lazily is
-    loaded under zero.Init, which partitions it as it loads."""
-    import deepspeed
-
-    from launcher.models import checkpoint_sources, deferred_checkpoint_weights, replace_tensors
-
-    _attach_deepspeed_comm()
-    # zero.Init patches tensor constructors; torch._dynamo imported lazily inside it then
-    # fails its signature checks, so import it before.
-    import torch._dynamo  # noqa: F401
-
-    with deferred_checkpoint_weights(
-        whole_load=lambda: deepspeed.zero.Init(config_dict_or_path=config)
-    ):
-        model = build_model()
-    sources = checkpoint_sources(model)
-    state = model.state_dict(keep_vars=True)
-    by_tensor = {id(state[name]): where for name, where in sources.items()}
-    with contextlib.ExitStack() as stack:
-        handle = _checkpoint_handles(stack)
-
-        def read(where: tuple[str, str]) -> torch.Tensor:
-            return handle(where[0]).get_tensor(where[1])
-
-        for module in _children_first(model):
-            own = [
-                t
-                for table in (module._parameters, module._buffers)
-                for t in table.values()
-                if t is not None and id(t) in by_tensor
-            ]
-            if not own:
-                continue
-            for tensor in own:
-                value = read(by_tensor.pop(id(tensor)))
-                if isinstance(tensor, nn.Parameter):
-                    tensor.data = value.to(_zero_dtype(config, tensor.dtype))  # ties hold
-                else:
-                    replace_tensors(model, {id(tensor)}, lambda _, v=value.to(tensor.dtype): v)
-            _cast_parameters(module, config)
-            deepspeed.zero.Init(module=module, config_dict_or_path=config)
-    _cast_parameters(model, config)
-    deepspeed.zero.Init(module=model, config_dict_or_path=config)
-    # zero.Init(module=...) places parameters only; built inside it, buffers would be on the
-    # device already, and the engine does not move a ZeRO-3 model.
-    from deepspeed.accelerator import get_accelerator
-
-    _buffers_to(model, get_accelerator().current_device_name())
-    return model
-
-
-def _zero_dtype(config: dict[str, Any], dtype: torch.dtype) -> torch.dtype:
-    """The dtype ZeRO-3 keeps floating-point weights in: the config's half precision, if any
-    (what zero.Init's tensor constructors would have made), else as they are."""
-    if not dtype.is_floating_point:
-        return dtype
-    if config.get("bf16", {}).get("enabled"):
-        return torch.bfloat16
-    if config.get("fp16", {}).get("enabled"):
-        return torch.float16
-    return dtype
-
-
-def _cast_parameters(module: nn.Module, config: dict[str, Any]) -> None:
-    """Cast the module's not yet partitioned parameters to `_zero_dtype` in place."""
-    for param in module.parameters():
-        if not hasattr(param, "ds_id") and param.dtype != _zero_dtype(config, param.dtype):
-            param.data = param.data.to(_zero_dtype(config, param.dtype))
-
-
-def _children_first(module: nn.Module) -> Iterator[nn.Module]:
-    """Every submodule, each after all of its children (zero.Init(module=...) recurses)."""
-    for child in module.children():
-        yield from _children_first(child)
-    yield module
 
 
 class DeepSpeedStrategy:

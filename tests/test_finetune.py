@@ -360,7 +360,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from launcher.finetune import apply_finetune, count_parameters
 from launcher.models import load_model
 from launcher.recipe import Recipe
-from launcher.strategies import build_partitioned
+from launcher.sharded_load import build_partitioned
 config = {"train_batch_size": 1, "zero_optimization": {"stage": 3}}
 recipes = {method: Recipe.model_validate({"name": "z", "model": {"name_or_path": sys.argv[1]},
     "data": {"train": "t.jsonl"}, "finetune": {"method": method}}) for method in ("lora", "adapter")}

@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("train_loop",),
     ("distill", "export_layout"),
     ("finetune", "strategies", "objectives", "tracking"),
+    ("sharded_load",),
     ("models", "adapters", "tokenize"),
     ("collate", "chat"),
     ("raysession", "rundir", "progress", "dev.tiny"),

@@ -80,7 +80,7 @@ def test_lazy_build_reads_nothing_yet_and_matches_a_plain_load_once_filled(
     model's outputs."""
     from launcher.finetune import apply_finetune
     from launcher.models import checkpoint_sources, deferred_checkpoint_weights
-    from launcher.strategies import read_checkpoint_shards
+    from launcher.sharded_load import read_checkpoint_shards
 
     recipe = _lazy_recipe(request.getfixturevalue(fixture), task, method)
     torch.manual_seed(0)
