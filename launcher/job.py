@@ -67,7 +67,7 @@ def run(
         checkpoint = pick_checkpoint(result, metric, recipe.checkpoint.mode, state.run_dir)
         view.note(f"exporting {Path(checkpoint.path).name} to {state.run_dir / MODEL_DIR}")
         with clock("export"):  # 3. export
-            exported = export(recipe, checkpoint, state.run_dir, tokenizer)
+            exported = export_stage(recipe, checkpoint, state.run_dir, tokenizer)
         with clock("batch"):  # 4. batch
             batch = batch_stage(recipe, state.run_dir, view)
             batch.update(source_metrics(recipe, data, state.run_dir, view))  # per source
@@ -99,7 +99,7 @@ def open_run(recipe: Recipe, resume: Path | None, clock: Stopwatch) -> tuple[Run
     return RunState(Path(resume), timings=clock.timings, started=clock.started), resume_from
 
 
-def export(recipe: Recipe, checkpoint, run_dir: Path, tokenizer) -> dict[str, Any]:
+def export_stage(recipe: Recipe, checkpoint, run_dir: Path, tokenizer) -> dict[str, Any]:
     """Stage 3: consolidate the checkpoint into a Hugging Face model in run_dir/model."""
     from launcher.export import export_checkpoint
 
