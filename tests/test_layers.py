@@ -7,6 +7,7 @@ placed in a function body to dodge a cycle is caught like any other.
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -181,3 +182,26 @@ def test_an_upward_import_is_caught():
     assert layer_of("batch.jobs") == layer_of("batch")
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_module_is_over_700_lines():
+    long = {
+        str(p.relative_to(PACKAGE.parent)): n
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > 700
+    }
+    assert not long, f"split these modules: {long}"
+
+
+def test_the_readme_module_table_matches_the_tree():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    listed = set(re.findall(r"\| `(launcher/[\w/]+(?:\.py|/))` \|", readme))
+    tree = {
+        str(p.relative_to(PACKAGE.parent)) + ("/" if p.is_dir() else "")
+        for p in PACKAGE.iterdir()
+        if (p.suffix == ".py" and p.name != "__init__.py") or (p / "__init__.py").exists()
+    }
+    assert listed == tree, (
+        f"README module table: missing {sorted(tree - listed)}, not in the tree "
+        f"{sorted(listed - tree)}"
+    )
