@@ -83,9 +83,9 @@ def summarize(raw: Path) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     from bench.common import exact_length_texts, write_text_rows
     from bench.train import TrainSpec, run_ftlaunch
+    from launcher.dev.tiny import build_tiny_model
     from launcher.models import load_tokenizer
     from launcher.recipe import ModelConfig
-    from launcher.dev.tiny import build_tiny_model
 
     parser = argparse.ArgumentParser(prog="python -m bench.profile_train")
     parser.add_argument("--steps", type=int, default=1000)
