@@ -119,6 +119,17 @@ def test_bench_figures_pick_ratios_and_mfu_of_both_training_sections():
     }
 
 
+def test_the_end_to_end_recipes_are_valid_and_let_auto_pick_the_gpu(tmp_path):
+    from launcher.recipe import validate_data
+
+    lora = validate_data(check.lora_body(tmp_path / "m", tmp_path / "d.jsonl", tmp_path / "r"))
+    full = validate_data(check.full_body(tmp_path / "m", tmp_path / "d.jsonl", tmp_path / "r"))
+    assert lora.finetune.method == "lora" and full.finetune.method == "full"
+    assert lora.train.max_steps == check.LORA_STEPS and full.train.max_steps == check.FULL_STEPS
+    assert {lora.scaling.use_gpu, full.scaling.use_gpu} == {"auto"}
+    assert lora.data.packing and full.data.max_length == 512
+
+
 def test_step_limits_leave_room_for_a_rerun_in_a_15_minute_lease():
     start_up = 180  # a fresh device machine
     assert start_up + 2 * check.BUDGET_S <= 15 * 60

@@ -145,11 +145,12 @@ def gpu_tests(ctx: Context, step: Step) -> None:
     step.detail = "time limit" if rc == 124 else f"pytest exit {rc}"
 
 
-def recipe_body(name: str, model: Path, data: Path, storage: Path, **overrides: Any) -> dict:
+def recipe_body(name: str, model: Path, train_file: Path, storage: Path, **overrides: Any) -> dict:
+    """A one-worker recipe on packed rows; `overrides` update whole sections' keys."""
     body = {
         "name": name,
         "model": {"name_or_path": str(model)},
-        "data": {"train": str(data), "packing": True},
+        "data": {"train": str(train_file), "packing": True},
         "train": {"epochs": 4, "log_every": 20},
         "scaling": {"num_workers": 1, "use_gpu": "auto"},
         "checkpoint": {"storage_path": str(storage)},
@@ -196,16 +197,19 @@ def submit_lora(ctx: Context, step: Step) -> None:
         step.status, step.detail = "failed", f"no {kit.SMOLLM2_DIR} in the kit"
         return
     data = story_data(ctx.work / "lora-train.jsonl", 40_000)
-    body = recipe_body(
+    submit(ctx, step, lora_body(model, data, ctx.work / "runs-lora"))
+
+
+def lora_body(model: Path, train_file: Path, storage: Path) -> dict:
+    return recipe_body(
         "gpu-smollm2-lora",
         model,
-        data,
-        ctx.work / "runs-lora",
+        train_file,
+        storage,
         data={"max_length": 256},
         finetune={"method": "lora"},
         train={"max_steps": LORA_STEPS, "batch_size": 8, "lr": 2e-4},
     )
-    submit(ctx, step, body)
 
 
 def submit_full(ctx: Context, step: Step) -> None:
@@ -214,15 +218,18 @@ def submit_full(ctx: Context, step: Step) -> None:
     # GPT-2 124M's shape (12 x 768) on the project's tiny tokenizer.
     model = build_tiny_model(ctx.work / "gpt2-12x768", "gpt2", width=768, layers=12)
     data = story_data(ctx.work / "full-train.jsonl", 40_000)
-    body = recipe_body(
+    submit(ctx, step, full_body(model, data, ctx.work / "runs-full"))
+
+
+def full_body(model: Path, train_file: Path, storage: Path) -> dict:
+    return recipe_body(
         "gpu-gpt2-full",
         model,
-        data,
-        ctx.work / "runs-full",
+        train_file,
+        storage,
         data={"max_length": 512},
         train={"max_steps": FULL_STEPS, "batch_size": 16, "lr": 3e-4},
     )
-    submit(ctx, step, body)
 
 
 def bench_figures(result: dict[str, Any]) -> dict[str, Any]:
