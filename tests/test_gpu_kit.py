@@ -65,6 +65,15 @@ def test_slim_ray_drops_what_ftlaunch_never_loads_and_writes_a_true_record(tmp_p
         assert {r[0] for r in rows} == names
 
 
+def test_a_python_without_pip_gets_the_wheel_unpacked_with_its_executables(tmp_path):
+    kit.slim_ray(_fake_ray_wheel(tmp_path / "ray.whl"), tmp_path / "slim.whl")
+    kit.unpack_wheel(tmp_path / "slim.whl", tmp_path / "site")
+    raylet = tmp_path / "site" / "ray/core/src/ray/raylet/raylet"
+    assert raylet.read_bytes() == b"#!/bin/sh\n" and os.access(raylet, os.X_OK)
+    assert (tmp_path / "site" / "ray-2.60.0.dist-info" / "RECORD").exists()
+    assert not (tmp_path / "site" / "ray" / "jars").exists()
+
+
 def test_strip_leaves_anything_that_is_not_an_elf_binary_alone():
     assert kit.strip_binaries("x.py", b"print(1)\n") == b"print(1)\n"
     assert kit.strip_elf(b"\x7fELF but broken") == b"\x7fELF but broken"

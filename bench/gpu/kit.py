@@ -387,10 +387,14 @@ def install(kit: Path, target: Path, python: str = sys.executable, everything: b
     present = installed_distributions(python)
     chosen, skipped = install_plan(kit, present, everything)
     target.mkdir(parents=True, exist_ok=True)
-    if chosen:
+    has_pip = subprocess.run([python, "-m", "pip", "--version"], capture_output=True).returncode
+    if chosen and has_pip == 0:
         cmd = [python, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps"]
         cmd += ["--disable-pip-version-check", "--no-compile", "--target", str(target)]
         subprocess.run([*cmd, *map(str, chosen)], check=True)
+    elif chosen:
+        for wheel in chosen:
+            unpack_wheel(wheel, target)
     summary = {
         "installed": [w.name for w in chosen],
         "skipped": skipped,
@@ -399,6 +403,26 @@ def install(kit: Path, target: Path, python: str = sys.executable, everything: b
     }
     (target / "install.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def unpack_wheel(wheel: Path, target: Path) -> None:
+    """What `pip install --target` does with a wheel, for a Python without pip: its files land
+    in `target` (a .data folder's purelib/platlib too) with their executable bits."""
+    with zipfile.ZipFile(wheel) as z:
+        for info in z.infolist():
+            if info.is_dir():
+                continue
+            parts = info.filename.split("/")
+            if parts[0].endswith(".data"):
+                if len(parts) < 3 or parts[1] not in ("purelib", "platlib"):
+                    continue  # scripts and headers are not needed on the path
+                parts = parts[2:]
+            path = target.joinpath(*parts)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(z.read(info))
+            mode = (info.external_attr >> 16) & 0o777
+            if mode:
+                path.chmod(mode)
 
 
 # -------------------------------------------------------------------------------- check
