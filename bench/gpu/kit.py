@@ -429,18 +429,28 @@ def unpack_wheel(wheel: Path, target: Path) -> None:
 
 
 RAY_TRAIN_CHECK = """
+import os, sys, tempfile
 import ray, ray.train
-from ray.train import ScalingConfig
+from ray.train import Checkpoint, RunConfig, ScalingConfig
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 def loop(config):
-    ray.train.report({"answer": config["x"] * 2})
+    # Ray Train keeps the metrics of reports that carry a checkpoint.
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "answer.txt"), "w") as f:
+            f.write(str(config["x"] * 2))
+        ray.train.report({"answer": config["x"] * 2}, checkpoint=Checkpoint.from_directory(tmp))
 
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
 result = DataParallelTrainer(
-    loop, train_loop_config={"x": 21}, scaling_config=ScalingConfig(num_workers=1)
+    loop,
+    train_loop_config={"x": 21},
+    scaling_config=ScalingConfig(num_workers=1),
+    run_config=RunConfig(name="kit-check", storage_path=os.path.abspath(sys.argv[1])),
 ).fit()
 assert result.metrics["answer"] == 42, result.metrics
+with result.checkpoint.as_directory() as saved:
+    assert open(os.path.join(saved, "answer.txt")).read() == "42"
 print("ray train job ok", ray.__version__)
 """
 
@@ -469,7 +479,12 @@ def check_ray(kit: Path, cache: Path, python: str) -> None:
         env.pop("VIRTUAL_ENV", None)
         # Ray gives its raylet 30 s to register: on a loaded machine one more try.
         for attempt in (1, 2):
-            done = subprocess.run([python, "-c", RAY_TRAIN_CHECK], env=env, cwd=tmp, timeout=600)
+            done = subprocess.run(
+                [python, "-c", RAY_TRAIN_CHECK, str(Path(tmp) / "runs")],
+                env=env,
+                cwd=tmp,
+                timeout=600,
+            )
             if done.returncode == 0:
                 return
             log(f"Ray Train check failed (try {attempt} of 2)")
