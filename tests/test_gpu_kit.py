@@ -137,12 +137,14 @@ def test_the_end_to_end_recipes_are_valid_and_let_auto_pick_the_gpu(tmp_path):
     assert lora.train.max_steps == check.LORA_STEPS and full.train.max_steps == check.FULL_STEPS
     assert {lora.scaling.use_gpu, full.scaling.use_gpu} == {"auto"}
     assert lora.data.packing and full.data.max_length == 512
+    assert full.checkpoint.every == check.FULL_STEPS  # one checkpoint, at the end
 
 
 def test_step_limits_leave_room_for_a_rerun_in_a_15_minute_lease():
     start_up = 180  # a fresh device machine
     assert start_up + 2 * check.BUDGET_S <= 15 * 60
     assert set(check.STEP_LIMITS) == {name for name, _ in check.STEPS}
+    assert sum(check.STEP_LIMITS.values()) <= check.BUDGET_S
 
 
 @pytest.fixture(scope="module")
