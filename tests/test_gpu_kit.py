@@ -140,6 +140,20 @@ def test_the_end_to_end_recipes_are_valid_and_let_auto_pick_the_gpu(tmp_path):
     assert full.checkpoint.every == check.FULL_STEPS  # one checkpoint, at the end
 
 
+def test_end_to_end_jobs_get_an_mfu_from_their_model_shape(tiny_gpt2):
+    from transformers import AutoModelForCausalLM
+
+    from bench.hardware import Accelerator, matmul_parameters
+
+    a100 = Accelerator("cuda", "NVIDIA A100-SXM4-80GB", 1, 312.0)
+    params = matmul_parameters(AutoModelForCausalLM.from_pretrained(tiny_gpt2))
+    full = check.job_mfu(tiny_gpt2, 1e6, 32, False, a100)
+    lora = check.job_mfu(tiny_gpt2, 1e6, 32, True, a100)
+    assert full == pytest.approx(1e6 * (6 * params + 12 * 2 * 64 * 32) / 312e12)
+    assert lora < full
+    assert check.job_mfu(tiny_gpt2, None, 32, False, a100) is None
+
+
 def test_step_limits_leave_room_for_a_rerun_in_a_15_minute_lease():
     start_up = 180  # a fresh device machine
     assert start_up + 2 * check.BUDGET_S <= 15 * 60

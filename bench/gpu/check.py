@@ -180,6 +180,41 @@ def submit(ctx: Context, step: Step, body: dict) -> None:
     }
     step.status = "passed" if rc == 0 and summary.get("status") == "succeeded" else "failed"
     step.detail = "time limit" if rc == 124 else f"exit {rc}"
+    if step.status == "passed":
+        add_job_mfu(step, body)
+
+
+def job_mfu(model_dir: Path, tokens_per_s: float | None, length: int, lora: bool, accel) -> Any:
+    """MFU of an end-to-end job from its model's shape (built on the meta device: no weights),
+    its tokens/s and its row length, as the benchmark computes it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bench.hardware import matmul_parameters, mfu, training_flops_per_token
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    flops = training_flops_per_token(
+        matmul_parameters(model),
+        config.num_hidden_layers,
+        config.hidden_size,
+        length,
+        frozen_base=lora,
+    )
+    return mfu(tokens_per_s, flops, accel, 1)
+
+
+def add_job_mfu(step: Step, body: dict) -> None:
+    from bench.hardware import detect
+
+    step.figures["mfu"] = job_mfu(
+        Path(body["model"]["name_or_path"]),
+        step.figures.get("tokens_per_s"),
+        body["data"]["max_length"],
+        body.get("finetune", {}).get("method") == "lora",
+        detect(),
+    )
 
 
 def smollm2_model(ctx: Context) -> Path | None:
