@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: quickstart test lint format bench clean
+.PHONY: quickstart test lint format bench gpu-kit clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,5 +36,10 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
+# Wheels a bare GPU image lacks, for bench/gpu/check.sh on a machine without network (PyPI here).
+# Prints the kit + tracked tree size and fails above 60 MiB.
+gpu-kit: $(STAMP)
+	$(BIN)/python -m bench.gpu.kit build --out .gpu-kit
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .gpu-kit build/gpu-kit-cache

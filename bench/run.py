@@ -17,6 +17,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,11 @@ from bench.common import (
     FULL,
     GPU,
     QUICK,
-    SMOLLM2,
     SST2_TRAIN,
     Sizes,
     exact_length_texts,
     log,
+    smollm2_model,
     write_text_rows,
 )
 from bench.hardware import Accelerator, detect
@@ -97,7 +98,9 @@ class Workspace:
     def smol_data(self) -> Path:
         if self._smol_data is None:
             rows = self.sizes.smol_batch * self.sizes.smol_steps + 16
-            texts = exact_length_texts(self._tokenizer(SMOLLM2), rows, self.sizes.smol_length)
+            texts = exact_length_texts(
+                self._tokenizer(smollm2_model()), rows, self.sizes.smol_length
+            )
             self._smol_data = write_text_rows(self.root / "smol-train.jsonl", texts)
         return self._smol_data
 
@@ -133,7 +136,7 @@ def section_runners(ws: Workspace) -> dict[str, Callable[[], dict[str, Any]]]:
     def smollm2() -> dict[str, Any]:
         spec = train.TrainSpec(
             label="smollm2-lora",
-            model=dict(SMOLLM2),
+            model=smollm2_model(),
             data=ws.smol_data(),
             steps=s.smol_steps,
             warmup=s.smol_warmup,
@@ -148,8 +151,6 @@ def section_runners(ws: Workspace) -> dict[str, Callable[[], dict[str, Any]]]:
         return train.measure_throughput(spec, s.smol_repeats, runs, ws.accel)
 
     def scaling() -> dict[str, Any]:
-        from dataclasses import replace
-
         if ws.accel.device == "cuda" and ws.accel.count < 2:
             return {"skipped": "one GPU: scaling needs two"}
         spec = replace(tiny_spec(ws), steps=s.scaling_steps)
@@ -220,13 +221,18 @@ def write_results(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     return json_path, md_path
 
 
-def choose_sizes(quick: bool, accel: Accelerator) -> tuple[Sizes, str]:
-    """--quick shrinks everything; otherwise GPUs get the bigger GPU sizes."""
+def choose_sizes(quick: bool, accel: Accelerator, repeats: int | None = None) -> tuple[Sizes, str]:
+    """--quick shrinks everything; otherwise GPUs get the bigger GPU sizes. `repeats` (--repeats)
+    sets how often each throughput pair runs, for a run with a time limit."""
     if quick:
-        return QUICK, "quick"
-    if accel.device == "cuda":
-        return GPU, "gpu"
-    return FULL, "full"
+        sizes, mode = QUICK, "quick"
+    elif accel.device == "cuda":
+        sizes, mode = GPU, "gpu"
+    else:
+        sizes, mode = FULL, "full"
+    if repeats is not None:
+        sizes = replace(sizes, repeats=repeats, smol_repeats=repeats)
+    return sizes, mode
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -234,6 +240,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat")
     parser.add_argument(
         "--only", nargs="+", choices=SECTIONS, default=None, help="run only these sections"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="throughput pairs per measurement"
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     parser.add_argument("--work", type=Path, default=None, help="scratch directory (kept)")
@@ -246,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     accel = detect()
-    sizes, mode = choose_sizes(args.quick, accel)
+    sizes, mode = choose_sizes(args.quick, accel, args.repeats)
     started = time.perf_counter()
     result: dict[str, Any] = {
         "date": datetime.now().isoformat(timespec="seconds"),

@@ -60,6 +60,26 @@ def test_this_machine_runs_the_cpu_sizes(monkeypatch):
     assert sizes.train_width > FULL.train_width and sizes.tiny_length > FULL.tiny_length
 
 
+def test_gpu_runs_with_a_time_limit_set_fewer_repeats_and_keep_the_gpu_shapes():
+    from bench.run import choose_sizes, parse_args
+
+    sizes, mode = choose_sizes(False, A100, repeats=1)
+    assert mode == "gpu" and sizes.repeats == sizes.smol_repeats == 1
+    assert (sizes.train_width, sizes.tiny_length) == (GPU.train_width, GPU.tiny_length)
+    assert choose_sizes(False, A100, repeats=None)[0] is GPU
+    args = parse_args(["--only", "train_tiny", "train_smollm2", "--repeats", "1"])
+    assert args.repeats == 1 and args.only == ["train_tiny", "train_smollm2"]
+
+
+def test_smollm2_stands_in_from_a_model_directory(monkeypatch, tmp_path):
+    from bench.common import SMOLLM2, SMOLLM2_ENV, smollm2_model
+
+    monkeypatch.delenv(SMOLLM2_ENV, raising=False)
+    assert smollm2_model() == SMOLLM2
+    monkeypatch.setenv(SMOLLM2_ENV, str(tmp_path))
+    assert smollm2_model() == {"name_or_path": str(tmp_path)}
+
+
 def _counted_and_estimated(model_dir, lora: bool, length: int = 48) -> tuple[float, float]:
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoModelForCausalLM
