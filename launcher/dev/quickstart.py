@@ -11,7 +11,7 @@ from pathlib import Path
 
 from launcher.dev.synthetic import review_rows, write_jsonl
 
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
 DATA_DIR = Path("quickstart-data")
 
 
