@@ -28,6 +28,7 @@ from launcher import __version__
 from launcher.preflight import ClusterShape, check_cluster, is_uri
 from launcher.recipe import Recipe
 from launcher.targets import JobFailedError, TargetError, env_names_set_here
+from launcher.targets.envcheck import check_cluster_env
 
 RECIPE_FILE = "ftlaunch-recipe.yaml"
 DEFAULT_PORT = 8265
@@ -291,6 +292,7 @@ def submit_to_ray(
     cluster = connect(address, recipe)
     if preflight:
         check_cluster(recipe, cluster_shape(cluster), cluster.address)
+        check_cluster_env(cluster, recipe, submit_entrypoint)
     warn_relative_storage(recipe, out)
     source = (source or Path.cwd()).resolve()
     job_id = submission_id(recipe)
