@@ -51,8 +51,9 @@ def ray_session():
 def ray_cluster():
     """A real three-node Ray cluster (token auth), started on first use, stopped at the end.
 
-    head: 2 CPUs, runs the job drivers. Worker nodes `node_a` and `node_b`: 2 CPUs each and a
-    custom resource of their own name, so a test can place work on one of them. CPUs are
+    head: 2 CPUs, runs the job drivers. Worker nodes `node-a` and `node-b`: 2 CPUs each and a
+    custom resource of their own name, so a test can place work on one of them (no `_` in
+    these names: the dashboard reports resource names camelCased). CPUs are
     logical: two training workers and the data tasks that feed them fit on this 2-core machine.
     A test that kills a worker node adds one back (LocalCluster.add_node) before it ends.
     """
@@ -61,8 +62,8 @@ def ray_cluster():
     cluster = LocalCluster(root)
     try:
         cluster.start_head(num_cpus=2)
-        cluster.add_node("node_a", num_cpus=2, resources={"node_a": 1})
-        cluster.add_node("node_b", num_cpus=2, resources={"node_b": 1})
+        cluster.add_node("node-a", num_cpus=2, resources={"node-a": 1})
+        cluster.add_node("node-b", num_cpus=2, resources={"node-b": 1})
         cluster.wait_for_job_agent()
         yield cluster
     finally:

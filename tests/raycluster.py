@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,12 +116,7 @@ class LocalCluster:
         resources: dict[str, float] | None,
         attempts: int = 4,
     ) -> Node:
-        """Start a node and wait until the cluster lists it ALIVE, retrying a failed start.
-
-        A raylet gives its dashboard agent a fixed 15 s to come up and exits when it misses
-        that, which happens on a loaded 2-core machine (the agent's imports alone can take
-        longer); a new attempt usually makes it.
-        """
+        """Start a node and wait until the cluster lists it ALIVE, retrying a failed start."""
         for attempt in range(1, attempts + 1):
             node = self._start(name, args, num_cpus, resources)
             try:
@@ -144,6 +140,8 @@ class LocalCluster:
             temp_dir = self.root / f"{name}-{suffix}"
         temp_dir.mkdir(parents=True)
         resources = dict(resources or {})
+        ports = {flag: free_port() for flag in AGENT_PORT_FLAGS}
+        node_id = secrets.token_hex(28)
         command = [
             sys.executable,
             "-m",
@@ -156,15 +154,24 @@ class LocalCluster:
             f"--object-store-memory={OBJECT_STORE_BYTES}",
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
-            *(f"--{flag}={free_port()}" for flag in AGENT_PORT_FLAGS),
+            *(f"--{flag}={port}" for flag, port in ports.items()),
         ]
         if resources:
             command.append(f"--resources={json.dumps(resources)}")
         log = self.root / f"{temp_dir.name}.log"
         with open(log, "w") as out:
             proc = subprocess.Popen(
-                command, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                command,
+                env={**self.env, "RAY_OVERRIDE_NODE_ID_FOR_TESTING": node_id},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
+        threading.Thread(
+            target=announce_agent_port,
+            args=(proc, temp_dir, node_id, ports["dashboard-agent-listen-port"]),
+            daemon=True,
+        ).start()
         node = Node(name, proc, temp_dir, log, resources)
         self.nodes.append(node)
         return node
@@ -262,6 +269,28 @@ class LocalCluster:
         """Worker nodes first (their raylets would otherwise keep calling a dead head)."""
         for node in reversed(self.nodes):
             self.stop_node(node, grace_s=20)
+
+
+def announce_agent_port(
+    proc: subprocess.Popen, temp_dir: Path, node_id: str, port: int, timeout: float = 300
+) -> None:
+    """Write the dashboard agent's listen port where the node's raylet waits for it.
+
+    A raylet gives its dashboard agent a fixed 15 s to write that file and exits when it is
+    late. On a loaded 2-core machine the agent's imports alone take longer, and most node
+    starts failed. The port is fixed in advance (--dashboard-agent-listen-port), so the file
+    can be written as soon as the session directory exists; the agent writes the same number
+    when it is up, and job submissions wait for it (wait_for_job_agent).
+    """
+    from ray._raylet import DASHBOARD_AGENT_LISTEN_PORT_NAME, persist_port
+
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        sessions = [p for p in temp_dir.glob("session_2*") if p.is_dir()]
+        if sessions:
+            persist_port(str(sessions[0]), node_id, DASHBOARD_AGENT_LISTEN_PORT_NAME, port)
+            return
+        time.sleep(0.2)
 
 
 def node_env(token: str, extra: dict[str, str]) -> dict[str, str]:

@@ -10,10 +10,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+import requests
+import yaml
 
 from launcher.targets import envcheck, ray_jobs
 
@@ -30,10 +34,10 @@ def client_auth(ray_cluster, tmp_path, monkeypatch):
 
 
 def node_ids_by_resource(cluster) -> dict[str, str]:
-    """node_a / node_b -> Ray node id, from the dashboard."""
+    """node-a / node-b -> Ray node id, from the dashboard."""
     ids = {}
     for raylet in cluster.alive_nodes():
-        for name in ("node_a", "node_b"):
+        for name in ("node-a", "node-b"):
             if name in raylet.get("resourcesTotal", {}):
                 ids[name] = raylet["nodeId"]
     return ids
@@ -68,7 +72,7 @@ def test_three_nodes_each_its_own_raylet_temp_dir_and_process_group(ray_cluster)
     assert len(raylets) == 3
     totals = [r["resourcesTotal"] for r in raylets]
     assert sorted(t["CPU"] for t in totals) == [2, 2, 2]
-    assert sum("node_a" in t for t in totals) == 1 and sum("node_b" in t for t in totals) == 1
+    assert sum("node-a" in t for t in totals) == 1 and sum("node-b" in t for t in totals) == 1
     nodes = [n for n in ray_cluster.nodes if n.running]
     assert len({n.temp_dir for n in nodes}) == 3
     assert len({os.getpgid(n.proc.pid) for n in nodes}) == 3
@@ -76,7 +80,7 @@ def test_three_nodes_each_its_own_raylet_temp_dir_and_process_group(ray_cluster)
 
 def test_a_task_runs_on_the_node_its_resource_names(ray_cluster):
     ids = node_ids_by_resource(ray_cluster)
-    for name in ("node_a", "node_b"):
+    for name in ("node-a", "node-b"):
         ran_on = run_on(ray_cluster, name, "return ray.get_runtime_context().get_node_id()")
         assert ran_on == ids[name]
 
@@ -146,7 +150,7 @@ def test_s3_server_works_with_pyarrow_and_the_run_upload(s3_server, monkeypatch,
 
 
 def test_a_node_writes_to_the_s3_server(ray_cluster, s3_server):
-    """Storage every node reaches: a task on node_b writes, this process reads it back."""
+    """Storage every node reaches: a task on node-b writes, this process reads it back."""
     body = f"""
     import pyarrow.fs as pafs
     fs, base = pafs.FileSystem.from_uri("s3://{s3_server.bucket}/from-node")
@@ -154,15 +158,15 @@ def test_a_node_writes_to_the_s3_server(ray_cluster, s3_server):
         out.write(ray.get_runtime_context().get_node_id().encode())
     return base + "/hello.txt"
     """
-    path = run_on(ray_cluster, "node_b", body, {"env_vars": s3_server.env()})
+    path = run_on(ray_cluster, "node-b", body, {"env_vars": s3_server.env()})
     with s3_server.filesystem().open_input_stream(path) as stream:
-        assert stream.read().decode() == node_ids_by_resource(ray_cluster)["node_b"]
+        assert stream.read().decode() == node_ids_by_resource(ray_cluster)["node-b"]
 
 
 def test_shared_file_uri_directory_is_seen_by_every_node(ray_cluster, tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir()
-    for name in ("node_a", "node_b"):
+    for name in ("node-a", "node-b"):
         body = f"""
         import pyarrow.fs as pafs
         fs, base = pafs.FileSystem.from_uri("file://{shared}")
@@ -171,21 +175,95 @@ def test_shared_file_uri_directory_is_seen_by_every_node(ray_cluster, tmp_path):
         return base
         """
         run_on(ray_cluster, name, body)
-    assert sorted(p.name for p in shared.iterdir()) == ["node_a.txt", "node_b.txt"]
+    assert sorted(p.name for p in shared.iterdir()) == ["node-a.txt", "node-b.txt"]
 
 
 def test_a_crashed_node_drops_out_and_a_new_one_joins(ray_cluster):
-    """Last: it replaces node_b (same resources, new raylet, new temp dir)."""
-    (old,) = [n for n in ray_cluster.nodes if n.name == "node_b" and n.running]
-    old_id = node_ids_by_resource(ray_cluster)["node_b"]
+    """node-b dies (SIGKILL to its process group) and a new node-b takes its place."""
+    (old,) = [n for n in ray_cluster.nodes if n.name == "node-b" and n.running]
+    old_id = node_ids_by_resource(ray_cluster)["node-b"]
     ray_cluster.kill_node(old)
     with pytest.raises(ProcessLookupError):
         os.killpg(old.proc.pid, 0)  # nothing of the node's process group is left
     ray_cluster.wait_for_nodes(2)
-    assert "node_b" not in node_ids_by_resource(ray_cluster)
+    assert "node-b" not in node_ids_by_resource(ray_cluster)
 
-    new = ray_cluster.add_node("node_b", num_cpus=2, resources={"node_b": 1})
+    new = ray_cluster.add_node("node-b", num_cpus=2, resources={"node-b": 1})
     assert new.temp_dir != old.temp_dir and Path(new.temp_dir).exists()
-    new_id = node_ids_by_resource(ray_cluster)["node_b"]
+    new_id = node_ids_by_resource(ray_cluster)["node-b"]
     assert new_id != old_id
-    assert run_on(ray_cluster, "node_b", "return ray.get_runtime_context().get_node_id()") == new_id
+    assert run_on(ray_cluster, "node-b", "return ray.get_runtime_context().get_node_id()") == new_id
+
+
+# ------------------------------------------------------------------ a job across two nodes
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """ftlaunch in a subprocess (its own exit code), from the repository root."""
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        cwd=repo,
+        timeout=1200,
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def train_worker_nodes(cluster) -> set[str]:
+    """Node ids of every Ray Train worker actor the cluster has run (the state API)."""
+    reply = requests.get(
+        f"{cluster.address}/api/v0/actors",
+        params={
+            "limit": 1000,
+            "detail": 1,
+            "filter_keys": "class_name",
+            "filter_predicates": "=",
+            "filter_values": "RayTrainWorker",
+        },
+        headers=cluster.headers,
+        timeout=30,
+    )
+    reply.raise_for_status()
+    return {actor["node_id"] for actor in reply.json()["data"]["result"]["result"]}
+
+
+@pytest.mark.slow
+def test_two_workers_on_two_nodes_through_ftlaunch_submit(
+    ray_cluster, client_auth, tmp_path, tiny_gpt2, story_data
+):
+    """A two-worker job sent with `ftlaunch submit --address`, storage on a shared file:// dir.
+
+    Each node has 2 CPUs and each worker asks for 2, so the ranks cannot share a node.
+    """
+    shared = tmp_path / "shared-runs"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time\nThe little dog\n")
+    body = {
+        "name": "two-nodes",
+        "model": {"name_or_path": str(tiny_gpt2)},
+        "data": {
+            "train": str(story_data["train"]),
+            "validation": str(story_data["validation"]),
+            "max_length": 32,
+        },
+        "train": {"max_steps": 4, "batch_size": 4, "lr": 3e-3, "log_every": 1},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 2, "use_gpu": False},
+        "checkpoint": {"storage_path": f"file://{shared}", "metric": None},
+        "evaluate": {"metrics": ["loss"]},
+        "generate": {"prompts": str(prompts), "max_new_tokens": 4},
+    }
+    path = tmp_path / "two-nodes.yaml"
+    path.write_text(yaml.safe_dump(body))
+    code, out, err = run_cli("submit", str(path), "--address", ray_cluster.address)
+    assert code == 0, f"{out[-4000:]}\n{err[-3000:]}"
+
+    (run_dir,) = shared.iterdir()
+    for name in ("recipe.yaml", "metrics.jsonl", "model", "eval.json", "generations.jsonl"):
+        assert (run_dir / name).exists(), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "succeeded"
+    assert any((run_dir / "checkpoints").iterdir())
+    assert len(train_worker_nodes(ray_cluster)) == 2
