@@ -250,6 +250,9 @@ class LocalCluster:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(node.proc.pid, signal.SIGKILL)
         node.proc.wait(30)
+        deadline = time.monotonic() + 10
+        while live_group_members(node.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
 
     def stop_node(self, node: Node, grace_s: float = 60) -> None:
         """Stop a node cleanly, then make sure nothing of its group is left."""
@@ -269,6 +272,19 @@ class LocalCluster:
         """Worker nodes first (their raylets would otherwise keep calling a dead head)."""
         for node in reversed(self.nodes):
             self.stop_node(node, grace_s=20)
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """Processes of a process group that still run (zombies awaiting their reaper do not)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            members.append(int(stat.parent.name))
+    return members
 
 
 def announce_agent_port(

