@@ -64,7 +64,7 @@ def run_cli(*args: str) -> tuple[int, str, str]:
         text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},
         cwd=REPO,
-        timeout=300,
+        timeout=900,
     )
     return proc.returncode, proc.stdout, proc.stderr
 
