@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+from raycluster import LocalCluster, S3Server
 
 # Quiet, deterministic and offline, before any library reads its environment.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -47,6 +50,41 @@ def ray_session():
         )
     yield ray
     # Ray is shut down at interpreter exit; other session fixtures may still need it.
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real three-node Ray cluster (token auth), started on first use, stopped at the end.
+
+    head: 2 CPUs, runs the job drivers. Worker nodes `node-a` and `node-b`: 2 CPUs each and a
+    custom resource of their own name, so a test can place work on one of them (no `_` in
+    these names: the dashboard reports resource names camelCased). CPUs are
+    logical: two training workers and the data tasks that feed them fit on this 2-core machine.
+    A test that kills a worker node adds one back (LocalCluster.add_node) before it ends.
+    """
+    # Unix socket paths under the temp dir must stay short (107 bytes): not under tmp_path.
+    root = Path(tempfile.mkdtemp(prefix="ftlc-", dir="/tmp"))
+    cluster = LocalCluster(root)
+    try:
+        cluster.start_head(num_cpus=2)
+        cluster.add_node("node-a", num_cpus=2, resources={"node-a": 1})
+        cluster.add_node("node-b", num_cpus=2, resources={"node-b": 1})
+        cluster.wait_for_job_agent()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-compatible server (moto) on 127.0.0.1 with one bucket, for s3:// storage paths."""
+    server = S3Server()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

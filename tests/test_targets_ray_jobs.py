@@ -1,19 +1,17 @@
 """Target ray against a real Ray head started here (token auth on), plus preflight refusals.
 
-The head runs in its own temp dir and process group, on free ports, so the in-process Ray other
-tests use never sees it; it is stopped by signalling the processes it started (never `ray stop`,
-which would stop every Ray on the machine).
+The head (tests/raycluster.py) runs in its own temp dir and process group, on free ports, so the
+in-process Ray other tests use never sees it; it is stopped by signalling the processes it
+started (never `ray stop`, which would stop every Ray on the machine).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import secrets
-import signal
-import socket
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,8 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 from helpers import minimal_recipe
+from raycluster import LocalCluster, free_port
 
 from launcher.cli import main
 from launcher.raysession import ClusterShape
@@ -33,147 +31,18 @@ REPO = Path(__file__).resolve().parent.parent
 HEAD_SIDE_HF_TOKEN = "hf_cluster_side_value_1234"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Head:
-    """A `ray start --head --block` process group with its own temp dir and ports."""
-
-    def __init__(self, root: Path, token: str):
-        self.root = root
-        self.token = token
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
-        self.address = f"http://127.0.0.1:{self.dashboard_port}"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-        self.env.update(
-            RAY_AUTH_MODE="token",
-            RAY_AUTH_TOKEN=token,
-            HF_TOKEN=HEAD_SIDE_HF_TOKEN,
-            RAY_USAGE_STATS_ENABLED="0",
-            PYTHONPATH=str(REPO),
-            # the job's `python` must be this environment's, as on a real cluster image
-            PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-        )
-        self.procs: list[subprocess.Popen] = []
-
-    def start_node(self, *args: str) -> subprocess.Popen:
-        # Agents on default ports would collide with any other Ray on this host (the agent then
-        # never registers and no job can be submitted): every port is a free one.
-        ports = [
-            f"--{name}={free_port()}"
-            for name in (
-                "dashboard-agent-listen-port",
-                "dashboard-agent-grpc-port",
-                "metrics-export-port",
-                "runtime-env-agent-port",
-                "node-manager-port",
-                "object-manager-port",
-            )
-        ]
-        args = (*args, *ports)
-        log = open(self.root / f"node{len(self.procs)}.log", "w")  # noqa: SIM115
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", *args],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.procs.append(proc)
-        return proc
-
-    def start(self) -> None:
-        self.start_node(
-            "--head",
-            f"--port={self.gcs_port}",
-            f"--dashboard-port={self.dashboard_port}",
-            "--dashboard-host=127.0.0.1",
-            "--node-ip-address=127.0.0.1",
-            "--num-cpus=2",
-            "--include-dashboard=true",
-            "--disable-usage-stats",
-            f"--temp-dir={self.root / 'ray'}",
-        )
-        self.wait_for_nodes(1)
-        self.wait_for_job_agent()
-
-    def wait_for_job_agent(self, timeout: float = 240) -> None:
-        """A fresh head accepts jobs only once its job agent registered (slow on a busy host)."""
-        deadline = time.monotonic() + timeout
-        headers = {"Authorization": f"Bearer {self.token}"}
-        while time.monotonic() < deadline:
-            reply = requests.post(
-                f"{self.address}/api/jobs/",
-                json={"entrypoint": "true"},
-                headers=headers,
-                timeout=60,
-            )
-            if reply.ok:
-                return
-            time.sleep(1)
-        logs = sorted((self.root / "ray").glob("session_*/logs/dashboard_JobHead.log"))
-        tail = logs[-1].read_text()[-3000:] if logs else ""
-        raise TimeoutError(f"the head's job agent never became available\n{tail}")
-
-    def add_worker_node(self) -> subprocess.Popen:
-        proc = self.start_node(
-            f"--address=127.0.0.1:{self.gcs_port}",
-            "--node-ip-address=127.0.0.1",
-            "--num-cpus=0",
-            "--disable-usage-stats",
-        )
-        self.wait_for_nodes(2)
-        return proc
-
-    def wait_for_nodes(self, count: int, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        headers = {"Authorization": f"Bearer {self.token}"}
-        while time.monotonic() < deadline:
-            for proc in self.procs:
-                assert proc.poll() is None, (self.root / "node0.log").read_text()[-3000:]
-            try:
-                reply = requests.get(
-                    f"{self.address}/nodes?view=summary", headers=headers, timeout=2
-                )
-                nodes = reply.json()["data"]["summary"] if reply.ok else []
-                if sum(n["raylet"].get("state") == "ALIVE" for n in nodes) >= count:
-                    return
-            except (requests.RequestException, ValueError, KeyError):
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"Ray did not reach {count} node(s)")
-
-    def stop_node(self, proc: subprocess.Popen) -> None:
-        # SIGTERM to `ray start --block` makes it stop the processes it started; the group
-        # kill afterwards catches anything left over (only processes this test started).
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            self.stop_node(proc)
-
-
 @pytest.fixture(scope="module")
 def head():
+    """One head (2 CPUs, token auth) for this module; a test may add a worker node to it."""
     root = Path(tempfile.mkdtemp(prefix="ftlr-", dir="/tmp"))
-    node = Head(root, token=secrets.token_hex(16))
+    cluster = LocalCluster(root, env={"HF_TOKEN": HEAD_SIDE_HF_TOKEN})
     try:
-        node.start()
-        yield node
+        cluster.start_head(num_cpus=2)
+        cluster.wait_for_job_agent()
+        yield cluster
     finally:
-        node.stop()
-        subprocess.run(["rm", "-rf", str(root)], check=False)
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
@@ -196,7 +65,7 @@ def run_cli(*args: str) -> tuple[int, str, str]:
         text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},
         cwd=REPO,
-        timeout=300,
+        timeout=900,
     )
     return proc.returncode, proc.stdout, proc.stderr
 
@@ -416,7 +285,7 @@ def test_tiny_recipe_end_to_end_through_ftlaunch_submit(
 
 def test_local_storage_refused_once_the_cluster_has_two_nodes(head, token_file):
     """Last in the module: it adds a second node to the shared head."""
-    worker = head.add_worker_node()
+    worker = head.add_node(num_cpus=0)
     try:
         cluster = ray_jobs.connect(head.address)
         shape = ray_jobs.cluster_shape(cluster)

@@ -29,6 +29,7 @@ from launcher.raysession import ClusterShape
 from launcher.recipe import Recipe
 from launcher.rundir import is_uri, run_name
 from launcher.targets import TargetError, env_names_set_here
+from launcher.targets.envcheck import check_cluster_env
 from launcher.targets.preflight import check_cluster
 
 RECIPE_FILE = "ftlaunch-recipe.yaml"
@@ -299,6 +300,7 @@ def submit_to_ray(
     cluster = connect(address, recipe)
     if preflight:
         check_cluster(recipe, cluster_shape(cluster), cluster.address)
+        check_cluster_env(cluster, recipe, submit_entrypoint)
     note = relative_storage_note(recipe)
     source = (source or Path.cwd()).resolve()
     job_id = submission_id(recipe)

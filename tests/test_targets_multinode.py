@@ -1,0 +1,265 @@
+"""A real multi-node Ray cluster on this machine (tests/raycluster.py, fixture ray_cluster):
+placement by node, a crashed node and its replacement, the environment check against real
+nodes, and S3-compatible storage (moto) reached from a node.
+
+The cluster is shared by the whole test session; a test that kills a node adds one back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+from raycluster import live_group_members
+
+from launcher.targets import envcheck, ray_jobs
+
+
+@pytest.fixture
+def client_auth(ray_cluster, tmp_path, monkeypatch):
+    """This process talks to the cluster like a user: the token in a file, no RAY_ADDRESS."""
+    path = tmp_path / "auth_token"
+    path.write_text(ray_cluster.token)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path))
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "RAY_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    return path
+
+
+def node_ids_by_resource(cluster) -> dict[str, str]:
+    """node-a / node-b -> Ray node id, from the dashboard."""
+    ids = {}
+    for raylet in cluster.alive_nodes():
+        for name in ("node-a", "node-b"):
+            if name in raylet.get("resourcesTotal", {}):
+                ids[name] = raylet["nodeId"]
+    return ids
+
+
+def run_on(cluster, resource: str, body: str, runtime_env: dict | None = None) -> str:
+    """Run `body` (a function body returning a JSON-able value) as a task needing `resource`."""
+    script = textwrap.dedent(
+        """
+        import json, ray
+        ray.init(log_to_driver=False, runtime_env={runtime_env})
+
+        @ray.remote(num_cpus=0, resources={{{resource!r}: 0.01}})
+        def task():
+        {body}
+
+        print("RESULT " + json.dumps(ray.get(task.remote(), timeout=240)))
+        """
+    ).format(
+        runtime_env=repr(runtime_env or {}),
+        resource=resource,
+        body=textwrap.indent(textwrap.dedent(body), "    "),
+    )
+    proc = cluster.run_driver(script)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    return json.loads(line[len("RESULT ") :])
+
+
+def test_three_nodes_each_its_own_raylet_temp_dir_and_process_group(ray_cluster):
+    raylets = ray_cluster.alive_nodes()
+    assert len(raylets) == 3
+    totals = [r["resourcesTotal"] for r in raylets]
+    assert sorted(t["CPU"] for t in totals) == [2, 2, 2]
+    assert sum("node-a" in t for t in totals) == 1 and sum("node-b" in t for t in totals) == 1
+    nodes = [n for n in ray_cluster.nodes if n.running]
+    assert len({n.temp_dir for n in nodes}) == 3
+    assert len({os.getpgid(n.proc.pid) for n in nodes}) == 3
+
+
+def test_a_task_runs_on_the_node_its_resource_names(ray_cluster):
+    ids = node_ids_by_resource(ray_cluster)
+    for name in ("node-a", "node-b"):
+        ran_on = run_on(ray_cluster, name, "return ray.get_runtime_context().get_node_id()")
+        assert ran_on == ids[name]
+
+
+def test_environment_check_passes_on_the_cluster(ray_cluster, client_auth):
+    from helpers import minimal_recipe
+
+    cluster = ray_jobs.connect(ray_cluster.address)
+    recipe = minimal_recipe(strategy={"name": "deepspeed"})
+    report = envcheck.run_probe(cluster, recipe, ray_jobs.submit_entrypoint)
+    # one report per live node, each from the Python Ray runs workers with there
+    assert len(report["nodes"]) == 3, report.get("nodes_error")
+    assert report["driver"]["packages"]["deepspeed"] is not None
+    envcheck.check_cluster_env(cluster, recipe, ray_jobs.submit_entrypoint, {})
+
+
+def test_environment_check_names_what_a_plain_python_lacks(ray_cluster, client_auth, tmp_path):
+    """A head whose `python` is the system one: refused before any upload, rich named."""
+    system_python = shutil.which("python3", path="/usr/bin:/bin")
+    if system_python is None:
+        pytest.skip("no system python3")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(system_python)
+    from helpers import minimal_recipe
+
+    def submit_with_plain_python(cluster, entrypoint, runtime_env, job_id, metadata):
+        env = {**runtime_env, "env_vars": {"PATH": f"{bin_dir}:/usr/bin:/bin"}}
+        return ray_jobs.submit_entrypoint(cluster, entrypoint, env, job_id, metadata)
+
+    cluster = ray_jobs.connect(ray_cluster.address)
+    with pytest.raises(envcheck.ClusterEnvError) as caught:
+        envcheck.check_cluster_env(cluster, minimal_recipe(), submit_with_plain_python, {})
+    message = str(caught.value)
+    assert f"job driver (`python` on the head: {bin_dir}" in message or "python3" in message
+    assert "rich: missing (needs >=13)" in message
+    assert "ray: missing" in message
+    assert "cluster.pip" in message and "docker/Dockerfile" in message
+
+
+def test_s3_server_works_with_pyarrow_and_the_run_upload(s3_server, monkeypatch, tmp_path):
+    import pyarrow.fs as pafs
+
+    from launcher.rundir import upload_run_dir
+
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "summary.json").write_text('{"status": "succeeded"}')
+    (run / "model" / "config.json").write_text("{}")
+    remote = f"s3://{s3_server.bucket}/runs/demo-1"
+    upload_run_dir(run, remote)
+    fs, base = pafs.FileSystem.from_uri(remote)
+    listed = {
+        info.path[len(base) + 1 :]
+        for info in fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        if info.type == pafs.FileType.File
+    }
+    assert listed == {"summary.json", "model/config.json"}
+    with fs.open_input_stream(f"{base}/summary.json") as stream:
+        assert json.loads(stream.read()) == {"status": "succeeded"}
+
+
+def test_a_node_writes_to_the_s3_server(ray_cluster, s3_server):
+    """Storage every node reaches: a task on node-b writes, this process reads it back."""
+    body = f"""
+    import pyarrow.fs as pafs
+    fs, base = pafs.FileSystem.from_uri("s3://{s3_server.bucket}/from-node")
+    with fs.open_output_stream(base + "/hello.txt") as out:
+        out.write(ray.get_runtime_context().get_node_id().encode())
+    return base + "/hello.txt"
+    """
+    path = run_on(ray_cluster, "node-b", body, {"env_vars": s3_server.env()})
+    with s3_server.filesystem().open_input_stream(path) as stream:
+        assert stream.read().decode() == node_ids_by_resource(ray_cluster)["node-b"]
+
+
+def test_shared_file_uri_directory_is_seen_by_every_node(ray_cluster, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    for name in ("node-a", "node-b"):
+        body = f"""
+        import pyarrow.fs as pafs
+        fs, base = pafs.FileSystem.from_uri("file://{shared}")
+        with fs.open_output_stream(base + "/{name}.txt") as out:
+            out.write(b"{name}")
+        return base
+        """
+        run_on(ray_cluster, name, body)
+    assert sorted(p.name for p in shared.iterdir()) == ["node-a.txt", "node-b.txt"]
+
+
+def test_a_crashed_node_drops_out_and_a_new_one_joins(ray_cluster):
+    """node-b dies (SIGKILL to its process group) and a new node-b takes its place."""
+    (old,) = [n for n in ray_cluster.nodes if n.name == "node-b" and n.running]
+    old_id = node_ids_by_resource(ray_cluster)["node-b"]
+    ray_cluster.kill_node(old)
+    assert live_group_members(old.proc.pid) == []  # nothing of the node is left running
+    ray_cluster.wait_for_nodes(2)
+    assert "node-b" not in node_ids_by_resource(ray_cluster)
+
+    new = ray_cluster.add_node("node-b", num_cpus=2, resources={"node-b": 1})
+    assert new.temp_dir != old.temp_dir and Path(new.temp_dir).exists()
+    new_id = node_ids_by_resource(ray_cluster)["node-b"]
+    assert new_id != old_id
+    assert run_on(ray_cluster, "node-b", "return ray.get_runtime_context().get_node_id()") == new_id
+
+
+# ------------------------------------------------------------------ a job across two nodes
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """ftlaunch in a subprocess (its own exit code), from the repository root."""
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        cwd=repo,
+        timeout=1200,
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def train_worker_nodes(cluster) -> set[str]:
+    """Node ids of every Ray Train worker actor the cluster has run (the state API)."""
+    reply = requests.get(
+        f"{cluster.address}/api/v0/actors",
+        params={
+            "limit": 1000,
+            "detail": 1,
+            "filter_keys": "class_name",
+            "filter_predicates": "=",
+            "filter_values": "RayTrainWorker",
+        },
+        headers=cluster.headers,
+        timeout=30,
+    )
+    reply.raise_for_status()
+    return {actor["node_id"] for actor in reply.json()["data"]["result"]["result"]}
+
+
+@pytest.mark.slow
+def test_two_workers_on_two_nodes_through_ftlaunch_submit(
+    ray_cluster, client_auth, tmp_path, tiny_gpt2, story_data
+):
+    """A two-worker job sent with `ftlaunch submit --address`, storage on a shared file:// dir.
+
+    Each node has 2 CPUs and each worker asks for 2, so the ranks cannot share a node.
+    """
+    shared = tmp_path / "shared-runs"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time\nThe little dog\n")
+    body = {
+        "name": "two-nodes",
+        "model": {"name_or_path": str(tiny_gpt2)},
+        "data": {
+            "train": str(story_data["train"]),
+            "validation": str(story_data["validation"]),
+            "max_length": 32,
+        },
+        "train": {"max_steps": 4, "batch_size": 4, "lr": 3e-3, "log_every": 1},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 2, "use_gpu": False},
+        "checkpoint": {"storage_path": f"file://{shared}", "metric": None},
+        "evaluate": {"metrics": ["loss"]},
+        "generate": {"prompts": str(prompts), "max_new_tokens": 4},
+    }
+    path = tmp_path / "two-nodes.yaml"
+    path.write_text(yaml.safe_dump(body))
+    code, out, err = run_cli("submit", str(path), "--address", ray_cluster.address)
+    assert code == 0, f"{out[-4000:]}\n{err[-3000:]}"
+
+    (run_dir,) = shared.iterdir()
+    for name in ("recipe.yaml", "metrics.jsonl", "model", "eval.json", "generations.jsonl"):
+        assert (run_dir / name).exists(), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "succeeded"
+    assert any((run_dir / "checkpoints").iterdir())
+    assert len(train_worker_nodes(ray_cluster)) == 2
