@@ -224,3 +224,23 @@ def test_uri_storage_puts_the_whole_run_directory_there(instruction_run_on_uri):
     assert list((remote / "checkpoints").glob("checkpoint_*/ftlaunch_state.json"))
     staged = staging / remote.name
     assert not list(staged.glob("checkpoints/checkpoint_*"))  # checkpoints went straight to storage
+
+
+@pytest.mark.ray_job
+def test_no_actor_of_a_job_outlives_it(ray_session, tiny_gpt2, story_data, tmp_path):
+    """Two jobs in one Ray instance: the stop flag, the report queue, the tokenization ledger
+    and Ray Train's controller and data coordinators of the first are gone after the second."""
+    from ray.util.state import list_actors
+
+    def alive() -> dict[str, str]:
+        """Live actors by id; Ray's detached ones are per Ray instance, not per job."""
+        found = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000, detail=True)
+        return {a.actor_id: a.class_name for a in found if not a.is_detached}
+
+    before = alive()
+    for name, workers in (("first", 2), ("second", 1)):
+        body = causal_recipe(tmp_path, tiny_gpt2, story_data, train={"max_steps": 2})
+        body["name"], body["scaling"]["num_workers"] = name, workers
+        run(load_recipe(write_recipe(tmp_path, body, f"{name}.yaml")))
+    left = {i: c for i, c in alive().items() if i not in before}
+    assert not left, f"actors still alive after their job: {sorted(left.values())}"
