@@ -435,17 +435,17 @@ class PreparedData:
     """Rows per split before tokenization (after splitting, mixing and balancing)."""
     sources: list[str]
     """Source names in source_id order (empty unless a split is a list of sources)."""
-    ledger: Any = None
+    tokenization: dict[str, dict[str, int]] = field(default_factory=dict)
+    """The ledger's counts, taken once the splits were materialized (the actor is gone then)."""
 
     def tokenization_runs(self) -> dict[str, dict[str, int]]:
-        """Per split: map_batches calls, rows in and rows out of tokenization so far.
+        """Per split: map_batches calls, rows in and rows out of tokenization.
 
-        Right after prepare_data rows_in equals raw_rows; if anything (a training worker)
-        tokenized again, the counts would grow.
+        rows_in equals raw_rows: every raw row was tokenized once, in the data tasks. The
+        splits are materialized, so the training workers only read finished blocks (a task
+        that tokenized again would find the ledger actor gone and fail).
         """
-        import ray
-
-        return ray.get(self.ledger.snapshot.remote()) if self.ledger is not None else {}
+        return {k: dict(v) for k, v in self.tokenization.items()}
 
 
 def prepare_data(
@@ -472,16 +472,16 @@ def prepare_data(
     ledger = ray.remote(num_cpus=0)(_TokenizationLedger).remote()
     try:
         datasets, num_rows, num_tokens = _tokenize_splits(tables, batch_fn, ledger, recipe)
-    except BaseException:
-        ray.kill(ledger)
-        raise
+        tokenization = ray.get(ledger.snapshot.remote())
+    finally:
+        ray.kill(ledger)  # no actor outlives the job
     return PreparedData(
         datasets=datasets,
         num_rows=num_rows,
         num_tokens=num_tokens,
         raw_rows={k: t.num_rows for k, t in tables.items()},
         sources=sources,
-        ledger=ledger,
+        tokenization=tokenization,
     )
 
 

@@ -31,6 +31,7 @@ def ensure_ray(verbose: bool = False, address: str | None = None) -> None:
     machine; nothing to do when this process is already connected."""
     import ray
 
+    quiet_libraries(verbose)
     if ray.is_initialized():
         return
     ray.init(
@@ -40,6 +41,30 @@ def ensure_ray(verbose: bool = False, address: str | None = None) -> None:
         include_dashboard=False if not os.environ.get("RAY_ADDRESS") else None,
         runtime_env={"env_vars": ray_job_env()},
     )
+
+
+class _BelowError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+# Loggers whose warnings say nothing a person running ftlaunch can act on: Ray's note that the
+# embedded cluster it starts uses token authentication, DeepSpeed's "Setting accelerator to
+# CPU" on every import on a CPU machine.
+CHATTY_LOGGERS = ("ray._private.authentication.authentication_token_setup", "DeepSpeed")
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Without --verbose, only errors from CHATTY_LOGGERS reach the terminal.
+
+    A filter rather than a level: DeepSpeed sets its logger's level when it is imported.
+    """
+    for name in CHATTY_LOGGERS:
+        logger = logging.getLogger(name)
+        for existing in [f for f in logger.filters if isinstance(f, _BelowError)]:
+            logger.removeFilter(existing)
+        if not verbose:
+            logger.addFilter(_BelowError())
 
 
 def ray_job_env() -> dict[str, str]:

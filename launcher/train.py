@@ -7,10 +7,12 @@ picks the checkpoint to export.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,10 @@ from launcher.rundir import (
     CHECKPOINTS_DIR,
     RunState,
     checkpoint_step,
+    checkpoints_dir,
     latest_checkpoint,
     metrics_path,
+    read_metrics,
 )
 from launcher.train_loop import (
     Plan,
@@ -43,6 +47,10 @@ from launcher.train_loop import (
 # exit once, right after its optimizer step k (a marker file in the run directory says so).
 FAIL_AT_STEP, FAIL_RANK = "FTLAUNCH_FAIL_AT_STEP", "FTLAUNCH_FAIL_RANK"
 FAILURE_MARKER = ".ftlaunch-failure-injected"
+# FTLAUNCH_IN_PROCESS=0 keeps single-worker CPU jobs on a real Ray Train worker.
+IN_PROCESS = "FTLAUNCH_IN_PROCESS"
+# They need a process group, which Ray Train's local mode does not set up.
+NEEDS_PROCESS_GROUP = ("fsdp", "deepspeed")
 
 
 class JobError(JobFailedError):
@@ -118,6 +126,51 @@ def drain_sink(sink, state: RunState, view: ProgressView, stop: threading.Event,
                     tracker.log(item, int(item["step"]))
 
 
+def runs_in_process(recipe: Recipe, gpu: bool, remote: str | None) -> bool:
+    """Whether training runs in this process (Ray Train's local mode) instead of on a worker.
+
+    Only where a worker would add nothing but its start-up: one CPU worker, no restarts to
+    survive, local storage, and a strategy that needs no process group.
+    """
+    if os.environ.get(IN_PROCESS, "1") == "0":
+        return False
+    return (
+        recipe.scaling.num_workers == 1
+        and not gpu
+        and recipe.train.max_failures == 0
+        and remote is None
+        and recipe.strategy.name not in NEEDS_PROCESS_GROUP
+    )
+
+
+@dataclass
+class InProcessResult:
+    """What trainer.fit() tells about an in-process run, read back from the run directory:
+    the checkpoints the loop kept, each with the metrics reported at its step."""
+
+    checkpoint: Any = None
+    best_checkpoints: list[tuple[Any, dict[str, Any]]] = field(default_factory=list)
+    error: BaseException | None = None
+
+
+def in_process_result(run_dir: Path) -> InProcessResult:
+    """The kept checkpoints joined to metrics.jsonl by step; the newest is `checkpoint`."""
+    import ray.train
+
+    reported: dict[int, dict[str, Any]] = {}
+    for record in read_metrics(run_dir):
+        if record.get("event", "metrics") == "metrics" and "step" in record:
+            reported[int(record["step"])] = record
+    kept = []
+    for directory in sorted(checkpoints_dir(run_dir).glob("checkpoint_*")):
+        try:
+            kept.append((checkpoint_step(directory), directory))
+        except (OSError, ValueError, KeyError):
+            continue
+    best = [(ray.train.Checkpoint(str(d)), reported.get(step, {})) for step, d in sorted(kept)]
+    return InProcessResult(checkpoint=best[-1][0] if best else None, best_checkpoints=best)
+
+
 def export_metric(recipe: Recipe, with_validation: bool) -> str | None:
     """The metric that picks the checkpoint to export (eval_* ones need validation data)."""
     metric = recipe.checkpoint.metric
@@ -161,6 +214,9 @@ def train(
         datasets["validation"] = data.datasets["validation"]
     ckpt = recipe.checkpoint
     metric = export_metric(recipe, with_validation)
+    in_process = runs_in_process(recipe, gpu, state.remote)
+    if in_process:
+        checkpoints_dir(state.run_dir).mkdir(parents=True, exist_ok=True)
     config = WorkerConfig(
         recipe=recipe,
         plan=plan,
@@ -170,12 +226,15 @@ def train(
         resume_from=str(resume_from) if resume_from else None,
         sink=sink,
         stop_flag=flag,
+        checkpoints_dir=str(checkpoints_dir(state.run_dir)) if in_process else None,
+        score_metric=metric,
     )
     trainer = TorchTrainer(
         worker_function(),
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=recipe.scaling.num_workers,
+            # 0 is Ray Train's local mode: the loop runs in this thread.
+            num_workers=0 if in_process else recipe.scaling.num_workers,
             use_gpu=gpu,
             resources_per_worker={
                 "CPU": recipe.scaling.cpus_per_worker,
@@ -203,20 +262,30 @@ def train(
     )
     drainer.start()
     previous = watch_sigterm(flag, state, view)
+    sigint = sigint_handler()
+    threads = torch_threads()
     try:
         result = trainer.fit()
     except Exception as exc:
         raise JobError(f"training failed: {exc}") from exc
     finally:
-        if previous is not None:
-            import signal
+        import signal
 
+        if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        # fit() installs a SIGINT handler whose closure holds Ray Train's controller (and with
+        # it the dataset coordinators): putting the old one back lets those actors go.
+        if sigint is not None:
+            signal.signal(signal.SIGINT, sigint)
+        set_torch_threads(threads)  # the in-process loop sets its worker's thread count
         stop.set()
         drainer.join(timeout=30)
         view.stop()
         if tracker is not None:
             tracker.close()
+        end_actors(flag, sink)
+    if in_process:
+        result = in_process_result(state.run_dir)
     if result.error is not None:
         raise JobError(f"training failed: {result.error}")
     if state.preempted:
@@ -225,6 +294,38 @@ def train(
             f"--resume {state.run_dir}"
         )
     return result, plan, metric
+
+
+def sigint_handler():
+    """The SIGINT handler now (None off the main thread, where fit() installs none)."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.getsignal(signal.SIGINT)
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def set_torch_threads(count: int) -> None:
+    import torch
+
+    torch.set_num_threads(count)
+
+
+def end_actors(flag, sink) -> None:
+    """The stop flag and the report queue live only as long as the job's training."""
+    import ray
+
+    # Either may be gone already with a failed job: then there is nothing left to free.
+    with contextlib.suppress(Exception):
+        ray.kill(flag)
+    with contextlib.suppress(Exception):
+        sink.shutdown(force=True)
 
 
 def pick_checkpoint(result, metric: str | None, mode: str, run_dir: Path):
@@ -253,11 +354,18 @@ def worker_function():
     return train_loop_failing_once if os.environ.get(FAIL_AT_STEP) else train_loop_per_worker
 
 
+class InjectedFailure(RuntimeError):
+    """The injected failure of an in-process run."""
+
+
 class FailingOnce:
     """A strategy that ends its process right after optimizer step `at`, once per run."""
 
-    def __init__(self, strategy, at: int, rank: int, marker: Path) -> None:
+    def __init__(
+        self, strategy, at: int, rank: int, marker: Path, in_process: bool = False
+    ) -> None:
         self._strategy, self._at, self._rank, self._marker = strategy, at, rank, marker
+        self._in_process = in_process
         self._step = 0
 
     def __getattr__(self, name: str) -> Any:
@@ -272,6 +380,8 @@ class FailingOnce:
         self._step += 1
         if self._step == self._at and not self._marker.exists():
             self._marker.write_text(f"rank {self._rank} exited at step {self._step}\n")
+            if self._in_process:  # os._exit would end the driver itself
+                raise InjectedFailure(f"rank {self._rank} failed at step {self._step}")
             os._exit(1)
         return grad_norm
 
@@ -289,5 +399,8 @@ def train_loop_failing_once(config: WorkerConfig) -> None:
         run_worker(config, make_strategy)
         return
     run_worker(
-        config, lambda recipe, device: FailingOnce(make_strategy(recipe, device), at, rank, marker)
+        config,
+        lambda recipe, device: FailingOnce(
+            make_strategy(recipe, device), at, rank, marker, config.in_process
+        ),
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -48,6 +49,16 @@ class WorkerConfig:
     sink: Any = None
     # A handle to the driver's stop-flag actor (SIGTERM): polled on report steps.
     stop_flag: Any = None
+    # In-process training (Ray Train's local mode, which stores nothing): the loop writes its
+    # checkpoints here itself and keeps the best `checkpoint.keep` by `score_metric`, as Ray
+    # Train's CheckpointConfig does for real workers.
+    checkpoints_dir: str | None = None
+    score_metric: str | None = None
+
+    @property
+    def in_process(self) -> bool:
+        """Whether the loop runs in the driver's process (no Ray Train workers)."""
+        return self.checkpoints_dir is not None
 
 
 @dataclass
@@ -162,7 +173,12 @@ def validation_metrics(
 def save_checkpoint(strategy, position: Position, rank: int) -> tempfile.TemporaryDirectory:
     """Write this rank's part of a checkpoint into a fresh temporary directory."""
     tmp = tempfile.TemporaryDirectory(prefix="ftlaunch-ckpt-")
-    directory = Path(tmp.name)
+    write_checkpoint(strategy, position, rank, Path(tmp.name))
+    return tmp
+
+
+def write_checkpoint(strategy, position: Position, rank: int, directory: Path) -> None:
+    """Write this rank's part of a checkpoint into `directory`."""
     strategy.save(directory)
     # Each rank keeps its own RNG stream so dropout continues exactly after a resume.
     torch.save(
@@ -181,7 +197,51 @@ def save_checkpoint(strategy, position: Position, rank: int) -> tempfile.Tempora
             "restarts": position.restarts,
         }
         (directory / STATE_FILE).write_text(json.dumps(state))
-    return tmp
+
+
+def keep_checkpoint(strategy, position: Position, checkpoints_dir: Path) -> Path:
+    """In-process: write checkpoint_<step:06d> into the run's checkpoints directory (under a
+    hidden name first, so a half-written one is never taken for a checkpoint)."""
+    final = checkpoints_dir / f"checkpoint_{position.step:06d}"
+    partial = checkpoints_dir / f".{final.name}.partial"
+    for stale in (partial, final):
+        if stale.exists():
+            shutil.rmtree(stale)
+    partial.mkdir(parents=True)
+    write_checkpoint(strategy, position, 0, partial)
+    partial.rename(final)
+    return final
+
+
+def prune_checkpoints(
+    checkpoints_dir: Path, scores: dict[int, float | None], keep: int | None, mode: str
+) -> None:
+    """Keep the best `keep` checkpoints by score (the newest always stays), as Ray Train's
+    CheckpointConfig(num_to_keep, checkpoint_score_order) does; without scores, the newest.
+
+    A checkpoint without a score (one from before a resume) ranks below every scored one.
+    """
+    if keep is None:
+        return
+    found = sorted(
+        (checkpoint_step(state.parent), state.parent)
+        for state in checkpoints_dir.glob(f"checkpoint_*/{STATE_FILE}")
+    )
+    if len(found) <= keep:
+        return
+    newest = found[-1][0]
+    sign = 1.0 if mode == "max" else -1.0
+
+    def rank(entry: tuple[int, Path]) -> tuple[bool, float, int]:
+        score = scores.get(entry[0])
+        if score is None or math.isnan(score):
+            return (False, 0.0, entry[0])
+        return (True, sign * score, entry[0])
+
+    ranked = sorted(found, key=rank)  # worst first; equal scores: the older first
+    for step, path in ranked[: len(ranked) - keep]:
+        if step != newest:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _checkpoint_step(checkpoint) -> int:
@@ -304,6 +364,7 @@ def run_worker(config: WorkerConfig, make_strategy: Callable[[Recipe, torch.devi
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation") if config.has_validation else None
     last_eval: dict[str, float] = {}
+    scores: dict[int, float | None] = {}  # in-process: step -> score_metric, for pruning
     window = Window()
     module.train()
 
@@ -333,7 +394,13 @@ def run_worker(config: WorkerConfig, make_strategy: Callable[[Recipe, torch.devi
             metrics.update(last_eval)
         if rank == 0 and sink is not None:
             sink.put({"event": "metrics", **metrics})
-        if ckpt_due:
+        if ckpt_due and config.in_process:
+            # Ray Train's local mode stores nothing: the checkpoint goes to the run directory.
+            directory = Path(config.checkpoints_dir)
+            keep_checkpoint(strategy, position, directory)
+            scores[step] = metrics.get(config.score_metric) if config.score_metric else None
+            prune_checkpoints(directory, scores, recipe.checkpoint.keep, recipe.checkpoint.mode)
+        elif ckpt_due:
             # Ray Train hears only of checkpoints (metrics reach the driver through the sink):
             # each report waits for the controller's next poll of this worker.
             tmp = save_checkpoint(strategy, position, rank)

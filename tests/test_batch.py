@@ -227,6 +227,57 @@ def test_causal_scoring_of_completion_given_prompt(ray_session, tiny_gpt2, gpt2,
         assert got["log_likelihood_per_token"] == pytest.approx(sum(want) / len(want), abs=1e-5)
 
 
+def test_small_inputs_in_the_driver_match_the_actor_pool(
+    ray_session, tiny_gpt2, story_data, tmp_path, monkeypatch
+):
+    """Under batch.pool.IN_DRIVER_ROWS rows without GPUs the model runs in the driver: the
+    same rows, columns, order and scores as on the actor pool."""
+    from launcher.batch import pool as batch_pool
+
+    def both(make) -> list:
+        monkeypatch.setattr(batch_pool, "BatchWorker", counting)
+        made.clear()
+        in_driver = make("driver")
+        assert made, "a small CPU job did not run in the driver"
+        monkeypatch.setenv("FTLAUNCH_IN_PROCESS", "0")
+        made.clear()
+        on_pool = make("pool")
+        assert not made  # the pool's actors use their own copy of the class
+        monkeypatch.delenv("FTLAUNCH_IN_PROCESS")
+        return [in_driver, on_pool]
+
+    made: list = []
+
+    class counting(batch_pool.BatchWorker):
+        def __init__(self, *args, **kwargs):
+            made.append(1)
+            super().__init__(*args, **kwargs)
+
+    options = batch.PoolOptions(batch_size=4, progress=False)
+    scored = both(
+        lambda where: pq.read_table(
+            batch.score(
+                tiny_gpt2,
+                story_data["validation"],
+                tmp_path / f"{where}.parquet",
+                token_logprobs=True,
+                pool=options,
+            )
+        )
+    )
+    assert scored[0].equals(scored[1])
+    evaluated = both(
+        lambda where: batch.evaluate(
+            tiny_gpt2,
+            story_data["validation"],
+            ["loss", "perplexity"],
+            pool=options,
+            out_dir=tmp_path / where,
+        )
+    )
+    assert evaluated[0] == evaluated[1]
+
+
 def test_classification_eval_and_score_match_direct_model(
     ray_session, cls_model, review_data, tmp_path
 ):

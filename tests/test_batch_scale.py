@@ -68,7 +68,10 @@ def score_rows(model: Path, n: int, tmp_path: Path) -> tuple[Path, PeakMemory]:
 
 
 @pytest.mark.slow
-def test_ten_thousand_rows_one_to_one_with_flat_memory(ray_session, tiny_gpt2, tmp_path):
+def test_ten_thousand_rows_one_to_one_with_flat_memory(
+    ray_session, tiny_gpt2, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("FTLAUNCH_IN_PROCESS", "0")  # every size on the actor pool
     score_rows(tiny_gpt2, 200, tmp_path)  # warm-up: first-use imports and Ray Data set-up
     _, small = score_rows(tiny_gpt2, 2_000, tmp_path)
     out, large = score_rows(tiny_gpt2, 10_000, tmp_path)

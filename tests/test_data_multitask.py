@@ -4,8 +4,8 @@ Covered elsewhere, not repeated here:
 - the mix samples each source in proportion to its weight within a tolerance:
   tests/test_data.py::test_mix_proportions_within_tolerance and
   tests/test_data.py::test_weighted_mix_follows_weights_and_keeps_source;
-- a real 2-worker job on a two-source mix reports eval_<source>_loss for each validation
-  source: tests/test_objectives_fgm.py::test_fgm_two_worker_ddp_job_on_a_two_source_mix.
+- a job on a two-source mix reports eval_<source>_loss for each validation
+  source: tests/test_objectives_fgm.py::test_fgm_ddp_job_on_a_two_source_mix.
 """
 
 from __future__ import annotations

@@ -77,6 +77,7 @@ def test_offline_teacher_pass_runs_once_and_a_second_run_reuses_it(
     body = distill_recipe(
         tmp_path, tiny_gpt2, tiny_teacher, story_data, mode="offline", top_k=8, cache_dir=str(cache)
     )
+    body["scaling"]["num_workers"] = 1  # the teacher pass is the data stage's: one worker will do
     first = run(load_recipe(write_recipe(tmp_path, body)))
     [entry] = cache_entries(cache)
     assert entry["teacher_passes"] == 1 and entry["reuses"] == 0

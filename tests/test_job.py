@@ -224,3 +224,59 @@ def test_uri_storage_puts_the_whole_run_directory_there(instruction_run_on_uri):
     assert list((remote / "checkpoints").glob("checkpoint_*/ftlaunch_state.json"))
     staged = staging / remote.name
     assert not list(staged.glob("checkpoints/checkpoint_*"))  # checkpoints went straight to storage
+
+
+@pytest.mark.ray_job
+def test_no_actor_of_a_job_outlives_it(ray_session, tiny_gpt2, story_data, tmp_path):
+    """Two jobs in one Ray instance: the stop flag, the report queue, the tokenization ledger
+    and Ray Train's controller and data coordinators of the first are gone after the second."""
+    # ray.util.state.list_actors asks the dashboard, which the test session does not start;
+    # the GCS's actor table holds the same records.
+    from ray._private.state import actors
+
+    def alive() -> dict[str, str]:
+        """Live actors by id; Ray's detached ones are per Ray instance, not per job."""
+        return {
+            i: a["ActorClassName"]
+            for i, a in actors().items()
+            if a["State"] == "ALIVE" and not a["IsDetached"]
+        }
+
+    before = alive()
+    for name, workers in (("first", 2), ("second", 1)):
+        body = causal_recipe(tmp_path, tiny_gpt2, story_data, train={"max_steps": 2})
+        body["name"], body["scaling"]["num_workers"] = name, workers
+        run(load_recipe(write_recipe(tmp_path, body, f"{name}.yaml")))
+    left = {i: c for i, c in alive().items() if i not in before}
+    assert not left, f"actors still alive after their job: {sorted(left.values())}"
+
+
+def test_in_process_keeps_and_picks_checkpoints_like_ray_train(tmp_path):
+    """The in-process loop keeps the best `keep` by the metric (the newest always stays) and the
+    driver picks the best kept one from metrics.jsonl, else the newest."""
+    from launcher.rundir import STATE_FILE
+    from launcher.train import in_process_result, pick_checkpoint
+    from launcher.train_loop import prune_checkpoints
+
+    ckpts = tmp_path / "checkpoints"
+    losses = {2: 3.0, 4: 1.0, 6: 2.0, 8: 5.0}
+    scores: dict[int, float | None] = {}
+    for step, loss in losses.items():
+        directory = ckpts / f"checkpoint_{step:06d}"
+        directory.mkdir(parents=True)
+        (directory / STATE_FILE).write_text(json.dumps({"step": step}))
+        scores[step] = loss
+        prune_checkpoints(ckpts, scores, keep=2, mode="min")
+    # 2 went when 6 came; 8 is the worst but the newest, so it stays and so does 6 (Ray Train
+    # deletes only the worst, never the newest: one more than `keep` until the next report).
+    kept = sorted(p.name for p in ckpts.iterdir())
+    assert kept == ["checkpoint_000004", "checkpoint_000006", "checkpoint_000008"]
+
+    records = [{"step": s, "eval_loss": v} for s, v in losses.items()]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = in_process_result(tmp_path)
+    assert Path(result.checkpoint.path).name == "checkpoint_000008"
+    best = pick_checkpoint(result, "eval_loss", "min", tmp_path)
+    assert Path(best.path).name == "checkpoint_000004"
+    assert Path(pick_checkpoint(result, "eval_loss", "max", tmp_path).path).name.endswith("08")
+    assert Path(pick_checkpoint(result, None, "min", tmp_path).path).name.endswith("08")

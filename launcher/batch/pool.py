@@ -22,6 +22,11 @@ from launcher.raysession import quiet_ray_data
 
 # Model batches per actor call: rows are sorted by length within this window.
 BUCKET_BATCHES = 8
+# Up to this many rows on a cluster without GPUs, one BatchWorker runs in this process: starting
+# a pool actor (a process that imports torch and loads the model) costs more than the scoring.
+IN_DRIVER_ROWS = 1_000
+# FTLAUNCH_IN_PROCESS=0 keeps every batch job on the actor pool.
+IN_PROCESS = "FTLAUNCH_IN_PROCESS"
 OUTPUT_SUFFIXES = (".jsonl", ".parquet")
 
 
@@ -59,6 +64,9 @@ def run_job(
     gpus = _cluster_gpus()
     actors = pool.num_actors or max(gpus, 1)
     job = {**job, "batch_size": pool.batch_size}
+    if runs_in_driver(total, actors, gpus, pool.address):
+        yield from run_in_driver(source, dataset, job, pool, total, description)
+        return
     mapped = dataset.map_batches(
         BatchWorker,
         fn_constructor_kwargs={"source": source, "job": job},
@@ -76,6 +84,38 @@ def run_job(
     quiet_ray_data(verbose=False)
     with progress_display(total, description, pool.progress) as advance:
         for block in mapped.iter_batches(batch_size=None, batch_format="pyarrow"):
+            advance(block.num_rows)
+            yield block
+
+
+def runs_in_driver(total: int | None, actors: int, gpus: int, address: str | None) -> bool:
+    """Whether a job is small enough to run in this process rather than on an actor pool.
+
+    Not with GPUs (the pool places the model on them), not when more actors were asked for,
+    not through Ray Client (the model path is the cluster's, not this machine's).
+    """
+    if os.environ.get(IN_PROCESS, "1") == "0" or gpus or actors != 1:
+        return False
+    remote = address or os.environ.get("RAY_ADDRESS", "")
+    return total is not None and total <= IN_DRIVER_ROWS and not remote.startswith("ray://")
+
+
+def run_in_driver(
+    source: ModelSource, dataset, job: dict, pool: PoolOptions, total: int | None, description: str
+) -> Iterator:
+    """run_job's pool work done by one BatchWorker here: the same batches in the same order,
+    turned into Arrow blocks the way Ray Data turns an actor's output into a block."""
+    from ray.data.block import BlockAccessor
+
+    dataset.context.execution_options.preserve_order = True
+    quiet_ray_data(verbose=False)
+    worker = BatchWorker(source=source, job=job)
+    batches = dataset.iter_batches(
+        batch_size=pool.batch_size * BUCKET_BATCHES, batch_format="pandas"
+    )
+    with progress_display(total, description, pool.progress) as advance:
+        for batch in batches:
+            block = BlockAccessor.for_block(BlockAccessor.batch_to_block(worker(batch))).to_arrow()
             advance(block.num_rows)
             yield block
 
