@@ -288,12 +288,31 @@ class ChatEncoder:
         )
         return self.encode_messages(messages, row)
 
-    def encode_messages(self, messages: list[dict[str, Any]], row: int) -> ChatExample | Dropped:
-        """Encode already normalized messages (see `normalize_messages`)."""
+    def check_row(self, value: Any, row: int) -> list[dict[str, Any]]:
+        """The row's normalized messages, after checking everything that can make it fail
+        (layout, roles, an assistant turn, the template renders it) without tokenizing it:
+        the driver runs this over every row before training starts."""
+        messages = normalize_messages(
+            value, row=row, field_name=self.field_name, layouts=self.layouts
+        )
+        with_system = normalize_messages(
+            messages, row=row, field_name=self.field_name, system_prompt=self.system_prompt
+        )
+        self._check_renders(with_system, row)
+        self._render(with_system, row)
+        return messages
+
+    def _check_renders(self, messages: list[dict[str, Any]], row: int) -> list[int]:
+        """Indices of the assistant turns, once the conversation is known to render."""
         assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if not assistants:
             raise ChatDataError(row, self.field_name, "no assistant turn to train")
         self._check_roles_render(messages, row)
+        return assistants
+
+    def encode_messages(self, messages: list[dict[str, Any]], row: int) -> ChatExample | Dropped:
+        """Encode already normalized messages (see `normalize_messages`)."""
+        assistants = self._check_renders(messages, row)
         first_trained = assistants[-1] if self.train_on == "last_assistant" else assistants[0]
         keep = len(messages)
         text = self._render(messages, row)
