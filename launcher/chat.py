@@ -526,3 +526,24 @@ def _rejected(exc: Exception, messages: list[dict[str, Any]]) -> str:
     if others:
         detail += f" (it has {', '.join(others)} messages; the template may not support them)"
     return detail
+
+
+def end_of_turn_ids(tokenizer: Any, template: str) -> list[int]:
+    """Token ids that end an assistant turn under this template: the special token the template
+    writes right after the assistant's text (ChatML's <|im_end|>), and EOS. Generation stops at
+    any of them."""
+    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    marker = "FTLAUNCH_END_OF_TURN_PROBE"
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
+    try:
+        rendered = tokenizer.apply_chat_template(probe, chat_template=template, tokenize=False)
+    except Exception:  # a template that rejects the probe: EOS is all we know
+        return ids
+    after = rendered[rendered.find(marker) + len(marker) :].lstrip()
+    for text in sorted(_special_texts(tokenizer), key=len, reverse=True):
+        if after.startswith(text):
+            token = tokenizer.convert_tokens_to_ids(text)
+            if isinstance(token, int) and token not in ids:
+                ids.append(token)
+            break
+    return ids

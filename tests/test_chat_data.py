@@ -147,3 +147,51 @@ def test_chat_batches_train_assistant_turns_and_count_drops(tmp_path, tok):
     assert T.dropped_rows(packed) == {"too_long": 1}
     positions = packed.column("position_ids").to_pylist()[0]
     assert positions.count(0) > 1  # several whole conversations, positions restarting in each
+
+
+def test_export_keeps_the_template_and_stops_at_end_of_turn(tiny_gpt2, tmp_path):
+    """transformers alone, on the exported model, renders prompts as training did and stops
+    generating where a trained turn ends."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from launcher.export import export_model
+    from launcher.finetune import apply_finetune
+    from launcher.models import load_model, load_tokenizer
+
+    recipe = validate_data(
+        {
+            "name": "t",
+            "model": {"name_or_path": str(tiny_gpt2)},
+            "data": {"format": "chat", "chat_template": TEMPLATE, "train": "x"},
+            "finetune": {"method": "lora"},
+        }
+    )
+    tokenizer = load_tokenizer(recipe.model)
+    model = apply_finetune(load_model(recipe.model, pad_token_id=tokenizer.pad_token_id), recipe)
+    export_model(recipe, model.state_dict(), tmp_path, tokenizer, merge=True)
+
+    exported = AutoTokenizer.from_pretrained(tmp_path / "model")
+    assert exported.chat_template == TEMPLATE
+    prompt = exported.apply_chat_template(
+        conversation(3)[:1], tokenize=False, add_generation_prompt=True
+    )
+    assert prompt == f"<user>what is 3 plus 0?{tokenizer.eos_token}<assistant>"
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    stops = plain.generation_config.eos_token_id
+    assert tokenizer.eos_token_id in (stops if isinstance(stops, list) else [stops])
+
+
+def test_end_of_turn_token_of_a_chatml_template():
+    from launcher.chat import end_of_turn_ids
+    from launcher.dev.synthetic import story_lines
+    from launcher.dev.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer("gpt2", story_lines(50, seed=3), 300)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    chatml = (
+        "{% for m in messages %}"
+        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}"
+    )
+    stops = end_of_turn_ids(tokenizer, chatml)
+    assert stops == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
