@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -195,3 +196,50 @@ def test_end_of_turn_token_of_a_chatml_template():
     )
     stops = end_of_turn_ids(tokenizer, chatml)
     assert stops == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_generate_renders_messages_rows_with_the_exported_template(
+    ray_session, tiny_gpt2, tmp_path
+):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from launcher import batch
+    from launcher.export import export_model
+    from launcher.finetune import apply_finetune
+    from launcher.models import load_model, load_tokenizer
+
+    recipe = validate_data(
+        {
+            "name": "t",
+            "model": {"name_or_path": str(tiny_gpt2)},
+            "data": {"format": "chat", "chat_template": TEMPLATE, "train": "x"},
+            "finetune": {"method": "full"},
+        }
+    )
+    tokenizer = load_tokenizer(recipe.model)
+    model = apply_finetune(load_model(recipe.model, pad_token_id=tokenizer.pad_token_id), recipe)
+    export_model(recipe, model.state_dict(), tmp_path, tokenizer, merge=True)
+    rows = [{"id": f"c{i}", "messages": conversation(i)[:1]} for i in range(3)]
+    src = write_jsonl(rows, tmp_path / "chats.jsonl")
+    out = batch.generate(
+        tmp_path / "model",
+        src,
+        tmp_path / "generations.jsonl",
+        {"max_new_tokens": 8, "do_sample": False},
+        pool=batch.PoolOptions(batch_size=2, progress=False),
+    )
+    lines = Path(out).read_text(encoding="utf-8").splitlines()
+    got = {row["id"]: row["output"] for row in map(json.loads, lines)}
+    exported = AutoTokenizer.from_pretrained(tmp_path / "model")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    for row in rows:
+        ids = exported.apply_chat_template(
+            row["messages"], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+        with torch.no_grad():
+            direct = plain.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False
+            )
+        expected = exported.decode(direct[0, ids.shape[1] :], skip_special_tokens=True)
+        assert got[row["id"]] == expected
