@@ -180,7 +180,7 @@ def chat_prompt_text(tokenizer, row: dict, system_prompt: str | None) -> str:
     from launcher.chat import normalize_messages
 
     messages = row.get("messages")
-    if messages is None:
+    if not isinstance(messages, list | tuple | np.ndarray):  # missing: None, or NaN from pandas
         messages = [{"role": "user", "content": str(row["prompt"])}]
     messages = normalize_messages(messages, row=0, system_prompt=system_prompt)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
