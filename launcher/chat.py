@@ -288,12 +288,31 @@ class ChatEncoder:
         )
         return self.encode_messages(messages, row)
 
-    def encode_messages(self, messages: list[dict[str, Any]], row: int) -> ChatExample | Dropped:
-        """Encode already normalized messages (see `normalize_messages`)."""
+    def check_row(self, value: Any, row: int) -> list[dict[str, Any]]:
+        """The row's normalized messages, after checking everything that can make it fail
+        (layout, roles, an assistant turn, the template renders it) without tokenizing it:
+        the driver runs this over every row before training starts."""
+        messages = normalize_messages(
+            value, row=row, field_name=self.field_name, layouts=self.layouts
+        )
+        with_system = normalize_messages(
+            messages, row=row, field_name=self.field_name, system_prompt=self.system_prompt
+        )
+        self._check_renders(with_system, row)
+        self._render(with_system, row)
+        return messages
+
+    def _check_renders(self, messages: list[dict[str, Any]], row: int) -> list[int]:
+        """Indices of the assistant turns, once the conversation is known to render."""
         assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if not assistants:
             raise ChatDataError(row, self.field_name, "no assistant turn to train")
         self._check_roles_render(messages, row)
+        return assistants
+
+    def encode_messages(self, messages: list[dict[str, Any]], row: int) -> ChatExample | Dropped:
+        """Encode already normalized messages (see `normalize_messages`)."""
+        assistants = self._check_renders(messages, row)
         first_trained = assistants[-1] if self.train_on == "last_assistant" else assistants[0]
         keep = len(messages)
         text = self._render(messages, row)
@@ -507,3 +526,24 @@ def _rejected(exc: Exception, messages: list[dict[str, Any]]) -> str:
     if others:
         detail += f" (it has {', '.join(others)} messages; the template may not support them)"
     return detail
+
+
+def end_of_turn_ids(tokenizer: Any, template: str) -> list[int]:
+    """Token ids that end an assistant turn under this template: the special token the template
+    writes right after the assistant's text (ChatML's <|im_end|>), and EOS. Generation stops at
+    any of them."""
+    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    marker = "FTLAUNCH_END_OF_TURN_PROBE"
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
+    try:
+        rendered = tokenizer.apply_chat_template(probe, chat_template=template, tokenize=False)
+    except Exception:  # a template that rejects the probe: EOS is all we know
+        return ids
+    after = rendered[rendered.find(marker) + len(marker) :].lstrip()
+    for text in sorted(_special_texts(tokenizer), key=len, reverse=True):
+        if after.startswith(text):
+            token = tokenizer.convert_tokens_to_ids(text)
+            if isinstance(token, int) and token not in ids:
+                ids.append(token)
+            break
+    return ids

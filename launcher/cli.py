@@ -570,6 +570,12 @@ def eval_cmd(model_or_run: str, data: str, metrics: tuple[str, ...], out: str | 
 @click.option(
     "--prompt-template", default=None, help="e.g. '### Instruction:\\n{prompt}\\n### Response:\\n'"
 )
+@click.option(
+    "--chat/--no-chat",
+    default=None,
+    help="Render rows with the model's chat template (a `messages` conversation or the `prompt` "
+    "as a user message) and stop at end of turn. Default: on when rows have `messages`.",
+)
 @batch_pool_options(16)
 def generate_cmd(model_or_run: str, prompts: str, out: str, prompt_template: str | None, **flags):
     """Generate text for every prompt with MODEL_OR_RUN; write one row per output to --out.
@@ -583,7 +589,10 @@ def generate_cmd(model_or_run: str, prompts: str, out: str, prompt_template: str
     pool = pool_from_flags(
         *(flags.pop(k) for k in ("batch_size", "num_actors", "ray_address", "quiet"))
     )
-    path = batch_call(batch.generate, model_or_run, prompts, out, flags, prompt_template, pool=pool)
+    chat = flags.pop("chat")
+    path = batch_call(
+        batch.generate, model_or_run, prompts, out, flags, prompt_template, pool=pool, chat=chat
+    )
     click.echo(f"wrote {path}", err=True)
 
 

@@ -3,8 +3,10 @@
 The flow, in the driver, before any training worker exists:
 
 1. read   every source of every split into an Arrow table with canonical columns
-          (`text` / `instruction`, `input`, `output` / `text`, `label`), validating each row;
-          bad data raises `DataError` naming file, row (line for JSON Lines) and field.
+          (`text` / `instruction`, `input`, `output` / `messages` / `text`, `label`),
+          validating each row; bad data raises `DataError` naming file, row (line for JSON
+          Lines) and field. Chat rows are checked against the chat template too (every row
+          must render) and kept as JSON text of their normalized messages.
 2. split  carve missing validation / test splits from train (deterministic, `data.split.seed`).
 3. mix    several training sources are sampled in proportion to their weights (`source` column).
 4. balance  classification: undersample train to equal class counts.
@@ -28,6 +30,7 @@ this costs memory proportional to the raw text only.
 from __future__ import annotations
 
 import functools
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from launcher.chat import ChatDataError, ChatEncoder
 from launcher.records import (
     DataError,
     RawTable,
@@ -46,7 +50,13 @@ from launcher.records import (
     read_hf,
     read_table,
 )
-from launcher.tokenize import TOKENIZE_BATCH_ROWS, check_prompt_template, tokenizer_for_batches
+from launcher.tokenize import (
+    TOKENIZE_BATCH_ROWS,
+    chat_encoder,
+    check_prompt_template,
+    dropped_rows,
+    tokenizer_for_batches,
+)
 
 SPLITS = ("train", "validation", "test")
 
@@ -66,11 +76,21 @@ class Fields:
     """classification: allowed label names, in id order."""
     setting: dict[str, str] = field(default_factory=dict)
     """canonical column -> the recipe key that names the raw field (for messages)."""
+    chat: ChatEncoder | None = None
+    """chat: checks each row's messages (and that the template renders them); without one
+    (no tokenizer at hand) only the message layout is checked."""
 
 
-def fields_for(recipe: Any) -> Fields:
-    """The fields `recipe.data.format` reads from each row."""
+def fields_for(recipe: Any, tokenizer: Any = None) -> Fields:
+    """The fields `recipe.data.format` reads from each row; chat rows are checked against the
+    chat template when the tokenizer is given."""
     d = recipe.data
+    if d.format == "chat":
+        return Fields(
+            {"messages": d.messages_field},
+            setting={"messages": "data.messages_field"},
+            chat=chat_encoder(recipe, tokenizer) if tokenizer is not None else None,
+        )
     if d.format == "text":
         return Fields({"text": d.text_field}, setting={"text": "data.text_field"})
     if d.format == "classification":
@@ -112,10 +132,17 @@ def read_file(path: Path, fields: Fields) -> RawTable:
     ):
         raise DataError(
             f"{path}: .txt files hold plain text only; data.format "
-            f"{'classification' if 'label' in fields.required else 'instruction'} needs "
+            f"{_format_of(fields)} needs "
             f"fields {', '.join(fields.required.values())}: use .jsonl, .csv or .parquet"
         )
     return _canonical(read_table(path, text_column=fields.required.get("text", "text")), fields)
+
+
+def _format_of(fields: Fields) -> str:
+    for column, fmt in (("label", "classification"), ("messages", "chat")):
+        if column in fields.required:
+            return fmt
+    return "instruction"
 
 
 def _canonical(raw: RawTable, fields: Fields) -> RawTable:
@@ -144,6 +171,8 @@ def canonical_columns(table: pa.Table, fields: Fields, where: Callable[[int], st
             raise DataError(f"{where(missing)}: missing field {name!r} ({setting})")
         if column == "label":
             out["label"] = _label_ids(values, name, fields.labels or (), where)
+        elif column == "messages":
+            out["messages"] = _checked_messages(values, name, setting, fields.chat, where)
         else:
             out[column] = _as_text(values, name, setting, where)
     for column, name in fields.optional.items():
@@ -156,6 +185,30 @@ def canonical_columns(table: pa.Table, fields: Fields, where: Callable[[int], st
             values = pa.array([""] * table.num_rows, pa.string())
         out[column] = values
     return pa.table(out)
+
+
+def _checked_messages(
+    values: pa.Array,
+    name: str,
+    setting: str,
+    encoder: ChatEncoder | None,
+    where: Callable[[int], str],
+) -> pa.Array:
+    """Every row's messages checked and normalized, as JSON text (one column type whatever the
+    layout, so sources with different message keys mix)."""
+    from launcher.chat import normalize_messages
+
+    out = []
+    for i, value in enumerate(values.to_pylist()):
+        try:
+            if encoder is not None:
+                messages = encoder.check_row(value, i)
+            else:
+                messages = normalize_messages(value, row=i, field_name=name)
+        except ChatDataError as exc:
+            raise DataError(f"{where(i)}: field {name!r} ({setting}): {exc.detail}") from None
+        out.append(json.dumps(messages, ensure_ascii=False))
+    return pa.array(out, pa.string())
 
 
 def _first_true(mask: pa.Array) -> int | None:
@@ -327,14 +380,18 @@ def _read_split(spec: Any, fields: Fields, base_dir: Path | None) -> list[tuple[
     return [(s, read_source(s.path, fields, base_dir).table) for s in listed]
 
 
-def load_tables(recipe: Any, base_dir: Path | None = None) -> dict[str, pa.Table]:
+def load_tables(
+    recipe: Any, base_dir: Path | None = None, tokenizer: Any = None
+) -> dict[str, pa.Table]:
     """Read, validate, split, mix and balance: the raw (untokenized) table of every split.
 
     Runs in the driver and needs no Ray. Columns: the canonical ones of the format, `row_id`
     (0..n-1 in final order) and `source` / `source_id` when a split is a list of sources.
+    With the tokenizer, chat rows are also checked against the chat template (a missing or
+    broken template and rows it rejects fail here).
     """
     d = recipe.data
-    fields = fields_for(recipe)
+    fields = fields_for(recipe, tokenizer)
     given = {name: getattr(d, name) for name in SPLITS if getattr(d, name) is not None}
     fractions = {
         name: getattr(d.split, name) for name in ("validation", "test") if name not in given
@@ -392,7 +449,14 @@ class _TokenizationLedger:
     def __init__(self) -> None:
         self.counts: dict[str, dict[str, int]] = {}
 
-    def record(self, split: str, rows_in: int, rows_out: int, tokens_out: int = 0) -> None:
+    def record(
+        self,
+        split: str,
+        rows_in: int,
+        rows_out: int,
+        tokens_out: int = 0,
+        dropped: dict[str, int] | None = None,
+    ) -> None:
         entry = self.counts.setdefault(
             split, {"calls": 0, "rows_in": 0, "rows_out": 0, "tokens_out": 0}
         )
@@ -400,6 +464,8 @@ class _TokenizationLedger:
         entry["rows_in"] += rows_in
         entry["rows_out"] += rows_out
         entry["tokens_out"] += tokens_out
+        for reason, count in (dropped or {}).items():
+            entry[f"dropped_{reason}"] = entry.get(f"dropped_{reason}", 0) + count
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         return {k: dict(v) for k, v in self.counts.items()}
@@ -412,7 +478,7 @@ def _tokenize_and_record(
 
     out = fn(batch)
     tokens = pc.sum(out.column("num_tokens")).as_py() or 0 if out.num_rows else 0
-    ray.get(ledger.record.remote(split, batch.num_rows, out.num_rows, tokens))
+    ray.get(ledger.record.remote(split, batch.num_rows, out.num_rows, tokens, dropped_rows(out)))
     return out
 
 
@@ -437,6 +503,8 @@ class PreparedData:
     """Source names in source_id order (empty unless a split is a list of sources)."""
     tokenization: dict[str, dict[str, int]] = field(default_factory=dict)
     """The ledger's counts, taken once the splits were materialized (the actor is gone then)."""
+    dropped: dict[str, dict[str, int]] = field(default_factory=dict)
+    """split -> drop reason -> rows left out on purpose (chat rows too long to train)."""
 
     def tokenization_runs(self) -> dict[str, dict[str, int]]:
         """Per split: map_batches calls, rows in and rows out of tokenization.
@@ -471,7 +539,7 @@ def prepare_data(
     batch_fn = tokenizer_for_batches(recipe, tokenizer)
     ledger = ray.remote(num_cpus=0)(_TokenizationLedger).remote()
     try:
-        datasets, num_rows, num_tokens = _tokenize_splits(tables, batch_fn, ledger, recipe)
+        datasets, num_rows, num_tokens, dropped = _tokenize_splits(tables, batch_fn, ledger, recipe)
         tokenization = ray.get(ledger.snapshot.remote())
     finally:
         ray.kill(ledger)  # no actor outlives the job
@@ -482,12 +550,13 @@ def prepare_data(
         raw_rows={k: t.num_rows for k, t in tables.items()},
         sources=sources,
         tokenization=tokenization,
+        dropped=dropped,
     )
 
 
 def _tokenize_splits(
     tables: dict[str, pa.Table], batch_fn: Callable, ledger: Any, recipe: Any
-) -> tuple[dict[str, Any], dict[str, int], dict[str, int]]:
+) -> tuple[dict[str, Any], dict[str, int], dict[str, int], dict[str, dict[str, int]]]:
     """Tokenize each split in Ray Data map_batches tasks and materialize the result."""
     import ray
 
@@ -508,7 +577,7 @@ def _tokenize_splits(
         if count == 0:
             raise DataError(
                 f"data.{split}: no examples left after tokenization "
-                f"({table.num_rows} rows in; instruction rows whose response does not fit "
+                f"({table.num_rows} rows in; {_DROP_RULE.get(recipe.data.format, _DROP_RULE['instruction'])} "
                 f"data.max_length={recipe.data.max_length} are dropped)"
             )
         datasets[split] = ds
@@ -516,9 +585,23 @@ def _tokenize_splits(
     # Token counts come from the tokenizing tasks themselves: an aggregation over the finished
     # blocks would run another (shuffling) Ray Data job per split.
     counts = ray.get(ledger.snapshot.remote())
+    dropped: dict[str, dict[str, int]] = {}
     for split in datasets:
         num_tokens[split] = int(counts[split]["tokens_out"])
-    return datasets, num_rows, num_tokens
+        reasons = {
+            k.removeprefix("dropped_"): v
+            for k, v in counts[split].items()
+            if k.startswith("dropped_")
+        }
+        if reasons:
+            dropped[split] = reasons
+    return datasets, num_rows, num_tokens, dropped
+
+
+_DROP_RULE = {
+    "instruction": "instruction rows whose response does not fit",
+    "chat": "chat rows whose first trained assistant turn does not fit",
+}
 
 
 def _source_names(tables: dict[str, pa.Table]) -> list[str]:

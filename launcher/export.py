@@ -11,6 +11,7 @@ export_run       the same for `ftlaunch export RUN`: which checkpoint, which rec
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from collections.abc import Callable, Mapping
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from launcher import adapters as bottleneck
+from launcher.chat import end_of_turn_ids, load_chat_template
 from launcher.errors import BadInputError
 from launcher.export_layout import ADAPTER_INFO_FILE, ADAPTER_WEIGHTS_FILE, EXPORT_INFO_FILE
 from launcher.finetune import PEFT_METHODS, FinetuneError, apply_finetune
@@ -204,6 +206,30 @@ def export_model(
     return export_trained_model(trained, recipe, Path(run_dir), tokenizer, merge)
 
 
+def _chat_template(recipe: Recipe, tokenizer) -> str | None:
+    """The template a chat recipe trained with (None for other formats)."""
+    if recipe.data.format != "chat":
+        return None
+    return load_chat_template(tokenizer, recipe.data.chat_template)
+
+
+def _stop_at_end_of_turn(model: nn.Module, tokenizer, template: str) -> None:
+    """generate() on the exported model stops where a trained assistant turn ends."""
+    config = getattr(model, "generation_config", None)
+    stops = end_of_turn_ids(tokenizer, template)
+    if config is not None and stops:
+        config.eos_token_id = stops if len(stops) > 1 else stops[0]
+
+
+def _save_tokenizer(tokenizer, model_dir: str, chat_template: str | None) -> None:
+    """Save the tokenizer; a chat model's carries the template it was trained with, so that
+    apply_chat_template on the exported model renders prompts exactly as training did."""
+    if chat_template is not None:
+        tokenizer = copy.copy(tokenizer)
+        tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(model_dir)
+
+
 def export_trained_model(
     trained: nn.Module, recipe: Recipe, out_dir: Path, tokenizer, merge: bool
 ) -> dict[str, Any]:
@@ -234,8 +260,11 @@ def export_trained_model(
     else:
         plain, standalone = trained, True
         adapter_dir = None
+    chat_template = _chat_template(recipe, tokenizer)
+    if chat_template is not None:
+        _stop_at_end_of_turn(plain, tokenizer, chat_template)
     plain.save_pretrained(str(model_dir))
-    tokenizer.save_pretrained(str(model_dir))
+    _save_tokenizer(tokenizer, str(model_dir), chat_template)
     if not standalone:
         shutil.copytree(adapter_dir, model_dir / "adapter")
     note = _export_note(method, merged, recipe.model.task)

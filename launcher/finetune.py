@@ -259,6 +259,8 @@ def peft_config(model: nn.Module, cfg: FinetuneConfig, task: str):
             lora_dropout=lora.dropout,
             target_modules=targets,
             fan_in_fan_out=_targets_are_conv1d(model, targets),
+            use_dora=lora.use_dora,
+            use_rslora=lora.use_rslora,
             **common,
         )
     if cfg.method == "ia3":

@@ -45,7 +45,7 @@ def run(
     clock = Stopwatch()
     with clock("load"):  # bad input (model path, data files, rows) fails here, before Ray starts
         tokenizer = load_tokenizer(recipe.model)
-        tables = load_tables(recipe)
+        tables = load_tables(recipe, tokenizer=tokenizer)
     with clock("ray_start"):
         ensure_ray(verbose)
         quiet_ray_data(verbose)
@@ -55,6 +55,8 @@ def run(
         data = prepare_data(recipe, tokenizer, tables=tables)
         recipe, data = prepare_distillation(recipe, data, tokenizer, view)  # teacher, offline pass
     view.note("rows: " + ", ".join(f"{k}={v:,}" for k, v in data.num_rows.items()))
+    for split, reasons in data.dropped.items():
+        view.note(f"{split}: {describe_drops(reasons, recipe.data.max_length)}")
 
     state, resume_from = open_run(recipe, resume, clock)
     view.note(f"run directory: {state.run_dir}")
@@ -97,6 +99,13 @@ def open_run(recipe: Recipe, resume: Path | None, clock: Stopwatch) -> tuple[Run
             f"--resume {resume}: no checkpoint found under {resume}/{CHECKPOINTS_DIR}"
         )
     return RunState(Path(resume), timings=clock.timings, started=clock.started), resume_from
+
+
+def describe_drops(reasons: dict[str, int], max_length: int) -> str:
+    """One line saying how many rows were left out and why."""
+    why = {"too_long": f"first trained turn longer than data.max_length={max_length}"}
+    parts = [f"{n:,} rows dropped ({why.get(reason, reason)})" for reason, n in reasons.items()]
+    return "; ".join(parts)
 
 
 def export_stage(recipe: Recipe, checkpoint, run_dir: Path, tokenizer) -> dict[str, Any]:

@@ -33,6 +33,7 @@ def data_facts(data) -> dict[str, Any]:
         "raw_rows": data.raw_rows,
         "tokens": data.num_tokens,
         "tokenization": data.tokenization_runs(),
+        "dropped": data.dropped,
     }
 
 

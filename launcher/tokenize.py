@@ -7,13 +7,16 @@ input_ids, labels (-100 where no loss is taken), num_tokens, row_id and the pass
 
 from __future__ import annotations
 
+import collections
 import functools
+import json
 import re
 from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
 
+from launcher.chat import ChatEncoder, Dropped
 from launcher.collate import IGNORE_INDEX
 from launcher.records import DataError
 
@@ -158,6 +161,87 @@ def tokenize_instruction(
     return out.table()
 
 
+DROPPED_KEY = b"ftlaunch.dropped"
+"""Schema metadata key of a tokenized batch: JSON {reason: rows dropped} (chat rows)."""
+
+
+def dropped_rows(table: pa.Table) -> dict[str, int]:
+    """Rows a batch function left out on purpose, by reason (empty for most formats)."""
+    meta = table.schema.metadata or {}
+    return json.loads(meta[DROPPED_KEY]) if DROPPED_KEY in meta else {}
+
+
+def chat_encoder(recipe: Any, tokenizer: Any) -> ChatEncoder:
+    """The ChatEncoder of a chat recipe (loads and checks the chat template)."""
+    d = recipe.data
+    return ChatEncoder(
+        tokenizer,
+        max_length=d.max_length,
+        chat_template=d.chat_template,
+        train_on=d.train_on,
+        system_prompt=d.system_prompt,
+        field_name=d.messages_field,
+    )
+
+
+def tokenize_chat(table: pa.Table, encoder: ChatEncoder) -> pa.Table:
+    """Conversations rendered with the chat template; labels only on the trained turns.
+
+    The `messages` column holds each row's messages as JSON (the driver checked and normalized
+    them). Rows whose first trained turn does not fit max_length are dropped; the reasons and
+    counts travel in the schema metadata (`dropped_rows`).
+    """
+    row_ids = table.column("row_id").to_pylist()
+    out = _Rows(table)
+    dropped: collections.Counter[str] = collections.Counter()
+    for i, text in enumerate(table.column("messages").to_pylist()):
+        example = encoder.encode_row(json.loads(text), row_ids[i])
+        if isinstance(example, Dropped):
+            dropped[example.reason] += 1
+            continue
+        out.add(example.input_ids, example.labels, row_ids[i], origin=i)
+    result = out.table()
+    if dropped:
+        result = result.replace_schema_metadata({DROPPED_KEY: json.dumps(dict(dropped))})
+    return result
+
+
+def pack_examples(table: pa.Table, max_length: int) -> pa.Table:
+    """Tokenized examples (input_ids + labels) packed into sequences of at most max_length.
+
+    Whole examples only (an example is never split): each opens a new sequence when it does not
+    fit in the current one. position_ids restart at 0 for every example and the first label of
+    each example is -100, as in `tokenize_packed`. Row id: the first example's row id.
+    """
+    ids_col = table.column("input_ids").to_pylist()
+    labels_col = table.column("labels").to_pylist()
+    row_ids = table.column("row_id").to_pylist()
+    out = _Rows(table, with_positions=True)
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    opener = -1
+    for i, (example, example_labels) in enumerate(zip(ids_col, labels_col, strict=True)):
+        if ids and len(ids) + len(example) > max_length:
+            out.add(ids, labels, row_ids[opener], opener, positions=positions)
+            ids, labels, positions = [], [], []
+        if not ids:
+            opener = i
+        labels += ([IGNORE_INDEX] if ids else example_labels[:1]) + example_labels[1:]
+        positions += list(range(len(example)))
+        ids += example
+    if ids:
+        out.add(ids, labels, row_ids[opener], opener, positions=positions)
+    return out.table().replace_schema_metadata(table.schema.metadata)
+
+
+def _chat_batches(
+    table: pa.Table, encoder: ChatEncoder, packing: bool, max_length: int
+) -> pa.Table:
+    examples = tokenize_chat(table, encoder)
+    return pack_examples(examples, max_length) if packing else examples
+
+
 def tokenize_classification(table: pa.Table, tokenizer: Any, max_length: int) -> pa.Table:
     """Text truncated to max_length (with the tokenizer's special tokens); label id per row."""
     texts = table.column("text").to_pylist()
@@ -246,6 +330,13 @@ def tokenizer_for_batches(recipe: Any, tokenizer: Any) -> Callable[[pa.Table], p
             tokenizer=tokenizer,
             max_length=d.max_length,
             template=d.prompt_template,
+        )
+    if d.format == "chat":
+        return functools.partial(
+            _chat_batches,
+            encoder=chat_encoder(recipe, tokenizer),
+            packing=d.packing,
+            max_length=d.max_length,
         )
     if d.packing:
         return functools.partial(tokenize_packed, tokenizer=tokenizer, max_length=d.max_length)

@@ -225,6 +225,37 @@ def test_peft_adapter_on_base_matches_merged_model(models, tmp_path, method, tas
     torch.testing.assert_close(logits(on_base, batch), logits(merged, batch), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("variant", ["use_dora", "use_rslora"])
+def test_dora_and_rslora_train_only_lora_and_export_matching_adapters(tiny_gpt2, tmp_path, variant):
+    from peft import PeftModel
+
+    recipe, tokenizer, model = build(tiny_gpt2, "causal_lm", "lora", lora={variant: True})
+    assert getattr(model.peft_config["default"], variant) is True
+    batch = make_batch(tokenizer, "causal_lm")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = train(model, batch, "causal_lm", 1e-2, steps=4)
+    assert losses[-1] < losses[0] * 0.99, losses
+    after = model.state_dict()
+    changed = {k for k in after if not torch.equal(before[k], after[k])}
+    # DoRA trains the LoRA matrices and a magnitude vector per adapted weight; nothing else.
+    pattern = (
+        r".*\.(lora_[AB]\.|lora_magnitude_vector\.)" if variant == "use_dora" else TRAINED["lora"]
+    )
+    assert changed and all(re.match(pattern, k) for k in changed), sorted(changed)[:10]
+    if variant == "use_dora":
+        assert any("lora_magnitude_vector" in k for k in changed)
+
+    trained_out = logits(model, batch)
+    export_model(recipe, model.state_dict(), tmp_path, tokenizer, merge=True)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config[variant] is True
+    base = load_model(recipe.model, pad_token_id=tokenizer.pad_token_id)
+    on_base = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    merged = load_exported_model(tmp_path)
+    torch.testing.assert_close(logits(on_base, batch), trained_out, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logits(merged, batch), trained_out, atol=1e-5, rtol=1e-4)
+
+
 def test_lora_without_merge_keeps_base_weights_and_adapter(tiny_gpt2, tmp_path):
     recipe, tokenizer, model = build(tiny_gpt2, "causal_lm", "lora")
     batch = make_batch(tokenizer, "causal_lm")

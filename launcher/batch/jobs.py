@@ -43,6 +43,8 @@ def generate(
     max_length: int | None = None,
     task: str | None = None,
     instruction_format: bool = False,
+    chat: bool | None = None,
+    system_prompt: str | None = None,
     **gen_overrides: Any,
 ) -> Path:
     """Generate for every prompt; write one row per prompt and return sequence to `out_path`.
@@ -52,6 +54,10 @@ def generate(
     max_new_tokens=..., seed=... win over it. `prompt_template` places {prompt} (or
     {instruction}) and the row's {input}; `instruction_format` renders prompts as the data
     stage rendered instruction training rows (its default layout when the template is None).
+    `chat` renders each row with the model's chat template and a generation prompt: a row's
+    `messages` (a conversation) or its `prompt` as one user message, `system_prompt` first when
+    the conversation has no system message; generation stops at the template's end-of-turn
+    token. None: chat when the first row has `messages`.
     """
     pool = pool or PoolOptions(batch_size=16)
     source = resolve_model(model_ref, task=task)
@@ -62,11 +68,21 @@ def generate(
         )
     opts = GenerationOptions.from_config(gen_cfg, **gen_overrides)
     path = Path(prompts_path)
-    if not instruction_format:
+    if chat is None:
+        chat = "messages" in next(iter(prompt_records(path)), ("", {}))[1]
+    if not instruction_format and not chat:
         check_template(prompt_template)
 
     def check(where: str, row: dict) -> dict:
-        require_text(where, row, "prompt", PROMPT_HINT)
+        if chat and row.get("messages") is not None:
+            from launcher.chat import ChatDataError, normalize_messages
+
+            try:
+                normalize_messages(row["messages"], row=0)
+            except ChatDataError as exc:
+                raise BatchInputError(f"{where}: field 'messages': {exc.detail}") from None
+        else:
+            require_text(where, row, "prompt", PROMPT_HINT)
         return row
 
     writer = OutputWriter(out_path)
@@ -79,6 +95,8 @@ def generate(
         "prompt_field": "prompt",
         "prompt_template": prompt_template,
         "instruction_format": instruction_format,
+        "chat": chat,
+        "system_prompt": system_prompt,
         "max_length": max_length,
     }
     with writer:
@@ -489,6 +507,7 @@ def generate_run(
     if base_dir is not None and not prompts.is_absolute():
         prompts = base_dir / prompts
     instruction = recipe.data.format == "instruction"
+    chat = recipe.data.format == "chat"
     return generate(
         run_dir,
         prompts,
@@ -496,6 +515,8 @@ def generate_run(
         cfg,
         recipe.data.prompt_template if instruction else None,
         instruction_format=instruction,
+        chat=chat or None,
+        system_prompt=recipe.data.system_prompt if chat else None,
         pool=PoolOptions(batch_size=16, progress=progress),
         seed=recipe.train.seed,
     )

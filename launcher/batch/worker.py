@@ -135,9 +135,16 @@ def class_probabilities(model, rows: Sequence[list[int]], pad_id: int, device) -
 
 
 def generate_texts(
-    model, tokenizer, prompts: Sequence[list[int]], opts: GenerationOptions, device, seed: int
+    model,
+    tokenizer,
+    prompts: Sequence[list[int]],
+    opts: GenerationOptions,
+    device,
+    seed: int,
+    chat: bool = False,
 ) -> list[list[str]]:
-    """Decode each prompt (left padded); num_return_sequences texts per prompt, EOS stops."""
+    """Decode each prompt (left padded); num_return_sequences texts per prompt, EOS stops
+    (chat: the model's end-of-turn tokens from its generation config stop too)."""
     import torch
 
     ids, mask = _pad(prompts, tokenizer.pad_token_id, "left")
@@ -146,7 +153,7 @@ def generate_texts(
         "do_sample": opts.do_sample,
         "num_return_sequences": opts.num_return_sequences,
         "pad_token_id": tokenizer.pad_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
+        "eos_token_id": _stop_ids(model, tokenizer) if chat else tokenizer.eos_token_id,
     }
     if opts.do_sample:
         kwargs.update(temperature=opts.temperature, top_p=opts.top_p, top_k=0)
@@ -157,6 +164,26 @@ def generate_texts(
     texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     n = opts.num_return_sequences
     return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+def _stop_ids(model, tokenizer) -> list[int]:
+    """EOS and the end-of-turn tokens the exported chat model's generation config names."""
+    config = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = config if isinstance(config, list) else [config]
+    ids = [tokenizer.eos_token_id, *configured]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def chat_prompt_text(tokenizer, row: dict, system_prompt: str | None) -> str:
+    """A row rendered with the model's chat template and a generation prompt: its `messages`
+    conversation, or its `prompt` as one user message."""
+    from launcher.chat import normalize_messages
+
+    messages = row.get("messages")
+    if not isinstance(messages, list | tuple | np.ndarray):  # missing: None, or NaN from pandas
+        messages = [{"role": "user", "content": str(row["prompt"])}]
+    messages = normalize_messages(messages, row=0, system_prompt=system_prompt)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 # ------------------------------------------------------------------------------ the actor
@@ -279,22 +306,38 @@ def _generate_all(worker: BatchWorker, batch) -> list[list[str]]:
     opts = GenerationOptions(**job["generate"])
     room = max(1, worker.max_length - opts.max_new_tokens)
     records = batch.to_dict("records")
-    prompts = [
-        worker.encode_input(
-            apply_template(
-                job.get("prompt_template"),
-                {**r, "prompt": r[job["prompt_field"]]},
-                job.get("instruction_format", False),
-            )
-        )[-room:]
-        for r in records
-    ]
+    chat = bool(job.get("chat"))
+    if chat:
+        # The template writes its own special tokens (BOS included where it has one).
+        prompts = [
+            worker.encode(chat_prompt_text(worker.tokenizer, r, job.get("system_prompt")), False)[
+                -room:
+            ]
+            for r in records
+        ]
+    else:
+        prompts = [
+            worker.encode_input(
+                apply_template(
+                    job.get("prompt_template"),
+                    {**r, "prompt": r[job["prompt_field"]]},
+                    job.get("instruction_format", False),
+                )
+            )[-room:]
+            for r in records
+        ]
     ids = [str(r.get(ID_COLUMN, r.get(ROW_ID_COLUMN, ""))) for r in records]
 
     def run(bucket: np.ndarray) -> list[list[str]]:
         seed = opts.seed + zlib.crc32(",".join(ids[i] for i in bucket).encode())
         return generate_texts(
-            worker.model, worker.tokenizer, [prompts[i] for i in bucket], opts, worker.device, seed
+            worker.model,
+            worker.tokenizer,
+            [prompts[i] for i in bucket],
+            opts,
+            worker.device,
+            seed,
+            chat=chat,
         )
 
     return worker.run_buckets([len(p) for p in prompts], run)

@@ -33,6 +33,11 @@ SMOKE_MAX_LENGTH = 128  # an instruction row with its prompt template fits
 SMOKE_BATCH_SIZE = 4
 SMOKE_NEW_TOKENS = 8
 SMOKE_MIN_FRACTION = 0.15
+SMOKE_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+"""Chat smoke runs: the tiny tokenizer has no chat template of its own; every turn ends with EOS."""
 ROWS = {"train": 96, "validation": 16, "test": 16, "evaluate": 16}
 PROMPTS = [
     "Is this review positive or negative?",
@@ -205,6 +210,8 @@ def smoke_plan(recipe: Recipe, workdir: Path) -> SmokePlan:
             split[part] = max(split[part], SMOKE_MIN_FRACTION)
     data["name"] = f"{recipe.name}-smoke"[:100]
     data["data"]["max_length"] = min(data["data"]["max_length"], SMOKE_MAX_LENGTH)
+    if data["data"]["format"] == "chat":
+        data["data"]["chat_template"] = SMOKE_CHAT_TEMPLATE
     _shrink_training(data)
     _local_cpu_layout(data, own / "runs")
     return SmokePlan(validate_data(data), recipe, plan_models, plan_data, prompts)
@@ -332,7 +339,26 @@ def generate_rows(recipe: Recipe, n: int, seed: int = 0) -> list[dict[str, Any]]
         ]
     if d.format == "classification":
         return classification_rows(recipe.model.labels or [], n, d.text_field, d.label_field, seed)
+    if d.format == "chat":
+        return [{d.messages_field: messages} for messages in conversations(n, seed)]
     return [{d.text_field: line} for line in story_lines(n, seed)]
+
+
+def conversations(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
+    """`n` generated conversations (role / content), one or two user-assistant exchanges each."""
+    rows = instruction_rows(2 * n, seed)
+    out = []
+    for i in range(n):
+        turns = rows[2 * i : 2 * i + (2 if i % 3 == 0 else 1)]
+        messages = []
+        for r in turns:
+            question = f"{r['instruction']}\n{r['input']}".strip()
+            messages += [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": r["output"]},
+            ]
+        out.append(messages)
+    return out
 
 
 def classification_rows(

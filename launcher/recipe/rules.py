@@ -68,8 +68,13 @@ def inapplicable_fields(recipe: Recipe) -> dict[str, str]:
             out[f"data.{key}"] = f"only applies to data.format: instruction (got {fmt})"
     if fmt == "instruction":
         out["data.text_field"] = "does nothing with data.format: instruction"
-    if fmt != "text":
-        out["data.packing"] = f"only applies to data.format: text (got {fmt})"
+    if fmt != "chat":
+        for key in ("messages_field", "chat_template", "system_prompt", "train_on"):
+            out[f"data.{key}"] = f"only applies to data.format: chat (got {fmt})"
+    if fmt == "chat":
+        out["data.text_field"] = "does nothing with data.format: chat"
+    if fmt not in ("text", "chat"):
+        out["data.packing"] = f"only applies to data.format: text or chat (got {fmt})"
     if recipe.train.warmup_steps is not None:
         out["train.warmup_ratio"] = "does nothing when train.warmup_steps is set (steps win)"
     if recipe.distill is not None and recipe.distill.mode != "offline":

@@ -85,8 +85,9 @@ class DataConfig(Section):
     """Test data, same forms; when absent it is carved from train with `split`."""
     split: SplitConfig = SplitConfig()
     """Fractions carved from train for splits that are not given."""
-    format: Literal["text", "instruction", "classification"] = "text"
-    """How rows become examples: raw text, instruction/response pairs, or labelled text."""
+    format: Literal["text", "instruction", "chat", "classification"] = "text"
+    """How rows become examples: raw text, instruction/response pairs, conversations (a list of
+    messages rendered with the chat template), or labelled text."""
     text_field: str = "text"
     """Field holding the text (text and classification formats)."""
     label_field: str = "label"
@@ -95,10 +96,21 @@ class DataConfig(Section):
     """Instruction format: the names of the instruction, input and output fields."""
     prompt_template: str | None = None
     """Instruction format: template with {instruction} and {input}; loss only on the response."""
+    messages_field: str = "messages"
+    """Chat format: field holding the conversation, a list of {role, content} (system / user /
+    assistant / tool) or ShareGPT {from, value} (system / human / gpt) messages."""
+    chat_template: str | None = None
+    """Chat format: Jinja template (text, or a file relative to the recipe) used to render
+    conversations; default: the tokenizer's own. Export saves it with the tokenizer."""
+    system_prompt: str | None = None
+    """Chat format: system message put first in conversations that have none."""
+    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    """Chat format: which tokens take the loss: every assistant turn, only the last one, or the
+    whole conversation."""
     max_length: int = Field(default=512, gt=0)
     """Maximum tokens per example; longer text is chunked (text) or truncated."""
     packing: bool = False
-    """Causal LM text: pack short examples into full max_length sequences."""
+    """Causal LM text and chat: pack short examples into full max_length sequences."""
     balance: bool = False
     """Classification: undersample the training split to equal class counts."""
 
@@ -115,6 +127,12 @@ class LoraConfig(Section):
     """Dropout on the LoRA input."""
     target_modules: Literal["auto"] | list[str] = "auto"
     """Module names to adapt; auto picks the attention/MLP projections of the architecture."""
+    use_dora: bool = False
+    """DoRA: split each adapted weight into magnitude and direction and train the magnitude too
+    (a little slower per step than plain LoRA)."""
+    use_rslora: bool = False
+    """rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r, which keeps higher ranks
+    learning."""
 
 
 class AdapterConfig(Section):
@@ -130,7 +148,7 @@ class FinetuneConfig(Section):
     )
     """Which parameters train."""
     lora: LoraConfig = LoraConfig()
-    """method lora: rank, alpha, dropout, target modules."""
+    """method lora: rank, alpha, dropout, target modules, DoRA, rsLoRA."""
     adapter: AdapterConfig = AdapterConfig()
     """method adapter: bottleneck adapters after each block's MLP."""
     num_virtual_tokens: int = Field(default=20, gt=0)

@@ -1,0 +1,245 @@
+"""Chat rows through the data stage: recipe rules, the driver's checks, tokenization, drops."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from launcher import data as D
+from launcher import tokenize as T
+from launcher.chat import IGNORE_INDEX, ChatTemplateError
+from launcher.data import DataError
+from launcher.dev.synthetic import write_jsonl
+from launcher.recipe import RecipeError, validate_data
+
+# Every turn ends with EOS, so the end of a trained turn is a token the model learns to emit.
+TEMPLATE = (
+    "{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] + eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<assistant>' }}{% endif %}"
+)
+
+
+def make_recipe(data: dict, **finetune):
+    doc = {
+        "name": "t",
+        "model": {"name_or_path": "tiny"},
+        "data": {"format": "chat", "chat_template": TEMPLATE, **data},
+        "checkpoint": {"metric": None},
+    }
+    if finetune:
+        doc["finetune"] = finetune
+    return validate_data(doc)
+
+
+def conversation(i: int, turns: int = 1, layout: str = "role") -> list[dict]:
+    messages = []
+    for t in range(turns):
+        q, a = f"what is {i} plus {t}?", f"it is {i + t}."
+        if layout == "role":
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        else:
+            messages += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    return messages
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_gpt2):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_gpt2)
+
+
+def test_chat_only_fields_need_format_chat_and_lora_flags_need_lora():
+    for key, value in (
+        ("messages_field", "conv"),
+        ("chat_template", "x.jinja"),
+        ("system_prompt", "Be brief."),
+        ("train_on", "all"),
+    ):
+        doc = {"name": "t", "model": {"name_or_path": "m"}, "data": {"train": "x", key: value}}
+        with pytest.raises(RecipeError, match=rf"data\.{key}: only applies to data\.format: chat"):
+            validate_data(doc)
+    recipe = make_recipe({"train": "x", "packing": True, "train_on": "last_assistant"})
+    assert recipe.data.packing and recipe.data.train_on == "last_assistant"
+    with pytest.raises(
+        RecipeError, match=r"finetune\.lora: only applies to finetune\.method: lora"
+    ):
+        make_recipe({"train": "x"}, method="full", lora={"use_dora": True})
+    recipe = make_recipe({"train": "x"}, method="lora", lora={"use_dora": True, "use_rslora": True})
+    assert recipe.finetune.lora.use_dora and recipe.finetune.lora.use_rslora
+
+
+def test_both_layouts_load_as_normalized_json(tmp_path, tok):
+    path = tmp_path / "chat.jsonl"
+    rows = [{"messages": conversation(i, layout="role" if i % 2 else "sharegpt")} for i in range(6)]
+    write_jsonl(rows, path)
+    recipe = make_recipe({"train": str(path), "split": {"validation": 0.0}})
+    table = D.load_tables(recipe, tokenizer=tok)["train"]
+    assert set(table.column_names) == {"messages", "row_id"}
+    for text in table.column("messages").to_pylist():
+        messages = json.loads(text)
+        assert [m["role"] for m in messages] == ["user", "assistant"]
+
+
+@pytest.mark.parametrize(
+    ("row", "expected"),
+    [
+        (
+            {"messages": "hello"},
+            r"line 1: field 'messages' \(data.messages_field\): must be a list",
+        ),
+        ({"messages": [{"role": "user", "content": "hi"}]}, r"line 1: .*no assistant turn"),
+        (
+            {"messages": [{"role": "robot", "content": "hi"}]},
+            r"line 1: field 'messages' .*unknown role 'robot'",
+        ),
+        ({"text": "no messages"}, r"line 1: missing field 'messages'"),
+    ],
+)
+def test_bad_rows_name_file_line_and_field(tmp_path, tok, row, expected):
+    path = tmp_path / "chat.jsonl"
+    write_jsonl([row], path)
+    with pytest.raises(DataError, match=rf"chat\.jsonl: {expected}"):
+        D.load_tables(make_recipe({"train": str(path)}), tokenizer=tok)
+
+
+def test_missing_template_fails_in_the_load_step(tmp_path, tok):
+    path = tmp_path / "chat.jsonl"
+    write_jsonl([{"messages": conversation(0)}], path)
+    doc = {
+        "name": "t",
+        "model": {"name_or_path": "tiny"},
+        "data": {"format": "chat", "train": str(path)},
+    }
+    with pytest.raises(ChatTemplateError, match=r"has no chat template; set data.chat_template"):
+        D.load_tables(validate_data(doc), tokenizer=tok)
+
+
+def test_chat_batches_train_assistant_turns_and_count_drops(tmp_path, tok):
+    path = tmp_path / "chat.jsonl"
+    long = [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]
+    write_jsonl(
+        [{"messages": conversation(i, turns=2)} for i in range(5)] + [{"messages": long}], path
+    )
+    recipe = make_recipe({"train": str(path), "split": {"validation": 0.0}, "max_length": 64})
+    table = D.load_tables(recipe, tokenizer=tok)["train"]
+    out = T.tokenizer_for_batches(recipe, tok)(table)
+    assert out.num_rows == 5
+    assert T.dropped_rows(out) == {"too_long": 1}
+    eos = tok.eos_token_id
+    for ids, labels in zip(
+        out.column("input_ids").to_pylist(), out.column("labels").to_pylist(), strict=True
+    ):
+        assert len(ids) == len(labels) <= 64
+        trained = [t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]
+        text = tok.decode(trained)
+        assert "it is" in text and "what is" not in text
+        assert trained.count(eos) == 2  # each assistant turn's end is learned
+
+    data = {"train": str(path), "split": {"validation": 0.0}, "max_length": 256}
+    unpacked = T.tokenizer_for_batches(make_recipe(data), tok)(table)
+    packed = T.tokenizer_for_batches(make_recipe({**data, "packing": True}), tok)(table)
+    assert packed.num_rows < unpacked.num_rows == 5
+    lengths = packed.column("num_tokens").to_pylist()
+    assert sum(lengths) == sum(unpacked.column("num_tokens").to_pylist())
+    assert all(n <= 256 for n in lengths)
+    assert T.dropped_rows(packed) == {"too_long": 1}
+    positions = packed.column("position_ids").to_pylist()[0]
+    assert positions.count(0) > 1  # several whole conversations, positions restarting in each
+
+
+def test_export_keeps_the_template_and_stops_at_end_of_turn(tiny_gpt2, tmp_path):
+    """transformers alone, on the exported model, renders prompts as training did and stops
+    generating where a trained turn ends."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from launcher.export import export_model
+    from launcher.finetune import apply_finetune
+    from launcher.models import load_model, load_tokenizer
+
+    recipe = validate_data(
+        {
+            "name": "t",
+            "model": {"name_or_path": str(tiny_gpt2)},
+            "data": {"format": "chat", "chat_template": TEMPLATE, "train": "x"},
+            "finetune": {"method": "lora"},
+        }
+    )
+    tokenizer = load_tokenizer(recipe.model)
+    model = apply_finetune(load_model(recipe.model, pad_token_id=tokenizer.pad_token_id), recipe)
+    export_model(recipe, model.state_dict(), tmp_path, tokenizer, merge=True)
+
+    exported = AutoTokenizer.from_pretrained(tmp_path / "model")
+    assert exported.chat_template == TEMPLATE
+    prompt = exported.apply_chat_template(
+        conversation(3)[:1], tokenize=False, add_generation_prompt=True
+    )
+    assert prompt == f"<user>what is 3 plus 0?{tokenizer.eos_token}<assistant>"
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    stops = plain.generation_config.eos_token_id
+    assert tokenizer.eos_token_id in (stops if isinstance(stops, list) else [stops])
+
+
+def test_end_of_turn_token_of_a_chatml_template():
+    from launcher.chat import end_of_turn_ids
+    from launcher.dev.synthetic import story_lines
+    from launcher.dev.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer("gpt2", story_lines(50, seed=3), 300)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    chatml = (
+        "{% for m in messages %}"
+        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}"
+    )
+    stops = end_of_turn_ids(tokenizer, chatml)
+    assert stops == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_generate_renders_messages_rows_with_the_exported_template(
+    ray_session, tiny_gpt2, tmp_path
+):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from launcher import batch
+    from launcher.export import export_model
+    from launcher.finetune import apply_finetune
+    from launcher.models import load_model, load_tokenizer
+
+    recipe = validate_data(
+        {
+            "name": "t",
+            "model": {"name_or_path": str(tiny_gpt2)},
+            "data": {"format": "chat", "chat_template": TEMPLATE, "train": "x"},
+            "finetune": {"method": "full"},
+        }
+    )
+    tokenizer = load_tokenizer(recipe.model)
+    model = apply_finetune(load_model(recipe.model, pad_token_id=tokenizer.pad_token_id), recipe)
+    export_model(recipe, model.state_dict(), tmp_path, tokenizer, merge=True)
+    rows = [{"id": f"c{i}", "messages": conversation(i)[:1]} for i in range(3)]
+    src = write_jsonl(rows, tmp_path / "chats.jsonl")
+    out = batch.generate(
+        tmp_path / "model",
+        src,
+        tmp_path / "generations.jsonl",
+        {"max_new_tokens": 8, "do_sample": False},
+        pool=batch.PoolOptions(batch_size=2, progress=False),
+    )
+    lines = Path(out).read_text(encoding="utf-8").splitlines()
+    got = {row["id"]: row["output"] for row in map(json.loads, lines)}
+    exported = AutoTokenizer.from_pretrained(tmp_path / "model")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    for row in rows:
+        ids = exported.apply_chat_template(
+            row["messages"], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+        with torch.no_grad():
+            direct = plain.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False
+            )
+        expected = exported.decode(direct[0, ids.shape[1] :], skip_special_tokens=True)
+        assert got[row["id"]] == expected
