@@ -144,6 +144,38 @@ def schema(indent: int) -> None:
     click.echo(json.dumps(json_schema(), indent=indent))
 
 
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--verbose", "-v", is_flag=True, help="Show Ray's own logs.")
+def prepare(recipe: str, overrides: tuple[str, ...], verbose: bool) -> None:
+    """Tokenize RECIPE's data once into the prepared-dataset cache; later submits reuse it.
+
+    \b
+    Example:
+      ftlaunch prepare recipes/gpt2-medium.yaml
+    """
+    from launcher.job import prepare as prepare_cache
+
+    resolved = load_or_exit(recipe, list(overrides))
+    try:
+        entry = prepare_cache(resolved, verbose=verbose)
+    except Exception as exc:
+        code = exit_code_for(exc)
+        if code == EXIT_BAD_INPUT:
+            raise BadInput(str(exc)) from None
+        if verbose:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        raise click.exceptions.Exit(EXIT_FAILED) from None
+    state = "reused (already prepared)" if entry["reused"] else "written"
+    click.echo(f"prepared data: {entry['path']}")
+    click.echo(f"  fingerprint: {entry['fingerprint']} ({state})")
+    click.echo(f"  size: {entry['bytes'] / 2**20:,.1f} MiB")
+    for split, facts in entry["splits"].items():
+        click.echo(f"  {split}: {facts['rows']:,} rows, {facts['tokens']:,} tokens")
+
+
 def print_final(summary: dict) -> None:
     """The end of a run: where it is, how it went, what to try next."""
     from launcher.summary import final_report

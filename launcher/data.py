@@ -436,6 +436,9 @@ class PreparedData:
     sources: list[str]
     """Source names in source_id order (empty unless a split is a list of sources)."""
     ledger: Any = None
+    cache: dict[str, Any] | None = None
+    """The prepared-dataset cache entry these splits came from or went to (launcher.prepared):
+    fingerprint, path and whether it was reused."""
 
     def tokenization_runs(self) -> dict[str, dict[str, int]]:
         """Per split: map_batches calls, rows in and rows out of tokenization so far.

@@ -101,6 +101,9 @@ class DataConfig(Section):
     """Causal LM text: pack short examples into full max_length sequences."""
     balance: bool = False
     """Classification: undersample the training split to equal class counts."""
+    cache_dir: str | None = None
+    """Where prepared (tokenized) datasets are cached as Parquet, keyed by a fingerprint of the
+    sources, tokenizer and data settings; default <checkpoint.storage_path>/.ftlaunch-cache/prepared."""
 
 
 # -------------------------------------------------------------------------------- finetune
