@@ -13,7 +13,7 @@ The flow, in the driver, before any training worker exists:
           would need CPUs the trainer holds (see DESIGN.md on the 2-core hang).
 
 Sources: local .jsonl/.json/.csv/.tsv/.parquet/.txt files, directories of them (searched
-recursively, in sorted order), and `hf:<dataset>[:<config>]:<split>` through `datasets`.
+recursively, in sorted order), glob patterns (`shards/*.parquet`, `**` spans directories), and `hf:<dataset>[:<config>]:<split>` through `datasets`.
 A .txt file holds documents separated by blank lines (a file without blank lines is one
 document); long documents are chunked to `max_length` during tokenization.
 
@@ -41,8 +41,11 @@ import pyarrow.compute as pc
 from launcher.records import (
     DataError,
     RawTable,
+    glob_files,
+    is_glob,
     parse_hf_spec,
     read_directory,
+    read_files,
     read_hf,
     read_table,
 )
@@ -98,6 +101,8 @@ def read_source(spec: str, fields: Fields, base_dir: Path | None = None) -> RawT
     path = Path(spec).expanduser()
     if base_dir is not None and not path.is_absolute():
         path = base_dir / path
+    if is_glob(spec):
+        return read_files(glob_files(path), functools.partial(read_file, fields=fields))
     if not path.exists():
         raise DataError(f"{path}: file not found")
     if path.is_dir():

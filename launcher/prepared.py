@@ -17,6 +17,7 @@ reserves CPUs (the 2-core hang in DESIGN.md); the step plan's row and token coun
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.data import SPLITS, PreparedData, prepare_data, sources_of
-from launcher.records import DataError
+from launcher.records import DataError, is_glob
 
 CACHE_FORMAT = 1
 """Bumped whenever the layout of an entry or the meaning of its columns changes."""
@@ -127,17 +128,23 @@ def _source_state(spec: str, base_dir: Path | None) -> dict:
     path = Path(spec.removeprefix("file://")).expanduser()
     if base_dir is not None and not path.is_absolute():
         path = base_dir / path
+    if is_glob(spec):
+        files = glob.glob(str(path), recursive=True)
+        return {"source": str(path), "files": [_file_state(Path(p), p) for p in sorted(files)]}
     path = path.resolve()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return {"source": str(path), "files": [_file_state(p, path) for p in files]}
+    return {"source": str(path), "files": [_file_state(p, _name(p, path)) for p in files]}
 
 
-def _file_state(path: Path, root: Path) -> list:
+def _name(path: Path, root: Path) -> str:
+    return str(path.relative_to(root)) if path != root else path.name
+
+
+def _file_state(path: Path, name: str) -> list:
     try:
         stat = path.stat()
     except FileNotFoundError:
-        return [str(path), None, None]  # reading it fails with a DataError later
-    name = str(path.relative_to(root)) if path != root else path.name
+        return [name, None, None]  # reading it fails with a DataError later
     return [name, stat.st_size, stat.st_mtime_ns]
 
 
