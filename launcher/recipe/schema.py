@@ -102,8 +102,10 @@ class DataConfig(Section):
     balance: bool = False
     """Classification: undersample the training split to equal class counts."""
     cache_dir: str | None = None
-    """Where prepared (tokenized) datasets are cached as Parquet, keyed by a fingerprint of the
-    sources, tokenizer and data settings; default <checkpoint.storage_path>/.ftlaunch-cache/prepared."""
+    """Where prepared (tokenized) splits are cached as Parquet, keyed by a fingerprint of the
+    sources, tokenizer and data settings, and reused by later runs (`ftlaunch prepare` fills it
+    ahead); default <checkpoint.storage_path>/.ftlaunch-cache/prepared (~/.cache/ftlaunch/prepared
+    for object-store storage). Multi-node clusters need a path every node shares."""
 
 
 # -------------------------------------------------------------------------------- finetune
