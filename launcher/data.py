@@ -480,8 +480,11 @@ def prepare_data(
     ledger = ray.remote(num_cpus=0)(_TokenizationLedger).remote()
     try:
         datasets, num_rows, num_tokens = _tokenize_splits(tables, batch_fn, ledger, recipe)
-    except BaseException:
+    except BaseException as exc:
         ray.kill(ledger)
+        data_error = data_error_in(exc)
+        if data_error is not None:
+            raise data_error from None
         raise
     return PreparedData(
         datasets=datasets,
@@ -491,6 +494,25 @@ def prepare_data(
         sources=sources,
         ledger=ledger,
     )
+
+
+def data_error_in(exc: BaseException) -> DataError | None:
+    """The DataError a Ray task raised, out of the wrappers Ray puts around it (RayTaskError,
+    Ray Data's own), so bad data still exits 2 with its own message."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        cause = getattr(current, "cause", None)  # RayTaskError keeps the task's exception here
+        if isinstance(cause, DataError):
+            return cause
+        if isinstance(current, DataError) and cause is None:
+            return current
+        if isinstance(cause, BaseException):
+            current = cause
+        else:
+            current = current.__cause__ or current.__context__
+    return None
 
 
 def _tokenize_splits(

@@ -343,6 +343,19 @@ def test_glob_sources_read_every_match_in_order_and_name_the_file(tmp_path):
         D.read_source(str(tmp_path / "none-*.parquet"), fields)
 
 
+def test_data_errors_raised_in_ray_tasks_are_unwrapped():
+    from ray.exceptions import RayTaskError
+
+    original = DataError("rows.jsonl: line 7: missing field 'text' (data.text_field)")
+    wrapped = RayTaskError("map_batches", "Traceback ...\nDataError: ...", original)
+    wrapped = wrapped.as_instanceof_cause()
+    try:
+        raise RuntimeError("Ray Data execution failed") from wrapped
+    except RuntimeError as exc:
+        assert D.data_error_in(exc) is original
+    assert D.data_error_in(ValueError("not data")) is None
+
+
 # ------------------------------------------------------------- splits, mixing, balance
 
 
