@@ -34,24 +34,21 @@ from launcher.records import DataError, is_glob
 CACHE_FORMAT = 1
 """Bumped whenever the layout of an entry or the meaning of its columns changes."""
 META_FILE = "prepared.json"
-CACHE_SUBDIR = ".ftlaunch-cache/prepared"
+DEFAULT_ROOT = ".cache/ftlaunch/prepared"
 
 
 # ------------------------------------------------------------------------------ where
 
 
 def cache_root(recipe: Any) -> Path:
-    """data.cache_dir, or <checkpoint.storage_path>/.ftlaunch-cache/prepared for local storage
-    (a file:// URI counts as local); object-store storage caches under ~/.cache/ftlaunch."""
+    """data.cache_dir, or ~/.cache/ftlaunch/prepared (beside the distillation cache).
+
+    Not under checkpoint.storage_path: that directory holds run directories only, and tools
+    and tests that list it expect nothing else there."""
     configured = getattr(recipe.data, "cache_dir", None)
     if configured:
         return _local_path(configured, "data.cache_dir")
-    storage = recipe.checkpoint.storage_path
-    if storage.startswith("file://"):
-        return Path(storage.removeprefix("file://")) / CACHE_SUBDIR
-    if "://" in storage:
-        return Path.home() / ".cache/ftlaunch/prepared"
-    return Path(storage).expanduser() / CACHE_SUBDIR
+    return Path.home() / DEFAULT_ROOT
 
 
 def _local_path(value: str, setting: str) -> Path:
@@ -267,12 +264,15 @@ def write_entry(slot: CacheLookup, data: PreparedData) -> dict:
 def read_entry(slot: CacheLookup) -> PreparedData:
     """The entry's splits as materialized Ray Datasets, counts from its metadata."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    # The read tasks run where the driver runs: the entry may be on a disk only this node sees.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     meta = slot.meta or {}
     datasets = {}
     for split in meta["splits"]:
         files = sorted(str(p) for p in (slot.path / split).glob("*.parquet"))
-        ds = ray.data.read_parquet(files)
+        ds = ray.data.read_parquet(files, ray_remote_args={"scheduling_strategy": here})
         ds.context.execution_options.preserve_order = True
         # Read before the trainer reserves CPUs: workers then only take finished blocks.
         datasets[split] = ds.materialize()

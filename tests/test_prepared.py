@@ -19,6 +19,8 @@ from tests.helpers import job_body, write_recipe
 
 
 def story_recipe(tmp_path: Path, model: Path, train: Path, seed: int = 0, **data):
+    """A text recipe whose cache lies under tmp_path unless data.cache_dir says otherwise."""
+    data = {"cache_dir": str(tmp_path / "cache"), **data}
     return validate_data(
         {
             "name": "cache",
@@ -58,9 +60,11 @@ def touch_later(path: Path) -> None:
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
 
 
-def test_cache_root_defaults_under_storage_and_honours_cache_dir(tmp_path, tiny_gpt2, train_file):
-    recipe = story_recipe(tmp_path, tiny_gpt2, train_file)
-    assert P.cache_root(recipe) == tmp_path / "runs" / ".ftlaunch-cache" / "prepared"
+def test_cache_root_defaults_to_the_user_cache_and_honours_cache_dir(
+    tmp_path, tiny_gpt2, train_file
+):
+    recipe = story_recipe(tmp_path, tiny_gpt2, train_file, cache_dir=None)
+    assert P.cache_root(recipe) == Path.home() / ".cache" / "ftlaunch" / "prepared"
     own = story_recipe(tmp_path, tiny_gpt2, train_file, cache_dir=str(tmp_path / "c"))
     assert P.cache_root(own) == tmp_path / "c"
 
@@ -135,6 +139,7 @@ def test_prepare_then_submit_tokenizes_once(ray_session, tiny_gpt2, story_data, 
     body = job_body(
         tmp_path, tiny_gpt2, story_data, name="prepared", train={"epochs": 1, "max_steps": 2}
     )
+    body["data"]["cache_dir"] = str(tmp_path / "cache")
     path = write_recipe(tmp_path, body)
     out = CliRunner().invoke(cli, ["prepare", str(path)])
     assert out.exit_code == 0, out.output

@@ -130,7 +130,7 @@ def test_multi_file_sources_shard_from_the_prepared_cache(ray_session, tiny_gpt2
     body = {
         "name": "files",
         "model": {"name_or_path": str(tiny_gpt2)},
-        "data": {"train": spec, "max_length": 32},
+        "data": {"train": spec, "max_length": 32, "cache_dir": str(tmp_path / "cache")},
         "checkpoint": {"metric": None, "storage_path": str(tmp_path / "runs")},
     }
     path = tmp_path / "recipe.yaml"

@@ -104,8 +104,7 @@ class DataConfig(Section):
     cache_dir: str | None = None
     """Where prepared (tokenized) splits are cached as Parquet, keyed by a fingerprint of the
     sources, tokenizer and data settings, and reused by later runs (`ftlaunch prepare` fills it
-    ahead); default <checkpoint.storage_path>/.ftlaunch-cache/prepared (~/.cache/ftlaunch/prepared
-    for object-store storage). Multi-node clusters need a path every node shares."""
+    ahead); default ~/.cache/ftlaunch/prepared on the node that runs the driver."""
 
 
 # -------------------------------------------------------------------------------- finetune
