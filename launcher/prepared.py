@@ -264,15 +264,14 @@ def write_entry(slot: CacheLookup, data: PreparedData) -> dict:
 def read_entry(slot: CacheLookup) -> PreparedData:
     """The entry's splits as materialized Ray Datasets, counts from its metadata."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # The read tasks run where the driver runs: the entry may be on a disk only this node sees.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    here = {f"node:{ray.util.get_node_ip_address()}": 0.001}
     meta = slot.meta or {}
     datasets = {}
     for split in meta["splits"]:
         files = sorted(str(p) for p in (slot.path / split).glob("*.parquet"))
-        ds = ray.data.read_parquet(files, ray_remote_args={"scheduling_strategy": here})
+        ds = ray.data.read_parquet(files, resources=here, partitioning=None)
         ds.context.execution_options.preserve_order = True
         # Read before the trainer reserves CPUs: workers then only take finished blocks.
         datasets[split] = ds.materialize()
