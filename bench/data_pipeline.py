@@ -14,7 +14,7 @@ Three implementations, all tokenizing `text` (truncated to 64 tokens) and mappin
   cache     launcher.prepared over a directory of Parquet files, two children sharing one fresh
             cache directory: the first data stage (read + validate + tokenize + write the entry)
             and the second (fingerprint, read_parquet the entry, materialize). Its own entry
-            point: `python -m bench.data_pipeline cache OUT.json` (1x and 10x SST-2 as Parquet).
+            point: `python -m bench.data_pipeline measure-cache OUT.json` (1x and 10x SST-2 as Parquet).
 
 Every child also reports the driver's own peak RSS (getrusage), apart from the process tree.
 """
@@ -267,7 +267,7 @@ def measure_cache(source: Path, model_dir: Path, multiplier: int, work: Path) ->
 
 
 def main_cache(out_file: Path, multiplier: int = 10) -> None:
-    """`python -m bench.data_pipeline cache OUT.json [MULTIPLIER]`: measure_cache on SST-2 with
+    """`python -m bench.data_pipeline measure-cache OUT.json [MULTIPLIER]`: measure_cache on SST-2 with
     a tiny GPT-2 tokenizer built on the fly."""
     from bench.common import SST2_TRAIN
     from launcher.dev.tiny import build_tiny_model
@@ -279,7 +279,7 @@ def main_cache(out_file: Path, multiplier: int = 10) -> None:
     print(json.dumps(result, indent=2))
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["cache"]:
+if __name__ == "__main__" and sys.argv[1:2] == ["measure-cache"]:
     main_cache(Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 10)
 elif __name__ == "__main__":
     impl_name, file_name, model_name = sys.argv[1:4]
