@@ -11,6 +11,12 @@ Three implementations, all tokenizing `text` (truncated to 64 tokens) and mappin
   stream    the same tokenizer function over ray.data.read_json -> map_batches -> iter_batches,
             nothing materialized: the streaming path prepare_data does not take
   datasets  datasets.load_dataset("json") + Dataset.map(batched=True), one process
+  cache     launcher.prepared over a directory of Parquet files, two children sharing one fresh
+            cache directory: the first data stage (read + validate + tokenize + write the entry)
+            and the second (fingerprint, read_parquet the entry, materialize). Its own entry
+            point: `python -m bench.data_pipeline measure-cache OUT.json` (1x and 10x SST-2 as Parquet).
+
+Every child also reports the driver's own peak RSS (getrusage), apart from the process tree.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ MAX_LENGTH = 64
 LABELS = ["negative", "positive"]
 
 
-def data_recipe(path: Path):
+def data_recipe(path: Path, cache_dir: str | None = None):
     from launcher.recipe import Recipe
 
     return Recipe.model_validate(
@@ -42,6 +48,7 @@ def data_recipe(path: Path):
                 "format": "classification",
                 "split": {"validation": 0.0},
                 "max_length": MAX_LENGTH,
+                "cache_dir": cache_dir,
             },
         }
     )
@@ -91,7 +98,25 @@ def run_datasets(path: Path, tokenizer) -> int:
         return out.num_rows
 
 
+def run_cached(path: Path, tokenizer) -> dict[str, Any]:
+    """One data stage through the prepared-dataset cache in $BENCH_CACHE_DIR (a miss writes the
+    entry, a hit reads it)."""
+    from launcher import prepared
+    from launcher.data import load_tables
+
+    recipe = data_recipe(path, cache_dir=os.environ["BENCH_CACHE_DIR"])
+    slot = prepared.lookup(recipe, tokenizer)
+    tables = None if slot.hit else load_tables(recipe)
+    data = prepared.load_or_prepare(slot, recipe, tokenizer, tables=tables)
+    return {
+        "rows": data.num_rows["train"],
+        "hit": slot.hit,
+        "entry_mb": prepared.entry_size(slot.path) / 2**20,
+    }
+
+
 IMPLEMENTATIONS = {"ftlaunch": run_ftlaunch, "stream": run_stream, "datasets": run_datasets}
+CHILD_ONLY = {"cache": run_cached}
 
 
 def child(impl: str, path: Path, model_dir: Path) -> dict[str, Any]:
@@ -106,15 +131,19 @@ def child(impl: str, path: Path, model_dir: Path) -> dict[str, Any]:
         quiet_ray_data(False)
         time.sleep(2)  # let Ray's own processes settle before the baseline footprint
     before = tree_memory_bytes()
+    driver_before = driver_rss_bytes()
     with PeakSampler() as sampler:
         started = time.perf_counter()
-        rows = IMPLEMENTATIONS[impl](path, tokenizer)
+        out = {**IMPLEMENTATIONS, **CHILD_ONLY}[impl](path, tokenizer)
         seconds = time.perf_counter() - started
+    extra = out if isinstance(out, dict) else {"rows": out}
     return {
+        **extra,
         "impl": impl,
-        "rows": rows,
         "seconds": seconds,
-        "rows_per_s": rows / seconds,
+        "rows_per_s": extra["rows"] / seconds,
+        "driver_rss_before_mb": driver_before / 2**20,
+        "driver_peak_mb": driver_peak_bytes() / 2**20,
         "footprint_before_mb": before / 2**20,
         "peak_mb": sampler.peak / 2**20,
         "peak_growth_mb": (sampler.peak - before) / 2**20,
@@ -122,8 +151,23 @@ def child(impl: str, path: Path, model_dir: Path) -> dict[str, Any]:
     }
 
 
-def spawn(impl: str, path: Path, model_dir: Path) -> dict[str, Any]:
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+def driver_rss_bytes() -> int:
+    """This process's resident memory now."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def driver_peak_bytes() -> int:
+    """This process's peak resident memory since it started (the driver alone, no Ray workers)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def spawn(
+    impl: str, path: Path, model_dir: Path, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     done = subprocess.run(
         [sys.executable, "-m", "bench.data_pipeline", impl, str(path), str(model_dir)],
         capture_output=True,
@@ -191,7 +235,53 @@ def measure_data(
     }
 
 
-if __name__ == "__main__":
+def repeated_parquet(source: Path, times: int, out: Path) -> Path:
+    """`source` (JSON Lines) written as `times` identical Parquet files in the directory `out`."""
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+
+    out.mkdir(parents=True, exist_ok=True)
+    table = pajson.read_json(source)
+    for i in range(times):
+        pq.write_table(table, out / f"part-{i:03d}.parquet")
+    return out
+
+
+def measure_cache(source: Path, model_dir: Path, multiplier: int, work: Path) -> dict[str, Any]:
+    """The prepared-dataset cache at 1x and `multiplier`x rows: a first run (miss) and a second
+    (hit) in separate processes sharing one cache directory, so each driver peak is its own."""
+    out: dict[str, Any] = {"multiplier": multiplier}
+    for times in (1, multiplier):
+        folder = repeated_parquet(source, times, work / f"sst2-parquet-x{times}")
+        env = {"BENCH_CACHE_DIR": str(work / f"cache-x{times}")}
+        log(f"data cache: {times}x, first run")
+        first = spawn("cache", folder, model_dir, env)
+        log(f"data cache: {times}x, second run")
+        second = spawn("cache", folder, model_dir, env)
+        out[f"{times}x"] = {
+            "first": first,
+            "second": second,
+            "second_over_first": ratio(second["seconds"], first["seconds"]),
+        }
+    return out
+
+
+def main_cache(out_file: Path, multiplier: int = 10) -> None:
+    """`python -m bench.data_pipeline measure-cache OUT.json [MULTIPLIER]`: measure_cache on SST-2 with
+    a tiny GPT-2 tokenizer built on the fly."""
+    from bench.common import SST2_TRAIN
+    from launcher.dev.tiny import build_tiny_model
+
+    with tempfile.TemporaryDirectory(prefix="bench-cache-") as work:
+        model = build_tiny_model(Path(work) / "tiny-gpt2", "gpt2")
+        result = measure_cache(SST2_TRAIN, model, multiplier, Path(work))
+    out_file.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["measure-cache"]:
+    main_cache(Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 10)
+elif __name__ == "__main__":
     impl_name, file_name, model_name = sys.argv[1:4]
     result = child(impl_name, Path(file_name), Path(model_name))
     print(json.dumps(result), flush=True)

@@ -15,7 +15,7 @@ The flow, in the driver, before any training worker exists:
           would need CPUs the trainer holds (see DESIGN.md on the 2-core hang).
 
 Sources: local .jsonl/.json/.csv/.tsv/.parquet/.txt files, directories of them (searched
-recursively, in sorted order), and `hf:<dataset>[:<config>]:<split>` through `datasets`.
+recursively, in sorted order), glob patterns (`shards/*.parquet`, `**` spans directories), and `hf:<dataset>[:<config>]:<split>` through `datasets`.
 A .txt file holds documents separated by blank lines (a file without blank lines is one
 document); long documents are chunked to `max_length` during tokenization.
 
@@ -45,8 +45,11 @@ from launcher.chat import ChatDataError, ChatEncoder
 from launcher.records import (
     DataError,
     RawTable,
+    glob_files,
+    is_glob,
     parse_hf_spec,
     read_directory,
+    read_files,
     read_hf,
     read_table,
 )
@@ -118,6 +121,8 @@ def read_source(spec: str, fields: Fields, base_dir: Path | None = None) -> RawT
     path = Path(spec).expanduser()
     if base_dir is not None and not path.is_absolute():
         path = base_dir / path
+    if is_glob(spec):
+        return read_files(glob_files(path), functools.partial(read_file, fields=fields))
     if not path.exists():
         raise DataError(f"{path}: file not found")
     if path.is_dir():
@@ -505,6 +510,9 @@ class PreparedData:
     """The ledger's counts, taken once the splits were materialized (the actor is gone then)."""
     dropped: dict[str, dict[str, int]] = field(default_factory=dict)
     """split -> drop reason -> rows left out on purpose (chat rows too long to train)."""
+    cache: dict[str, Any] | None = None
+    """The prepared-dataset cache entry these splits came from or went to (launcher.prepared):
+    fingerprint, path and whether it was reused."""
 
     def tokenization_runs(self) -> dict[str, dict[str, int]]:
         """Per split: map_batches calls, rows in and rows out of tokenization.
@@ -541,6 +549,11 @@ def prepare_data(
     try:
         datasets, num_rows, num_tokens, dropped = _tokenize_splits(tables, batch_fn, ledger, recipe)
         tokenization = ray.get(ledger.snapshot.remote())
+    except BaseException as exc:
+        data_error = data_error_in(exc)
+        if data_error is not None:
+            raise data_error from None
+        raise
     finally:
         ray.kill(ledger)  # no actor outlives the job
     return PreparedData(
@@ -552,6 +565,25 @@ def prepare_data(
         tokenization=tokenization,
         dropped=dropped,
     )
+
+
+def data_error_in(exc: BaseException) -> DataError | None:
+    """The DataError a Ray task raised, out of the wrappers Ray puts around it (RayTaskError,
+    Ray Data's own), so bad data still exits 2 with its own message."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        cause = getattr(current, "cause", None)  # RayTaskError keeps the task's exception here
+        if isinstance(cause, DataError):
+            return cause
+        if isinstance(current, DataError) and cause is None:
+            return current
+        if isinstance(cause, BaseException):
+            current = cause
+        else:
+            current = current.__cause__ or current.__context__
+    return None
 
 
 def _tokenize_splits(

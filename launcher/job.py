@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import exit_code_for
+from launcher.prepared import CacheLookup, entry_size, load_or_prepare, lookup, read_meta
 from launcher.progress import ProgressView
 from launcher.raysession import ensure_ray, quiet_ray_data
 from launcher.recipe import Recipe, dump_recipe, load_recipe
@@ -37,22 +38,19 @@ def run(
     """Run the whole job and return the summary. Raises DataError/ModelLoadError/LayoutError
     for bad input (before any training) and JobError when training fails."""
     from launcher.batch.jobs import source_metrics
-    from launcher.data import load_tables, prepare_data
     from launcher.distill import prepare_distillation
-    from launcher.models import load_tokenizer
 
     view = view or ProgressView()
     clock = Stopwatch()
     with clock("load"):  # bad input (model path, data files, rows) fails here, before Ray starts
-        tokenizer = load_tokenizer(recipe.model)
-        tables = load_tables(recipe, tokenizer=tokenizer)
+        tokenizer, slot, tables = open_data(recipe)
     with clock("ray_start"):
         ensure_ray(verbose)
         quiet_ray_data(verbose)
 
-    view.note("preparing data (tokenizing once with Ray Data)")  # 1. data
+    note_data(view, slot)  # 1. data
     with clock("data"):
-        data = prepare_data(recipe, tokenizer, tables=tables)
+        data = load_or_prepare(slot, recipe, tokenizer, tables=tables)
         recipe, data = prepare_distillation(recipe, data, tokenizer, view)  # teacher, offline pass
     view.note("rows: " + ", ".join(f"{k}={v:,}" for k, v in data.num_rows.items()))
     for split, reasons in data.dropped.items():
@@ -85,6 +83,45 @@ def run(
     if state.remote:
         view.note(f"uploaded the run directory to {state.remote}")
     return summary
+
+
+def open_data(recipe: Recipe) -> tuple[Any, CacheLookup, dict | None]:
+    """The tokenizer, the recipe's prepared-data cache slot, and (on a cache miss) every split
+    read and validated, so bad data fails before Ray starts."""
+    from launcher.data import load_tables
+    from launcher.models import load_tokenizer
+
+    tokenizer = load_tokenizer(recipe.model)
+    slot = lookup(recipe, tokenizer)
+    return tokenizer, slot, None if slot.hit else load_tables(recipe, tokenizer=tokenizer)
+
+
+def note_data(view: ProgressView, slot: CacheLookup) -> None:
+    if slot.hit:
+        rows = sum(split["rows"] for split in slot.meta["splits"].values())
+        view.note(f"prepared data: reusing {slot.fingerprint} ({rows:,} rows)")
+    else:
+        view.note("preparing data (tokenizing once with Ray Data)")
+
+
+def prepare(recipe: Recipe, *, verbose: bool = False) -> dict[str, Any]:
+    """`ftlaunch prepare`: build the recipe's prepared-dataset cache entry (or find it).
+
+    Returns its fingerprint, path, size in bytes, whether it already existed, and rows/tokens
+    per split."""
+    tokenizer, slot, tables = open_data(recipe)
+    if not slot.hit:
+        ensure_ray(verbose)
+        quiet_ray_data(verbose)
+        load_or_prepare(slot, recipe, tokenizer, tables=tables)
+    meta = read_meta(slot.path) or {}
+    return {
+        "fingerprint": slot.fingerprint,
+        "path": str(slot.path),
+        "bytes": entry_size(slot.path),
+        "reused": slot.hit,
+        "splits": meta.get("splits", {}),
+    }
 
 
 def open_run(recipe: Recipe, resume: Path | None, clock: Stopwatch) -> tuple[RunState, Path | None]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import csv
 import functools
+import glob
 import itertools
 import json
 from collections.abc import Callable, Iterator
@@ -119,9 +120,27 @@ def data_files(directory: Path) -> list[Path]:
     return files
 
 
+def is_glob(spec: str) -> bool:
+    """Whether a source names files by a pattern (`data/*.jsonl`, `shards/**/*.parquet`)."""
+    return any(c in spec for c in "*?[")
+
+
+def glob_files(pattern: Path | str) -> list[Path]:
+    """The files a pattern matches (`**` spans directories), in sorted order."""
+    files = sorted(Path(p) for p in glob.glob(str(pattern), recursive=True) if Path(p).is_file())
+    if not files:
+        raise DataError(f"{pattern}: no files match this pattern")
+    return files
+
+
 def read_directory(directory: Path, read_one: Callable[[Path], RawTable]) -> RawTable:
     """Every data file of a directory read with `read_one` and joined; rows keep their file's name."""
-    parts = [read_one(f) for f in data_files(directory)]
+    return read_files(data_files(directory), read_one)
+
+
+def read_files(files: list[Path], read_one: Callable[[Path], RawTable]) -> RawTable:
+    """Files read with `read_one` and joined in the given order; rows keep their file's name."""
+    parts = [read_one(f) for f in files]
     offsets = list(itertools.accumulate((p.table.num_rows for p in parts), initial=0))
 
     def where(i: int) -> str:

@@ -28,13 +28,16 @@ def final_metrics(metrics: list[dict[str, Any]]) -> dict[str, Any]:
 
 def data_facts(data) -> dict[str, Any]:
     """Rows and tokens per split, and how often tokenization ran (once per row, in Ray Data)."""
-    return {
+    facts = {
         "rows": data.num_rows,
         "raw_rows": data.raw_rows,
         "tokens": data.num_tokens,
         "tokenization": data.tokenization_runs(),
         "dropped": data.dropped,
     }
+    if getattr(data, "cache", None):
+        facts["prepared"] = data.cache
+    return facts
 
 
 def write_summary(

@@ -329,6 +329,33 @@ def test_relative_paths_resolve_against_base_dir(tmp_path):
     assert tables["train"].num_rows + tables["validation"].num_rows == 10
 
 
+def test_glob_sources_read_every_match_in_order_and_name_the_file(tmp_path):
+    for i in range(3):
+        write_jsonl([{"text": f"f{i}-{j}"} for j in range(2)], tmp_path / f"s-{i}.jsonl")
+    (tmp_path / "other.jsonl").write_text('{"text": "unmatched"}\n')
+    fields = D.Fields({"text": "text"})
+    table = D.read_source(str(tmp_path / "s-*.jsonl"), fields).table
+    assert table.column("text").to_pylist() == [f"f{i}-{j}" for i in range(3) for j in range(2)]
+    (tmp_path / "s-3.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(DataError, match=r"s-3\.jsonl.*line 2.*missing field 'text'"):
+        D.read_source(str(tmp_path / "s-*.jsonl"), fields)
+    with pytest.raises(DataError, match=r"no files match this pattern"):
+        D.read_source(str(tmp_path / "none-*.parquet"), fields)
+
+
+def test_data_errors_raised_in_ray_tasks_are_unwrapped():
+    from ray.exceptions import RayTaskError
+
+    original = DataError("rows.jsonl: line 7: missing field 'text' (data.text_field)")
+    wrapped = RayTaskError("map_batches", "Traceback ...\nDataError: ...", original)
+    wrapped = wrapped.as_instanceof_cause()
+    try:
+        raise RuntimeError("Ray Data execution failed") from wrapped
+    except RuntimeError as exc:
+        assert D.data_error_in(exc) is original
+    assert D.data_error_in(ValueError("not data")) is None
+
+
 # ------------------------------------------------------------- splits, mixing, balance
 
 

@@ -4,6 +4,7 @@ once, in Ray Data, not in the workers."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import ray.cloudpickle
@@ -91,3 +92,74 @@ def test_worker_shards_are_disjoint_cover_the_epoch_and_tokenize_once(
     after = data.tokenization_runs()
     assert after == before  # the workers read finished blocks; nothing was tokenized again
     assert after["train"]["rows_in"] == data.raw_rows["train"]  # every raw row tokenized once
+
+
+def write_story_files(root: Path, kind: str, parts: int = 3) -> str:
+    """Story lines split over several files: a directory of Parquet files, or JSON Lines files
+    named by a glob. Returns the data.train spec."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from launcher.dev.synthetic import story_lines, write_jsonl
+
+    lines = story_lines(240, seed=6)
+    root.mkdir(parents=True)
+    for i in range(parts):
+        rows = [{"text": t} for t in lines[i::parts]]
+        if kind == "parquet-dir":
+            pq.write_table(pa.Table.from_pylist(rows), root / f"part-{i}.parquet")
+        else:
+            write_jsonl(rows, root / f"shard-{i}.jsonl")
+    (root / "notes.md").write_text("not data")  # skipped by the directory, unmatched by the glob
+    return str(root) if kind == "parquet-dir" else str(root / "shard-*.jsonl")
+
+
+@pytest.mark.ray_job
+@pytest.mark.parametrize("kind", ["parquet-dir", "jsonl-glob"])
+def test_multi_file_sources_shard_from_the_prepared_cache(ray_session, tiny_gpt2, tmp_path, kind):
+    """A directory of Parquet files and a JSON Lines glob, prepared into the cache, then read back
+    from it (as a later run does): the two workers' shards are disjoint and cover each epoch."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from launcher import prepared as P
+    from launcher.models import load_tokenizer
+
+    spec = write_story_files(tmp_path / "data", kind)
+    body = {
+        "name": "files",
+        "model": {"name_or_path": str(tiny_gpt2)},
+        "data": {"train": spec, "max_length": 32, "cache_dir": str(tmp_path / "cache")},
+        "checkpoint": {"metric": None, "storage_path": str(tmp_path / "runs")},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(body))
+    recipe = load_recipe(path)
+    tokenizer = load_tokenizer(recipe.model)
+    first = P.load_or_prepare(P.lookup(recipe, tokenizer), recipe, tokenizer)
+    slot = P.lookup(recipe, tokenizer)
+    assert slot.hit
+    data = P.load_or_prepare(slot, recipe, tokenizer)
+    assert data.tokenization_runs() == {}
+    assert data.raw_rows["train"] + data.raw_rows["validation"] == 240
+    all_ids = sorted(
+        int(r["row_id"]) for r in data.datasets["train"].select_columns(["row_id"]).take_all()
+    )
+    assert len(all_ids) == first.num_rows["train"] == len(set(all_ids))
+
+    collector = ray.remote(num_cpus=0)(Collector).remote()
+    TorchTrainer(
+        read_shard,
+        train_loop_config={"collector": collector},
+        scaling_config=ray.train.ScalingConfig(num_workers=2),
+        run_config=ray.train.RunConfig(storage_path=str(tmp_path / "ray"), name="files"),
+        datasets={"train": data.datasets["train"]},
+    ).fit()
+    seen = ray.get(collector.get.remote())
+    for epoch in range(2):
+        a, b = seen[(0, epoch)], seen[(1, epoch)]
+        assert not set(a) & set(b), "the two workers' shards overlap"
+        covered = set(a) | set(b)
+        assert len(covered) == len(a) + len(b)
+        assert covered <= set(all_ids) and len(all_ids) - len(covered) < 2

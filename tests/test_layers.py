@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("job",),
     # Stages. The batch stage scores the recipe's evaluation split read and tokenized exactly as
     # the data stage does, so it sits above data.
-    ("train", "export", "batch", "summary", "dev.smoke", "dev.reference"),
+    ("train", "export", "batch", "summary", "prepared", "dev.smoke", "dev.reference"),
     ("data",),
     ("train_loop",),
     ("distill", "export_layout"),

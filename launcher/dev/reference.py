@@ -25,7 +25,7 @@ from launcher.recipe import Recipe
 
 START = "<!-- recipe-reference:start -->"
 END = "<!-- recipe-reference:end -->"
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 WRITE_COMMAND = "python -m launcher.dev.reference --write"
 
 Row = tuple[str, str, str, str]  # key, type, default, description

@@ -113,6 +113,10 @@ class DataConfig(Section):
     """Causal LM text and chat: pack short examples into full max_length sequences."""
     balance: bool = False
     """Classification: undersample the training split to equal class counts."""
+    cache_dir: str | None = None
+    """Where prepared (tokenized) splits are cached as Parquet, keyed by a fingerprint of the
+    sources, tokenizer and data settings, and reused by later runs (`ftlaunch prepare` fills it
+    ahead); default ~/.cache/ftlaunch/prepared on the node that runs the driver."""
 
 
 # -------------------------------------------------------------------------------- finetune

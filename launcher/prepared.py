@@ -1,0 +1,318 @@
+"""The prepared-dataset cache: tokenized splits written once as Parquet, read by later runs.
+
+An entry is a directory `<cache root>/<fingerprint>/` holding one folder of Parquet files per
+split and `prepared.json` (rows, tokens, raw rows and sources per split, the fingerprint's
+inputs, when it was made). The fingerprint covers everything that changes the tokenized output:
+the sources (path, size, modification time of every file; etag / mtime of URIs where the
+filesystem gives them), the tokenizer (class and a hash of its full definition) and every data
+setting (format, fields, templates, max_length, packing, split fractions and seed, balance,
+mixing weights, the labels, train.seed). A changed input is a new entry, never a stale read.
+
+Entries are written into a temporary directory and renamed into place in one step, with
+`prepared.json` written last: a crash leaves at most a `.tmp-*` directory that no lookup reads.
+A hit reads the Parquet with `ray.data.read_parquet` and materializes it before the trainer
+reserves CPUs (the 2-core hang in DESIGN.md); the step plan's row and token counts come from
+`prepared.json`, not from a pass over the data.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from launcher.data import SPLITS, PreparedData, prepare_data, sources_of
+from launcher.records import DataError, is_glob
+
+CACHE_FORMAT = 1
+"""Bumped whenever the layout of an entry or the meaning of its columns changes."""
+META_FILE = "prepared.json"
+DEFAULT_ROOT = ".cache/ftlaunch/prepared"
+
+
+# ------------------------------------------------------------------------------ where
+
+
+def cache_root(recipe: Any) -> Path:
+    """data.cache_dir, or ~/.cache/ftlaunch/prepared (beside the distillation cache).
+
+    Not under checkpoint.storage_path: that directory holds run directories only, and tools
+    and tests that list it expect nothing else there."""
+    configured = getattr(recipe.data, "cache_dir", None)
+    if configured:
+        return _local_path(configured, "data.cache_dir")
+    return Path.home() / DEFAULT_ROOT
+
+
+def _local_path(value: str, setting: str) -> Path:
+    if value.startswith("file://"):
+        return Path(value.removeprefix("file://"))
+    if "://" in value:
+        raise DataError(
+            f"{setting}: {value} is a URI; the prepared-dataset cache needs a path every node "
+            "can read (a local or shared filesystem path, or file://)"
+        )
+    return Path(value).expanduser()
+
+
+# ------------------------------------------------------------------------ fingerprint
+
+
+def fingerprint(recipe: Any, tokenizer: Any, base_dir: Path | None = None) -> tuple[str, dict]:
+    """The cache key of the recipe's prepared data and the inputs it was computed from."""
+    inputs = {
+        "format": CACHE_FORMAT,
+        "data": _data_settings(recipe),
+        "task": recipe.model.task,
+        "labels": list(recipe.model.labels or ()),
+        "seed": recipe.train.seed,
+        "tokenizer": tokenizer_identity(tokenizer),
+        "sources": {
+            split: [_source_state(path, base_dir) for path in _paths(getattr(recipe.data, split))]
+            for split in SPLITS
+            if getattr(recipe.data, split) is not None
+        },
+    }
+    text = json.dumps(inputs, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20], inputs
+
+
+def _data_settings(recipe: Any) -> dict:
+    settings = recipe.data.model_dump(mode="json", exclude={"cache_dir"})
+    template = settings.get("chat_template")
+    if isinstance(template, str) and Path(template).expanduser().is_file():
+        settings["chat_template"] = _file_hash(Path(template).expanduser())
+    return settings
+
+
+def _paths(spec: Any) -> list[str]:
+    listed = sources_of(spec)
+    return [spec] if listed is None else [s.path for s in listed]
+
+
+def tokenizer_identity(tokenizer: Any) -> dict:
+    """Class and a hash of everything that decides the token ids the tokenizer produces."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        definition = backend.to_str()
+    else:
+        definition = json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = {
+        "special": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
+        "pad_token_id": tokenizer.pad_token_id,
+        "padding_side": getattr(tokenizer, "padding_side", None),
+        "truncation_side": getattr(tokenizer, "truncation_side", None),
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
+    digest = hashlib.sha256(definition.encode())
+    digest.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return {"class": type(tokenizer).__name__, "hash": digest.hexdigest()[:20]}
+
+
+def _source_state(spec: str, base_dir: Path | None) -> dict:
+    """What identifies a source's current content without reading it."""
+    if spec.startswith("hf:"):
+        return {"source": spec}
+    if "://" in spec and not spec.startswith("file://"):
+        return {"source": spec, "files": _uri_files(spec)}
+    path = Path(spec.removeprefix("file://")).expanduser()
+    if base_dir is not None and not path.is_absolute():
+        path = base_dir / path
+    if is_glob(spec):
+        files = glob.glob(str(path), recursive=True)
+        return {"source": str(path), "files": [_file_state(Path(p), p) for p in sorted(files)]}
+    path = path.resolve()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return {"source": str(path), "files": [_file_state(p, _name(p, path)) for p in files]}
+
+
+def _name(path: Path, root: Path) -> str:
+    return str(path.relative_to(root)) if path != root else path.name
+
+
+def _file_state(path: Path, name: str) -> list:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return [name, None, None]  # reading it fails with a DataError later
+    return [name, stat.st_size, stat.st_mtime_ns]
+
+
+def _uri_files(uri: str) -> list:
+    """Size and mtime (and etag when the filesystem reports one) of the files under a URI."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(uri)
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.Directory:
+            infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        else:
+            infos = [info]
+    except Exception as exc:  # unreachable store: the read fails with its own message later
+        return [f"unlisted: {type(exc).__name__}"]
+    return sorted(
+        [i.path, i.size, i.mtime_ns, getattr(i, "etag", None)]
+        for i in infos
+        if i.type == pafs.FileType.File
+    )
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:20]
+
+
+# ------------------------------------------------------------------------------ entries
+
+
+@dataclass(frozen=True)
+class CacheLookup:
+    """A recipe's cache slot: where it lives, its key, and the entry when one exists."""
+
+    root: Path
+    fingerprint: str
+    inputs: dict
+    meta: dict | None
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.fingerprint
+
+    @property
+    def hit(self) -> bool:
+        return self.meta is not None
+
+
+def lookup(recipe: Any, tokenizer: Any, base_dir: Path | None = None) -> CacheLookup:
+    """Fingerprint the recipe's data and find its entry (no Ray, no reading of the data)."""
+    root = cache_root(recipe)
+    key, inputs = fingerprint(recipe, tokenizer, base_dir)
+    return CacheLookup(root, key, inputs, read_meta(root / key))
+
+
+def read_meta(entry: Path) -> dict | None:
+    """An entry's metadata; None when the entry is absent or not complete."""
+    try:
+        meta = json.loads((entry / META_FILE).read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
+    if meta.get("cache_format") != CACHE_FORMAT:
+        return None
+    if not all((entry / split).is_dir() for split in meta.get("splits", {})):
+        return None
+    return meta
+
+
+def entry_size(entry: Path) -> int:
+    """Bytes on disk of an entry."""
+    return sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
+
+
+def write_entry(slot: CacheLookup, data: PreparedData) -> dict:
+    """Write data's materialized splits as a new entry; returns its metadata.
+
+    The splits stream block by block from the object store into Parquet files (in block order,
+    so a later read sees the rows in the same order); the driver holds one block at a time.
+    """
+    import pyarrow.parquet as pq
+
+    slot.root.mkdir(parents=True, exist_ok=True)
+    tmp = slot.root / f".tmp-{slot.fingerprint}-{uuid.uuid4().hex[:8]}"
+    try:
+        for split, ds in data.datasets.items():
+            folder = tmp / split
+            folder.mkdir(parents=True)
+            for i, block in enumerate(ds.iter_batches(batch_format="pyarrow", batch_size=None)):
+                if block.num_rows:
+                    pq.write_table(block, folder / f"part-{i:05d}.parquet")
+        runs = data.tokenization_runs()
+        meta = {
+            "cache_format": CACHE_FORMAT,
+            "fingerprint": slot.fingerprint,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "splits": {
+                split: {
+                    "rows": data.num_rows[split],
+                    "tokens": data.num_tokens[split],
+                    "raw_rows": data.raw_rows[split],
+                    "dropped": runs.get(split, {}).get("rows_in", 0)
+                    - runs.get(split, {}).get("rows_out", 0),
+                    "dropped_by_reason": data.dropped.get(split, {}),
+                }
+                for split in data.datasets
+            },
+            "sources": data.sources,
+            "inputs": slot.inputs,
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+        try:
+            os.rename(tmp, slot.path)
+        except OSError:
+            if read_meta(slot.path) is None:  # not a finished entry written meanwhile
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def read_entry(slot: CacheLookup) -> PreparedData:
+    """The entry's splits as materialized Ray Datasets, counts from its metadata."""
+    import ray
+
+    # The read tasks run where the driver runs: the entry may be on a disk only this node sees.
+    here = {f"node:{ray.util.get_node_ip_address()}": 0.001}
+    meta = slot.meta or {}
+    datasets = {}
+    for split in meta["splits"]:
+        files = sorted(str(p) for p in (slot.path / split).glob("*.parquet"))
+        ds = ray.data.read_parquet(files, resources=here, partitioning=None)
+        ds.context.execution_options.preserve_order = True
+        # Read before the trainer reserves CPUs: workers then only take finished blocks.
+        datasets[split] = ds.materialize()
+    splits = meta["splits"]
+    return PreparedData(
+        datasets=datasets,
+        num_rows={k: v["rows"] for k, v in splits.items()},
+        num_tokens={k: v["tokens"] for k, v in splits.items()},
+        raw_rows={k: v["raw_rows"] for k, v in splits.items()},
+        sources=list(meta.get("sources", [])),
+        dropped={
+            k: v["dropped_by_reason"] for k, v in splits.items() if v.get("dropped_by_reason")
+        },
+        cache=cache_facts(slot, reused=True),
+    )
+
+
+def cache_facts(slot: CacheLookup, *, reused: bool) -> dict:
+    """What the summary and the display say about the cache."""
+    return {"fingerprint": slot.fingerprint, "path": str(slot.path), "reused": reused}
+
+
+# ------------------------------------------------------------------------------ the stage
+
+
+def load_or_prepare(
+    slot: CacheLookup,
+    recipe: Any,
+    tokenizer: Any,
+    *,
+    tables: dict | None = None,
+    base_dir: Path | None = None,
+) -> PreparedData:
+    """The entry's data on a hit; otherwise tokenize with Ray Data and write the entry.
+
+    Needs a running Ray. On a miss the materialized datasets are used directly (no re-read).
+    """
+    if slot.hit:
+        return read_entry(slot)
+    data = prepare_data(recipe, tokenizer, base_dir=base_dir, tables=tables)
+    write_entry(slot, data)
+    data.cache = cache_facts(slot, reused=False)
+    return data
