@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 import click
 
@@ -25,6 +26,17 @@ from launcher.recipe import (
     json_schema,
     resolved_dict,
 )
+
+
+def exit_for_job_error(exc: Exception, verbose: bool) -> NoReturn:
+    """A failure of a job run here: bad input exits 2 with its message, anything else exits 1
+    with one line (the traceback only with --verbose). Called inside the `except` block."""
+    if exit_code_for(exc) == EXIT_BAD_INPUT:
+        raise BadInput(str(exc)) from None
+    if verbose:
+        raise exc
+    click.echo(f"error: {exc}", err=True)
+    raise click.exceptions.Exit(EXIT_FAILED) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -135,13 +147,7 @@ def prepare(recipe: str, overrides: tuple[str, ...], verbose: bool) -> None:
     try:
         entry = prepare_cache(resolved, verbose=verbose)
     except Exception as exc:
-        code = exit_code_for(exc)
-        if code == EXIT_BAD_INPUT:
-            raise BadInput(str(exc)) from None
-        if verbose:
-            raise
-        click.echo(f"error: {exc}", err=True)
-        raise click.exceptions.Exit(EXIT_FAILED) from None
+        exit_for_job_error(exc, verbose)
     state = "reused (already prepared)" if entry["reused"] else "written"
     click.echo(f"prepared data: {entry['path']}")
     click.echo(f"  fingerprint: {entry['fingerprint']} ({state})")
@@ -234,13 +240,7 @@ def submit(
         try:
             summary = run_local(resolved, resume=Path(resume) if resume else None, verbose=verbose)
         except Exception as exc:
-            code = exit_code_for(exc)
-            if code == EXIT_BAD_INPUT:
-                raise BadInput(str(exc)) from None
-            if verbose:
-                raise
-            click.echo(f"error: {exc}", err=True)
-            raise click.exceptions.Exit(EXIT_FAILED) from None
+            exit_for_job_error(exc, verbose)
         print_final(summary)
         return
     submit_remote(resolved, recipe, chosen, dry_run=dry_run, follow=follow)
