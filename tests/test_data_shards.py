@@ -43,13 +43,41 @@ def read_shard(config: dict) -> None:
         ray.get(config["collector"].add.remote(rank, epoch, ids))
 
 
+def row_ids(dataset) -> list[int]:
+    return sorted(int(r["row_id"]) for r in dataset.select_columns(["row_id"]).take_all())
+
+
+def shards_seen(dataset, storage: Path) -> dict[tuple[int, int], list[int]]:
+    """Row ids each of two real Ray Train workers reads from its shard, per (rank, epoch)."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    collector = ray.remote(num_cpus=0)(Collector).remote()
+    TorchTrainer(
+        read_shard,
+        train_loop_config={"collector": collector},
+        scaling_config=ray.train.ScalingConfig(num_workers=2),
+        run_config=ray.train.RunConfig(storage_path=str(storage), name="shards"),
+        datasets={"train": dataset},
+    ).fit()
+    return ray.get(collector.get.remote())
+
+
+def assert_disjoint_and_covering(seen: dict, all_ids: list[int]) -> None:
+    for epoch in range(2):
+        a, b = seen[(0, epoch)], seen[(1, epoch)]
+        assert not set(a) & set(b), "the two workers' shards overlap"
+        covered = set(a) | set(b)
+        assert len(covered) == len(a) + len(b)  # no row twice within a shard
+        # Equal shards may leave out fewer rows than there are workers.
+        assert covered <= set(all_ids) and len(all_ids) - len(covered) < 2
+
+
 @pytest.mark.ray_job
 def test_worker_shards_are_disjoint_cover_the_epoch_and_tokenize_once(
     ray_session, tiny_gpt2, story_data, tmp_path
 ):
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     from launcher.data import prepare_data
     from launcher.models import load_tokenizer
@@ -65,28 +93,12 @@ def test_worker_shards_are_disjoint_cover_the_epoch_and_tokenize_once(
     recipe = load_recipe(path)
     data = prepare_data(recipe, load_tokenizer(recipe.model))
     before = data.tokenization_runs()
-    all_ids = sorted(
-        int(r["row_id"]) for r in data.datasets["train"].select_columns(["row_id"]).take_all()
-    )
+    all_ids = row_ids(data.datasets["train"])
 
-    collector = ray.remote(num_cpus=0)(Collector).remote()
-    TorchTrainer(
-        read_shard,
-        train_loop_config={"collector": collector},
-        scaling_config=ray.train.ScalingConfig(num_workers=2),
-        run_config=ray.train.RunConfig(storage_path=str(tmp_path / "runs"), name="shards"),
-        datasets={"train": data.datasets["train"]},
-    ).fit()
-    seen = ray.get(collector.get.remote())
-
+    seen = shards_seen(data.datasets["train"], tmp_path / "runs")
+    assert_disjoint_and_covering(seen, all_ids)
     for epoch in range(2):
-        a, b = seen[(0, epoch)], seen[(1, epoch)]
-        assert not set(a) & set(b), "the two workers' shards overlap"
-        assert len(a) == len(b)  # equal shards: DDP steps stay in lockstep
-        covered = set(a) | set(b)
-        assert len(covered) == len(a) + len(b)  # no row twice within a shard
-        # Equal shards may leave out fewer rows than there are workers.
-        assert covered <= set(all_ids) and len(all_ids) - len(covered) < 2
+        assert len(seen[(0, epoch)]) == len(seen[(1, epoch)])  # DDP steps stay in lockstep
     assert seen[(0, 0)] != seen[(0, 1)]  # reshuffled per epoch
 
     after = data.tokenization_runs()
@@ -119,9 +131,6 @@ def write_story_files(root: Path, kind: str, parts: int = 3) -> str:
 def test_multi_file_sources_shard_from_the_prepared_cache(ray_session, tiny_gpt2, tmp_path, kind):
     """A directory of Parquet files and a JSON Lines glob, prepared into the cache, then read back
     from it (as a later run does): the two workers' shards are disjoint and cover each epoch."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     from launcher import prepared as P
     from launcher.models import load_tokenizer
@@ -143,23 +152,7 @@ def test_multi_file_sources_shard_from_the_prepared_cache(ray_session, tiny_gpt2
     data = P.load_or_prepare(slot, recipe, tokenizer)
     assert data.tokenization_runs() == {}
     assert data.raw_rows["train"] + data.raw_rows["validation"] == 240
-    all_ids = sorted(
-        int(r["row_id"]) for r in data.datasets["train"].select_columns(["row_id"]).take_all()
-    )
+    all_ids = row_ids(data.datasets["train"])
     assert len(all_ids) == first.num_rows["train"] == len(set(all_ids))
 
-    collector = ray.remote(num_cpus=0)(Collector).remote()
-    TorchTrainer(
-        read_shard,
-        train_loop_config={"collector": collector},
-        scaling_config=ray.train.ScalingConfig(num_workers=2),
-        run_config=ray.train.RunConfig(storage_path=str(tmp_path / "ray"), name="files"),
-        datasets={"train": data.datasets["train"]},
-    ).fit()
-    seen = ray.get(collector.get.remote())
-    for epoch in range(2):
-        a, b = seen[(0, epoch)], seen[(1, epoch)]
-        assert not set(a) & set(b), "the two workers' shards overlap"
-        covered = set(a) | set(b)
-        assert len(covered) == len(a) + len(b)
-        assert covered <= set(all_ids) and len(all_ids) - len(covered) < 2
+    assert_disjoint_and_covering(shards_seen(data.datasets["train"], tmp_path / "ray"), all_ids)

@@ -15,7 +15,7 @@ import numpy as np
 
 from launcher.batch.inputs import ID_COLUMN, LABEL_ID, ROW_ID_COLUMN, BatchInputError
 from launcher.batch.source import ModelSource, load_scoring_model
-from launcher.collate import pad_sequences
+from launcher.collate import IGNORE_INDEX, pad_sequences
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def token_logprobs(model, rows: Sequence[tuple[list[int], list[int]]], pad_id: i
     if max(len(r[0]) for r in rows) < 2:  # nothing to predict in any row
         return [np.zeros(0, dtype=np.float64) for _ in rows]
     ids, mask = _pad([r[0] for r in rows], pad_id, "right")
-    labels, _ = _pad([r[1] for r in rows], -100, "right")
+    labels = pad_sequences([r[1] for r in rows], IGNORE_INDEX)
     with torch.inference_mode():
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
     # Prompt tuning prepends virtual tokens; their logits come first.
