@@ -43,7 +43,7 @@ TRAINED = {
 }
 HEAD = r"(^|\.)(score|classifier)\.(modules_to_save\.default\.)?(weight|bias)$"
 PEFT_HEAD = r"(^|\.)(score|classifier)\.modules_to_save\."
-LR = {"adapter": 3e-2, "bitfit": 3e-2, "prefix": 1e-1, "prompt": 2e-1, "ia3": 1e-1}
+LR = {"full": 1e-3, "adapter": 3e-2, "bitfit": 3e-2, "prefix": 1e-1, "prompt": 2e-1, "ia3": 1e-1}
 
 
 def make_recipe(model_dir, task: str, method: str, **finetune) -> Recipe:
