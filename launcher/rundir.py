@@ -41,6 +41,8 @@ class RunState:
     started: float = field(default_factory=time.time)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     parameters: dict[str, Any] = field(default_factory=dict)
+    # rank -> {"node_id", "node_ip"} of the newest worker group
+    placement: dict[int, dict[str, str]] = field(default_factory=dict)
     restarts: int = 0
     last_step: int = -1
     replayed: int = 0

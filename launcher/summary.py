@@ -40,6 +40,16 @@ def data_facts(data) -> dict[str, Any]:
     return facts
 
 
+def placement_facts(recipe: Recipe, state: RunState) -> dict[str, Any]:
+    """The placement asked for, how many nodes the workers ran on, and each rank's node."""
+    ranks = [{"rank": rank, **state.placement[rank]} for rank in sorted(state.placement)]
+    return {
+        "strategy": recipe.scaling.placement,
+        "nodes": len({r["node_id"] for r in ranks}),
+        "ranks": ranks,
+    }
+
+
 def write_summary(
     recipe: Recipe,
     state: RunState,
@@ -76,6 +86,7 @@ def write_summary(
         "strategy": recipe.strategy.name,
         "method": recipe.finetune.method,
         "num_workers": recipe.scaling.num_workers,
+        "placement": placement_facts(recipe, state),
         **extra,
     }
     if state.notes:

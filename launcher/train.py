@@ -51,6 +51,9 @@ FAILURE_MARKER = ".ftlaunch-failure-injected"
 IN_PROCESS = "FTLAUNCH_IN_PROCESS"
 # They need a process group, which Ray Train's local mode does not set up.
 NEEDS_PROCESS_GROUP = ("fsdp", "deepspeed")
+# scaling.placement -> the strategy of the placement group Ray Train reserves for the workers.
+# SPREAD is Ray's best-effort spread: workers still share a node when there are fewer nodes.
+PLACEMENT_STRATEGIES = {"pack": "PACK", "spread": "SPREAD"}
 
 
 class JobError(JobFailedError):
@@ -104,6 +107,8 @@ def drain_sink(sink, state: RunState, view: ProgressView, stop: threading.Event,
                     f"trainable parameters: {item['trainable']:,} of {item['total']:,} "
                     f"({item['percent']:.2f}%)"
                 )
+            elif event == "placement":
+                record_placement(state, item)
             elif event == "resumed":
                 state.restarts = item["restarts"]
                 record = {"event": "restart", "step": item["step"], "restarts": item["restarts"]}
@@ -124,6 +129,13 @@ def drain_sink(sink, state: RunState, view: ProgressView, stop: threading.Event,
                 view.update(item)
                 if tracker is not None:
                     tracker.log(item, int(item["step"]))
+
+
+def record_placement(state: RunState, item: dict[str, Any]) -> None:
+    """Note the node of one rank. Every worker group (a restart, a resize) reports anew, so a
+    group smaller than the last drops the ranks beyond it."""
+    state.placement = {r: n for r, n in state.placement.items() if r < item["world_size"]}
+    state.placement[int(item["rank"])] = {"node_id": item["node_id"], "node_ip": item["node_ip"]}
 
 
 def runs_in_process(recipe: Recipe, gpu: bool, remote: str | None) -> bool:
@@ -236,6 +248,7 @@ def train(
             # 0 is Ray Train's local mode: the loop runs in this thread.
             num_workers=0 if in_process else recipe.scaling.num_workers,
             use_gpu=gpu,
+            placement_strategy=PLACEMENT_STRATEGIES[recipe.scaling.placement],
             resources_per_worker={
                 "CPU": recipe.scaling.cpus_per_worker,
                 **({"GPU": 1} if gpu else {}),

@@ -317,6 +317,18 @@ def window_metrics(window: Window, device: torch.device, world_size: int) -> dic
     return out
 
 
+def worker_placement(rank: int, world_size: int) -> dict[str, Any]:
+    """The Ray node this process runs on, for summary.json's `placement`."""
+    import ray
+
+    return {
+        "rank": rank,
+        "world_size": world_size,
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+    }
+
+
 def train_loop_per_worker(config: WorkerConfig) -> None:
     """One Ray Train worker: build, restore, loop, report. `config` comes from the driver."""
     from launcher.strategies import make_strategy
@@ -338,6 +350,8 @@ def run_worker(config: WorkerConfig, make_strategy: Callable[[Recipe, torch.devi
     t = recipe.train
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    if sink is not None:  # sent first, so even a run that fails to start shows where it ran
+        sink.put({"event": "placement", **worker_placement(rank, world_size)})
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, recipe.scaling.cpus_per_worker))
     seed_everything(t.seed)

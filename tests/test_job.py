@@ -41,7 +41,19 @@ def assert_contract(run_dir: Path) -> dict:
     assert summary["status"] == "succeeded"
     assert summary["steps"] > 0 and summary["tokens"] > 0
     assert load_recipe(run_dir / "recipe.yaml").name == summary["name"]
+    assert_one_node_placement(summary)
     return summary
+
+
+def assert_one_node_placement(summary: dict) -> None:
+    """Every rank is on record, on the test session's one Ray node."""
+    import ray
+
+    placement = summary["placement"]
+    assert placement["nodes"] == 1
+    assert [r["rank"] for r in placement["ranks"]] == list(range(summary["num_workers"]))
+    assert {r["node_id"] for r in placement["ranks"]} == {ray.get_runtime_context().get_node_id()}
+    assert all(r["node_ip"] for r in placement["ranks"])
 
 
 @pytest.mark.ray_job
@@ -168,6 +180,7 @@ def test_resume_matches_uninterrupted_run(
         )
 
     straight = run(load_recipe(write_recipe(tmp_path, body("straight"))))
+    assert_one_node_placement(straight)  # trained in this process: rank 0 on the driver's node
 
     monkeypatch.setenv("FTLAUNCH_FAIL_AT_STEP", "7")
     monkeypatch.setenv("FTLAUNCH_FAIL_RANK", "0")
@@ -280,3 +293,38 @@ def test_in_process_keeps_and_picks_checkpoints_like_ray_train(tmp_path):
     assert Path(best.path).name == "checkpoint_000004"
     assert Path(pick_checkpoint(result, "eval_loss", "max", tmp_path).path).name.endswith("08")
     assert Path(pick_checkpoint(result, None, "min", tmp_path).path).name.endswith("08")
+
+
+def test_summary_places_each_rank_of_the_newest_worker_group(tmp_path):
+    """Workers report their node through the sink; a restarted, smaller group replaces the
+    ranks of the one before."""
+    import queue
+    import threading
+
+    from helpers import minimal_recipe
+
+    from launcher.rundir import RunState
+    from launcher.summary import write_summary
+    from launcher.train import drain_sink
+
+    ips = {"a": "10.0.0.1", "b": "10.0.0.2", "c": "10.0.0.3"}
+    sink: queue.Queue = queue.Queue()
+    for rank, world_size, node in ((0, 3, "a"), (1, 3, "b"), (2, 3, "b"), (1, 2, "c")):
+        event = {"rank": rank, "world_size": world_size, "node_id": node, "node_ip": ips[node]}
+        sink.put({"event": "placement", **event})
+    state, stop = RunState(tmp_path), threading.Event()
+    stop.set()  # drain what is queued, then return
+    drain_sink(sink, state, None, stop, None)
+    recipe = minimal_recipe(scaling={"num_workers": 2, "placement": "spread"})
+    summary = write_summary(recipe, state, "succeeded", {}, None)
+    assert summary["placement"] == {
+        "strategy": "spread",
+        "nodes": 2,
+        "ranks": [
+            {"rank": 0, "node_id": "a", "node_ip": "10.0.0.1"},
+            {"rank": 1, "node_id": "c", "node_ip": "10.0.0.3"},
+        ],
+    }
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["placement"] == summary["placement"]
+    assert not read_metrics(tmp_path)  # placement is no metric

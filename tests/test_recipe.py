@@ -129,6 +129,13 @@ def test_wrong_choice_lists_the_allowed_values(tmp_path):
     assert "'ddp', 'fsdp' or 'deepspeed'" in problem.message and "'ddpp'" in problem.message
 
 
+def test_unknown_placement_names_the_field_and_both_choices(tmp_path):
+    text = MINIMAL + "scaling:\n  num_workers: 2\n  placement: strict_spread\n"
+    problem = only_problem(tmp_path, text)
+    assert problem.path == "scaling.placement"
+    assert "'pack' or 'spread'" in problem.message and "'strict_spread'" in problem.message
+
+
 def test_wrong_type_says_what_was_expected(tmp_path):
     problem = only_problem(tmp_path, MINIMAL + "train:\n  batch_size: many\n")
     assert problem.path == "train.batch_size"
@@ -350,6 +357,11 @@ RULES = [
         "only applies to cluster.target: ray (got local)",
     ),
     ("cluster: {target: ray}", "cluster.address", "required for cluster.target: ray"),
+    (
+        "scaling: {placement: spread}",
+        "scaling.placement",
+        "only applies with scaling.num_workers above 1 (got 1)",
+    ),
     (
         "data: {train: t.jsonl, format: classification}",
         "data.format",
@@ -664,6 +676,15 @@ def test_resolved_recipe_leaves_out_fields_that_do_nothing(tmp_path):
     assert "zero_stage" not in data["strategy"] and "lora" not in data["finetune"]
     assert "labels" not in data["model"] and "address" not in data["cluster"]
     assert data["train"]["lr"] == 2.0e-5
+    assert "placement" not in data["scaling"]  # one worker: nothing to place
+
+
+def test_placement_is_pack_unless_set_and_kept_with_several_workers(tmp_path):
+    path = write(tmp_path, MINIMAL + "scaling: {num_workers: 2}\n")
+    assert resolved_dict(load_recipe(path))["scaling"]["placement"] == "pack"
+    spread = load_recipe(path, ["scaling.placement=spread"])
+    assert spread.scaling.placement == "spread"
+    assert resolved_dict(spread)["scaling"]["placement"] == "spread"
 
 
 @pytest.mark.parametrize(
@@ -674,6 +695,7 @@ def test_resolved_recipe_leaves_out_fields_that_do_nothing(tmp_path):
         "distill: {teacher: {name_or_path: big}, mode: offline, top_k: 4}\ngenerate: {do_sample: true, top_p: 0.9}",
         "data:\n  train: [{path: a.jsonl, weight: 2}, {path: b.jsonl, name: b}]\n  format: instruction\n  prompt_template: 'Q: {instruction}'",
         "cluster: {target: kuberay, image: img, namespace: ml}\ntracking: {wandb: {project: p}}",
+        "scaling: {num_workers: 2, placement: spread}",
     ],
 )
 def test_round_trip_of_the_resolved_recipe(tmp_path, addition):

@@ -135,6 +135,18 @@ def test_render_follows_the_cluster_section():
     assert worker["resources"]["limits"]["cpu"] == "7"  # 6 for training + 1 for Ray Data
 
 
+def test_placement_travels_in_the_recipe_and_changes_no_manifest():
+    def rendered(placement: str) -> tuple[dict, dict]:
+        scaling = {"num_workers": 2, "placement": placement}
+        return check_rendered(minimal_recipe(scaling=scaling, cluster={"target": "kuberay"}))
+
+    (pack_map, pack_job), (spread_map, spread_job) = rendered("pack"), rendered("spread")
+    assert pack_job == spread_job
+    recipe = yaml.safe_load(spread_map["data"][RECIPE_KEY])
+    assert recipe["scaling"]["placement"] == "spread"
+    assert yaml.safe_load(pack_map["data"][RECIPE_KEY])["scaling"]["placement"] == "pack"
+
+
 def test_cpu_only_workers_have_no_gpu_limits_or_tolerations():
     check_rendered(minimal_recipe(cluster={"target": "kuberay", "gpus_per_worker": 0}))
 

@@ -88,6 +88,8 @@ def inapplicable_fields(recipe: Recipe) -> dict[str, str]:
     if recipe.generate is not None and not recipe.generate.do_sample:
         out["generate.temperature"] = "only applies with generate.do_sample: true"
         out["generate.top_p"] = "only applies with generate.do_sample: true"
+    if recipe.scaling.num_workers == 1:
+        out["scaling.placement"] = "only applies with scaling.num_workers above 1 (got 1)"
     if recipe.cluster.target != "ray":
         out["cluster.address"] = (
             f"only applies to cluster.target: ray (got {recipe.cluster.target})"

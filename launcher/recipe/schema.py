@@ -268,6 +268,9 @@ class StrategyConfig(Section):
 class ScalingConfig(Section):
     num_workers: int = Field(default=1, gt=0)
     """Training workers (one per GPU when GPUs are used)."""
+    placement: Literal["pack", "spread"] = "pack"
+    """Where the workers go (with more than one): pack fills a node before the next, keeping
+    gradient traffic inside a node; spread puts one worker per node where possible."""
     use_gpu: Literal["auto"] | bool = "auto"
     """auto: use GPUs when the Ray cluster has them."""
     cpus_per_worker: int = Field(default=1, gt=0)

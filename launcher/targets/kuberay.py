@@ -4,6 +4,10 @@ Two manifests: a ConfigMap holding the resolved recipe and the RayJob whose head
 runs `python -m launcher.job` on it. The head only schedules (`num-cpus: "0"`); one worker group
 of exactly scaling.num_workers pods trains. Credentials come from a Secret by name
 (secretKeyRef); no value ever appears in a manifest.
+
+scaling.placement changes no manifest: it reaches Ray Train through the recipe in the ConfigMap.
+Each worker pod is sized for one training worker (and one CPU for Ray Data), so spread gives
+each worker its own pod, while pack may put two in one pod when both fit (cpus_per_worker: 1).
 """
 
 from __future__ import annotations
