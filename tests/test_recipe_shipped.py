@@ -81,7 +81,12 @@ def test_recipe_validates_as_is_and_in_smoke_mode(path, tmp_path, monkeypatch):
     assert smoke.exit_code == 0, smoke.output
     printed = json.loads(smoke.stdout)
     assert printed["train"]["max_steps"] == SMOKE_STEPS
-    assert printed["scaling"] == {"num_workers": 2, "use_gpu": False, "cpus_per_worker": 1}
+    assert printed["scaling"] == {
+        "num_workers": 2,
+        "placement": "pack",
+        "use_gpu": False,
+        "cpus_per_worker": 1,
+    }
     assert list(tmp_path.iterdir()) == [], "validate --smoke must not write anything"
 
 

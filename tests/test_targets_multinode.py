@@ -232,7 +232,8 @@ def test_two_workers_on_two_nodes_through_ftlaunch_submit(
 ):
     """A two-worker job sent with `ftlaunch submit --address`, storage on a shared file:// dir.
 
-    Each node has 2 CPUs and each worker asks for 2, so the ranks cannot share a node.
+    Each worker asks for 1 of a node's 2 CPUs, so both ranks would fit on one node:
+    `scaling.placement: spread` is what puts them on two.
     """
     shared = tmp_path / "shared-runs"
     prompts = tmp_path / "prompts.txt"
@@ -246,7 +247,12 @@ def test_two_workers_on_two_nodes_through_ftlaunch_submit(
             "max_length": 32,
         },
         "train": {"max_steps": 4, "batch_size": 4, "lr": 3e-3, "log_every": 1},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 2, "use_gpu": False},
+        "scaling": {
+            "num_workers": 2,
+            "placement": "spread",
+            "cpus_per_worker": 1,
+            "use_gpu": False,
+        },
         "checkpoint": {"storage_path": f"file://{shared}", "metric": None},
         "evaluate": {"metrics": ["loss"]},
         "generate": {"prompts": str(prompts), "max_new_tokens": 4},
@@ -262,4 +268,11 @@ def test_two_workers_on_two_nodes_through_ftlaunch_submit(
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "succeeded"
     assert any((run_dir / "checkpoints").iterdir())
-    assert len(train_worker_nodes(ray_cluster)) == 2
+    placement = summary["placement"]
+    assert (placement["strategy"], placement["nodes"]) == ("spread", 2)
+    nodes = {r["rank"]: r["node_id"] for r in placement["ranks"]}
+    assert sorted(nodes) == [0, 1] and nodes[0] != nodes[1]
+    assert all(r["node_ip"] for r in placement["ranks"])
+    # what the workers reported is where Ray ran them
+    assert set(nodes.values()) == train_worker_nodes(ray_cluster)
+    assert set(nodes.values()) <= {raylet["nodeId"] for raylet in ray_cluster.alive_nodes()}
