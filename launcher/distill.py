@@ -60,6 +60,9 @@ from launcher.recipe import ModelConfig, Recipe
 
 CACHE_FORMAT = 1  # bump when the stored layout changes: old cache entries are then ignored
 TEACHER_BATCH_ROWS = 16
+# Up to this many training rows without GPUs the offline teacher pass runs in the driver:
+# starting an actor that imports torch and loads the teacher costs more than the pass.
+TEACHER_IN_DRIVER_ROWS = 1_000
 
 Objective = Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -359,18 +362,22 @@ def attach_teacher_outputs(recipe: Recipe, data, tokenizer, note: Callable[[str]
         tmp = entry.with_name(entry.name + f".tmp-{os.getpid()}")
         if tmp.exists():
             shutil.rmtree(tmp)
-        data.datasets["train"].map_batches(
-            TeacherTopK,
-            fn_constructor_kwargs={
-                "recipe_data": recipe.model_dump(mode="json"),
-                "pad_token_id": tokenizer.pad_token_id,
-            },
-            batch_format="pyarrow",
-            batch_size=TEACHER_BATCH_ROWS,
-            concurrency=max(gpus, 1),  # one teacher per GPU, else one on a CPU
-            num_cpus=1,
-            num_gpus=1 if gpus else 0,
-        ).write_parquet(str(tmp / "rows"))
+        teacher_args = {
+            "recipe_data": recipe.model_dump(mode="json"),
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+        if teacher_pass_in_driver(gpus, data.num_rows["train"]):
+            _teacher_pass_here(data.datasets["train"], teacher_args, tmp / "rows")
+        else:
+            data.datasets["train"].map_batches(
+                TeacherTopK,
+                fn_constructor_kwargs=teacher_args,
+                batch_format="pyarrow",
+                batch_size=TEACHER_BATCH_ROWS,
+                concurrency=max(gpus, 1),  # one teacher per GPU, else one on a CPU
+                num_cpus=1,
+                num_gpus=1 if gpus else 0,
+            ).write_parquet(str(tmp / "rows"))
         meta = {
             "key": key,
             "settings": settings,
@@ -392,6 +399,34 @@ def attach_teacher_outputs(recipe: Recipe, data, tokenizer, note: Callable[[str]
             f"{data.num_rows['train']}; delete that directory to recompute it"
         )
     return dataclasses.replace(data, datasets={**data.datasets, "train": train})
+
+
+def teacher_pass_in_driver(gpus: int, rows: int) -> bool:
+    """Small CPU passes run here; FTLAUNCH_IN_PROCESS=0 keeps them on an actor, as for the
+    batch stage and training."""
+    return (
+        os.environ.get("FTLAUNCH_IN_PROCESS", "1") != "0"
+        and not gpus
+        and rows <= (TEACHER_IN_DRIVER_ROWS)
+    )
+
+
+def _teacher_pass_here(dataset, teacher_args: dict[str, Any], out: Path) -> None:
+    """The teacher pass in this process, written as the actor pool writes it (Parquet rows)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    threads = torch.get_num_threads()  # TeacherTopK pins one thread, as for a pool actor
+    try:
+        teacher = TeacherTopK(**teacher_args)
+        blocks = [
+            teacher(batch)
+            for batch in dataset.iter_batches(batch_size=TEACHER_BATCH_ROWS, batch_format="pyarrow")
+        ]
+    finally:
+        torch.set_num_threads(threads)
+    out.mkdir(parents=True)
+    pq.write_table(pa.concat_tables(blocks), out / "rows-0.parquet")
 
 
 # ----------------------------------------------------------------------------- driver hook

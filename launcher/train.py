@@ -49,7 +49,8 @@ FAIL_AT_STEP, FAIL_RANK = "FTLAUNCH_FAIL_AT_STEP", "FTLAUNCH_FAIL_RANK"
 FAILURE_MARKER = ".ftlaunch-failure-injected"
 # FTLAUNCH_IN_PROCESS=0 keeps single-worker CPU jobs on a real Ray Train worker.
 IN_PROCESS = "FTLAUNCH_IN_PROCESS"
-# They need a process group, which Ray Train's local mode does not set up.
+# They need a process group, which Ray Train's local mode does not set up: an in-process run
+# of one of them gets a world of one (`single_process_group`).
 NEEDS_PROCESS_GROUP = ("fsdp", "deepspeed")
 # scaling.placement -> the strategy of the placement group Ray Train reserves for the workers.
 # SPREAD is Ray's best-effort spread: workers still share a node when there are fewer nodes.
@@ -151,8 +152,36 @@ def runs_in_process(recipe: Recipe, gpu: bool, remote: str | None) -> bool:
         and not gpu
         and recipe.train.max_failures == 0
         and remote is None
-        and recipe.strategy.name not in NEEDS_PROCESS_GROUP
     )
+
+
+@contextlib.contextmanager
+def single_process_group(strategy: str, in_process: bool):
+    """A gloo process group of one rank around an in-process fsdp or deepspeed run.
+
+    The store lives in this process (no port to pick); the group is torn down afterwards so
+    the next job in the same process starts from nothing.
+    """
+    import torch.distributed as dist
+
+    if not in_process or strategy not in NEEDS_PROCESS_GROUP or dist.is_initialized():
+        yield
+        return
+    # What a launcher sets for each rank; DeepSpeed reads LOCAL_RANK from the environment.
+    ranks = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+    saved = {name: os.environ.get(name) for name in ranks}
+    os.environ.update(ranks)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        if dist.is_initialized():  # the strategy may have ended it already
+            dist.destroy_process_group()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @dataclass
@@ -278,7 +307,8 @@ def train(
     sigint = sigint_handler()
     threads = torch_threads()
     try:
-        result = trainer.fit()
+        with single_process_group(recipe.strategy.name, in_process):
+            result = trainer.fit()
     except Exception as exc:
         raise JobError(f"training failed: {exc}") from exc
     finally:

@@ -164,3 +164,42 @@ def test_online_teacher_is_sharded_with_the_student(
     summary = run(load_recipe(write_recipe(tmp_path, body)))
     assert summary["status"] == "succeeded" and summary["steps"] == 4
     distill_metrics(Path(summary["run_dir"]))
+
+
+@pytest.mark.ray_job
+def test_teacher_pass_in_the_driver_matches_the_actor_pool(
+    ray_session, tiny_gpt2, tiny_teacher, story_data, tmp_path, monkeypatch
+):
+    """A small CPU pass runs in the driver; the columns it stores are the pool actor's."""
+    import pyarrow.parquet as pq
+
+    from launcher.distill import prepare_distillation
+    from launcher.job import open_data
+    from launcher.prepared import load_or_prepare
+
+    stored = {}
+    for where in ("driver", "pool"):
+        monkeypatch.setenv("FTLAUNCH_IN_PROCESS", "1" if where == "driver" else "0")
+        cache = tmp_path / where
+        body = distill_recipe(
+            tmp_path,
+            tiny_gpt2,
+            tiny_teacher,
+            story_data,
+            mode="offline",
+            top_k=4,
+            cache_dir=str(cache),
+        )
+        body["data"]["cache_dir"] = str(cache / "prepared")
+        recipe = load_recipe(write_recipe(tmp_path, body, f"{where}.yaml"))
+        tokenizer, slot, tables = open_data(recipe)
+        data = load_or_prepare(slot, recipe, tokenizer, tables=tables)
+        prepare_distillation(recipe, data, tokenizer)
+        [entry] = cache_entries(cache)
+        table = pq.read_table(cache / "teacher" / entry["key"] / "rows")
+        stored[where] = sorted(table.to_pylist(), key=lambda r: r["input_ids"])
+    assert len(stored["driver"]) == len(stored["pool"]) == 260
+    for here, pooled in zip(stored["driver"], stored["pool"], strict=True):
+        assert here["input_ids"] == pooled["input_ids"]
+        assert here["teacher_ids"] == pooled["teacher_ids"]
+        assert here["teacher_logprobs"] == pytest.approx(pooled["teacher_logprobs"], abs=1e-5)

@@ -1,8 +1,10 @@
-"""Sharded strategies through the real job: 2 Ray workers, DeepSpeed ZeRO-3 / FSDP2, with LoRA."""
+"""Sharded strategies through the real job: DeepSpeed ZeRO-3 / FSDP2 with LoRA, on 2 Ray workers
+and on one in-process worker."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -73,3 +75,33 @@ def test_lora_adapter_is_complete_and_reloads(
             atol=1e-4,
         )
     assert json.loads((run_dir / "eval.json").read_text())["perplexity"] > 1
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [{"name": "deepspeed", "zero_stage": 3}, {"name": "fsdp"}],
+    ids=["zero3", "fsdp"],
+)
+def test_one_cpu_worker_trains_in_this_process_with_a_world_of_one(
+    ray_session, tiny_gpt2, story_data, tmp_path, strategy, monkeypatch
+):
+    """A one-worker CPU job of a sharded strategy runs in the driver (no Ray Train worker)
+    inside a gloo group of one rank, and leaves neither the group nor its rank variables."""
+    import torch.distributed as dist
+    from ray._private.state import actors
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    path = lora_recipe(tmp_path, tiny_gpt2, story_data, strategy)
+    recipe = load_recipe(path, ["scaling.num_workers=1", "train.max_steps=4"])
+    known = set(actors())
+
+    summary = run(recipe)
+
+    assert summary["status"] == "succeeded" and summary["steps"] == 4
+    started = {a["ActorClassName"] for i, a in actors().items() if i not in known}
+    assert not {"RayTrainWorker", "TrainController"} & started, started
+    assert not dist.is_initialized()
+    assert "LOCAL_RANK" not in os.environ
+    losses = [m["loss"] for m in read_metrics(Path(summary["run_dir"])) if "loss" in m]
+    assert losses[-1] < losses[0]
+    assert (Path(summary["run_dir"]) / "adapter" / "adapter_model.safetensors").is_file()

@@ -25,7 +25,13 @@ from launcher.batch.inputs import (
     require_text,
     stage_rows,
 )
-from launcher.batch.pool import OutputWriter, PoolOptions, dataset_from_refs, run_job
+from launcher.batch.pool import (
+    IN_DRIVER_ROWS,
+    OutputWriter,
+    PoolOptions,
+    dataset_from_refs,
+    run_job,
+)
 from launcher.batch.source import ModelSource, resolve_model, scoring_tokenizer
 from launcher.batch.worker import GenerationOptions, check_template
 from launcher.raysession import ensure_ray
@@ -461,11 +467,15 @@ def evaluate_run(
     if statistics:
         source = resolve_model(run_dir)
         tokenizer = scoring_tokenizer(source)
-        tokenized = ray.data.from_arrow(table).map_batches(
-            T.tokenizer_for_batches(recipe, tokenizer),
-            batch_format="pyarrow",
-            batch_size=T.TOKENIZE_BATCH_ROWS,
-        )
+        tokenize = T.tokenizer_for_batches(recipe, tokenizer)
+        if table.num_rows <= IN_DRIVER_ROWS:
+            # A small split is tokenized here: the dataset is then materialized, knows its size,
+            # and the scoring runs in this process instead of starting a pool actor.
+            tokenized = ray.data.from_arrow(tokenize(table))
+        else:
+            tokenized = ray.data.from_arrow(table).map_batches(
+                tokenize, batch_format="pyarrow", batch_size=T.TOKENIZE_BATCH_ROWS
+            )
         result.update(evaluate(run_dir, tokenized, statistics, pool=pool))
     if "exact_match" in chosen:
         if recipe.data.format != "instruction":
