@@ -58,8 +58,9 @@ def test_killed_worker_restarts_from_last_checkpoint(
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_resume_continues(ray_session, tiny_gpt2, story_data, tmp_path):
     recipe_path = lm_recipe(tmp_path, tiny_gpt2, story_data, max_steps=400)
-    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
-    env.pop("RAY_ADDRESS")
+    # The driver joins the session's Ray instance, as a driver joins a running cluster.
+    address = ray_session.get_runtime_context().gcs_address
+    env = {**os.environ, "RAY_ADDRESS": address, "PYTHONPATH": str(REPO)}
     driver = subprocess.Popen(
         [sys.executable, "-m", "launcher.job", str(recipe_path)],
         cwd=tmp_path,
