@@ -25,7 +25,7 @@ from launcher import adapters as bottleneck
 from launcher.chat import end_of_turn_ids, load_chat_template
 from launcher.errors import BadInputError
 from launcher.export_layout import ADAPTER_INFO_FILE, ADAPTER_WEIGHTS_FILE, EXPORT_INFO_FILE
-from launcher.finetune import PEFT_METHODS, FinetuneError, apply_finetune
+from launcher.finetune import PEFT_METHODS, FinetuneError, apply_finetune, is_four_bit
 from launcher.internals import load_dcp_without_process_group
 from launcher.models import checkpoint_dtype, load_model, load_tokenizer
 from launcher.recipe import Recipe, load_recipe
@@ -36,6 +36,7 @@ from launcher.strategies import (
     check_strategy_file,
     load_trainable_state,
     read_strategy_file,
+    trainable_state,
 )
 
 MERGEABLE = ("lora", "qlora", "ia3")
@@ -259,6 +260,12 @@ def export_trained_model(
     for directory in (model_dir, adapter_dir):
         if directory.exists():
             shutil.rmtree(directory)
+    if method == "qlora" and is_four_bit(trained):
+        # Merged into 4-bit weights the update would be rounded away: the LoRA weights go onto
+        # the base reloaded unquantized, as an export from a checkpoint does.
+        lora = {k: v.cpu() for k, v in trainable_state(trained).items()}
+        pad = getattr(tokenizer, "pad_token_id", None)
+        trained = rebuild_trained_model(recipe, lora, pad_token_id=pad)
     trained = trained.cpu().eval()
     merged = False
     if method in PEFT_METHODS:

@@ -16,6 +16,7 @@ For classification every method also trains the new classification head (`score`
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -382,13 +383,22 @@ def apply_finetune(model: nn.Module, recipe: Recipe) -> nn.Module:
 def count_parameters(model: nn.Module) -> dict[str, Any]:
     """{"trainable", "total", "percent"}; shared (tied) parameters count once.
 
-    Parameters partitioned by DeepSpeed ZeRO-3 are counted at their full size.
+    Parameters partitioned by DeepSpeed ZeRO-3 are counted at their full size, 4-bit weights
+    (two to a byte) as the weights they stand for.
     """
     trainable = total = 0
     for p in model.parameters():
-        n = getattr(p, "ds_numel", None) or p.numel()
+        n = getattr(p, "ds_numel", None) or _unpacked_numel(p)
         total += n
         if p.requires_grad:
             trainable += n
     percent = round(100.0 * trainable / total, 4) if total else 0.0
     return {"trainable": trainable, "total": total, "percent": percent}
+
+
+def _unpacked_numel(param: torch.Tensor) -> int:
+    """Elements of the weight a parameter holds; a bitsandbytes 4-bit one packs two per byte
+    and keeps the original shape in its quantization state."""
+    state = getattr(param, "quant_state", None)
+    shape = getattr(state, "shape", None)
+    return math.prod(shape) if shape is not None else param.numel()

@@ -238,9 +238,6 @@ class FourBit:
     double_quant: bool = True
     # The dtype the 4-bit weights are dequantized to for each matmul.
     compute_dtype: torch.dtype = torch.float32
-    # The dtype whose storage holds the packed 4-bit values (two per byte): uint8, or a float
-    # type where a sharding wrapper must treat them like the other parameters.
-    storage_dtype: torch.dtype = torch.uint8
 
     def bitsandbytes_config(self):
         from transformers import BitsAndBytesConfig
@@ -250,7 +247,6 @@ class FourBit:
             bnb_4bit_quant_type=self.quant_type,
             bnb_4bit_use_double_quant=self.double_quant,
             bnb_4bit_compute_dtype=self.compute_dtype,
-            bnb_4bit_quant_storage=self.storage_dtype,
         )
 
 

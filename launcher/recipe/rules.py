@@ -308,10 +308,12 @@ def qlora_problems(recipe: Recipe) -> list[Problem]:
 
 
 QLORA_SHARDING_REASON = {
-    "fsdp": "FSDP2 would shard the packed 4-bit weights and the strategy's sharded loader "
-    "cannot place them; a 4-bit 8B base (about 5 GB) fits one GPU, so ddp replicas do",
-    "deepspeed": "DeepSpeed partitions and casts the module itself, which breaks the 4-bit "
-    "weights' quantization state; use ddp (the 4-bit base fits one GPU)",
+    "fsdp": "FSDP2 can shard 4-bit weights only when they are stored in the compute dtype, and "
+    "the fsdp checkpoints and export do not handle 4-bit weights yet; the 4-bit base of an 8B "
+    "model (about 5 GB) fits one GPU, so use ddp",
+    "deepspeed": "ZeRO partitions the model as it is built, which transformers skips for "
+    "quantized models, and ZeRO 1-2 add nothing for a few million LoRA weights; the 4-bit base "
+    "of an 8B model (about 5 GB) fits one GPU, so use ddp",
 }
 
 
