@@ -17,7 +17,6 @@ For classification every method also trains the new classification head (`score`
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -317,10 +316,7 @@ def _qlora(model: nn.Module, cfg: FinetuneConfig, task: str) -> nn.Module:
         # Activation checkpointing is the strategy's to switch on (strategy.
         # activation_checkpointing), non-reentrant, which needs none of the input-gradient
         # hooks peft adds for the reentrant kind.
-        with warnings.catch_warnings():
-            # peft asks transformers' deprecated is_gradient_checkpointing: nothing to act on.
-            warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return _peft(model, cfg, task)
 
 

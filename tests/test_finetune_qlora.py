@@ -118,6 +118,16 @@ def test_compute_dtype_follows_mixed_precision(precision, device, dtype):
     assert (settings.quant_type, settings.double_quant) == ("nf4", True)
 
 
+def test_shipped_qlora_recipe_is_sized_for_one_24gb_gpu():
+    path = Path(__file__).resolve().parent.parent / "recipes" / "qlora-8b.yaml"
+    recipe = load_recipe(path)
+    f, s = recipe.finetune, recipe.strategy
+    assert (f.method, f.qlora.quant_type, f.qlora.double_quant) == ("qlora", "nf4", True)
+    assert (s.name, s.mixed_precision, s.activation_checkpointing) == ("ddp", "bf16", True)
+    assert recipe.scaling.num_workers == 1 and recipe.data.format == "chat"
+    assert "24 GB" in path.read_text().split("\nname:")[0]
+
+
 # ------------------------------------------------------------------- method and model
 
 
@@ -211,6 +221,7 @@ def token_ids(model_dir: Path) -> torch.Tensor:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.pad_token = tokenizer.eos_token
     texts = ["The harbour was quiet that morning.", "She opened the old wooden door."]
     return tokenizer(texts, padding=True, return_tensors="pt")["input_ids"]
 
