@@ -283,6 +283,7 @@ def test_qlora_export_adapter_matches_training_and_merged_model(qlora_run, tiny_
 
 
 @pytest.mark.ray_job
+@pytest.mark.slow
 def test_stopped_qlora_run_resumes_to_the_same_adapter(
     qlora_run, tiny_llama, story_data, monkeypatch
 ):
