@@ -25,19 +25,21 @@ from launcher import adapters as bottleneck
 from launcher.chat import end_of_turn_ids, load_chat_template
 from launcher.errors import BadInputError
 from launcher.export_layout import ADAPTER_INFO_FILE, ADAPTER_WEIGHTS_FILE, EXPORT_INFO_FILE
-from launcher.finetune import PEFT_METHODS, FinetuneError, apply_finetune
+from launcher.finetune import PEFT_METHODS, FinetuneError, apply_finetune, is_four_bit
 from launcher.internals import load_dcp_without_process_group
-from launcher.models import load_model, load_tokenizer
+from launcher.models import checkpoint_dtype, load_model, load_tokenizer
 from launcher.recipe import Recipe, load_recipe
 from launcher.rundir import latest_checkpoint
 from launcher.strategies import (
     DCP_DIR,
     DS_DIR,
     check_strategy_file,
+    load_trainable_state,
     read_strategy_file,
+    trainable_state,
 )
 
-MERGEABLE = ("lora", "ia3")
+MERGEABLE = ("lora", "qlora", "ia3")
 DELTA_METHODS = ("adapter", "bitfit")  # project-side methods that also write adapter/
 
 
@@ -161,6 +163,19 @@ def rebuild_trained_model(
     `state_dict` has the key names of the module `apply_finetune` returned (as a consolidated
     checkpoint has them).
     """
+    if recipe.finetune.method == "qlora":
+        # The base comes back unquantized, in the dtype it was saved in: merging into 4-bit
+        # weights would round the update away, and the export is a full-precision model. The
+        # checkpoint holds only the LoRA weights (they trained on the dequantized base).
+        base = load_model(
+            recipe.model, dtype=checkpoint_dtype(recipe.model), pad_token_id=pad_token_id
+        )
+        trained = apply_finetune(base, recipe)
+        try:
+            load_trainable_state(trained, dict(state_dict))
+        except ValueError as exc:
+            raise FinetuneError(f"finetune.method qlora: {exc}") from None
+        return trained
     trained = apply_finetune(load_model(recipe.model, pad_token_id=pad_token_id), recipe)
     load_trained_state(trained, state_dict)
     return trained
@@ -245,6 +260,12 @@ def export_trained_model(
     for directory in (model_dir, adapter_dir):
         if directory.exists():
             shutil.rmtree(directory)
+    if method == "qlora" and is_four_bit(trained):
+        # Merged into 4-bit weights the update would be rounded away: the LoRA weights go onto
+        # the base reloaded unquantized, as an export from a checkpoint does.
+        lora = {k: v.cpu() for k, v in trainable_state(trained).items()}
+        pad = getattr(tokenizer, "pad_token_id", None)
+        trained = rebuild_trained_model(recipe, lora, pad_token_id=pad)
     trained = trained.cpu().eval()
     merged = False
     if method in PEFT_METHODS:
@@ -268,17 +289,18 @@ def export_trained_model(
     if not standalone:
         shutil.copytree(adapter_dir, model_dir / "adapter")
     note = _export_note(method, merged, recipe.model.task)
-    _write_json(
-        model_dir / EXPORT_INFO_FILE,
-        {
-            "method": method,
-            "task": recipe.model.task,
-            "standalone": standalone,
-            "merged": merged,
-            "adapter": None if standalone else "adapter",
-            "note": note,
-        },
-    )
+    info: dict[str, Any] = {
+        "method": method,
+        "task": recipe.model.task,
+        "standalone": standalone,
+        "merged": merged,
+        "adapter": None if standalone else "adapter",
+        "note": note,
+    }
+    if method == "qlora":
+        info["trained_on"] = _four_bit_record(recipe)
+        info["dtype"] = str(plain.dtype).removeprefix("torch.")
+    _write_json(model_dir / EXPORT_INFO_FILE, info)
     return {
         "method": method,
         "model_dir": str(model_dir),
@@ -329,9 +351,31 @@ def _save_delta(trained: nn.Module, recipe: Recipe, adapter_dir: Path) -> None:
     _write_json(adapter_dir / ADAPTER_INFO_FILE, info)
 
 
+def _four_bit_record(recipe: Recipe) -> dict[str, Any]:
+    """How the base was quantized while the adapter trained (the export itself is not)."""
+    q = recipe.finetune.qlora
+    return {
+        "quantization": "bitsandbytes-4bit",
+        "quant_type": q.quant_type,
+        "double_quant": q.double_quant,
+        "mixed_precision": recipe.strategy.mixed_precision,
+    }
+
+
 def _export_note(method: str, merged: bool, task: str) -> str:
     loader = "load with launcher.export_layout.load_exported_model(model_dir)"
     base = "the base weights" + (" (with the trained head)" if task == "classification" else "")
+    if method == "qlora":
+        unquantized = "the base reloaded unquantized in its own dtype"
+        if merged:
+            return (
+                f"qlora: the adapter (trained on the 4-bit base) merged into {unquantized} in "
+                "model/; adapter/ holds the unmerged peft adapter"
+            )
+        return (
+            f"merge_lora is false: model/ holds {unquantized} and model/adapter the qlora "
+            f"adapter; {loader} or peft PeftModel.from_pretrained"
+        )
     if method in MERGEABLE:
         if merged:
             return f"{method} merged into model/; adapter/ holds the unmerged peft adapter"

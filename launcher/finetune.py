@@ -2,6 +2,7 @@
 
     full     every parameter trains
     lora     peft LoRA on the attention / MLP projections (`target_modules: auto` per architecture)
+    qlora    the same LoRA on a base loaded with 4-bit (NF4) weights by bitsandbytes
     adapter  bottleneck adapters after each block's feed-forward part (launcher.adapters)
     prefix   peft prefix tuning (trained key/value prefixes in every layer)
     prompt   peft prompt tuning (trained virtual token embeddings before the input)
@@ -15,16 +16,26 @@ For classification every method also trains the new classification head (`score`
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import torch
 from torch import nn
 
 from launcher import adapters as bottleneck
+from launcher.deepspeed_config import mixed_precision_name
 from launcher.errors import BadInputError
-from launcher.models import BlocksNotFoundError, transformer_blocks
+from launcher.models import (
+    BlocksNotFoundError,
+    FourBit,
+    load_four_bit_model,
+    load_model,
+    transformer_blocks,
+)
 from launcher.recipe import FinetuneConfig, Recipe
 
-PEFT_METHODS = ("lora", "prefix", "prompt", "ia3")
+PEFT_METHODS = ("lora", "qlora", "prefix", "prompt", "ia3")
+LORA_METHODS = ("lora", "qlora")
 HEAD_NAMES = ("score", "classifier")
 
 _ATTENTION_MLP_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -246,7 +257,7 @@ def peft_config(model: nn.Module, cfg: FinetuneConfig, task: str):
     task_type = TaskType.CAUSAL_LM if task == "causal_lm" else TaskType.SEQ_CLS
     heads = _require_head(model, task, cfg.method) or None
     common: dict[str, Any] = {"task_type": task_type, "modules_to_save": heads}
-    if cfg.method == "lora":
+    if cfg.method in LORA_METHODS:
         lora = cfg.lora
         if lora.target_modules == "auto":
             targets = lora_target_modules(model)
@@ -295,13 +306,69 @@ def _peft(model: nn.Module, cfg: FinetuneConfig, task: str) -> nn.Module:
     return get_peft_model(model, peft_config(model, cfg, task))
 
 
+def _qlora(model: nn.Module, cfg: FinetuneConfig, task: str) -> nn.Module:
+    """LoRA on the 4-bit base, prepared the way peft expects: base frozen, its remaining
+    half-precision weights (norms, embeddings, head) in fp32. An unquantized base (the export
+    rebuilds the trained model on one) gets the same LoRA layers, under the same names."""
+    if is_four_bit(model):
+        from peft import prepare_model_for_kbit_training
+
+        # Activation checkpointing is the strategy's to switch on (strategy.
+        # activation_checkpointing), non-reentrant, which needs none of the input-gradient
+        # hooks peft adds for the reentrant kind.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return _peft(model, cfg, task)
+
+
+def is_four_bit(model: nn.Module) -> bool:
+    """Whether bitsandbytes 4-bit layers hold some of the model's weights."""
+    return any(type(m).__name__ == "Linear4bit" for m in model.modules())
+
+
 METHODS = {
     "full": _full,
     "freeze": _freeze,
     "bitfit": _bitfit,
     "adapter": _adapter,
     **dict.fromkeys(PEFT_METHODS, _peft),
+    "qlora": _qlora,
 }
+
+
+def four_bit_settings(recipe: Recipe, device: torch.device | str) -> FourBit:
+    """finetune.qlora with the compute dtype strategy.mixed_precision gives on `device`
+    (bf16 -> bfloat16, fp16 -> float16, no -> float32; auto: bf16 on GPUs that have it)."""
+    device = torch.device(device)
+    precision = mixed_precision_name(
+        recipe.strategy.mixed_precision, device.type, torch.cuda.is_bf16_supported
+    )
+    q = recipe.finetune.qlora
+    return FourBit(
+        quant_type=q.quant_type,
+        double_quant=q.double_quant,
+        compute_dtype=COMPUTE_DTYPES[precision],
+    )
+
+
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
+
+
+def load_base_model(
+    recipe: Recipe, *, pad_token_id: int | None = None, device: torch.device | str = "cpu"
+) -> nn.Module:
+    """The model `apply_finetune` starts from: for qlora quantized to 4 bits on `device`,
+    for every other method as load_model loads it (the strategy moves it later)."""
+    if recipe.finetune.method != "qlora":
+        return load_model(recipe.model, pad_token_id=pad_token_id)
+    # A new classification head trains whole (modules_to_save): it must stay unquantized.
+    heads = list(HEAD_NAMES) if recipe.model.task == "classification" else []
+    return load_four_bit_model(
+        recipe.model,
+        four_bit_settings(recipe, device),
+        device=device,
+        pad_token_id=pad_token_id,
+        skip_modules=heads,
+    )
 
 
 def apply_finetune(model: nn.Module, recipe: Recipe) -> nn.Module:
@@ -316,13 +383,22 @@ def apply_finetune(model: nn.Module, recipe: Recipe) -> nn.Module:
 def count_parameters(model: nn.Module) -> dict[str, Any]:
     """{"trainable", "total", "percent"}; shared (tied) parameters count once.
 
-    Parameters partitioned by DeepSpeed ZeRO-3 are counted at their full size.
+    Parameters partitioned by DeepSpeed ZeRO-3 are counted at their full size, 4-bit weights
+    (two to a byte) as the weights they stand for.
     """
     trainable = total = 0
     for p in model.parameters():
-        n = getattr(p, "ds_numel", None) or p.numel()
+        n = getattr(p, "ds_numel", None) or _unpacked_numel(p)
         total += n
         if p.requires_grad:
             trainable += n
     percent = round(100.0 * trainable / total, 4) if total else 0.0
     return {"trainable": trainable, "total": total, "percent": percent}
+
+
+def _unpacked_numel(param: torch.Tensor) -> int:
+    """Elements of the weight a parameter holds; a bitsandbytes 4-bit one packs two per byte
+    and keeps the original shape in its quantization state."""
+    state = getattr(param, "quant_state", None)
+    shape = getattr(state, "shape", None)
+    return math.prod(shape) if shape is not None else param.numel()

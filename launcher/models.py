@@ -7,6 +7,7 @@ import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -203,9 +204,14 @@ def load_model(
 
 
 def _from_pretrained(
-    model_cfg: ModelConfig, source: str, gguf: str | None, dtype: torch.dtype, pad_token_id
+    model_cfg: ModelConfig,
+    source: str,
+    gguf: str | None,
+    dtype: torch.dtype | None,
+    pad_token_id,
+    **extra,
 ):
-    kwargs = model_kwargs(model_cfg, pad_token_id)
+    kwargs = {**model_kwargs(model_cfg, pad_token_id), **extra}
     if gguf:
         kwargs["gguf_file"] = gguf
     try:
@@ -222,6 +228,70 @@ def _from_pretrained(
     if gguf:
         forget_gguf_origin(model)
     return model
+
+
+@dataclass(frozen=True)
+class FourBit:
+    """How the frozen base of finetune.method qlora is quantized (bitsandbytes 4-bit)."""
+
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    # The dtype the 4-bit weights are dequantized to for each matmul.
+    compute_dtype: torch.dtype = torch.float32
+
+    def bitsandbytes_config(self):
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quant_type,
+            bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_compute_dtype=self.compute_dtype,
+        )
+
+
+def load_four_bit_model(
+    model_cfg: ModelConfig,
+    four_bit: FourBit,
+    *,
+    device: torch.device | str = "cpu",
+    pad_token_id: int | None = None,
+    skip_modules: Sequence[str] = (),
+):
+    """The model with every Linear of its blocks quantized to 4 bits on load, on `device`
+    (bitsandbytes quantizes on the CPU too). Modules named in `skip_modules` (a new task head)
+    stay in full precision, as does the LM head."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError(
+            "finetune.method qlora needs bitsandbytes: pip install 'bitsandbytes>=0.45' "
+            "(or install ftlaunch with its qlora extra)"
+        )
+    config = four_bit.bitsandbytes_config()
+    if skip_modules:
+        config.llm_int8_skip_modules = list(skip_modules)
+    device = torch.device(device)
+    return _from_pretrained(
+        model_cfg,
+        _source(model_cfg.name_or_path),
+        None,
+        resolve_dtype(model_cfg.dtype),
+        pad_token_id,
+        quantization_config=config,
+        device_map={"": device.index if device.type == "cuda" else device.type},
+    )
+
+
+def checkpoint_dtype(model_cfg: ModelConfig) -> torch.dtype:
+    """The dtype model.dtype names, or for auto the one the checkpoint was saved in (fp32 when
+    its config does not say): what a 4-bit base is exported in, unquantized."""
+    if model_cfg.dtype != "auto":
+        return DTYPES[model_cfg.dtype]
+    saved = getattr(model_config_of(model_cfg), "dtype", None)
+    if isinstance(saved, str):
+        saved = getattr(torch, saved, None)
+    return saved if isinstance(saved, torch.dtype) else torch.float32
 
 
 def safetensors_files(directory: Path) -> list[Path]:

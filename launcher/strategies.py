@@ -333,7 +333,7 @@ class DDPStrategy:
         directory.mkdir(parents=True, exist_ok=True)
         if process_rank() == 0:
             # Replicas are identical, so rank 0 alone writes model and optimizer.
-            torch.save(self.model.state_dict(), directory / "model.pt")
+            torch.save(self._model_state(), directory / "model.pt")
             torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
             torch.save(self.schedule.state_dict(), directory / SCHEDULE_FILE)
             if self.scaler is not None:
@@ -347,18 +347,49 @@ class DDPStrategy:
         if self.scaler is not None and (directory / "scaler.pt").exists():
             self.scaler.load_state_dict(torch.load(directory / "scaler.pt", weights_only=True))
         state = torch.load(directory / "model.pt", map_location=self.device, weights_only=True)
-        self.model.load_state_dict(state)
+        if self.frozen_base:
+            load_trainable_state(self.model, state)
+        else:
+            self.model.load_state_dict(state)
         optim_state = torch.load(
             directory / "optimizer.pt", map_location=self.device, weights_only=True
         )
         self.optimizer.load_state_dict(optim_state)
         self.schedule.load_state_dict(torch.load(directory / SCHEDULE_FILE, weights_only=True))
 
+    @property
+    def frozen_base(self) -> bool:
+        """qlora: the 4-bit base never changes and is quantized alike from the base checkpoint
+        on every load, so checkpoints hold only what trains (the LoRA weights)."""
+        return self.recipe.finetune.method == "qlora"
+
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        if self.frozen_base:
+            return trainable_state(self.model)
+        return self.model.state_dict()
+
     def unwrapped(self) -> nn.Module:
         return self.model
 
     def local_state_bytes(self) -> int:
         return local_state_bytes(self.model, self.optimizer)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train, by state-dict name."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a `trainable_state`: every trainable parameter must be in it, nothing else."""
+    expected = set(trainable_state(model))
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint does not hold this model's trainable parameters: missing "
+            f"{missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    model.load_state_dict(state, strict=False)
 
 
 # ----------------------------------------------------------------------------------- FSDP

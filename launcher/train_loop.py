@@ -343,8 +343,7 @@ def run_worker(config: WorkerConfig, make_strategy: Callable[[Recipe, torch.devi
 
     from launcher.collate import make_collate
     from launcher.distill import build_teacher, make_adversary, make_objective
-    from launcher.finetune import apply_finetune, count_parameters
-    from launcher.models import load_model
+    from launcher.finetune import apply_finetune, count_parameters, load_base_model
 
     recipe, plan, sink = config.recipe, config.plan, config.sink
     t = recipe.train
@@ -359,7 +358,9 @@ def run_worker(config: WorkerConfig, make_strategy: Callable[[Recipe, torch.devi
     # Model: built through the strategy (ZeRO-3 and FSDP never materialise it whole).
     strategy = make_strategy(recipe, device)
     model = strategy.build(
-        lambda: apply_finetune(load_model(recipe.model, pad_token_id=config.pad_token_id), recipe)
+        lambda: apply_finetune(
+            load_base_model(recipe, pad_token_id=config.pad_token_id, device=device), recipe
+        )
     )
     params = count_parameters(model)
     if rank == 0 and sink is not None:

@@ -181,11 +181,11 @@ def test_several_problems_each_on_its_line(tmp_path):
 
 
 def test_allowed_values_are_listed(tmp_path):
-    result = run("validate", write(tmp_path, MINIMAL + "finetune: {method: qlora}\n"))
+    result = run("validate", write(tmp_path, MINIMAL + "finetune: {method: qdora}\n"))
     assert_bad_input(
         result,
-        "finetune.method: Input should be 'full', 'lora', 'adapter', 'prefix', 'prompt', "
-        "'ia3', 'bitfit' or 'freeze' (got 'qlora')",
+        "finetune.method: Input should be 'full', 'lora', 'qlora', 'adapter', 'prefix', "
+        "'prompt', 'ia3', 'bitfit' or 'freeze' (got 'qdora')",
     )
 
 

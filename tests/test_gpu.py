@@ -224,35 +224,55 @@ def test_lora_trains_on_gpu_and_exports_a_merged_model(nccl_group, tiny_gpt2, tm
     assert (before - after).abs().max() < 0.05 * before.abs().max()
 
 
-def test_qlora_four_bit_base_with_lora_trains_on_gpu(nccl_group, tiny_llama):
+def test_qlora_trains_a_four_bit_base_on_gpu_and_exports_it_unquantized(
+    nccl_group, tiny_llama, tmp_path
+):
     pytest.importorskip(
         "bitsandbytes",
         reason="QLoRA needs bitsandbytes (43 MB wheel, not in the GPU kit: the image must have it)",
     )
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from launcher.finetune import apply_finetune
+    from launcher.export import export_trained_model
+    from launcher.finetune import apply_finetune, load_base_model
 
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
-    )
-    base = AutoModelForCausalLM.from_pretrained(
-        tiny_llama, quantization_config=quant, device_map={"": 0}
-    )
-    recipe = gpu_recipe(tiny_llama, method="lora")
-    model = apply_finetune(base, recipe)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    assert trainable and all(p.device.type == "cuda" for p in trainable)
-    optimizer = torch.optim.AdamW(trainable, lr=LR)
+    recipe = gpu_recipe(tiny_llama, method="qlora", name="ddp", mixed_precision="bf16")
+    strategy = make_strategy(recipe, nccl_group)
+    model = apply_finetune(load_base_model(recipe, device=nccl_group), recipe)
+    four_bit = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert four_bit and all(m.weight.device.type == "cuda" for m in four_bit)
+    assert {m.compute_dtype for m in four_bit} == {torch.bfloat16}
+    module = strategy.prepare(model, total_steps=STEPS)
     ids = _batch(nccl_group)
     losses = []
     for _ in range(STEPS):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        loss = module(input_ids=ids, labels=ids).loss
+        strategy.backward(loss)
         losses.append(float(loss))
-    assert losses[-1] < losses[0]
+        assert math.isfinite(strategy.step())
+    assert losses[-1] < losses[0], losses
+    trained = strategy.unwrapped().eval()
+    with torch.no_grad():
+        as_trained = module(input_ids=ids).logits.float().cpu()
+    trained.save_pretrained(str(tmp_path / "live-adapter"))
+    info = export_trained_model(
+        trained, recipe, tmp_path, AutoTokenizer.from_pretrained(tiny_llama), merge=True
+    )
+    assert info["merged"] and info["standalone"]
+    # The adapter on a fresh 4-bit base on the GPU runs exactly what trained.
+    again = PeftModel.from_pretrained(
+        load_base_model(recipe, device=nccl_group), str(tmp_path / "live-adapter")
+    ).eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        reloaded = again(input_ids=ids).logits.float().cpu()
+    torch.testing.assert_close(reloaded, as_trained, atol=1e-2, rtol=1e-2)
+    merged = AutoModelForCausalLM.from_pretrained(info["model_dir"]).eval()
+    assert not any(type(m).__name__ == "Linear4bit" for m in merged.modules())
+    with torch.no_grad():
+        plain = merged(input_ids=ids.cpu()).logits.float()
+    # bf16 compute and the base's 4-bit rounding separate the two.
+    assert (plain - as_trained).abs().max() < 0.3 * as_trained.abs().max()
 
 
 def test_use_gpu_auto_picks_the_gpu(ray_session):

@@ -314,7 +314,7 @@ RULES = [
     (
         "finetune: {lora: {r: 4}}",
         "finetune.lora",
-        "only applies to finetune.method: lora (got full)",
+        "only applies to finetune.method: lora or qlora (got full)",
     ),
     (
         "finetune: {method: lora, adapter: {reduction_factor: 4}}",

@@ -29,7 +29,8 @@ from launcher.recipe.schema import Recipe, field_at, section_type
 
 # finetune fields that only some methods read: field -> the method(s) it applies to.
 METHOD_KEYS = {
-    "lora": "lora",
+    "lora": ("lora", "qlora"),
+    "qlora": "qlora",
     "adapter": "adapter",
     "num_virtual_tokens": ("prefix", "prompt"),
     "trainable_layers": "freeze",
@@ -272,7 +273,50 @@ def check_rules(recipe: Recipe) -> list[Problem]:
         )
     if s.name == "deepspeed" and s.deepspeed_config:
         problems += [Problem("", message) for message in check_deepspeed_overrides(recipe)]
+    if recipe.finetune.method == "qlora":
+        problems += qlora_problems(recipe)
     return problems
+
+
+def qlora_problems(recipe: Recipe) -> list[Problem]:
+    """What a 4-bit base cannot be combined with (see the QLoRA section of the README)."""
+    problems = []
+    s = recipe.strategy
+    if s.name != "ddp":
+        problems.append(
+            Problem(
+                "strategy.name",
+                f"finetune.method qlora runs with ddp only (got {s.name}): "
+                + QLORA_SHARDING_REASON[s.name],
+            )
+        )
+    if recipe.model.gguf_file:
+        problems.append(
+            Problem(
+                "model.gguf_file",
+                "finetune.method qlora quantizes safetensors weights on load; a GGUF file "
+                "is already quantized in its own format: use the original checkpoint",
+            )
+        )
+    if recipe.distill is not None:
+        problems.append(
+            Problem(
+                "distill",
+                "finetune.method qlora cannot be distilled into (a 4-bit student is not "
+                "supported); use finetune.method lora",
+            )
+        )
+    return problems
+
+
+QLORA_SHARDING_REASON = {
+    "fsdp": "FSDP2 can shard 4-bit weights only when they are stored in the compute dtype, and "
+    "the fsdp checkpoints and export do not handle 4-bit weights yet; the 4-bit base of an 8B "
+    "model (about 5 GB) fits one GPU, so use ddp",
+    "deepspeed": "ZeRO partitions the model as it is built, which transformers skips for "
+    "quantized models, and ZeRO 1-2 add nothing for a few million LoRA weights; the 4-bit base "
+    "of an 8B model (about 5 GB) fits one GPU, so use ddp",
+}
 
 
 MAX_REPAIR_ROUNDS = 8

@@ -139,6 +139,14 @@ class LoraConfig(Section):
     learning."""
 
 
+class QloraConfig(Section):
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type of the frozen base weights: nf4 (NormalFloat, made for normally
+    distributed weights; QLoRA's choice) or fp4."""
+    double_quant: bool = True
+    """Quantize the per-block scaling constants too (about 0.4 bits less per weight)."""
+
+
 class AdapterConfig(Section):
     reduction_factor: int = Field(default=16, gt=0)
     """Bottleneck width = hidden size / reduction_factor."""
@@ -147,12 +155,15 @@ class AdapterConfig(Section):
 
 
 class FinetuneConfig(Section):
-    method: Literal["full", "lora", "adapter", "prefix", "prompt", "ia3", "bitfit", "freeze"] = (
-        "full"
-    )
-    """Which parameters train."""
+    method: Literal[
+        "full", "lora", "qlora", "adapter", "prefix", "prompt", "ia3", "bitfit", "freeze"
+    ] = "full"
+    """Which parameters train (qlora: LoRA on a base loaded in 4 bits)."""
     lora: LoraConfig = LoraConfig()
-    """method lora: rank, alpha, dropout, target modules, DoRA, rsLoRA."""
+    """method lora / qlora: rank, alpha, dropout, target modules, DoRA, rsLoRA."""
+    qlora: QloraConfig = QloraConfig()
+    """method qlora: how the frozen base is quantized (bitsandbytes 4-bit); the compute dtype
+    follows strategy.mixed_precision."""
     adapter: AdapterConfig = AdapterConfig()
     """method adapter: bottleneck adapters after each block's MLP."""
     num_virtual_tokens: int = Field(default=20, gt=0)

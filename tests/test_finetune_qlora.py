@@ -1,0 +1,310 @@
+"""QLoRA: LoRA on a base loaded in 4 bits (bitsandbytes NF4), on the CPU.
+
+The schema's acceptance and refusals, then one in-process job on the tiny Llama (Ray Train local
+mode, one ddp worker): the trained model has 4-bit layers and only LoRA weights train, the loss
+falls, a stopped run resumes to the same adapter, and the export's adapter reloads with peft.
+
+Which outputs are compared exactly, and why: the adapter on a freshly 4-bit-loaded base against
+the model as it trained (quantization is deterministic, so both run the same dequantized weights
+and the same LoRA weights), and the adapter on the unquantized base against the merged export
+(both run the full-precision base; they differ only by the rounding of the merge). The merged
+export against the model as it trained differs by the 4-bit quantization error of the base.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import job_body, write_recipe
+
+from launcher.cli import cli
+from launcher.recipe import RecipeError, load_recipe, validate_data
+
+pytest.importorskip("bitsandbytes")
+
+MINIMAL = {"name": "q", "model": {"name_or_path": "some/model"}, "data": {"train": "t.jsonl"}}
+
+
+def qlora_recipe(**sections):
+    return validate_data({**MINIMAL, "finetune": {"method": "qlora"}, **sections})
+
+
+def refusal(tmp_path: Path, **sections) -> str:
+    """The output of `ftlaunch validate` on a qlora recipe that must be refused (exit 2)."""
+    body = {**MINIMAL, **sections}
+    body.setdefault("finetune", {"method": "qlora"})
+    result = CliRunner().invoke(cli, ["validate", str(write_recipe(tmp_path, body))])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    return result.output
+
+
+# --------------------------------------------------------------------------------- schema
+
+
+def test_qlora_takes_the_lora_block_and_its_own():
+    recipe = validate_data(
+        {
+            **MINIMAL,
+            "finetune": {
+                "method": "qlora",
+                "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj"], "use_rslora": True},
+                "qlora": {"quant_type": "fp4", "double_quant": False},
+            },
+        }
+    )
+    assert recipe.finetune.lora.r == 16 and recipe.finetune.lora.use_rslora
+    assert (recipe.finetune.qlora.quant_type, recipe.finetune.qlora.double_quant) == ("fp4", False)
+    defaults = qlora_recipe().finetune.qlora
+    assert (defaults.quant_type, defaults.double_quant) == ("nf4", True)
+
+
+def test_the_qlora_block_is_refused_for_other_methods():
+    with pytest.raises(
+        RecipeError, match=r"finetune\.qlora: only applies to finetune\.method: qlora"
+    ):
+        validate_data({**MINIMAL, "finetune": {"method": "lora", "qlora": {"quant_type": "nf4"}}})
+
+
+def test_qlora_settings_are_checked(tmp_path):
+    out = refusal(tmp_path, finetune={"method": "qlora", "qlora": {"quant_type": "int4"}})
+    assert "finetune.qlora.quant_type: Input should be 'nf4' or 'fp4' (got 'int4')" in out
+    out = refusal(tmp_path, finetune={"method": "qlora", "qlora": {"double_quantization": True}})
+    assert "finetune.qlora.double_quantization" in out and "double_quant" in out
+
+
+@pytest.mark.parametrize(
+    ("strategy", "reason"),
+    [
+        ({"name": "deepspeed", "zero_stage": 3}, "ZeRO partitions the model as it is built"),
+        ({"name": "deepspeed", "zero_stage": 2}, "ZeRO partitions the model as it is built"),
+        ({"name": "fsdp"}, "FSDP2 can shard 4-bit weights only when"),
+    ],
+)
+def test_qlora_runs_with_ddp_only(tmp_path, strategy, reason):
+    out = refusal(tmp_path, strategy=strategy)
+    assert (
+        f"strategy.name: finetune.method qlora runs with ddp only (got {strategy['name']})" in out
+    )
+    assert reason in out
+
+
+def test_qlora_refuses_distillation_and_gguf(tmp_path):
+    out = refusal(tmp_path, distill={"teacher": {"name_or_path": "some/teacher"}})
+    assert "distill: finetune.method qlora cannot be distilled into" in out
+    out = refusal(tmp_path, model={"name_or_path": "some/model", "gguf_file": "m.gguf"})
+    assert "model.gguf_file: finetune.method qlora quantizes safetensors weights on load" in out
+
+
+@pytest.mark.parametrize(
+    ("precision", "device", "dtype"),
+    [
+        ("bf16", "cpu", torch.bfloat16),
+        ("no", "cpu", torch.float32),
+        ("auto", "cpu", torch.float32),
+        ("fp16", "cuda", torch.float16),
+    ],
+)
+def test_compute_dtype_follows_mixed_precision(precision, device, dtype):
+    from launcher.finetune import four_bit_settings
+
+    recipe = qlora_recipe(strategy={"mixed_precision": precision})
+    settings = four_bit_settings(recipe, device)
+    assert settings.compute_dtype == dtype
+    assert (settings.quant_type, settings.double_quant) == ("nf4", True)
+
+
+def test_shipped_qlora_recipe_is_sized_for_one_24gb_gpu():
+    path = Path(__file__).resolve().parent.parent / "recipes" / "qlora-8b.yaml"
+    recipe = load_recipe(path)
+    f, s = recipe.finetune, recipe.strategy
+    assert (f.method, f.qlora.quant_type, f.qlora.double_quant) == ("qlora", "nf4", True)
+    assert (s.name, s.mixed_precision, s.activation_checkpointing) == ("ddp", "bf16", True)
+    assert recipe.scaling.num_workers == 1 and recipe.data.format == "chat"
+    assert "24 GB" in path.read_text().split("\nname:")[0]
+
+
+# ------------------------------------------------------------------- method and model
+
+
+@pytest.mark.parametrize(
+    ("task", "lora", "trained"),
+    [
+        ("causal_lm", {"use_dora": True}, r"\.(lora_[AB]\.|lora_magnitude_vector\.)"),
+        ("classification", {}, r"\.lora_[AB]\.|^base_model\.model\.score\.modules_to_save\."),
+    ],
+)
+def test_four_bit_base_trains_dora_and_a_classification_head(tiny_llama, task, lora, trained):
+    import re
+
+    from launcher.finetune import apply_finetune, load_base_model
+    from launcher.objectives import compute_loss
+
+    body = {
+        "name": "q",
+        "model": {"name_or_path": str(tiny_llama), "task": task},
+        "data": {"train": "t.jsonl"},
+        "finetune": {"method": "qlora", "lora": {"dropout": 0.0, **lora}},
+    }
+    if task == "classification":
+        body["model"]["labels"] = ["negative", "positive"]
+        body["data"]["format"] = "classification"
+    recipe = validate_data(body)
+    torch.manual_seed(0)
+    model = apply_finetune(load_base_model(recipe, pad_token_id=0), recipe)
+    kinds = {name.rsplit(".", 1)[-1]: type(m).__name__ for name, m in model.named_modules()}
+    assert kinds["q_proj"] != "Linear" and "Linear4bit" in set(kinds.values())
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(re.search(trained, n) for n in names), names
+    if task == "classification":  # the new head trains whole, unquantized
+        assert type(model.base_model.model.score.modules_to_save["default"]).__name__ == "Linear"
+    ids = torch.randint(3, 400, (4, 16), generator=torch.Generator().manual_seed(0))
+    labels = ids if task == "causal_lm" else torch.tensor([0, 1, 0, 1])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(4):
+        loss = compute_loss(model, batch, task)[0]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+
+
+# ---------------------------------------------------------------------------- the job
+
+
+def job_recipe(tmp_path: Path, model: Path, files: dict, storage: str) -> Path:
+    body = job_body(
+        tmp_path,
+        model,
+        files,
+        name="tiny-qlora",
+        train={"max_steps": 8, "batch_size": 8, "lr": 1e-2, "log_every": 1, "seed": 0},
+        checkpoint={"storage_path": str(tmp_path / storage), "every": 4, "metric": None},
+        finetune={"method": "qlora", "lora": {"r": 8, "dropout": 0.0}},
+    )
+    body["scaling"] = {"num_workers": 1}
+    return write_recipe(tmp_path, body, f"{storage}.yaml")
+
+
+@pytest.fixture(scope="module")
+def qlora_run(ray_session, tiny_llama, story_data, tmp_path_factory):
+    """One in-process qlora job; the module it trained is kept for comparison."""
+    from launcher import finetune
+    from launcher.job import run
+
+    tmp_path = tmp_path_factory.mktemp("qlora")
+    recipe = load_recipe(job_recipe(tmp_path, tiny_llama, story_data, "runs"))
+    trained: list[torch.nn.Module] = []
+    apply = finetune.apply_finetune
+
+    def keep(model, recipe):
+        trained.append(apply(model, recipe))
+        return trained[-1]
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(finetune, "apply_finetune", keep)
+    try:
+        summary = run(recipe)
+    finally:
+        patch.undo()
+    return {"summary": summary, "recipe": recipe, "trained": trained[0], "tmp": tmp_path}
+
+
+def token_ids(model_dir: Path) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    texts = ["The harbour was quiet that morning.", "She opened the old wooden door."]
+    return tokenizer(texts, padding=True, return_tensors="pt")["input_ids"]
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+@pytest.mark.ray_job
+def test_qlora_job_trains_lora_on_a_four_bit_base(qlora_run):
+    summary, trained = qlora_run["summary"], qlora_run["trained"]
+    assert summary["status"] == "succeeded" and summary["method"] == "qlora"
+    run_dir = Path(summary["run_dir"])
+    losses = [m["loss"] for m in map(json.loads, (run_dir / "metrics.jsonl").open()) if "loss" in m]
+    assert len(losses) == 8 and losses[-1] < losses[0] * 0.95, losses
+
+    kinds = {type(m).__name__ for m in trained.modules()}
+    assert "Linear4bit" in kinds
+    assert {p.dtype for n, p in trained.named_parameters() if ".base_layer." in n} == {torch.uint8}
+    trainable = [n for n, p in trained.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    # The checkpoint holds the LoRA weights alone: the 4-bit base is rebuilt from the model.
+    checkpoint = run_dir / "checkpoints" / "checkpoint_000008" / "model.pt"
+    assert sorted(torch.load(checkpoint, weights_only=True)) == sorted(trainable)
+
+
+@pytest.mark.ray_job
+def test_qlora_export_adapter_matches_training_and_merged_model(qlora_run, tiny_llama):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from launcher.finetune import load_base_model
+
+    run_dir = Path(qlora_run["summary"]["run_dir"])
+    ids = token_ids(tiny_llama)
+    info = json.loads((run_dir / "model" / "ftlaunch_export.json").read_text())
+    assert (info["method"], info["merged"], info["standalone"]) == ("qlora", True, True)
+    assert info["dtype"] == "float32"  # the tiny base was saved in fp32
+    assert info["trained_on"]["quant_type"] == "nf4" and info["trained_on"]["double_quant"]
+
+    as_trained = logits(qlora_run["trained"], ids)
+    four_bit = load_base_model(qlora_run["recipe"])
+    on_four_bit = PeftModel.from_pretrained(four_bit, str(run_dir / "adapter"))
+    torch.testing.assert_close(logits(on_four_bit, ids), as_trained, atol=1e-5, rtol=1e-5)
+
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    assert not any(type(m).__name__ == "Linear4bit" for m in merged.modules())
+    # 4-bit weights count as the weights they stand for, not as their packed bytes.
+    counted = qlora_run["summary"]["parameters"]
+    assert counted["total"] == sum(p.numel() for p in merged.parameters()) + counted["trainable"]
+    plain_base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    on_plain = PeftModel.from_pretrained(plain_base, str(run_dir / "adapter"))
+    torch.testing.assert_close(logits(merged, ids), logits(on_plain, ids), atol=1e-5, rtol=1e-5)
+    # The full-precision base differs from its 4-bit version by the quantization error only.
+    gap = (logits(merged, ids) - as_trained).abs().max()
+    assert gap < 0.3 * as_trained.abs().max(), gap
+
+
+@pytest.mark.ray_job
+@pytest.mark.slow
+def test_stopped_qlora_run_resumes_to_the_same_adapter(
+    qlora_run, tiny_llama, story_data, monkeypatch
+):
+    from safetensors.torch import load_file
+
+    from launcher.job import run
+    from launcher.train import JobError
+
+    tmp_path = qlora_run["tmp"]
+    recipe = load_recipe(job_recipe(tmp_path, tiny_llama, story_data, "stopped"))
+    monkeypatch.setenv("FTLAUNCH_FAIL_AT_STEP", "5")
+    monkeypatch.setenv("FTLAUNCH_FAIL_RANK", "0")
+    with pytest.raises(JobError):
+        run(recipe)
+    run_dir = next((tmp_path / "stopped").iterdir())
+    monkeypatch.delenv("FTLAUNCH_FAIL_AT_STEP")
+    resumed = run(recipe, resume=run_dir)
+    assert resumed["steps"] == 8
+
+    straight = Path(qlora_run["summary"]["run_dir"]) / "adapter" / "adapter_model.safetensors"
+    a, b = load_file(straight), load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
