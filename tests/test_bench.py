@@ -157,3 +157,26 @@ def test_plain_loop_reports_the_model_shape_and_the_table_shows_mfu(tiny_gpt2, t
     table = markdown(result)
     assert "(NVIDIA A100-SXM4-80GB)" in table
     assert "| 1 | MFU, gpt2-2x64 (peak 312 TFLOP/s per GPU) |" in table
+
+
+def test_chat_tokenize_row_compares_the_same_labels_on_both_sides():
+    """The chat tokenization row on a few rows with a tiny tokenizer and SmolLM2's way of
+    writing ChatML: ftlaunch (prefix rendering and markers) and datasets.map with the
+    assistant mask give the same labels, so the ratio compares equal work."""
+    from bench.chat_tokenize import EVERY_TURN, measure_chat_tokenize
+    from launcher.dev.synthetic import story_lines
+    from launcher.dev.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer("gpt2", story_lines(100, seed=1), 300)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = (
+        "{% for message in messages %}" + EVERY_TURN + "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    result = measure_chat_tokenize(tokenizer, rows=6, repeats=1)
+    assert result["labels_match_datasets_mask"] == {
+        "ftlaunch_prefix": True,
+        "ftlaunch_markers": True,
+    }
+    assert result["rows_per_s_ratio_prefix"] > 0 and result["rows_per_s_ratio_markers"] > 0
+    assert result["summary"]["ftlaunch_prefix"]["check_seconds"] > 0

@@ -198,13 +198,9 @@ def test_end_of_turn_token_of_a_chatml_template():
     assert stops == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
 
 
-def test_generate_renders_messages_rows_with_the_exported_template(
-    ray_session, tiny_gpt2, tmp_path
-):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from launcher import batch
+@pytest.fixture(scope="module")
+def chat_model(tiny_gpt2, tmp_path_factory) -> Path:
+    """The tiny GPT-2 exported from a chat recipe: model/ keeps TEMPLATE."""
     from launcher.export import export_model
     from launcher.finetune import apply_finetune
     from launcher.models import load_model, load_tokenizer
@@ -219,11 +215,23 @@ def test_generate_renders_messages_rows_with_the_exported_template(
     )
     tokenizer = load_tokenizer(recipe.model)
     model = apply_finetune(load_model(recipe.model, pad_token_id=tokenizer.pad_token_id), recipe)
-    export_model(recipe, model.state_dict(), tmp_path, tokenizer, merge=True)
+    out = tmp_path_factory.mktemp("chat-model")
+    export_model(recipe, model.state_dict(), out, tokenizer, merge=True)
+    return out / "model"
+
+
+def test_generate_renders_messages_rows_with_the_exported_template(
+    ray_session, chat_model, tmp_path
+):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from launcher import batch
+
     rows = [{"id": f"c{i}", "messages": conversation(i)[:1]} for i in range(3)]
     src = write_jsonl(rows, tmp_path / "chats.jsonl")
     out = batch.generate(
-        tmp_path / "model",
+        chat_model,
         src,
         tmp_path / "generations.jsonl",
         {"max_new_tokens": 8, "do_sample": False},
@@ -231,8 +239,8 @@ def test_generate_renders_messages_rows_with_the_exported_template(
     )
     lines = Path(out).read_text(encoding="utf-8").splitlines()
     got = {row["id"]: row["output"] for row in map(json.loads, lines)}
-    exported = AutoTokenizer.from_pretrained(tmp_path / "model")
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    exported = AutoTokenizer.from_pretrained(chat_model)
+    plain = AutoModelForCausalLM.from_pretrained(chat_model).eval()
     for row in rows:
         ids = exported.apply_chat_template(
             row["messages"], add_generation_prompt=True, return_tensors="pt", return_dict=True
@@ -243,3 +251,115 @@ def test_generate_renders_messages_rows_with_the_exported_template(
             )
         expected = exported.decode(direct[0, ids.shape[1] :], skip_special_tokens=True)
         assert got[row["id"]] == expected
+
+
+def direct_turn_logprobs(model, tokenizer, messages: list[dict]) -> list[float]:
+    """Log-probs of the last assistant turn (its text and EOS) given the rendered turns before
+    it, computed with transformers alone."""
+    import torch
+
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    head = tokenizer.apply_chat_template(
+        messages[:last], tokenize=False, add_generation_prompt=True
+    )
+    turn = messages[last]["content"] + tokenizer.eos_token
+    head_ids = tokenizer(head, add_special_tokens=False).input_ids
+    ids = tokenizer(head + turn, add_special_tokens=False).input_ids
+    assert ids[: len(head_ids)] == head_ids
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0]
+    logp = torch.log_softmax(logits[:-1].float(), dim=-1)
+    return [logp[t - 1, ids[t]].item() for t in range(len(head_ids), len(ids))]
+
+
+def test_score_takes_the_last_assistant_turn_given_the_rendered_conversation(
+    ray_session, chat_model, tmp_path
+):
+    """Chat rows are detected from `messages`; the score is the last assistant turn with its
+    end-of-turn token; a prompt/completion row with --chat is the same one-turn conversation."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from launcher import batch
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    model = AutoModelForCausalLM.from_pretrained(chat_model).eval()
+    two_turns = conversation(4, turns=2)
+    one_turn = conversation(7, layout="sharegpt")
+    rows = [
+        {"id": "two", "messages": two_turns},
+        {"id": "trailing-user", "messages": [*two_turns, {"role": "user", "content": "thanks"}]},
+        {"id": "one", "messages": one_turn},
+    ]
+    options = batch.PoolOptions(batch_size=2, progress=False)
+    out = batch.score(
+        chat_model,
+        write_jsonl(rows, tmp_path / "chats.jsonl"),
+        tmp_path / "scores.jsonl",
+        token_logprobs=True,
+        pool=options,
+    )
+    got = {row["id"]: row for row in map(json.loads, Path(out).read_text().splitlines())}
+    want = direct_turn_logprobs(model, tokenizer, two_turns)
+    for key in ("two", "trailing-user"):
+        assert got[key]["num_tokens"] == len(want)
+        assert got[key]["token_logprobs"] == pytest.approx(want, abs=1e-5)
+        assert got[key]["log_likelihood"] == pytest.approx(sum(want), abs=1e-4)
+    # Input columns kept (Arrow gives every message the keys of both layouts in this file).
+    kept = [{"role": m["role"], "content": m["content"]} for m in got["two"]["messages"]]
+    assert kept == two_turns
+
+    pair = {"prompt": one_turn[0]["value"], "completion": one_turn[1]["value"]}
+    out = batch.score(
+        chat_model,
+        write_jsonl([pair], tmp_path / "pairs.jsonl"),
+        tmp_path / "pair-scores.jsonl",
+        chat=True,
+        pool=options,
+    )
+    (as_chat,) = map(json.loads, Path(out).read_text().splitlines())
+    assert as_chat["log_likelihood"] == pytest.approx(got["one"]["log_likelihood"], abs=1e-5)
+    assert as_chat["num_tokens"] == got["one"]["num_tokens"]
+
+
+@pytest.mark.parametrize(
+    ("row", "expected"),
+    [
+        ({"messages": "hello"}, "line 2: field 'messages': must be a list of messages"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}]},
+            "line 2: field 'messages': no assistant turn to score",
+        ),
+        (
+            {"messages": [{"role": "robot", "content": "hi"}]},
+            "line 2: field 'messages': message 1: unknown role 'robot'",
+        ),
+        ({"prompt": "hi"}, "line 2: no `completion` field"),
+        (
+            {"prompt": "hi", "completion": " "},
+            "line 2: field 'prompt/completion': message 2: empty content (assistant)",
+        ),
+    ],
+)
+def test_score_bad_chat_rows_exit_2_naming_file_line_and_field(
+    ray_session, chat_model, tmp_path, capsys, row, expected
+):
+    from launcher.cli import main
+
+    good = {"messages": conversation(1)}
+    src = write_jsonl([good, row], tmp_path / "chats.jsonl")
+    out = tmp_path / "scores.jsonl"
+    code = main(["score", str(chat_model), "--data", str(src), "--out", str(out), "--chat", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"{src}, {expected}" in err
+    assert not out.exists() and not list(tmp_path.glob("scores.jsonl*"))
+
+
+def test_score_chat_rows_need_a_chat_template(tiny_gpt2, tmp_path, capsys):
+    from launcher.cli import main
+
+    src = write_jsonl([{"messages": conversation(1)}], tmp_path / "chats.jsonl")
+    code = main(["score", str(tiny_gpt2), "--data", str(src), "--out", str(tmp_path / "o.jsonl")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "has no chat template" in err

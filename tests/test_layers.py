@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "launcher"
 # Top to bottom. A module may import launcher modules from strictly lower layers only. A package
 # name (recipe, batch) stands for all of its submodules, which may import each other acyclically.
 LAYERS: list[tuple[str, ...]] = [
-    ("dev.quickstart",),
+    ("dev.quickstart", "dev.chat_demo"),
     ("cli",),
     ("targets.local", "targets.ray_jobs", "targets.kuberay"),
     ("targets.preflight", "targets.envcheck"),

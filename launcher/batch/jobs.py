@@ -33,7 +33,12 @@ from launcher.batch.pool import (
     run_job,
 )
 from launcher.batch.source import ModelSource, resolve_model, scoring_tokenizer
-from launcher.batch.worker import GenerationOptions, check_template
+from launcher.batch.worker import (
+    GenerationOptions,
+    chat_score_messages,
+    chat_scoring_encoder,
+    check_template,
+)
 from launcher.raysession import ensure_ray
 from launcher.rundir import metrics_path, read_metrics
 
@@ -124,6 +129,8 @@ def score(
     pool: PoolOptions | None = None,
     max_length: int | None = None,
     task: str | None = None,
+    chat: bool | None = None,
+    system_prompt: str | None = None,
 ) -> Path:
     """Score every row; write the rows with their scores to `out_path` (.jsonl or .parquet).
 
@@ -131,6 +138,12 @@ def score(
     Causal LM: `log_likelihood` (sum), `log_likelihood_per_token`, `num_tokens` (and
     `token_logprobs` when asked) of `text_field`, or of `completion_field` given
     `prompt_field` when the first row has both.
+    `chat` (None: when the first row has `messages`): each row is a conversation, its
+    `messages`, or its prompt as a user message answered by its completion, rendered with the
+    model's chat template (`system_prompt` first where it has no system message). The scored
+    tokens are the last assistant turn's text and the end-of-turn token(s) the template writes
+    after it, given everything rendered before it: what training with `train_on:
+    last_assistant` trains. Turns after the last assistant turn are not scored.
     """
     pool = pool or PoolOptions()
     source = resolve_model(model_ref, task=task)
@@ -138,27 +151,30 @@ def score(
     writer = OutputWriter(out_path)
     records = iter_records(path, text_column=text_field)
     first = first_record(records, path)
+    if chat is None:
+        chat = source.task == "causal_lm" and "messages" in first[1]
     if source.task == "classification":
+        if chat:
+            raise BatchInputError(f"--chat scores a causal language model; {model_ref} classifies")
         job: dict[str, Any] = {"kind": "classification", "text_field": text_field}
-        fields = [text_field]
+        check = _fields_check([text_field])
     else:
         pairs = prompt_field in first[1] and completion_field in first[1]
-        fields = [prompt_field, completion_field] if pairs else [text_field]
         job = {
             "kind": "lm",
             "pairs": pairs,
+            "chat": chat,
+            "system_prompt": system_prompt,
             "text_field": text_field,
             "prompt_field": prompt_field,
             "completion_field": completion_field,
             "token_logprobs": token_logprobs,
         }
+        if chat:
+            check = _chat_score_check(source, system_prompt, prompt_field, completion_field)
+        else:
+            check = _fields_check([prompt_field, completion_field] if pairs else [text_field])
     job["max_length"] = max_length
-
-    def check(where: str, row: dict) -> dict:
-        for name in fields:
-            require_text(where, row, name)
-        return row
-
     ensure_ray(address=pool.address)
     refs, count = stage_rows(chain_first(first, records), check)
     dataset = dataset_from_refs(refs, str(path))
@@ -166,6 +182,48 @@ def score(
         for block in run_job(source, dataset, job, pool, count, "score"):
             writer.write(block)
     return writer.path
+
+
+def _fields_check(fields: Sequence[str]) -> Callable[[str, dict], dict]:
+    def check(where: str, row: dict) -> dict:
+        for name in fields:
+            require_text(where, row, name)
+        return row
+
+    return check
+
+
+def _chat_score_check(
+    source: ModelSource, system_prompt: str | None, prompt_field: str, completion_field: str
+) -> Callable[[str, dict], dict]:
+    """Checks each chat row here, where its file and line can be named, exactly as the workers
+    will encode it: the layout and roles, an assistant turn to score, the template renders it."""
+    from launcher.chat import ChatDataError, ChatTemplateError
+
+    try:
+        encoder = chat_scoring_encoder(scoring_tokenizer(source), system_prompt)
+    except ChatTemplateError:
+        raise BatchInputError(
+            f"{source.name_or_path}: the model's tokenizer has no chat template to render chat "
+            "rows with (score them as text, or use a model exported from a chat recipe)"
+        ) from None
+
+    def check(where: str, row: dict) -> dict:
+        has_messages = "messages" in row and row["messages"] is not None
+        if not has_messages:
+            hint = "; a chat row needs `messages`, or a prompt and a completion"
+            for name in (prompt_field, completion_field):
+                require_text(where, row, name, hint)
+        value = chat_score_messages(row, prompt_field, completion_field)
+        try:
+            encoder.check_row(value, row=0)
+        except ChatDataError as exc:
+            field_name = "messages" if has_messages else f"{prompt_field}/{completion_field}"
+            detail = exc.detail.replace("no assistant turn to train", "no assistant turn to score")
+            raise BatchInputError(f"{where}: field {field_name!r}: {detail}") from None
+        return row
+
+    return check
 
 
 @dataclass

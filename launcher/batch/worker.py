@@ -186,6 +186,30 @@ def chat_prompt_text(tokenizer, row: dict, system_prompt: str | None) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def chat_scoring_encoder(tokenizer, system_prompt: str | None = None):
+    """The ChatEncoder that chat scoring uses: the model's own template, the loss taken on the
+    last assistant turn (its text and the end-of-turn token(s) the template writes after it),
+    as training with `train_on: last_assistant` takes it. No length limit here: the scorer cuts
+    the rendered conversation at the model's limit, as it cuts plain text."""
+    from launcher.chat import ChatEncoder
+
+    return ChatEncoder(
+        tokenizer, max_length=2**31, train_on="last_assistant", system_prompt=system_prompt
+    )
+
+
+def chat_score_messages(row: dict, prompt_field: str, completion_field: str):
+    """The conversation a chat scoring row holds: its `messages`, else its prompt as a user
+    message answered by its completion."""
+    messages = row.get("messages")
+    if messages is not None and not isinstance(messages, float):  # missing: NaN from pandas
+        return messages
+    return [
+        {"role": "user", "content": row[prompt_field]},
+        {"role": "assistant", "content": row[completion_field]},
+    ]
+
+
 # ------------------------------------------------------------------------------ the actor
 
 
@@ -220,6 +244,7 @@ class BatchWorker:
         self.job = job
         limit = _max_positions(self.model, self.tokenizer)
         self.max_length = min(job.get("max_length") or limit, limit)
+        self._chat_encoder = None
 
     def __call__(self, batch):
         return JOB_KINDS[self.job["kind"]](self, batch)
@@ -238,10 +263,19 @@ class BatchWorker:
         return [start if start is not None else tok.pad_token_id]
 
     def lm_rows(self, batch) -> list[tuple[list[int], list[int]]]:
-        """(input_ids, labels) per row: the text, or the completion given the prompt."""
+        """(input_ids, labels) per row: the text, or the completion given the prompt, or a
+        conversation's last assistant turn given the turns before it (chat)."""
         job = self.job
         rows = []
-        if job.get("pairs"):
+        if job.get("chat"):
+            encoder = self.chat_encoder()
+            for i, record in enumerate(batch.to_dict("records")):
+                value = chat_score_messages(record, job["prompt_field"], job["completion_field"])
+                example = encoder.encode_row(value, row=i + 1)
+                rows.append(
+                    (example.input_ids[: self.max_length], example.labels[: self.max_length])
+                )
+        elif job.get("pairs"):
             for prompt, completion in zip(
                 batch[job["prompt_field"]], batch[job["completion_field"]], strict=True
             ):
@@ -255,6 +289,12 @@ class BatchWorker:
                 ids = self.encode(text)[: self.max_length]
                 rows.append((ids, list(ids)))
         return rows
+
+    def chat_encoder(self):
+        """The chat scoring encoder, built once per worker (it checks the template)."""
+        if self._chat_encoder is None:
+            self._chat_encoder = chat_scoring_encoder(self.tokenizer, self.job.get("system_prompt"))
+        return self._chat_encoder
 
     def run_buckets(self, lengths: Sequence[int], fn: Callable[[np.ndarray], list]) -> list:
         """Call fn on length-sorted model batches; results come back in row order."""

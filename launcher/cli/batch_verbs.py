@@ -165,6 +165,13 @@ def generate_cmd(model_or_run: str, prompts: str, out: str, prompt_template: str
 @click.option(
     "--token-logprobs", is_flag=True, help="Causal LM: also write every token's log-prob."
 )
+@click.option(
+    "--chat/--no-chat",
+    default=None,
+    help="Render rows with the model's chat template (a `messages` conversation, or the prompt "
+    "as a user message answered by the completion) and score the last assistant turn with its "
+    "end-of-turn token. Default: on when rows have `messages`.",
+)
 @task_option
 @batch_pool_options(32)
 def score_cmd(model_or_run: str, data: str, out: str, **flags):
@@ -173,6 +180,7 @@ def score_cmd(model_or_run: str, data: str, out: str, **flags):
     \b
     Example:
       ftlaunch score runs/sentiment-20250101-120000 --data reviews.jsonl --out scored.parquet
+      ftlaunch score runs/chat-20250101-120000 --data chats.jsonl --out scored.jsonl
     """
     from launcher import batch
 

@@ -1,7 +1,8 @@
 """Data the project generates itself: for the quickstart, smoke runs and tests.
 
-Short product reviews with a sentiment label, and short story lines for language modelling,
-built from templates with a seeded random generator (so every run makes the same rows).
+Short product reviews with a sentiment label, short story lines for language modelling, and
+short conversations about the reviews, built from templates with a seeded random generator (so
+every run makes the same rows).
 """
 
 from __future__ import annotations
@@ -90,6 +91,26 @@ def instruction_rows(n: int, seed: int = 0) -> list[dict]:
             }
         )
     return rows
+
+
+CHAT_REPLY = "Verdict: {label}."
+"""The fixed reply format of `chat_rows`: one short line, then the turn ends."""
+
+
+def chat_rows(n: int, seed: int = 0) -> list[dict]:
+    """`n` one-turn conversations ({"messages": [user, assistant]}): the user pastes a review,
+    the assistant answers in CHAT_REPLY's format and nothing else. An instruct model answers
+    such a message at length; the short fixed format (and stopping right after it) is a
+    pattern a few LoRA steps learn."""
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"Review: {r['text']}"},
+                {"role": "assistant", "content": CHAT_REPLY.format(label=r["label"])},
+            ]
+        }
+        for r in review_rows(n, seed)
+    ]
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
