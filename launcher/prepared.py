@@ -34,6 +34,9 @@ from launcher.records import DataError, is_glob
 CACHE_FORMAT = 1
 """Bumped whenever the layout of an entry or the meaning of its columns changes."""
 META_FILE = "prepared.json"
+# Entries up to this size on disk are read by the driver itself: Ray Data read tasks would
+# start worker processes (seconds each) to read what pyarrow reads here in milliseconds.
+READ_HERE_BYTES = 64 * 2**20
 DEFAULT_ROOT = ".cache/ftlaunch/prepared"
 
 
@@ -269,10 +272,17 @@ def read_entry(slot: CacheLookup) -> PreparedData:
     # The read tasks run where the driver runs: the entry may be on a disk only this node sees.
     here = {f"node:{ray.util.get_node_ip_address()}": 0.001}
     meta = slot.meta or {}
+    files = {
+        split: sorted(str(p) for p in (slot.path / split).glob("*.parquet"))
+        for split in meta["splits"]
+    }
+    small = sum(os.path.getsize(f) for names in files.values() for f in names) <= READ_HERE_BYTES
     datasets = {}
-    for split in meta["splits"]:
-        files = sorted(str(p) for p in (slot.path / split).glob("*.parquet"))
-        ds = ray.data.read_parquet(files, resources=here, partitioning=None)
+    for split, names in files.items():
+        if small:
+            datasets[split] = ray.data.from_arrow(_read_parquet_here(names))
+            continue
+        ds = ray.data.read_parquet(names, resources=here, partitioning=None)
         ds.context.execution_options.preserve_order = True
         # Read before the trainer reserves CPUs: workers then only take finished blocks.
         datasets[split] = ds.materialize()
@@ -288,6 +298,14 @@ def read_entry(slot: CacheLookup) -> PreparedData:
         },
         cache=cache_facts(slot, reused=True),
     )
+
+
+def _read_parquet_here(files: list[str]):
+    """The files as one Arrow table, in file order (the order they were written in)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pa.concat_tables([pq.read_table(f, partitioning=None) for f in files])
 
 
 def cache_facts(slot: CacheLookup, *, reused: bool) -> dict:
