@@ -49,9 +49,12 @@ FAIL_AT_STEP, FAIL_RANK = "FTLAUNCH_FAIL_AT_STEP", "FTLAUNCH_FAIL_RANK"
 FAILURE_MARKER = ".ftlaunch-failure-injected"
 # FTLAUNCH_IN_PROCESS=0 keeps single-worker CPU jobs on a real Ray Train worker.
 IN_PROCESS = "FTLAUNCH_IN_PROCESS"
-# They need a process group, which Ray Train's local mode does not set up: an in-process run
-# of one of them gets a world of one (`single_process_group`).
-NEEDS_PROCESS_GROUP = ("fsdp", "deepspeed")
+# FSDP needs a process group, which Ray Train's local mode does not set up: an in-process run
+# gets a world of one (`single_process_group`).
+NEEDS_PROCESS_GROUP = ("fsdp",)
+# DeepSpeed keeps module-level state that outlives a run (its communication backend, cached
+# process groups, transformers' ZeRO-3 flag): it trains in a worker process of its own.
+NEEDS_OWN_PROCESS = ("deepspeed",)
 # scaling.placement -> the strategy of the placement group Ray Train reserves for the workers.
 # SPREAD is Ray's best-effort spread: workers still share a node when there are fewer nodes.
 PLACEMENT_STRATEGIES = {"pack": "PACK", "spread": "SPREAD"}
@@ -152,12 +155,13 @@ def runs_in_process(recipe: Recipe, gpu: bool, remote: str | None) -> bool:
         and not gpu
         and recipe.train.max_failures == 0
         and remote is None
+        and recipe.strategy.name not in NEEDS_OWN_PROCESS
     )
 
 
 @contextlib.contextmanager
 def single_process_group(strategy: str, in_process: bool):
-    """A gloo process group of one rank around an in-process fsdp or deepspeed run.
+    """A gloo process group of one rank around an in-process fsdp run.
 
     The store lives in this process (no port to pick); the group is torn down afterwards so
     the next job in the same process starts from nothing.
@@ -167,7 +171,7 @@ def single_process_group(strategy: str, in_process: bool):
     if not in_process or strategy not in NEEDS_PROCESS_GROUP or dist.is_initialized():
         yield
         return
-    # What a launcher sets for each rank; DeepSpeed reads LOCAL_RANK from the environment.
+    # What a launcher sets for each rank (libraries read LOCAL_RANK from the environment).
     ranks = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
     saved = {name: os.environ.get(name) for name in ranks}
     os.environ.update(ranks)

@@ -1,5 +1,5 @@
 """Sharded strategies through the real job: DeepSpeed ZeRO-3 / FSDP2 with LoRA, on 2 Ray workers
-and on one in-process worker."""
+and (FSDP) on one in-process worker."""
 
 from __future__ import annotations
 
@@ -77,21 +77,16 @@ def test_lora_adapter_is_complete_and_reloads(
     assert json.loads((run_dir / "eval.json").read_text())["perplexity"] > 1
 
 
-@pytest.mark.parametrize(
-    "strategy",
-    [{"name": "deepspeed", "zero_stage": 3}, {"name": "fsdp"}],
-    ids=["zero3", "fsdp"],
-)
-def test_one_cpu_worker_trains_in_this_process_with_a_world_of_one(
-    ray_session, tiny_gpt2, story_data, tmp_path, strategy, monkeypatch
+def test_one_cpu_fsdp_worker_trains_in_this_process_with_a_world_of_one(
+    ray_session, tiny_gpt2, story_data, tmp_path, monkeypatch
 ):
-    """A one-worker CPU job of a sharded strategy runs in the driver (no Ray Train worker)
-    inside a gloo group of one rank, and leaves neither the group nor its rank variables."""
+    """A one-worker CPU FSDP job runs in the driver (no Ray Train worker) inside a gloo group
+    of one rank, and leaves neither the group nor its rank variables."""
     import torch.distributed as dist
     from ray._private.state import actors
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    path = lora_recipe(tmp_path, tiny_gpt2, story_data, strategy)
+    path = lora_recipe(tmp_path, tiny_gpt2, story_data, {"name": "fsdp"})
     recipe = load_recipe(path, ["scaling.num_workers=1", "train.max_steps=4"])
     known = set(actors())
 
