@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -447,9 +448,15 @@ def _with_source(table: pa.Table, name: str | None, names: list) -> pa.Table:
 # ----------------------------------------------------------------------- Ray Data pipeline
 
 
+# Up to this many rows in all splits together, tokenization runs in the driver: Ray Data
+# tasks would start worker processes (seconds each) for what one process does in a second.
+TOKENIZE_HERE_ROWS = 10_000
+
+
 class _TokenizationLedger:
-    """Counts map_batches calls per split: evidence that tokenization ran once, in the
-    data tasks, and never again in the training workers (which only read finished blocks)."""
+    """Counts tokenizing calls per split: evidence that tokenization ran once, in the data
+    tasks (or the driver), and never again in the training workers (which only read finished
+    blocks). An actor when the calls run in Ray Data tasks, a plain object in the driver."""
 
     def __init__(self) -> None:
         self.counts: dict[str, dict[str, int]] = {}
@@ -479,12 +486,32 @@ class _TokenizationLedger:
 def _tokenize_and_record(
     batch: pa.Table, fn: Callable[[pa.Table], pa.Table], ledger: Any, split: str
 ) -> pa.Table:
-    import ray
-
     out = fn(batch)
     tokens = pc.sum(out.column("num_tokens")).as_py() or 0 if out.num_rows else 0
-    ray.get(ledger.record.remote(split, batch.num_rows, out.num_rows, tokens, dropped_rows(out)))
+    counts = (split, batch.num_rows, out.num_rows, tokens, dropped_rows(out))
+    if isinstance(ledger, _TokenizationLedger):  # tokenizing in the driver
+        ledger.record(*counts)
+    else:
+        import ray
+
+        ray.get(ledger.record.remote(*counts))
     return out
+
+
+def tokenizes_here(tables: dict[str, pa.Table]) -> bool:
+    """Whether the splits are small enough to tokenize in the driver (see TOKENIZE_HERE_ROWS);
+    FTLAUNCH_IN_PROCESS=0 keeps them on Ray Data tasks, as it keeps training on a worker."""
+    if os.environ.get("FTLAUNCH_IN_PROCESS", "1") == "0":
+        return False
+    return sum(t.num_rows for t in tables.values()) <= TOKENIZE_HERE_ROWS
+
+
+def _tokenized_here(table: pa.Table, fn: Callable, ledger: Any, split: str) -> list[pa.Table]:
+    """A split tokenized in this process, in the batches map_batches would give the tasks."""
+    return [
+        _tokenize_and_record(table.slice(start, TOKENIZE_BATCH_ROWS), fn, ledger, split)
+        for start in range(0, table.num_rows, TOKENIZE_BATCH_ROWS)
+    ]
 
 
 @dataclass
@@ -545,17 +572,19 @@ def prepare_data(
         tables = load_tables(recipe, base_dir)
     sources = _source_names(tables)
     batch_fn = tokenizer_for_batches(recipe, tokenizer)
-    ledger = ray.remote(num_cpus=0)(_TokenizationLedger).remote()
+    here = tokenizes_here(tables)
+    ledger = _TokenizationLedger() if here else ray.remote(num_cpus=0)(_TokenizationLedger).remote()
     try:
         datasets, num_rows, num_tokens, dropped = _tokenize_splits(tables, batch_fn, ledger, recipe)
-        tokenization = ray.get(ledger.snapshot.remote())
+        tokenization = _ledger_counts(ledger)
     except BaseException as exc:
         data_error = data_error_in(exc)
         if data_error is not None:
             raise data_error from None
         raise
     finally:
-        ray.kill(ledger)  # no actor outlives the job
+        if not here:
+            ray.kill(ledger)  # no actor outlives the job
     return PreparedData(
         datasets=datasets,
         num_rows=num_rows,
@@ -596,15 +625,18 @@ def _tokenize_splits(
     num_rows: dict[str, int] = {}
     num_tokens: dict[str, int] = {}
     for split, table in tables.items():
-        ds = ray.data.from_arrow(_blocks(table)).map_batches(
-            _tokenize_and_record,
-            batch_format="pyarrow",
-            batch_size=TOKENIZE_BATCH_ROWS,
-            fn_kwargs={"fn": batch_fn, "ledger": ledger, "split": split},
-        )
-        # Finished here, before the trainer reserves CPUs: workers read these blocks and never
-        # wait on data tasks that could not be scheduled (the 2-core hang in DESIGN.md).
-        ds = ds.materialize()
+        if isinstance(ledger, _TokenizationLedger):
+            ds = ray.data.from_arrow(_tokenized_here(table, batch_fn, ledger, split))
+        else:
+            ds = ray.data.from_arrow(_blocks(table)).map_batches(
+                _tokenize_and_record,
+                batch_format="pyarrow",
+                batch_size=TOKENIZE_BATCH_ROWS,
+                fn_kwargs={"fn": batch_fn, "ledger": ledger, "split": split},
+            )
+            # Finished here, before the trainer reserves CPUs: workers read these blocks and
+            # never wait on data tasks that could not be scheduled (the 2-core hang in DESIGN.md).
+            ds = ds.materialize()
         count = ds.count()
         if count == 0:
             raise DataError(
@@ -616,7 +648,7 @@ def _tokenize_splits(
         num_rows[split] = count
     # Token counts come from the tokenizing tasks themselves: an aggregation over the finished
     # blocks would run another (shuffling) Ray Data job per split.
-    counts = ray.get(ledger.snapshot.remote())
+    counts = _ledger_counts(ledger)
     dropped: dict[str, dict[str, int]] = {}
     for split in datasets:
         num_tokens[split] = int(counts[split]["tokens_out"])
@@ -628,6 +660,14 @@ def _tokenize_splits(
         if reasons:
             dropped[split] = reasons
     return datasets, num_rows, num_tokens, dropped
+
+
+def _ledger_counts(ledger: Any) -> dict[str, dict[str, int]]:
+    if isinstance(ledger, _TokenizationLedger):
+        return ledger.snapshot()
+    import ray
+
+    return ray.get(ledger.snapshot.remote())
 
 
 _DROP_RULE = {

@@ -101,7 +101,7 @@ def note_data(view: ProgressView, slot: CacheLookup) -> None:
         rows = sum(split["rows"] for split in slot.meta["splits"].values())
         view.note(f"prepared data: reusing {slot.fingerprint} ({rows:,} rows)")
     else:
-        view.note("preparing data (tokenizing once with Ray Data)")
+        view.note("preparing data (tokenizing once)")
 
 
 def prepare(recipe: Recipe, *, verbose: bool = False) -> dict[str, Any]:

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Every line shape ftlaunch prints on a successful local run: notes, progress, final report.
 OWN_LINES = [
     r"",
-    r"preparing data \(tokenizing once with Ray Data\)",
+    r"preparing data \(tokenizing once\)",
     r"rows: .+",
     r"run directory: .+",
     r"resuming from .+",

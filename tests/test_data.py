@@ -674,6 +674,26 @@ def test_packed_mixed_sources_through_ray(ray_session, gpt2_tok, tmp_path):
     }
 
 
+def test_tokenizing_in_the_driver_gives_what_the_ray_data_tasks_give(
+    ray_session, gpt2_tok, tmp_path, monkeypatch
+):
+    """Small splits are tokenized in the driver: the same rows, in the same order, the same
+    counts (packing included, which depends on where batches begin)."""
+    lines = story_lines(700, seed=4)  # train spans three tokenizing batches
+    path = write_jsonl([{"text": t} for t in lines], tmp_path / "s.jsonl")
+    recipe = make_recipe({"train": str(path), "max_length": 48, "packing": True})
+    prepared = {}
+    for where in ("1", "0"):
+        monkeypatch.setenv("FTLAUNCH_IN_PROCESS", where)
+        prepared[where] = prepare_data(recipe, gpt2_tok)
+    here, tasks = prepared["1"], prepared["0"]
+    assert (here.num_rows, here.num_tokens) == (tasks.num_rows, tasks.num_tokens)
+    assert here.tokenization_runs() == tasks.tokenization_runs()
+    assert here.tokenization_runs()["train"]["calls"] == 3
+    for split in here.datasets:
+        assert _rows(here.datasets[split]) == _rows(tasks.datasets[split])
+
+
 def test_no_examples_left_is_a_data_error(ray_session, gpt2_tok, tmp_path):
     path = write_jsonl(instruction_rows(6, seed=1), tmp_path / "i.jsonl")
     recipe = make_recipe(

@@ -76,8 +76,9 @@ def assert_disjoint_and_covering(seen: dict, all_ids: list[int]) -> None:
 
 @pytest.mark.ray_job
 def test_worker_shards_are_disjoint_cover_the_epoch_and_tokenize_once(
-    ray_session, tiny_gpt2, story_data, tmp_path
+    ray_session, tiny_gpt2, story_data, tmp_path, monkeypatch
 ):
+    monkeypatch.setenv("FTLAUNCH_IN_PROCESS", "0")  # tokenized in Ray Data tasks, not the driver
 
     from launcher.data import prepare_data
     from launcher.models import load_tokenizer
