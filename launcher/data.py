@@ -507,10 +507,12 @@ def tokenizes_here(tables: dict[str, pa.Table]) -> bool:
 
 
 def _tokenized_here(table: pa.Table, fn: Callable, ledger: Any, split: str) -> list[pa.Table]:
-    """A split tokenized in this process, in the batches map_batches would give the tasks."""
+    """A split tokenized in this process, in the batches map_batches gives the tasks: each
+    block of `_blocks` cut into TOKENIZE_BATCH_ROWS rows (packing depends on those bounds)."""
     return [
-        _tokenize_and_record(table.slice(start, TOKENIZE_BATCH_ROWS), fn, ledger, split)
-        for start in range(0, table.num_rows, TOKENIZE_BATCH_ROWS)
+        _tokenize_and_record(block.slice(start, TOKENIZE_BATCH_ROWS), fn, ledger, split)
+        for block in _blocks(table)
+        for start in range(0, block.num_rows, TOKENIZE_BATCH_ROWS)
     ]
 
 
