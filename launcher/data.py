@@ -508,12 +508,15 @@ def tokenizes_here(tables: dict[str, pa.Table]) -> bool:
 
 def _tokenized_here(table: pa.Table, fn: Callable, ledger: Any, split: str) -> list[pa.Table]:
     """A split tokenized in this process, in the batches map_batches gives the tasks: each
-    block of `_blocks` cut into TOKENIZE_BATCH_ROWS rows (packing depends on those bounds)."""
-    return [
+    block of `_blocks` cut into TOKENIZE_BATCH_ROWS rows (packing depends on those bounds).
+    Empty results are left out, as the prepared cache leaves them out, so a later run that
+    reads the cache gets the same blocks."""
+    out = [
         _tokenize_and_record(block.slice(start, TOKENIZE_BATCH_ROWS), fn, ledger, split)
         for block in _blocks(table)
         for start in range(0, block.num_rows, TOKENIZE_BATCH_ROWS)
     ]
+    return [t for t in out if t.num_rows] or out[:1]
 
 
 @dataclass

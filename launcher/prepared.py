@@ -300,12 +300,12 @@ def read_entry(slot: CacheLookup) -> PreparedData:
     )
 
 
-def _read_parquet_here(files: list[str]):
-    """The files as one Arrow table, in file order (the order they were written in)."""
-    import pyarrow as pa
+def _read_parquet_here(files: list[str]) -> list:
+    """One Arrow table per file, in file order: the blocks the entry was written from, so a
+    run on a hit sees the blocks (and with them the shuffled order) of the run that wrote it."""
     import pyarrow.parquet as pq
 
-    return pa.concat_tables([pq.read_table(f, partitioning=None) for f in files])
+    return [pq.read_table(f, partitioning=None) for f in files]
 
 
 def cache_facts(slot: CacheLookup, *, reused: bool) -> dict:
