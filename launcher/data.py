@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from launcher.chat import ChatDataError, ChatEncoder
+from launcher.raysession import in_process_allowed
 from launcher.records import (
     DataError,
     RawTable,
@@ -501,9 +501,8 @@ def _tokenize_and_record(
 def tokenizes_here(tables: dict[str, pa.Table]) -> bool:
     """Whether the splits are small enough to tokenize in the driver (see TOKENIZE_HERE_ROWS);
     FTLAUNCH_IN_PROCESS=0 keeps them on Ray Data tasks, as it keeps training on a worker."""
-    if os.environ.get("FTLAUNCH_IN_PROCESS", "1") == "0":
-        return False
-    return sum(t.num_rows for t in tables.values()) <= TOKENIZE_HERE_ROWS
+    rows = sum(t.num_rows for t in tables.values())
+    return in_process_allowed() and rows <= TOKENIZE_HERE_ROWS
 
 
 def _tokenized_here(table: pa.Table, fn: Callable, ledger: Any, split: str) -> list[pa.Table]:

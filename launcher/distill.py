@@ -56,6 +56,7 @@ from launcher.objectives import (
     task_loss,
     topk_kl_to_teacher,
 )
+from launcher.raysession import in_process_allowed
 from launcher.recipe import ModelConfig, Recipe
 
 CACHE_FORMAT = 1  # bump when the stored layout changes: old cache entries are then ignored
@@ -404,11 +405,7 @@ def attach_teacher_outputs(recipe: Recipe, data, tokenizer, note: Callable[[str]
 def teacher_pass_in_driver(gpus: int, rows: int) -> bool:
     """Small CPU passes run here; FTLAUNCH_IN_PROCESS=0 keeps them on an actor, as for the
     batch stage and training."""
-    return (
-        os.environ.get("FTLAUNCH_IN_PROCESS", "1") != "0"
-        and not gpus
-        and rows <= (TEACHER_IN_DRIVER_ROWS)
-    )
+    return in_process_allowed() and not gpus and rows <= TEACHER_IN_DRIVER_ROWS
 
 
 def _teacher_pass_here(dataset, teacher_args: dict[str, Any], out: Path) -> None:

@@ -9,6 +9,17 @@ from typing import TYPE_CHECKING
 
 from launcher.errors import BadInputError
 
+# FTLAUNCH_IN_PROCESS=0 keeps the small CPU work ftlaunch otherwise does in the driver on Ray:
+# one-worker training on a Ray Train worker, tokenization on Ray Data tasks, batch jobs and the
+# offline teacher pass on actor pools.
+IN_PROCESS = "FTLAUNCH_IN_PROCESS"
+
+
+def in_process_allowed() -> bool:
+    """Whether small CPU work may run in the driver (FTLAUNCH_IN_PROCESS is not 0)."""
+    return os.environ.get(IN_PROCESS, "1") != "0"
+
+
 if TYPE_CHECKING:  # for annotations only: the recipe is a layer-1 neighbour, not a dependency
     from launcher.recipe import Recipe
 

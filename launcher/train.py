@@ -22,6 +22,7 @@ from launcher.raysession import (
     LayoutError,
     check_layout,
     connected_shape,
+    in_process_allowed,
     wants_gpu,
     worker_env,
 )
@@ -47,8 +48,6 @@ from launcher.train_loop import (
 # exit once, right after its optimizer step k (a marker file in the run directory says so).
 FAIL_AT_STEP, FAIL_RANK = "FTLAUNCH_FAIL_AT_STEP", "FTLAUNCH_FAIL_RANK"
 FAILURE_MARKER = ".ftlaunch-failure-injected"
-# FTLAUNCH_IN_PROCESS=0 keeps single-worker CPU jobs on a real Ray Train worker.
-IN_PROCESS = "FTLAUNCH_IN_PROCESS"
 # FSDP needs a process group, which Ray Train's local mode does not set up: an in-process run
 # gets a world of one (`single_process_group`).
 NEEDS_PROCESS_GROUP = ("fsdp",)
@@ -148,7 +147,7 @@ def runs_in_process(recipe: Recipe, gpu: bool, remote: str | None) -> bool:
     Only where a worker would add nothing but its start-up: one CPU worker, no restarts to
     survive, local storage, and a strategy that needs no process group.
     """
-    if os.environ.get(IN_PROCESS, "1") == "0":
+    if not in_process_allowed():
         return False
     return (
         recipe.scaling.num_workers == 1

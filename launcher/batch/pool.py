@@ -18,15 +18,13 @@ from pathlib import Path
 from launcher.batch.inputs import INTERNAL_PREFIX, BatchInputError
 from launcher.batch.source import ModelSource, scoring_tokenizer
 from launcher.batch.worker import BatchWorker
-from launcher.raysession import quiet_ray_data
+from launcher.raysession import in_process_allowed, quiet_ray_data
 
 # Model batches per actor call: rows are sorted by length within this window.
 BUCKET_BATCHES = 8
 # Up to this many rows on a cluster without GPUs, one BatchWorker runs in this process: starting
 # a pool actor (a process that imports torch and loads the model) costs more than the scoring.
 IN_DRIVER_ROWS = 1_000
-# FTLAUNCH_IN_PROCESS=0 keeps every batch job on the actor pool.
-IN_PROCESS = "FTLAUNCH_IN_PROCESS"
 OUTPUT_SUFFIXES = (".jsonl", ".parquet")
 
 
@@ -94,7 +92,7 @@ def runs_in_driver(total: int | None, actors: int, gpus: int, address: str | Non
     Not with GPUs (the pool places the model on them), not when more actors were asked for,
     not through Ray Client (the model path is the cluster's, not this machine's).
     """
-    if os.environ.get(IN_PROCESS, "1") == "0" or gpus or actors != 1:
+    if not in_process_allowed() or gpus or actors != 1:
         return False
     remote = address or os.environ.get("RAY_ADDRESS", "")
     return total is not None and total <= IN_DRIVER_ROWS and not remote.startswith("ray://")
