@@ -139,6 +139,7 @@ def test_prepare_then_submit_tokenizes_once(ray_session, tiny_gpt2, story_data, 
     body = job_body(
         tmp_path, tiny_gpt2, story_data, name="prepared", train={"epochs": 1, "max_steps": 2}
     )
+    body["scaling"]["num_workers"] = 1  # the data stage is the driver's: one worker will do
     body["data"]["cache_dir"] = str(tmp_path / "cache")
     path = write_recipe(tmp_path, body)
     out = CliRunner().invoke(cli, ["prepare", str(path)])

@@ -1,5 +1,5 @@
-"""Distillation through the real job: 2 Ray Train workers, online and offline teachers, the
-teacher-output cache, the vocabulary check."""
+"""Distillation through the real job: online and offline teachers (two Ray Train workers where
+the teacher is sharded with the student), the teacher-output cache, the vocabulary check."""
 
 from __future__ import annotations
 
@@ -52,10 +52,12 @@ def distill_metrics(run_dir: Path) -> list[dict]:
 
 @pytest.mark.ray_job
 @pytest.mark.slow
-def test_online_distillation_two_workers(
+def test_online_distillation_learns_with_the_teacher_beside_the_student(
     ray_session, tiny_gpt2, tiny_teacher, story_data, tmp_path
 ):
     body = distill_recipe(tmp_path, tiny_gpt2, tiny_teacher, story_data)
+    # One worker, in this process: two-worker distillation runs in the sharded-teacher tests.
+    body["scaling"]["num_workers"] = 1
     summary = run(load_recipe(write_recipe(tmp_path, body)))
     run_dir = Path(summary["run_dir"])
     assert summary["status"] == "succeeded" and summary["steps"] == 6

@@ -56,16 +56,38 @@ def assert_one_node_placement(summary: dict) -> None:
     assert all(r["node_ip"] for r in placement["ranks"])
 
 
+def live_actors() -> dict[str, str]:
+    """Live actors by id, from the GCS's actor table (ray.util.state.list_actors asks the
+    dashboard, which the test session does not start); Ray's detached ones are per Ray
+    instance, not per job."""
+    from ray._private.state import actors
+
+    return {
+        i: a["ActorClassName"]
+        for i, a in actors().items()
+        if a["State"] == "ALIVE" and not a["IsDetached"]
+    }
+
+
+@pytest.fixture(scope="module")
+def two_worker_lm_run(ray_session, tiny_gpt2, story_data, tmp_path_factory):
+    """One two-worker causal-LM job and the actors alive before it: the training checks and
+    the no-leftover-actor check read the same run."""
+    tmp_path = tmp_path_factory.mktemp("two-worker-lm")
+    before = live_actors()
+    summary = run(
+        load_recipe(write_recipe(tmp_path, causal_recipe(tmp_path, tiny_gpt2, story_data)))
+    )
+    return summary, before
+
+
 @pytest.mark.ray_job
-def test_causal_lm_two_workers_trains_exports_and_reloads(
-    ray_session, tiny_gpt2, story_data, tmp_path
-):
+def test_causal_lm_two_workers_trains_exports_and_reloads(two_worker_lm_run, tiny_gpt2):
     from transformers import AutoModelForCausalLM
 
     from launcher.export import consolidate
 
-    recipe = load_recipe(write_recipe(tmp_path, causal_recipe(tmp_path, tiny_gpt2, story_data)))
-    summary = run(recipe)
+    summary, _ = two_worker_lm_run
     run_dir = Path(summary["run_dir"])
     assert_contract(run_dir)
 
@@ -120,7 +142,9 @@ def test_instruction_format_runs_and_learns(instruction_run_on_uri):
 
 
 @pytest.mark.ray_job
-def test_classification_two_workers(ray_session, tiny_bert, review_data, tmp_path):
+def test_classification_learns_and_exports_its_labels(
+    ray_session, tiny_bert, review_data, tmp_path
+):
     from transformers import AutoModelForSequenceClassification
 
     body = {
@@ -137,7 +161,7 @@ def test_classification_two_workers(ray_session, tiny_bert, review_data, tmp_pat
             "max_length": 32,
         },
         "train": {"epochs": 3, "batch_size": 16, "lr": 2e-3, "log_every": 2, "eval_on_start": True},
-        "scaling": {"num_workers": 2},
+        "scaling": {"num_workers": 1},  # two-worker classification: the quickstart test
         "checkpoint": {
             "storage_path": str(tmp_path / "runs"),
             "metric": "eval_accuracy",
@@ -240,27 +264,15 @@ def test_uri_storage_puts_the_whole_run_directory_there(instruction_run_on_uri):
 
 
 @pytest.mark.ray_job
-def test_no_actor_of_a_job_outlives_it(ray_session, tiny_gpt2, story_data, tmp_path):
-    """Two jobs in one Ray instance: the stop flag, the report queue, the tokenization ledger
-    and Ray Train's controller and data coordinators of the first are gone after the second."""
-    # ray.util.state.list_actors asks the dashboard, which the test session does not start;
-    # the GCS's actor table holds the same records.
-    from ray._private.state import actors
-
-    def alive() -> dict[str, str]:
-        """Live actors by id; Ray's detached ones are per Ray instance, not per job."""
-        return {
-            i: a["ActorClassName"]
-            for i, a in actors().items()
-            if a["State"] == "ALIVE" and not a["IsDetached"]
-        }
-
-    before = alive()
-    for name, workers in (("first", 2), ("second", 1)):
-        body = causal_recipe(tmp_path, tiny_gpt2, story_data, train={"max_steps": 2})
-        body["name"], body["scaling"]["num_workers"] = name, workers
-        run(load_recipe(write_recipe(tmp_path, body, f"{name}.yaml")))
-    left = {i: c for i, c in alive().items() if i not in before}
+def test_no_actor_of_a_job_outlives_it(two_worker_lm_run, tiny_gpt2, story_data, tmp_path):
+    """Two jobs in one Ray instance (the two-worker one, then a one-worker one in this process):
+    the stop flag, the report queue, the tokenization ledger and Ray Train's controller, workers
+    and data coordinators of both are gone after the second."""
+    _, before = two_worker_lm_run
+    body = causal_recipe(tmp_path, tiny_gpt2, story_data, train={"max_steps": 2})
+    body["name"], body["scaling"]["num_workers"] = "second", 1
+    run(load_recipe(write_recipe(tmp_path, body)))
+    left = {i: c for i, c in live_actors().items() if i not in before}
     assert not left, f"actors still alive after their job: {sorted(left.values())}"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,9 +19,11 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from helpers import minimal_recipe
 from raycluster import live_group_members
 
-from launcher.targets import envcheck, ray_jobs
+from launcher.targets import TargetError, envcheck, ray_jobs
+from launcher.targets.preflight import check_cluster
 
 
 @pytest.fixture
@@ -175,6 +178,21 @@ def test_shared_file_uri_directory_is_seen_by_every_node(ray_cluster, tmp_path):
     assert sorted(p.name for p in shared.iterdir()) == ["node-a.txt", "node-b.txt"]
 
 
+def test_local_storage_refused_on_a_cluster_of_several_nodes(ray_cluster, client_auth):
+    """A local storage path is one node's disk: refused before anything is shipped."""
+    cluster = ray_jobs.connect(ray_cluster.address)
+    shape = ray_jobs.cluster_shape(cluster)
+    assert shape.nodes >= 2
+    local = minimal_recipe(scaling={"use_gpu": False})
+    with pytest.raises(TargetError, match="is a local path but the Ray cluster"):
+        ray_jobs.submit_to_ray(local, "name: x\n", ray_cluster.address)
+    check_cluster(
+        minimal_recipe(scaling={"use_gpu": False}, checkpoint={"storage_path": "s3://b/runs"}),
+        shape,
+        ray_cluster.address,
+    )
+
+
 def test_a_crashed_node_drops_out_and_a_new_one_joins(ray_cluster):
     """node-b dies (SIGKILL to its process group) and a new node-b takes its place."""
     (old,) = [n for n in ray_cluster.nodes if n.name == "node-b" and n.running]
@@ -276,3 +294,12 @@ def test_two_workers_on_two_nodes_through_ftlaunch_submit(
     # what the workers reported is where Ray ran them
     assert set(nodes.values()) == train_worker_nodes(ray_cluster)
     assert set(nodes.values()) <= {raylet["nodeId"] for raylet in ray_cluster.alive_nodes()}
+
+    # The job's record on the cluster: the verbs that follow a submission.
+    job_id = re.search(r"submitted (two-nodes-\S+) to", out).group(1)
+    code, out, _ = run_cli("status", job_id, "--address", ray_cluster.address)
+    assert code == 0 and out.startswith(f"{job_id}: SUCCEEDED"), out
+    code, out, _ = run_cli("logs", job_id, "--address", ray_cluster.address)
+    assert code == 0 and str(run_dir.name) in out, out[-3000:]
+    info = ray_jobs.job_status(job_id, ray_cluster.address)
+    assert info["metadata"]["recipe"] == "two-nodes" and "ftlaunch_version" in info["metadata"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import shutil
 import subprocess
@@ -242,61 +241,3 @@ def test_preflight_against_the_head_refuses_gpus_and_cpus(head, token_file):
     too_many_cpus = minimal_recipe(scaling={"num_workers": 3, "use_gpu": False})
     with pytest.raises(TargetError, match=r"= 3 CPUs but the Ray cluster .* has 2 CPU"):
         ray_jobs.submit_to_ray(too_many_cpus, "name: x\n", head.address)
-
-
-@pytest.mark.ray_job
-@pytest.mark.slow
-def test_tiny_recipe_end_to_end_through_ftlaunch_submit(
-    head, token_file, tmp_path, tiny_gpt2, story_data
-):
-    import yaml
-
-    runs = tmp_path / "runs"
-    recipe = {
-        "name": "remote-tiny",
-        "model": {"name_or_path": str(tiny_gpt2)},
-        "data": {
-            "train": str(story_data["train"]),
-            "validation": str(story_data["validation"]),
-            "max_length": 32,
-        },
-        "train": {"max_steps": 4, "batch_size": 8, "lr": 3e-3, "log_every": 1},
-        "scaling": {"num_workers": 1, "use_gpu": False},
-        "checkpoint": {"storage_path": str(runs), "metric": None},
-    }
-    path = tmp_path / "remote.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    code, out, err = run_cli("submit", str(path), "--address", head.address)
-    assert code == 0, f"{out[-3000:]}\n{err[-3000:]}"
-    job_id = re.search(r"submitted (remote-tiny-\S+) to", out).group(1)
-
-    (run_dir,) = runs.iterdir()
-    for name in ("recipe.yaml", "metrics.jsonl", "model", "summary.json"):
-        assert (run_dir / name).exists(), name
-    assert json.loads((run_dir / "summary.json").read_text())["status"] == "succeeded"
-
-    code, out, _ = run_cli("status", job_id, "--address", head.address)
-    assert code == 0 and out.startswith(f"{job_id}: SUCCEEDED")
-    code, out, _ = run_cli("logs", job_id, "--address", head.address)
-    assert code == 0 and str(run_dir) in out
-    info = ray_jobs.job_status(job_id, head.address)
-    assert info["metadata"]["recipe"] == "remote-tiny" and "ftlaunch_version" in info["metadata"]
-
-
-def test_local_storage_refused_once_the_cluster_has_two_nodes(head, token_file):
-    """Last in the module: it adds a second node to the shared head."""
-    worker = head.add_node(num_cpus=0)
-    try:
-        cluster = ray_jobs.connect(head.address)
-        shape = ray_jobs.cluster_shape(cluster)
-        assert shape.nodes == 2
-        local = minimal_recipe(scaling={"use_gpu": False})
-        with pytest.raises(TargetError, match="is a local path but the Ray cluster"):
-            ray_jobs.submit_to_ray(local, "name: x\n", head.address)
-        check_cluster(
-            minimal_recipe(scaling={"use_gpu": False}, checkpoint={"storage_path": "s3://b/runs"}),
-            shape,
-            head.address,
-        )
-    finally:
-        head.stop_node(worker)
