@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from launcher.errors import BadInputError
+from launcher.errors import BadInputError, JobFailedError
 
 # FTLAUNCH_IN_PROCESS=0 keeps the small CPU work ftlaunch otherwise does in the driver on Ray:
 # one-worker training on a Ray Train worker, tokenization on Ray Data tasks, batch jobs and the
@@ -22,6 +22,10 @@ def in_process_allowed() -> bool:
 
 if TYPE_CHECKING:  # for annotations only: the recipe is a layer-1 neighbour, not a dependency
     from launcher.recipe import Recipe
+
+
+class RayStartError(JobFailedError):
+    """The embedded Ray did not come up, or the named cluster could not be joined: exit 1."""
 
 
 class LayoutError(BadInputError):
@@ -45,13 +49,32 @@ def ensure_ray(verbose: bool = False, address: str | None = None) -> None:
     quiet_libraries(verbose)
     if ray.is_initialized():
         return
-    ray.init(
-        address=address,
-        log_to_driver=verbose,
-        logging_level="INFO" if verbose else "WARNING",
-        include_dashboard=False if not os.environ.get("RAY_ADDRESS") else None,
-        runtime_env={"env_vars": ray_job_env()},
+    joining = address or os.environ.get("RAY_ADDRESS")
+    # Ray gives a new local node 30 s to register, a wait a busy machine can overrun: one more
+    # try before giving up. A cluster that cannot be joined is not retried.
+    for _ in range(1 if joining else EMBEDDED_START_TRIES):
+        try:
+            ray.init(
+                address=address,
+                log_to_driver=verbose,
+                logging_level="INFO" if verbose else "WARNING",
+                include_dashboard=False if not joining else None,
+                runtime_env={"env_vars": ray_job_env()},
+            )
+            return
+        except Exception as exc:  # Ray raises bare Exception / ConnectionError here
+            ray.shutdown()  # ends whatever part of the node did start
+            failure = exc
+    if joining:
+        raise RayStartError(f"could not join the Ray cluster at {joining}: {failure}")
+    raise RayStartError(
+        f"could not start Ray on this machine ({EMBEDDED_START_TRIES} tries): {failure}. "
+        "A machine this busy also slows training: retry when it is quieter, or start Ray "
+        "yourself (`ray start --head`) and pass --address / RAY_ADDRESS."
     )
+
+
+EMBEDDED_START_TRIES = 2
 
 
 class _BelowError(logging.Filter):

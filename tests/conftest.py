@@ -40,14 +40,21 @@ def ray_session():
 
     from launcher.raysession import ray_job_env
 
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=4,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-            runtime_env={"env_vars": ray_job_env()},
-        )
+    for attempt in range(2):  # Ray gives a node 30 s to register: a busy machine gets two tries
+        if ray.is_initialized():
+            break
+        try:
+            ray.init(
+                num_cpus=4,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+                runtime_env={"env_vars": ray_job_env()},
+            )
+        except Exception:
+            ray.shutdown()
+            if attempt == 1:
+                raise
     yield ray
     # Ray is shut down at interpreter exit; other session fixtures may still need it.
 

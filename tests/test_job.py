@@ -340,3 +340,35 @@ def test_summary_places_each_rank_of_the_newest_worker_group(tmp_path):
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written["placement"] == summary["placement"]
     assert not read_metrics(tmp_path)  # placement is no metric
+
+
+@pytest.mark.parametrize("address", [None, "10.0.0.9:6379"])
+def test_a_ray_that_will_not_start_is_retried_once_then_explained(monkeypatch, address):
+    """An embedded start gets a second try (Ray gives a node 30 s to register); a cluster that
+    cannot be joined does not. Either way: a JobFailedError that says what to do, exit 1."""
+    import ray
+
+    from launcher.errors import exit_code_for
+    from launcher.raysession import RayStartError, ensure_ray
+
+    calls: list[str] = []
+
+    def refuse(**kwargs):
+        calls.append("init")
+        raise Exception("The current node timed out during startup.")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    with pytest.raises(RayStartError) as failed:
+        ensure_ray(address=address)
+    assert exit_code_for(failed.value) == 1
+    assert "timed out during startup" in str(failed.value)
+    if address is None:
+        assert calls == ["init", "shutdown", "init", "shutdown"]
+        assert "could not start Ray on this machine (2 tries)" in str(failed.value)
+        assert "ray start --head" in str(failed.value)
+    else:
+        assert calls == ["init", "shutdown"]
+        assert f"could not join the Ray cluster at {address}" in str(failed.value)
