@@ -69,7 +69,7 @@ def score_rows(model: Path, n: int, tmp_path: Path) -> tuple[Path, PeakMemory]:
 
 @pytest.mark.slow
 def test_ten_thousand_rows_one_to_one_with_flat_memory(
-    ray_session, tiny_gpt2, tmp_path, monkeypatch
+    ray_session, tiny_gpt2, tmp_path, monkeypatch, capfd
 ):
     monkeypatch.setenv("FTLAUNCH_IN_PROCESS", "0")  # every size on the actor pool
     score_rows(tiny_gpt2, 200, tmp_path)  # warm-up: first-use imports and Ray Data set-up
@@ -92,3 +92,8 @@ def test_ten_thousand_rows_one_to_one_with_flat_memory(
     extra_data_mb = 8_000 * PAYLOAD / 2**20
     assert large.growth_mb < small.growth_mb + 24, (small.growth_mb, large.growth_mb)
     assert large.growth_mb < 0.75 * extra_data_mb
+
+    # Nothing from Ray's C++ core on the terminal (it wrote to this process's stderr about the
+    # pool actors' constructor arguments while Ray Data could restart them).
+    err = capfd.readouterr().err
+    assert "core_worker.cc" not in err and "constructor arguments" not in err, err[-2000:]

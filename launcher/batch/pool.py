@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,15 +66,19 @@ def run_job(
     if runs_in_driver(total, actors, gpus, pool.address):
         yield from run_in_driver(source, dataset, job, pool, total, description)
         return
-    mapped = dataset.map_batches(
-        BatchWorker,
-        fn_constructor_kwargs={"source": source, "job": job},
-        batch_size=pool.batch_size * BUCKET_BATCHES,
-        batch_format="pandas",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=pool.cpus_per_actor,
-        num_gpus=1 if gpus else 0,
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 takes max_restarts only among the extra remote args it has deprecated.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        mapped = dataset.map_batches(
+            BatchWorker,
+            fn_constructor_kwargs={"source": source, "job": job},
+            batch_size=pool.batch_size * BUCKET_BATCHES,
+            batch_format="pandas",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=pool.cpus_per_actor,
+            num_gpus=1 if gpus else 0,
+            **actor_restarts(),
+        )
     # Our own display below shows rows/s and ETA; the dataset carries its own context copy.
     mapped.context.enable_progress_bars = False
     # Results in input order (generations follow the prompts file); costs little with one
@@ -116,6 +121,17 @@ def run_in_driver(
             block = BlockAccessor.for_block(BlockAccessor.batch_to_block(worker(batch))).to_arrow()
             advance(block.num_rows)
             yield block
+
+
+def actor_restarts() -> dict:
+    """Ray Data restarts a pool actor without limit; on one node that only repeats what killed
+    it (out of memory, a crash in the model code), and asking for it makes Ray log an error
+    line about the actor's constructor arguments on every run. Across nodes a lost node is
+    worth the restart."""
+    import ray
+
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    return {"max_restarts": 0} if nodes <= 1 else {}
 
 
 @contextmanager
