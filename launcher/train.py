@@ -112,14 +112,22 @@ def drain_sink(sink, state: RunState, view: ProgressView, stop: threading.Event,
                 )
             elif event == "placement":
                 record_placement(state, item)
+            elif event == "started":
+                change = record_world_size(state, item)
+                if change:
+                    view.note(
+                        f"workers: {change['old']} -> {change['new']}, continuing after step "
+                        f"{change['step']}"
+                    )
             elif event == "resumed":
                 state.restarts = item["restarts"]
                 record = {"event": "restart", "step": item["step"], "restarts": item["restarts"]}
                 out.write(json.dumps(record) + "\n")
                 out.flush()
                 view.note(f"restarted from the checkpoint at step {item['step']}")
-            elif item.get("step", 0) <= state.last_step and state.restarts:
-                # Replayed after a restart from an earlier checkpoint: already on record.
+            elif item.get("step", 0) <= state.last_step and state.worker_groups > 1:
+                # Replayed by a later worker group (a restart, a resize) from an earlier
+                # checkpoint, or from the start: already on record.
                 state.replayed += 1
             else:
                 if item.get("step", 0) >= 1 and "first_report" not in state.timings:
@@ -132,6 +140,19 @@ def drain_sink(sink, state: RunState, view: ProgressView, stop: threading.Event,
                 view.update(item)
                 if tracker is not None:
                     tracker.log(item, int(item["step"]))
+
+
+def record_world_size(state: RunState, item: dict[str, Any]) -> dict[str, int] | None:
+    """Count a new worker group; a change of size is recorded (and returned) with the step the
+    group continues after."""
+    state.worker_groups += 1
+    old, new = state.world_size, int(item["world_size"])
+    state.world_size = new
+    if old is None or old == new:
+        return None
+    change = {"step": int(item["step"]), "old": old, "new": new}
+    state.world_size_changes.append(change)
+    return change
 
 
 def record_placement(state: RunState, item: dict[str, Any]) -> None:
@@ -150,7 +171,7 @@ def runs_in_process(recipe: Recipe, gpu: bool, remote: str | None) -> bool:
     if not in_process_allowed():
         return False
     return (
-        recipe.scaling.num_workers == 1
+        recipe.scaling.max_workers == 1
         and not gpu
         and recipe.train.max_failures == 0
         and remote is None
@@ -213,6 +234,12 @@ def in_process_result(run_dir: Path) -> InProcessResult:
             continue
     best = [(ray.train.Checkpoint(str(d)), reported.get(step, {})) for step, d in sorted(kept)]
     return InProcessResult(checkpoint=best[-1][0] if best else None, best_checkpoints=best)
+
+
+def ray_worker_count(recipe: Recipe) -> int | tuple[int, int]:
+    """What Ray Train's ScalingConfig takes: a count, or (min, max) for elastic training."""
+    s = recipe.scaling
+    return (s.min_workers, s.max_workers) if s.elastic else s.max_workers
 
 
 def export_metric(recipe: Recipe, with_validation: bool) -> str | None:
@@ -278,7 +305,8 @@ def train(
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(
             # 0 is Ray Train's local mode: the loop runs in this thread.
-            num_workers=0 if in_process else recipe.scaling.num_workers,
+            num_workers=0 if in_process else ray_worker_count(recipe),
+            elastic_resize_monitor_interval_s=recipe.scaling.resize_interval_s,
             use_gpu=gpu,
             placement_strategy=PLACEMENT_STRATEGIES[recipe.scaling.placement],
             resources_per_worker={
