@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from launcher.elastic_data import epoch_batches, micro_steps_per_epoch, rows_by_id
 from launcher.objectives import eval_metrics, eval_sums
 from launcher.recipe import Recipe
 from launcher.rundir import STATE_FILE, checkpoint_step, latest_checkpoint
@@ -110,6 +111,8 @@ def make_plan(num_train_rows: int, recipe: Recipe, world_size: int | None = None
     workers = world_size or recipe.scaling.max_workers
     rows_per_worker = num_train_rows // workers
     available = math.ceil(rows_per_worker / t.batch_size)
+    if recipe.scaling.elastic:  # whole micro-steps of one order for all (launcher.elastic_data)
+        available = micro_steps_per_epoch(num_train_rows, t.batch_size, workers)
     steps_per_epoch = available // t.grad_accum
     if steps_per_epoch == 0:
         raise ValueError(
@@ -489,6 +492,8 @@ def run_worker(config: WorkerConfig, make_strategy: Callable[[Recipe, torch.devi
 
     collate = make_collate(config.pad_token_id)
     train_shard = ray.train.get_dataset_shard("train")
+    # Elastic: every worker holds the whole split and reads its part of the epoch's one order.
+    train_rows = rows_by_id(train_shard) if recipe.scaling.elastic else None
     val_shard = ray.train.get_dataset_shard("validation") if config.has_validation else None
     last_eval: dict[str, float] = {}
     scores: dict[int, float | None] = {}  # in-process: step -> score_metric, for pruning
@@ -549,15 +554,33 @@ def run_worker(config: WorkerConfig, make_strategy: Callable[[Recipe, torch.devi
             break
         skip = position.batches_in_epoch if epoch == position.epoch else 0
         position.epoch, position.batches_in_epoch = epoch, skip
-        batches = train_shard.iter_torch_batches(
-            batch_size=t.batch_size,
-            collate_fn=collate,
-            device=device,
-            local_shuffle_buffer_size=max(4 * t.batch_size, 64),
-            local_shuffle_seed=t.seed + epoch,
-        )
+        if train_rows is not None:
+            batches = enumerate(
+                epoch_batches(
+                    train_rows,
+                    seed=t.seed,
+                    epoch=epoch,
+                    batch_size=t.batch_size,
+                    world_size=world_size,
+                    rank=rank,
+                    start=skip,
+                    pad_token_id=config.pad_token_id,
+                    device=device,
+                ),
+                start=skip,
+            )
+        else:
+            batches = enumerate(
+                train_shard.iter_torch_batches(
+                    batch_size=t.batch_size,
+                    collate_fn=collate,
+                    device=device,
+                    local_shuffle_buffer_size=max(4 * t.batch_size, 64),
+                    local_shuffle_seed=t.seed + epoch,
+                )
+            )
         pending = 0  # micro-batches accumulated towards the next optimizer step
-        for index, batch in enumerate(batches):
+        for index, batch in batches:
             if index < skip:
                 continue
             last_micro = pending + 1 == t.grad_accum
