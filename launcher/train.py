@@ -49,7 +49,7 @@ from launcher.train_loop import (
 FAIL_AT_STEP, FAIL_RANK = "FTLAUNCH_FAIL_AT_STEP", "FTLAUNCH_FAIL_RANK"
 # For tests that change the cluster under a running job: while the file FTLAUNCH_SLOW_WHILE
 # names exists, every optimizer step takes at least SLOW_STEP_S.
-SLOW_WHILE, SLOW_STEP_S = "FTLAUNCH_SLOW_WHILE", 0.3
+SLOW_WHILE, SLOW_STEP_S = "FTLAUNCH_SLOW_WHILE", 1.5
 FAILURE_MARKER = ".ftlaunch-failure-injected"
 # FSDP needs a process group, which Ray Train's local mode does not set up: an in-process run
 # gets a world of one (`single_process_group`).
