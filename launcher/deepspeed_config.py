@@ -204,10 +204,14 @@ def check_deepspeed_overrides(recipe: RecipeLike) -> list[str]:
     if choice != "auto" or gpu is False:
         with contextlib.suppress(ValueError):  # fp16 on CPU is reported by the recipe rules
             precision = mixed_precision_name(choice, device_type, _gpu_has_bf16)
-    entries = _generated_entries(recipe, recipe.scaling.num_workers, precision, device_type)
-    if gpu == "auto":
-        entries = [e for e in entries if e[0] != ("optimizer", "params", "torch_adam")]
-    return _override_conflicts(recipe, entries)
+    problems: list[str] = []
+    # An elastic run trains at every size of its range: an override must hold at each end.
+    for workers in dict.fromkeys((recipe.scaling.min_workers, recipe.scaling.max_workers)):
+        entries = _generated_entries(recipe, workers, precision, device_type)
+        if gpu == "auto":
+            entries = [e for e in entries if e[0] != ("optimizer", "params", "torch_adam")]
+        problems += [p for p in _override_conflicts(recipe, entries) if p not in problems]
+    return problems
 
 
 def deepspeed_config(recipe: RecipeLike, world_size: int, device: Any = "cpu") -> dict[str, Any]:

@@ -181,17 +181,21 @@ def check_layout(recipe: Recipe, shape: ClusterShape, cluster: str = "the Ray cl
     s = recipe.scaling
     gpu = wants_gpu(recipe, shape)
     where = f"{cluster} has {{}} on {shape.nodes} node(s)"
-    if gpu and s.num_workers > shape.gpus:
+    # An elastic run starts with what the cluster gives, but never with fewer than min.
+    workers = s.min_workers
+    asked = f"at least {workers}" if s.elastic else str(workers)
+    if gpu and workers > shape.gpus:
         raise LayoutError(
-            f"scaling asks for {s.num_workers} GPU worker(s) (scaling.num_workers: "
-            f"{s.num_workers}, scaling.use_gpu: {str(s.use_gpu).lower()}) but "
+            f"scaling asks for {asked} GPU worker(s) (scaling.num_workers: "
+            f"{list(s.num_workers) if s.elastic else workers}, scaling.use_gpu: "
+            f"{str(s.use_gpu).lower()}) but "
             + where.format(f"{shape.gpus:g} GPU(s)")
             + "; lower scaling.num_workers, set scaling.use_gpu: false, or add GPU nodes"
         )
-    cpus = s.num_workers * s.cpus_per_worker
+    cpus = workers * s.cpus_per_worker
     if cpus > shape.cpus:
         raise LayoutError(
-            f"scaling asks for {s.num_workers} worker(s) x {s.cpus_per_worker} CPU = {cpus} CPUs "
+            f"scaling asks for {asked} worker(s) x {s.cpus_per_worker} CPU = {cpus} CPUs "
             "but "
             + where.format(f"{shape.cpus:g} CPU(s)")
             + "; lower scaling.num_workers or scaling.cpus_per_worker"

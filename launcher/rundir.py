@@ -44,6 +44,11 @@ class RunState:
     # rank -> {"node_id", "node_ip"} of the newest worker group
     placement: dict[int, dict[str, str]] = field(default_factory=dict)
     restarts: int = 0
+    # Worker groups started (restarts and resizes each start one), the newest one's size, and
+    # every change of size as {"step", "old", "new"}.
+    worker_groups: int = 0
+    world_size: int | None = None
+    world_size_changes: list[dict[str, int]] = field(default_factory=list)
     last_step: int = -1
     replayed: int = 0
     preempted: bool = False

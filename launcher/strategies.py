@@ -609,7 +609,10 @@ class DeepSpeedStrategy:
     def load(self, directory: Path) -> None:
         directory = Path(directory)
         info = check_strategy_file(directory, self.name)
-        if info["world_size"] == _world_size() and info.get("zero_stage") == self.stage:
+        same_stage = info.get("zero_stage") == self.stage
+        # ZeRO-0 partitions nothing: its files are the same at every world size (and the
+        # universal conversion, which reads ZeRO partitions, finds none to read).
+        if same_stage and (info["world_size"] == _world_size() or self.stage == 0):
             self.engine.load_checkpoint(str(directory / DS_DIR), tag=info["tag"])
         else:
             self._load_resharded(directory, info)

@@ -86,6 +86,7 @@ def write_summary(
         "strategy": recipe.strategy.name,
         "method": recipe.finetune.method,
         "num_workers": recipe.scaling.num_workers,
+        "world_size_changes": state.world_size_changes,
         "placement": placement_facts(recipe, state),
         **extra,
     }

@@ -47,6 +47,9 @@ from launcher.train_loop import (
 # Fault-injection for tests: FTLAUNCH_FAIL_AT_STEP=k makes rank FTLAUNCH_FAIL_RANK (default 1)
 # exit once, right after its optimizer step k (a marker file in the run directory says so).
 FAIL_AT_STEP, FAIL_RANK = "FTLAUNCH_FAIL_AT_STEP", "FTLAUNCH_FAIL_RANK"
+# For tests that change the cluster under a running job: while the file FTLAUNCH_SLOW_WHILE
+# names exists, every optimizer step takes at least SLOW_STEP_S.
+SLOW_WHILE, SLOW_STEP_S = "FTLAUNCH_SLOW_WHILE", 1.5
 FAILURE_MARKER = ".ftlaunch-failure-injected"
 # FSDP needs a process group, which Ray Train's local mode does not set up: an in-process run
 # gets a world of one (`single_process_group`).
@@ -112,14 +115,24 @@ def drain_sink(sink, state: RunState, view: ProgressView, stop: threading.Event,
                 )
             elif event == "placement":
                 record_placement(state, item)
+            elif event == "started":
+                change = record_world_size(state, item)
+                if change:
+                    out.write(json.dumps({"event": "resize", **change}) + "\n")
+                    out.flush()
+                    view.note(
+                        f"workers: {change['old']} -> {change['new']}, continuing after step "
+                        f"{change['step']}"
+                    )
             elif event == "resumed":
                 state.restarts = item["restarts"]
                 record = {"event": "restart", "step": item["step"], "restarts": item["restarts"]}
                 out.write(json.dumps(record) + "\n")
                 out.flush()
                 view.note(f"restarted from the checkpoint at step {item['step']}")
-            elif item.get("step", 0) <= state.last_step and state.restarts:
-                # Replayed after a restart from an earlier checkpoint: already on record.
+            elif item.get("step", 0) <= state.last_step and state.worker_groups > 1:
+                # Replayed by a later worker group (a restart, a resize) from an earlier
+                # checkpoint, or from the start: already on record.
                 state.replayed += 1
             else:
                 if item.get("step", 0) >= 1 and "first_report" not in state.timings:
@@ -132,6 +145,19 @@ def drain_sink(sink, state: RunState, view: ProgressView, stop: threading.Event,
                 view.update(item)
                 if tracker is not None:
                     tracker.log(item, int(item["step"]))
+
+
+def record_world_size(state: RunState, item: dict[str, Any]) -> dict[str, int] | None:
+    """Count a new worker group; a change of size is recorded (and returned) with the step the
+    group continues after."""
+    state.worker_groups += 1
+    old, new = state.world_size, int(item["world_size"])
+    state.world_size = new
+    if old is None or old == new:
+        return None
+    change = {"step": int(item["step"]), "old": old, "new": new}
+    state.world_size_changes.append(change)
+    return change
 
 
 def record_placement(state: RunState, item: dict[str, Any]) -> None:
@@ -150,7 +176,7 @@ def runs_in_process(recipe: Recipe, gpu: bool, remote: str | None) -> bool:
     if not in_process_allowed():
         return False
     return (
-        recipe.scaling.num_workers == 1
+        recipe.scaling.max_workers == 1
         and not gpu
         and recipe.train.max_failures == 0
         and remote is None
@@ -215,6 +241,12 @@ def in_process_result(run_dir: Path) -> InProcessResult:
     return InProcessResult(checkpoint=best[-1][0] if best else None, best_checkpoints=best)
 
 
+def ray_worker_count(recipe: Recipe) -> int | tuple[int, int]:
+    """What Ray Train's ScalingConfig takes: a count, or (min, max) for elastic training."""
+    s = recipe.scaling
+    return (s.min_workers, s.max_workers) if s.elastic else s.max_workers
+
+
 def export_metric(recipe: Recipe, with_validation: bool) -> str | None:
     """The metric that picks the checkpoint to export (eval_* ones need validation data)."""
     metric = recipe.checkpoint.metric
@@ -250,8 +282,10 @@ def train(
     except ValueError as exc:
         raise LayoutError(str(exc)) from None
     view.start(plan.total_steps)
-    sink = Queue(maxsize=10_000)
-    flag = ray.remote(num_cpus=0)(StopFlag).remote()
+    # Both serve the driver: on its node they outlive any worker node the cluster loses.
+    beside_driver = driver_node_options()
+    sink = Queue(maxsize=10_000, actor_options=beside_driver)
+    flag = ray.remote(StopFlag).options(**beside_driver).remote()
     datasets = {"train": data.datasets["train"]}
     with_validation = "validation" in data.datasets and data.num_rows.get("validation", 0) > 0
     if with_validation:
@@ -278,7 +312,8 @@ def train(
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(
             # 0 is Ray Train's local mode: the loop runs in this thread.
-            num_workers=0 if in_process else recipe.scaling.num_workers,
+            num_workers=0 if in_process else ray_worker_count(recipe),
+            elastic_resize_monitor_interval_s=recipe.scaling.resize_interval_s,
             use_gpu=gpu,
             placement_strategy=PLACEMENT_STRATEGIES[recipe.scaling.placement],
             resources_per_worker={
@@ -298,7 +333,10 @@ def train(
             ),
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets)),
+        # An elastic run's workers each read the whole training split (launcher.elastic_data).
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=[n for n in datasets if not (n == "train" and recipe.scaling.elastic)]
+        ),
     )
     tracker = open_tracker(recipe, state.run_dir)
     stop = threading.Event()
@@ -340,6 +378,15 @@ def train(
             f"--resume {state.run_dir}"
         )
     return result, plan, metric
+
+
+def driver_node_options() -> dict[str, Any]:
+    """Actor options that keep an actor on this (the driver's) node, taking no CPU."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}
 
 
 def sigint_handler():
@@ -396,8 +443,36 @@ def pick_checkpoint(result, metric: str | None, mode: str, run_dir: Path):
 
 def worker_function():
     """The function every worker runs: the training loop, or with FTLAUNCH_FAIL_AT_STEP set,
-    the same loop with a strategy that exits once (the fault-tolerance tests)."""
-    return train_loop_failing_once if os.environ.get(FAIL_AT_STEP) else train_loop_per_worker
+    the same loop with a strategy that exits once (the fault-tolerance tests), or with
+    FTLAUNCH_SLOW_WHILE set, one whose steps are slow while a file exists."""
+    if os.environ.get(FAIL_AT_STEP):
+        return train_loop_failing_once
+    return train_loop_slow_while if os.environ.get(SLOW_WHILE) else train_loop_per_worker
+
+
+class SlowWhile:
+    """A strategy whose optimizer steps take at least SLOW_STEP_S while `hold` exists."""
+
+    def __init__(self, strategy, hold: Path) -> None:
+        self._strategy, self._hold = strategy, hold
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._strategy, name)
+
+    def step(self) -> float:
+        began = time.monotonic()
+        grad_norm = self._strategy.step()
+        if self._hold.exists():
+            time.sleep(max(0.0, SLOW_STEP_S - (time.monotonic() - began)))
+        return grad_norm
+
+
+def train_loop_slow_while(config: WorkerConfig) -> None:
+    """train_loop_per_worker whose steps are slow while the file FTLAUNCH_SLOW_WHILE exists."""
+    from launcher.strategies import make_strategy
+
+    hold = Path(os.environ[SLOW_WHILE])
+    run_worker(config, lambda recipe, device: SlowWhile(make_strategy(recipe, device), hold))
 
 
 class InjectedFailure(RuntimeError):

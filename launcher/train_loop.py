@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from launcher.elastic_data import epoch_batches, micro_steps_per_epoch, rows_by_id
 from launcher.objectives import eval_metrics, eval_sums
 from launcher.recipe import Recipe
 from launcher.rundir import STATE_FILE, checkpoint_step, latest_checkpoint
@@ -28,11 +29,14 @@ from launcher.rundir import STATE_FILE, checkpoint_step, latest_checkpoint
 
 @dataclass
 class Plan:
-    """Step arithmetic the driver computes once from the data sizes."""
+    """Step arithmetic from the data size and the number of workers: the driver plans for the
+    most workers the recipe allows, each worker group again for its own size (`plan_at`)."""
 
     total_steps: int
     steps_per_epoch: int
     batches_per_epoch: int
+    train_rows: int = 0
+    world_size: int = 1
 
 
 @dataclass
@@ -63,12 +67,23 @@ class WorkerConfig:
 
 @dataclass
 class Position:
-    """Where training is: the step done last, the epoch, and batches consumed in it."""
+    """Where training is: the step done last, the epoch, and batches this worker consumed in it
+    (a checkpoint stores the examples all workers consumed: see `resumed_batches`)."""
 
     step: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0
     restarts: int = 0
+    # The worker group's shape, which turns this worker's batches into examples of the epoch.
+    world_size: int = 1
+    batch_size: int = 1
+    # The steps the lr schedule spans when counted after a change of size (0: the recipe's plan).
+    total_steps: int = 0
+
+    @property
+    def examples_in_epoch(self) -> int:
+        """Examples of the epoch consumed by all workers together."""
+        return self.batches_in_epoch * self.batch_size * self.world_size
 
 
 @dataclass
@@ -85,19 +100,23 @@ class Window:
     extra: dict[str, float | torch.Tensor] = field(default_factory=dict)
 
 
-def make_plan(num_train_rows: int, recipe: Recipe) -> Plan:
+def make_plan(num_train_rows: int, recipe: Recipe, world_size: int | None = None) -> Plan:
     """Optimizer steps per epoch and in total, from rows, workers, batch size and accumulation.
 
     Only whole accumulation windows are used: a worker's trailing micro-batches that cannot fill
     one are left out of that epoch (DeepSpeed steps only after exactly grad_accum backwards).
+    `world_size` defaults to the most workers the recipe allows (the fewest rows per worker).
     """
     t = recipe.train
-    rows_per_worker = num_train_rows // recipe.scaling.num_workers
+    workers = world_size or recipe.scaling.max_workers
+    rows_per_worker = num_train_rows // workers
     available = math.ceil(rows_per_worker / t.batch_size)
+    if recipe.scaling.elastic:  # whole micro-steps of one order for all (launcher.elastic_data)
+        available = micro_steps_per_epoch(num_train_rows, t.batch_size, workers)
     steps_per_epoch = available // t.grad_accum
     if steps_per_epoch == 0:
         raise ValueError(
-            f"each of the {recipe.scaling.num_workers} worker(s) gets {rows_per_worker} training "
+            f"each of the {workers} worker(s) gets {rows_per_worker} training "
             f"rows = {available} batch(es) of train.batch_size={t.batch_size} per epoch, fewer "
             f"than train.grad_accum={t.grad_accum}: lower train.batch_size, train.grad_accum "
             f"or scaling.num_workers, or add data"
@@ -109,7 +128,46 @@ def make_plan(num_train_rows: int, recipe: Recipe) -> Plan:
         total_steps=total,
         steps_per_epoch=steps_per_epoch,
         batches_per_epoch=steps_per_epoch * t.grad_accum,
+        train_rows=num_train_rows,
+        world_size=workers,
     )
+
+
+def plan_at(plan: Plan, recipe: Recipe, position: Position, resized: bool) -> Plan:
+    """The plan of a worker group of `position.world_size`, continuing from `position`.
+
+    The recipe's plan at that size, unless the run changed size on the way (`resized`: now,
+    or earlier when `position.total_steps` carries the span counted then). After a change the
+    steps left in this epoch and the later ones are counted at the new size: a run that lost a
+    worker takes more, smaller steps to finish its epochs (train.max_steps still ends it at the
+    same step), and the lr schedule spans the new total from where it was.
+    """
+    t = recipe.train
+    at = plan
+    if position.world_size != plan.world_size:
+        at = make_plan(plan.train_rows, recipe, position.world_size)
+    if position.total_steps:
+        total = position.total_steps
+    elif resized:
+        left = max(0, at.steps_per_epoch - position.batches_in_epoch // t.grad_accum)
+        left += max(0, t.epochs - position.epoch - 1) * at.steps_per_epoch
+        total = position.step + left
+        if t.max_steps is not None:
+            total = min(total, t.max_steps)
+    else:
+        return at
+    return Plan(total, at.steps_per_epoch, at.batches_per_epoch, plan.train_rows, at.world_size)
+
+
+def resumed_batches(examples: int, batch_size: int, grad_accum: int, world_size: int) -> int:
+    """Batches each of `world_size` workers skips to resume after `examples` consumed in the
+    epoch by all workers together (at any worker count).
+
+    Rounded down to whole optimizer steps: no example of the epoch is skipped, and at most the
+    examples of one step at the new size are seen twice (besides those since the checkpoint).
+    """
+    per_step = batch_size * grad_accum * world_size
+    return (examples // per_step) * grad_accum
 
 
 def seed_everything(seed: int) -> None:
@@ -195,6 +253,10 @@ def write_checkpoint(strategy, position: Position, rank: int, directory: Path) -
             "epoch": position.epoch,
             "batches_in_epoch": position.batches_in_epoch,
             "restarts": position.restarts,
+            # Resuming at another worker count goes by these (resumed_position, plan_at).
+            "world_size": position.world_size,
+            "examples_in_epoch": position.examples_in_epoch,
+            "total_steps": position.total_steps,
         }
         (directory / STATE_FILE).write_text(json.dumps(state))
 
@@ -249,12 +311,10 @@ def _checkpoint_step(checkpoint) -> int:
         return checkpoint_step(d)
 
 
-def restore_checkpoint(
-    strategy, rank: int, resume_from: str | None, run_dir: str
-) -> Position | None:
-    """Load the newest checkpoint to continue from: Ray Train's latest for this run, one already
-    in the run directory (a restart can come before Ray has registered the last one), or the one
-    `--resume` named."""
+def newest_checkpoint(resume_from: str | None, run_dir: str):
+    """The newest checkpoint to continue from (a ray.train.Checkpoint, or None): Ray Train's
+    latest for this run, one already in the run directory (a restart can come before Ray has
+    registered the last one), or the one `--resume` named."""
     import ray.train
 
     candidates = [c for c in (ray.train.get_checkpoint(),) if c is not None]
@@ -264,23 +324,71 @@ def restore_checkpoint(
             candidates.append(ray.train.Checkpoint(str(path)))
     if not candidates:
         return None
-    checkpoint = max(candidates, key=_checkpoint_step)
+    return max(candidates, key=_checkpoint_step)
+
+
+def checkpoint_state(checkpoint) -> dict[str, Any]:
+    """The checkpoint's STATE_FILE, read without fetching the model state."""
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{STATE_FILE}") as stream:
+        return json.loads(stream.read())
+
+
+def resumed_position(state: dict[str, Any], recipe: Recipe, world_size: int) -> Position:
+    """Where a worker group of `world_size` continues from a checkpoint's state.
+
+    The data position is the examples of the epoch all workers had consumed, whatever their
+    number was: each new worker skips its share of them (`resumed_batches`). A checkpoint taken
+    at the end of an epoch holds the next epoch with nothing consumed, so the run goes on with
+    that epoch, not the one after.
+    """
+    t = recipe.train
+    same_size = state.get("world_size", world_size) == world_size
+    if "examples_in_epoch" in state:
+        batches = resumed_batches(
+            state["examples_in_epoch"], t.batch_size, t.grad_accum, world_size
+        )
+    else:  # written before examples were recorded: by a group of the same size
+        batches = state["batches_in_epoch"]
+    # A span counted after an earlier change holds at that size; another change recounts it.
+    total = state.get("total_steps", 0) if same_size else 0
+    return Position(
+        step=state["step"],
+        epoch=state["epoch"],
+        batches_in_epoch=batches,
+        restarts=state.get("restarts", 0) + 1,
+        world_size=world_size,
+        batch_size=t.batch_size,
+        total_steps=total,
+    )
+
+
+def starting_point(config: WorkerConfig, world_size: int) -> tuple[Any, Position, Plan]:
+    """(the checkpoint to load or None, the position, the plan) of a new worker group."""
+    recipe = config.recipe
+    checkpoint = newest_checkpoint(config.resume_from, config.run_dir)
+    if checkpoint is None:
+        position = Position(world_size=world_size, batch_size=recipe.train.batch_size)
+        return None, position, plan_at(config.plan, recipe, position, resized=False)
+    saved = checkpoint_state(checkpoint)
+    position = resumed_position(saved, recipe, world_size)
+    resized = saved.get("world_size", world_size) != world_size
+    plan = plan_at(config.plan, recipe, position, resized)
+    if resized:
+        position.total_steps = plan.total_steps
+    return checkpoint, position, plan
+
+
+def load_checkpoint(strategy, checkpoint, rank: int) -> None:
+    """Load the model state (resharded by the strategy) and this rank's random streams."""
     with checkpoint.as_directory() as d:
         directory = Path(d)
         strategy.load(directory)
-        state = json.loads((directory / STATE_FILE).read_text())
         rng_file = directory / f"rng_rank{rank}.pt"
         if rng_file.exists():
             rng = torch.load(rng_file, weights_only=False)
             torch.set_rng_state(rng["torch"])
             random.setstate(rng["python"])
             np.random.set_state(rng["numpy"])
-    return Position(
-        step=state["step"],
-        epoch=state["epoch"],
-        batches_in_epoch=state["batches_in_epoch"],
-        restarts=state.get("restarts", 0) + 1,
-    )
 
 
 def stop_requested(flag, rank: int, device: torch.device) -> bool:
@@ -345,7 +453,7 @@ def run_worker(config: WorkerConfig, make_strategy: Callable[[Recipe, torch.devi
     from launcher.distill import build_teacher, make_adversary, make_objective
     from launcher.finetune import apply_finetune, count_parameters, load_base_model
 
-    recipe, plan, sink = config.recipe, config.plan, config.sink
+    recipe, sink = config.recipe, config.sink
     t = recipe.train
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
@@ -354,6 +462,10 @@ def run_worker(config: WorkerConfig, make_strategy: Callable[[Recipe, torch.devi
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, recipe.scaling.cpus_per_worker))
     seed_everything(t.seed)
+
+    # Where to continue from, read first: the steps left (and with them the lr schedule)
+    # depend on it when this group's size differs from the checkpoint's or the planned one.
+    checkpoint, position, plan = starting_point(config, world_size)
 
     # Model: built through the strategy (ZeRO-3 and FSDP never materialise it whole).
     strategy = make_strategy(recipe, device)
@@ -371,12 +483,17 @@ def run_worker(config: WorkerConfig, make_strategy: Callable[[Recipe, torch.devi
     teacher = build_teacher(recipe, strategy, device, config.pad_token_id)
     objective = make_objective(recipe, teacher)
     adversary = make_adversary(recipe, strategy.unwrapped())
-    position = restore_checkpoint(strategy, rank, config.resume_from, config.run_dir) or Position()
-    if rank == 0 and sink is not None and position.step > 0:
-        sink.put({"event": "resumed", "step": position.step, "restarts": position.restarts})
+    if checkpoint is not None:
+        load_checkpoint(strategy, checkpoint, rank)
+    if rank == 0 and sink is not None:
+        if checkpoint is not None:
+            sink.put({"event": "resumed", "step": position.step, "restarts": position.restarts})
+        sink.put({"event": "started", "step": position.step, "world_size": world_size})
 
     collate = make_collate(config.pad_token_id)
     train_shard = ray.train.get_dataset_shard("train")
+    # Elastic: every worker holds the whole split and reads its part of the epoch's one order.
+    train_rows = rows_by_id(train_shard) if recipe.scaling.elastic else None
     val_shard = ray.train.get_dataset_shard("validation") if config.has_validation else None
     last_eval: dict[str, float] = {}
     scores: dict[int, float | None] = {}  # in-process: step -> score_metric, for pruning
@@ -437,15 +554,33 @@ def run_worker(config: WorkerConfig, make_strategy: Callable[[Recipe, torch.devi
             break
         skip = position.batches_in_epoch if epoch == position.epoch else 0
         position.epoch, position.batches_in_epoch = epoch, skip
-        batches = train_shard.iter_torch_batches(
-            batch_size=t.batch_size,
-            collate_fn=collate,
-            device=device,
-            local_shuffle_buffer_size=max(4 * t.batch_size, 64),
-            local_shuffle_seed=t.seed + epoch,
-        )
+        if train_rows is not None:
+            batches = enumerate(
+                epoch_batches(
+                    train_rows,
+                    seed=t.seed,
+                    epoch=epoch,
+                    batch_size=t.batch_size,
+                    world_size=world_size,
+                    rank=rank,
+                    start=skip,
+                    pad_token_id=config.pad_token_id,
+                    device=device,
+                ),
+                start=skip,
+            )
+        else:
+            batches = enumerate(
+                train_shard.iter_torch_batches(
+                    batch_size=t.batch_size,
+                    collate_fn=collate,
+                    device=device,
+                    local_shuffle_buffer_size=max(4 * t.batch_size, 64),
+                    local_shuffle_seed=t.seed + epoch,
+                )
+            )
         pending = 0  # micro-batches accumulated towards the next optimizer step
-        for index, batch in enumerate(batches):
+        for index, batch in batches:
             if index < skip:
                 continue
             last_micro = pending + 1 == t.grad_accum

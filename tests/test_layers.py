@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("distill", "export_layout"),
     ("finetune", "strategies", "objectives", "tracking"),
     ("sharded_load",),
-    ("models", "adapters", "tokenize"),
+    ("models", "adapters", "tokenize", "elastic_data"),
     ("collate", "chat"),
     ("raysession", "rundir", "progress", "dev.tiny"),
     ("recipe", "records", "internals", "dev.synthetic"),

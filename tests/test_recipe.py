@@ -7,6 +7,7 @@ import typing
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import MINIMAL_YAML
 
 from launcher.metrics import METRICS_BY_TASK
@@ -709,3 +710,63 @@ def test_round_trip_of_the_resolved_recipe(tmp_path, addition):
     second = validate_data(again)
     assert second == recipe
     assert dump_recipe(second) == dump_recipe(recipe)
+
+
+# ----------------------------------------------------------------------- elastic workers
+
+
+@pytest.mark.parametrize(
+    ("scaling", "train", "path", "words"),
+    [
+        ({"num_workers": [0, 2]}, {"max_failures": 1}, "scaling.num_workers", "min >= 1"),
+        ({"num_workers": [3, 2]}, {"max_failures": 1}, "scaling.num_workers", "min <= max"),
+        ({"num_workers": [1, 2, 3]}, {}, "scaling.num_workers", "[min, max]"),
+        ({"num_workers": 0}, {}, "scaling.num_workers", "at least 1"),
+        ({"num_workers": [1, 2]}, {}, "train.max_failures", "counts as a failure"),
+        ({"num_workers": 2, "resize_interval_s": 5}, {}, "scaling.resize_interval_s", "elastic"),
+        ({"num_workers": [1, 1], "placement": "spread"}, {}, "scaling.placement", "above 1"),
+    ],
+)
+def test_bad_worker_ranges_are_refused(scaling, train, path, words):
+    data = {
+        "name": "elastic",
+        "model": {"name_or_path": "gpt2"},
+        "data": {"train": "train.jsonl"},
+        "train": train,
+        "scaling": scaling,
+    }
+    with pytest.raises(RecipeError) as caught:
+        validate_data(data)
+    assert any(p.path == path and words in p.message for p in caught.value.problems), [
+        (p.path, p.message) for p in caught.value.problems
+    ]
+
+
+def test_an_elastic_range_is_valid_with_failures_allowed():
+    recipe = validate_data(
+        {
+            "name": "elastic",
+            "model": {"name_or_path": "gpt2"},
+            "data": {"train": "train.jsonl"},
+            "train": {"max_failures": -1},
+            "scaling": {"num_workers": [2, 4], "resize_interval_s": 5, "placement": "spread"},
+        }
+    )
+    s = recipe.scaling
+    assert (s.min_workers, s.max_workers, s.elastic) == (2, 4, True)
+    assert yaml.safe_load(dump_recipe(recipe))["scaling"]["num_workers"] == [2, 4]
+
+
+def test_a_deepspeed_global_batch_cannot_hold_across_an_elastic_range():
+    data = {
+        "name": "elastic",
+        "model": {"name_or_path": "gpt2"},
+        "data": {"train": "train.jsonl"},
+        "train": {"max_failures": 2, "batch_size": 4},
+        "strategy": {"name": "deepspeed", "deepspeed_config": {"train_batch_size": 4}},
+        "scaling": {"num_workers": [1, 2], "use_gpu": False},
+    }
+    with pytest.raises(RecipeError) as caught:
+        validate_data(data)
+    (problem,) = caught.value.problems
+    assert "train_batch_size: 4 contradicts" in problem.message and "4 x 1 x 2" in problem.message

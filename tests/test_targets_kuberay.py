@@ -24,6 +24,7 @@ from launcher.targets.kuberay import (
     operator_problems,
     rayjob_name,
     render_kuberay,
+    render_notes,
     status_fields,
     to_yaml,
 )
@@ -77,8 +78,12 @@ def check_rendered(recipe) -> tuple[dict, dict]:
     assert volume["configMap"]["name"] == configmap["metadata"]["name"]
 
     (workers,) = spec["rayClusterSpec"]["workerGroupSpecs"]
-    n = recipe.scaling.num_workers
-    assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == n
+    low, high = recipe.scaling.min_workers, recipe.scaling.max_workers
+    assert (workers["minReplicas"], workers["maxReplicas"], workers["replicas"]) == (
+        low,
+        high,
+        high,
+    )
     gpus = recipe.cluster.gpus_per_worker
     worker_pod = workers["template"]["spec"]
     limits = worker_pod["containers"][0]["resources"]["limits"]
@@ -145,6 +150,48 @@ def test_placement_travels_in_the_recipe_and_changes_no_manifest():
     recipe = yaml.safe_load(spread_map["data"][RECIPE_KEY])
     assert recipe["scaling"]["placement"] == "spread"
     assert yaml.safe_load(pack_map["data"][RECIPE_KEY])["scaling"]["placement"] == "pack"
+
+
+def test_an_elastic_range_renders_min_and_max_replicas_with_a_note(tmp_path):
+    from click.testing import CliRunner
+
+    from launcher.cli import cli
+
+    recipe = minimal_recipe(
+        train={"max_failures": 3},
+        scaling={"num_workers": [2, 5]},
+        cluster={"target": "kuberay"},
+        checkpoint={"storage_path": "s3://bucket/runs"},
+    )
+    _, rayjob = check_rendered(recipe)
+    (workers,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert (workers["minReplicas"], workers["maxReplicas"], workers["replicas"]) == (2, 5, 5)
+    (note,) = render_notes(recipe)
+    assert "[2, 5]" in note and "enableInTreeAutoscaling" in note
+    # a fixed count, and [n, n], need no note
+    for fixed in (3, [3, 3]):
+        plain = minimal_recipe(
+            scaling={"num_workers": fixed},
+            cluster={"target": "kuberay"},
+            checkpoint={"storage_path": "s3://bucket/runs"},
+        )
+        assert render_notes(plain) == []
+    path = tmp_path / "elastic.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "elastic",
+                "model": {"name_or_path": "gpt2"},
+                "data": {"train": "train.jsonl"},
+                "train": {"max_failures": 3},
+                "scaling": {"num_workers": [1, 2]},
+            }
+        )
+    )
+    result = CliRunner().invoke(cli, ["render", "kuberay", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "scaling.num_workers [1, 2]" in result.stderr
+    assert "minReplicas: 1" in result.stdout and "maxReplicas: 2" in result.stdout
 
 
 def test_cpu_only_workers_have_no_gpu_limits_or_tolerations():

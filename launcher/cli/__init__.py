@@ -290,9 +290,9 @@ def submit_kuberay(resolved: Recipe, *, dry_run: bool) -> None:
     """`submit --target kuberay`: print the manifests, or create the RayJob."""
     from launcher.targets import kuberay
 
-    note = kuberay.storage_note(resolved) if dry_run else None
+    notes = kuberay.render_notes(resolved) if dry_run else []
     result = kuberay.submit_to_kuberay(resolved, dry_run)
-    if note:
+    for note in notes:
         click.echo(note, err=True)
     if dry_run:
         click.echo(result, nl=False)
@@ -446,8 +446,7 @@ def render_kuberay_cmd(recipe: str, overrides: tuple[str, ...], output: str | No
 
     resolved = load_or_exit(recipe, overrides)
     text = cluster_call(kuberay.render_yaml, resolved)
-    note = kuberay.storage_note(resolved)
-    if note:
+    for note in kuberay.render_notes(resolved):
         click.echo(note, err=True)
     if output:
         Path(output).write_text(text, encoding="utf-8")

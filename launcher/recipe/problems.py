@@ -204,7 +204,7 @@ def _message_for(err: Any, loc: tuple) -> str:
         model = model_at([str(p) for p in loc if isinstance(p, str)])
         keys = f" with keys among {', '.join(field_names(model))}" if model else ""
         return f"must be a mapping{keys} (got {describe(err.get('input'))})"
-    message = err["msg"]
+    message = err["msg"].removeprefix("Value error, ")  # a validator's own words
     if "input" in err:
         message += f" (got {_shown(err['input'])})"
     return message

@@ -89,8 +89,12 @@ def inapplicable_fields(recipe: Recipe) -> dict[str, str]:
     if recipe.generate is not None and not recipe.generate.do_sample:
         out["generate.temperature"] = "only applies with generate.do_sample: true"
         out["generate.top_p"] = "only applies with generate.do_sample: true"
-    if recipe.scaling.num_workers == 1:
+    if recipe.scaling.max_workers == 1:
         out["scaling.placement"] = "only applies with scaling.num_workers above 1 (got 1)"
+    if not recipe.scaling.elastic:
+        out["scaling.resize_interval_s"] = (
+            "only applies to elastic training (scaling.num_workers: [min, max] with min < max)"
+        )
     if recipe.cluster.target != "ray":
         out["cluster.address"] = (
             f"only applies to cluster.target: ray (got {recipe.cluster.target})"
@@ -218,6 +222,7 @@ def check_rules(recipe: Recipe) -> list[Problem]:
                     f"{', '.join(sorted(known))} or null",
                 )
             )
+    problems += scaling_problems(recipe)
     if recipe.generate is not None and m.task != "causal_lm":
         problems.append(Problem("generate", "generation needs model.task: causal_lm"))
     if s.name == "fsdp" and s.offload == "optimizer":
@@ -276,6 +281,30 @@ def check_rules(recipe: Recipe) -> list[Problem]:
     if recipe.finetune.method == "qlora":
         problems += qlora_problems(recipe)
     return problems
+
+
+def scaling_problems(recipe: Recipe) -> list[Problem]:
+    """An elastic range must be a range, and the run must be allowed to restart: Ray Train
+    replaces the worker group on a lost node, which counts against train.max_failures."""
+    s = recipe.scaling
+    if isinstance(s.num_workers, int):
+        return []
+    low, high = s.num_workers
+    shown = f"[{low}, {high}]"
+    if low < 1:
+        return [Problem("scaling.num_workers", f"[min, max] needs min >= 1 (got {shown})")]
+    if low > high:
+        return [Problem("scaling.num_workers", f"[min, max] needs min <= max (got {shown})")]
+    if s.elastic and recipe.train.max_failures == 0:
+        return [
+            Problem(
+                "train.max_failures",
+                f"an elastic run (scaling.num_workers: {shown}) goes on after a lost node by "
+                "restarting its workers, which counts as a failure: allow some (e.g. 3, or -1 "
+                "for no limit)",
+            )
+        ]
+    return []
 
 
 def qlora_problems(recipe: Recipe) -> list[Problem]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 
 class Section(BaseModel):
@@ -276,9 +276,32 @@ class StrategyConfig(Section):
 # --------------------------------------------------------------------------------- scaling
 
 
+def _worker_count(value: Any) -> Any:
+    """One message for a value that is neither form (instead of one per union member)."""
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    pair = (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    )
+    if whole and value < 1:
+        raise ValueError("must be at least 1")
+    if not (whole or pair):
+        raise ValueError("must be a worker count (e.g. 2) or [min, max] (e.g. [1, 4])")
+    return value
+
+
+# A fixed worker count, or [min, max] for elastic training (the rules check the range).
+WorkerCount = Annotated[int | tuple[int, int], BeforeValidator(_worker_count)]
+
+
 class ScalingConfig(Section):
-    num_workers: int = Field(default=1, gt=0)
-    """Training workers (one per GPU when GPUs are used)."""
+    num_workers: WorkerCount = 1
+    """Training workers (one per GPU when GPUs are used), or [min, max]: elastic training that
+    starts with what the cluster can give (at least min) and resizes as nodes come and go."""
+    resize_interval_s: float = Field(default=60.0, gt=0)
+    """Elastic runs: how often a running job looks for room for more workers (growing restarts
+    the workers from the newest checkpoint)."""
     placement: Literal["pack", "spread"] = "pack"
     """Where the workers go (with more than one): pack fills a node before the next, keeping
     gradient traffic inside a node; spread puts one worker per node where possible."""
@@ -286,6 +309,23 @@ class ScalingConfig(Section):
     """auto: use GPUs when the Ray cluster has them."""
     cpus_per_worker: int = Field(default=1, gt=0)
     """CPUs reserved by each training worker."""
+
+    @property
+    def min_workers(self) -> int:
+        """The fewest workers the run trains with (the fixed count when not elastic)."""
+        n = self.num_workers
+        return n if isinstance(n, int) else n[0]
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the run trains with (the fixed count when not elastic)."""
+        n = self.num_workers
+        return n if isinstance(n, int) else n[1]
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the worker count may change while the run goes ([n, n] is a fixed n)."""
+        return self.min_workers != self.max_workers
 
 
 # ------------------------------------------------------------------------------ checkpoint

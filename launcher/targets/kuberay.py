@@ -2,8 +2,10 @@
 
 Two manifests: a ConfigMap holding the resolved recipe and the RayJob whose head mounts it and
 runs `python -m launcher.job` on it. The head only schedules (`num-cpus: "0"`); one worker group
-of exactly scaling.num_workers pods trains. Credentials come from a Secret by name
-(secretKeyRef); no value ever appears in a manifest.
+of exactly scaling.num_workers pods trains, or for an elastic [min, max] a group of min to max
+pods that starts at max: KubeRay recreates a lost pod and the run grows back onto it
+(`elastic_note`). Credentials come from a Secret by name (secretKeyRef); no value ever appears
+in a manifest.
 
 scaling.placement changes no manifest: it reaches Ray Train through the recipe in the ConfigMap.
 Each worker pod is sized for one training worker (and one CPU for Ray Data), so spread gives
@@ -114,7 +116,7 @@ def _head_group(recipe: Recipe, configmap: str) -> dict[str, Any]:
 
 
 def _worker_group(recipe: Recipe) -> dict[str, Any]:
-    n = recipe.scaling.num_workers
+    low, high = recipe.scaling.min_workers, recipe.scaling.max_workers
     gpus = recipe.cluster.gpus_per_worker
     # One CPU beyond the training worker's share keeps room for the Ray Data tasks feeding it.
     cpus = str(recipe.scaling.cpus_per_worker + 1)
@@ -131,9 +133,10 @@ def _worker_group(recipe: Recipe) -> dict[str, Any]:
         spec["tolerations"] = [dict(GPU_TOLERATION)]
     return {
         "groupName": "gpu-workers" if gpus > 0 else "cpu-workers",
-        "replicas": n,
-        "minReplicas": n,
-        "maxReplicas": n,
+        # Without the Ray autoscaler KubeRay keeps `replicas` pods: as many as the run can use.
+        "replicas": high,
+        "minReplicas": low,
+        "maxReplicas": high,
         "rayStartParams": {},
         "template": {"spec": spec},
     }
@@ -291,6 +294,25 @@ def storage_note(recipe: Recipe) -> str | None:
         f"note: checkpoint.storage_path {path!r} is local to each pod and is deleted with the "
         f"cluster; use an s3:// or gs:// URI to keep the run (--set checkpoint.storage_path=...)"
     )
+
+
+def elastic_note(recipe: Recipe) -> str | None:
+    """What an elastic range means for the worker pods, and when an autoscaler is needed."""
+    s = recipe.scaling
+    if not s.elastic:
+        return None
+    return (
+        f"note: scaling.num_workers [{s.min_workers}, {s.max_workers}]: the worker group starts "
+        f"{s.max_workers} pods and KubeRay recreates a lost one, so the run shrinks and grows back "
+        f"on its own; starting with fewer pods and adding them as the run asks needs the Ray "
+        f"autoscaler (rayClusterSpec.enableInTreeAutoscaling: true, and replicas: "
+        f"{s.min_workers})"
+    )
+
+
+def render_notes(recipe: Recipe) -> list[str]:
+    """The notes to show next to the manifests."""
+    return [n for n in (storage_note(recipe), elastic_note(recipe)) if n]
 
 
 def render_yaml(recipe: Recipe) -> str:
