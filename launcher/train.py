@@ -276,8 +276,11 @@ def train(
     except ValueError as exc:
         raise LayoutError(str(exc)) from None
     view.start(plan.total_steps)
-    sink = Queue(maxsize=10_000)
-    flag = ray.remote(num_cpus=0)(StopFlag).remote()
+    # The report queue and the stop flag live on the driver's node: a worker node that is
+    # preempted must not take them along.
+    here = on_this_node()
+    sink = Queue(maxsize=10_000, actor_options={"scheduling_strategy": here})
+    flag = ray.remote(num_cpus=0, scheduling_strategy=here)(StopFlag).remote()
     datasets = {"train": data.datasets["train"]}
     with_validation = "validation" in data.datasets and data.num_rows.get("validation", 0) > 0
     if with_validation:
@@ -370,6 +373,15 @@ def train(
             f"--resume {state.run_dir}"
         )
     return result, plan, metric
+
+
+def on_this_node():
+    """A scheduling strategy that places an actor on the driver's node (soft: anywhere when
+    that node cannot take it)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
 
 
 def sigint_handler():

@@ -8,9 +8,15 @@ checkpoint at once, and the run continues on the other nodes from that checkpoin
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import requests
 from click.testing import CliRunner
 from helpers import job_body, minimal_recipe, write_recipe
 
@@ -137,3 +143,118 @@ def test_worker_killed_while_uploading_restarts_from_the_last_complete_checkpoin
     checkpoints = run_dir / "checkpoints"
     assert checkpoint_complete(checkpoints / "checkpoint_000004")
     assert latest_checkpoint(run_dir).name == "checkpoint_000006"
+
+
+def alive_train_worker_nodes(cluster) -> set[str]:
+    """Node ids of the Ray Train worker actors alive now (the state API)."""
+    reply = requests.get(
+        f"{cluster.address}/api/v0/actors",
+        params={
+            "limit": 1000,
+            "filter_keys": ["class_name", "state"],
+            "filter_predicates": ["=", "="],
+            "filter_values": ["RayTrainWorker", "ALIVE"],
+        },
+        headers=cluster.headers,
+        timeout=30,
+    )
+    reply.raise_for_status()
+    return {actor["node_id"] for actor in reply.json()["data"]["result"]["result"]}
+
+
+def drain(cluster, node_id: str, deadline_s: int) -> None:
+    """What a cloud's preemption notice does to a Ray node: drain it with a deadline."""
+    command = [
+        sys.executable,
+        "-m",
+        "ray.scripts.scripts",
+        "drain-node",
+        f"--address={cluster.gcs_address}",
+        f"--node-id={node_id}",
+        "--reason=DRAIN_NODE_REASON_PREEMPTION",
+        "--reason-message=spot instance reclaimed (test)",
+        f"--deadline-remaining-seconds={deadline_s}",
+    ]
+    proc = subprocess.run(
+        command, env=cluster.client_env(), capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.ray_job
+@pytest.mark.slow
+def test_a_drained_node_gets_a_checkpoint_before_its_deadline_and_the_run_moves_on(
+    ray_cluster, tiny_gpt2, story_data, tmp_path
+):
+    """Two workers spread over the cluster; the worker node of one is drained with an 8 s
+    deadline and killed at the deadline. The workers checkpoint at once, Ray Train restarts
+    them on the nodes left from that checkpoint, and the run completes: no step is lost
+    beyond that checkpoint and every step is on record once."""
+    body = job_body(
+        tmp_path,
+        tiny_gpt2,
+        story_data,
+        name="preempt",
+        train={"batch_size": 4, "lr": 3e-3, "log_every": 5, "epochs": 50, "max_steps": 400},
+        checkpoint={"every": 100, "metric": None, "keep": None},
+    )
+    body["scaling"].update(placement="spread", cpus_per_worker=1, use_gpu=False)
+    path = write_recipe(tmp_path, body)
+    env = {
+        **ray_cluster.client_env(),
+        "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5",
+        "FTLAUNCH_IN_PROCESS": "0",
+    }
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "launcher.job", str(path)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    names = {}
+    for raylet in ray_cluster.alive_nodes():
+        for name in ("node-a", "node-b"):
+            if name in raylet.get("resourcesTotal", {}):
+                names[raylet["nodeId"]] = name
+    victim = None
+    try:
+        runs = tmp_path / "runs"
+        deadline = time.time() + 240
+        while time.time() < deadline and driver.poll() is None and victim is None:
+            dirs = list(runs.glob("preempt-*")) if runs.exists() else []
+            if dirs and any(r.get("step", 0) >= 5 for r in read_metrics(dirs[0])):
+                on = sorted(alive_train_worker_nodes(ray_cluster) & set(names))
+                if on:
+                    victim_id = on[0]
+                    victim = next(n for n in ray_cluster.nodes if n.name == names[victim_id])
+            time.sleep(0.3)
+        assert victim is not None, "training never reached step 5 on a worker node"
+        drain(ray_cluster, victim_id, deadline_s=8)
+        time.sleep(9)
+        ray_cluster.kill_node(victim)  # the cloud takes the machine after the deadline
+        output, _ = driver.communicate(timeout=400)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        if victim is not None:
+            ray_cluster.wait_for_nodes(ray_cluster.expected_alive())
+            ray_cluster.add_node(victim.name, num_cpus=2, resources={victim.name: 1})
+    assert driver.returncode == 0, output[-4000:]
+    run_dir = next(runs.glob("preempt-*"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "succeeded" and summary["steps"] == 400
+    (preemption,) = summary["preemptions"]
+    assert preemption["nodes"] == [victim_id] and preemption["deadline_ms"]
+    saved = preemption["step"]
+    assert 5 <= saved < 400
+    assert checkpoint_complete(run_dir / "checkpoints" / f"checkpoint_{saved:06d}")
+    records = read_metrics(run_dir)
+    restarts = [r for r in records if r.get("event") == "restart"]
+    assert [r["step"] for r in restarts] == [saved]  # resumed from the preemption checkpoint
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 400
+    assert summary["replayed_reports"] == 0  # nothing trained after the checkpoint was lost
+    assert "will be preempted" in output
