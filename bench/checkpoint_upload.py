@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -97,13 +98,20 @@ def side_figures(times: dict[int, float]) -> dict[str, Any]:
     return {"steady_s": steady, "after_checkpoint_s": after, "stall_s": median(stalls)}
 
 
+def stored_checkpoint_mb(storage: Path) -> float:
+    """Mean size of the checkpoints left in storage (the last one of each run)."""
+    kept = [d for d in storage.glob("*/checkpoints/checkpoint_*") if d.is_dir()]
+    sizes = [sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for d in kept]
+    return sum(sizes) / max(1, len(sizes)) / 2**20
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
-    os.environ.setdefault("FTLAUNCH_IN_PROCESS", "0")
     root = Path(tempfile.mkdtemp(prefix="ftlaunch-bench-ckpt-"))
+    os.environ["FTLAUNCH_STAGING"] = str(root / "staging")  # the driver's files of URI runs
     model, rows = build_inputs(root)
     sides: dict[str, list[dict[str, Any]]] = {"sync": [], "async": []}
     for repeat in range(args.repeats):
@@ -118,11 +126,7 @@ def main() -> None:
         }
         for name, runs in sides.items()
     }
-    checkpoint_mb = (
-        sum(f.stat().st_size for f in (root / "storage").rglob("checkpoint_*/*") if f.is_file())
-        / max(1, len(list((root / "storage").rglob("checkpoint_*"))))
-        / 2**20
-    )
+    checkpoint_mb = stored_checkpoint_mb(root / "storage")
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "host": platform.node(),
@@ -139,6 +143,7 @@ def main() -> None:
         "runs": sides,
     }
     args.out.write_text(json.dumps(result, indent=2))
+    shutil.rmtree(root, ignore_errors=True)
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
 
 
