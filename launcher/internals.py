@@ -205,6 +205,16 @@ INTERNALS: tuple[Internal, ...] = (
         "the modules whose log records ftlaunch quiets, by logger name",
         "2.60.0",
     ),
+    Internal(
+        "ray_train_checkpoint_storage",
+        "ray",
+        "ray.train.get_context().get_storage().persist_current_checkpoint (DeveloperAPI)",
+        ("launcher.checkpointing.CheckpointWriter.store",),
+        "copies a local checkpoint to <experiment>/<name> on the run's storage filesystem and "
+        "returns the stored Checkpoint: what ray.train.report does without an upload function "
+        "(ftlaunch's upload function adds a completion marker after it)",
+        "2.60.0",
+    ),
 )
 
 

@@ -3,7 +3,8 @@
 <storage_path>/<name>-<timestamp>/
     recipe.yaml     the resolved recipe the run used
     metrics.jsonl   one JSON object per report (and restart events)
-    checkpoints/    Ray Train checkpoints, checkpoint_<step>/ with STATE_FILE from rank 0
+    checkpoints/    Ray Train checkpoints, checkpoint_<step>/ with STATE_FILE from rank 0 and
+                    one completion marker per rank (rank_marker), written after its files
     model/          the exported Hugging Face model
     summary.json    status, timings, final metrics
     metrics.png     the training and evaluation curves
@@ -52,6 +53,8 @@ class RunState:
     last_step: int = -1
     replayed: int = 0
     preempted: bool = False
+    # Node preemptions Ray announced: {"step" of the checkpoint taken, "nodes", "deadline_ms"}
+    preemptions: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -140,10 +143,43 @@ def checkpoint_step(checkpoint_dir: Path | str) -> int:
     return json.loads((Path(checkpoint_dir) / STATE_FILE).read_text())["step"]
 
 
+def rank_marker(rank: int) -> str:
+    """The file a rank writes into a checkpoint once all its own files are stored."""
+    return f".ftlaunch-rank{rank}-complete"
+
+
+def checkpoint_complete(checkpoint_dir: Path | str) -> bool:
+    """Whether every rank finished writing this checkpoint.
+
+    Rank 0's state names the world size and a token of the worker group that wrote it; each
+    rank writes the token into its marker after its files. A marker from an earlier group (a
+    checkpoint of the same step begun before a restart) holds another token. A state without a
+    token was written whole before it got its name (in-process runs, older checkpoints).
+    """
+    directory = Path(checkpoint_dir)
+    try:
+        state = json.loads((directory / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    token = state.get("token")
+    if token is None:
+        return True
+    for rank in range(int(state.get("world_size", 1))):
+        try:
+            if (directory / rank_marker(rank)).read_text() != token:
+                return False
+        except OSError:
+            return False
+    return True
+
+
 def latest_checkpoint(run_dir: Path | str) -> Path | None:
-    """The checkpoint with the highest step in a run directory, if any."""
+    """The complete checkpoint with the highest step in a run directory, if any (one that a
+    killed worker left half-written is passed over)."""
     found = []
     for state in checkpoints_dir(run_dir).glob(f"checkpoint_*/{STATE_FILE}"):
+        if not checkpoint_complete(state.parent):
+            continue
         try:
             found.append((checkpoint_step(state.parent), state.parent))
         except (OSError, ValueError, KeyError):

@@ -80,6 +80,8 @@ def write_summary(
         "tokens_per_s": (tokens / train_time) if train_time > 0 else None,
         "restarts": state.restarts,
         "replayed_reports": state.replayed,
+        # checkpoints taken because Ray announced a node's preemption (step, nodes, deadline)
+        "preemptions": state.preemptions,
         "timings_s": state.timings,
         "parameters": state.parameters,
         "final_metrics": final_metrics(rows),

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launcher.checkpointing import CheckpointWriter, checkpoint_dir_name
 from launcher.errors import JobFailedError
 from launcher.progress import ProgressView
 from launcher.raysession import (
@@ -45,11 +46,14 @@ from launcher.train_loop import (
 )
 
 # Fault-injection for tests: FTLAUNCH_FAIL_AT_STEP=k makes rank FTLAUNCH_FAIL_RANK (default 1)
-# exit once, right after its optimizer step k (a marker file in the run directory says so).
+# exit once, right after its optimizer step k (a marker file in the run directory says so);
+# FTLAUNCH_FAIL_IN_UPLOAD=k makes it exit once while uploading the checkpoint of step k, after
+# its files are stored and before its completion marker.
 FAIL_AT_STEP, FAIL_RANK = "FTLAUNCH_FAIL_AT_STEP", "FTLAUNCH_FAIL_RANK"
 # For tests that change the cluster under a running job: while the file FTLAUNCH_SLOW_WHILE
 # names exists, every optimizer step takes at least SLOW_STEP_S.
 SLOW_WHILE, SLOW_STEP_S = "FTLAUNCH_SLOW_WHILE", 1.5
+FAIL_IN_UPLOAD = "FTLAUNCH_FAIL_IN_UPLOAD"
 FAILURE_MARKER = ".ftlaunch-failure-injected"
 # FSDP needs a process group, which Ray Train's local mode does not set up: an in-process run
 # gets a world of one (`single_process_group`).
@@ -124,6 +128,8 @@ def drain_sink(sink, state: RunState, view: ProgressView, stop: threading.Event,
                         f"workers: {change['old']} -> {change['new']}, continuing after step "
                         f"{change['step']}"
                     )
+            elif event == "preemption":
+                record_preemption(state, item, out, view)
             elif event == "resumed":
                 state.restarts = item["restarts"]
                 record = {"event": "restart", "step": item["step"], "restarts": item["restarts"]}
@@ -158,6 +164,19 @@ def record_world_size(state: RunState, item: dict[str, Any]) -> dict[str, int] |
     change = {"step": int(item["step"]), "old": old, "new": new}
     state.world_size_changes.append(change)
     return change
+
+
+def record_preemption(state: RunState, item: dict[str, Any], out, view: ProgressView) -> None:
+    """A checkpoint taken because Ray announced a node's preemption: on record and on screen."""
+    state.preemptions.append(item)
+    out.write(json.dumps({"event": "preemption", **item}) + "\n")
+    out.flush()
+    deadline = item.get("deadline_ms")
+    when = f" by {time.strftime('%H:%M:%S', time.localtime(deadline / 1000))}" if deadline else ""
+    view.note(
+        f"node {', '.join(n[:12] for n in item['nodes'])} will be preempted{when}: checkpoint "
+        f"at step {item['step']}, the run continues on other nodes"
+    )
 
 
 def record_placement(state: RunState, item: dict[str, Any]) -> None:
@@ -247,6 +266,13 @@ def ray_worker_count(recipe: Recipe) -> int | tuple[int, int]:
     return (s.min_workers, s.max_workers) if s.elastic else s.max_workers
 
 
+def uploads_async(recipe: Recipe, remote: str | None) -> bool:
+    """checkpoint.async_upload; auto: when checkpoints go to a URI, where the upload is a copy
+    over the network worth overlapping with training (a local copy is quick)."""
+    setting = recipe.checkpoint.async_upload
+    return remote is not None if setting == "auto" else setting
+
+
 def export_metric(recipe: Recipe, with_validation: bool) -> str | None:
     """The metric that picks the checkpoint to export (eval_* ones need validation data)."""
     metric = recipe.checkpoint.metric
@@ -306,6 +332,7 @@ def train(
         stop_flag=flag,
         checkpoints_dir=str(checkpoints_dir(state.run_dir)) if in_process else None,
         score_metric=metric,
+        async_upload=uploads_async(recipe, state.remote),
     )
     trainer = TorchTrainer(
         worker_function(),
@@ -324,7 +351,10 @@ def train(
         run_config=ray.train.RunConfig(
             name=CHECKPOINTS_DIR,
             storage_path=state.remote or str(state.run_dir),
-            failure_config=ray.train.FailureConfig(max_failures=recipe.train.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=recipe.train.max_failures,
+                max_preemption_failures=recipe.train.max_preemptions,
+            ),
             worker_runtime_env={"env_vars": worker_env()},
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=ckpt.keep,
@@ -442,9 +472,11 @@ def pick_checkpoint(result, metric: str | None, mode: str, run_dir: Path):
 
 
 def worker_function():
-    """The function every worker runs: the training loop, or with FTLAUNCH_FAIL_AT_STEP set,
-    the same loop with a strategy that exits once (the fault-tolerance tests), or with
-    FTLAUNCH_SLOW_WHILE set, one whose steps are slow while a file exists."""
+    """The function every worker runs: the training loop, or with FTLAUNCH_FAIL_AT_STEP or
+    FTLAUNCH_FAIL_IN_UPLOAD set, the same loop with a part that exits once (the fault-tolerance
+    tests), or with FTLAUNCH_SLOW_WHILE set, one whose steps are slow while a file exists."""
+    if os.environ.get(FAIL_IN_UPLOAD):
+        return train_loop_failing_in_upload
     if os.environ.get(FAIL_AT_STEP):
         return train_loop_failing_once
     return train_loop_slow_while if os.environ.get(SLOW_WHILE) else train_loop_per_worker
@@ -525,3 +557,33 @@ def train_loop_failing_once(config: WorkerConfig) -> None:
             make_strategy(recipe, device), at, rank, marker, config.in_process
         ),
     )
+
+
+class WriterFailingInUpload(CheckpointWriter):
+    """Ends its process while uploading the checkpoint of step FTLAUNCH_FAIL_IN_UPLOAD: after
+    its files are stored and before its completion marker, once per run."""
+
+    marker: Path | None = None
+
+    def upload(self, checkpoint, name: str):
+        stored = self.store(checkpoint, name)
+        at = checkpoint_dir_name(int(os.environ[FAIL_IN_UPLOAD]))
+        if name == at and self.marker is not None and not self.marker.exists():
+            self.marker.write_text(f"rank {self.rank} exited uploading {name}\n")
+            os._exit(1)
+        self.mark_complete(stored)
+        return stored
+
+
+def train_loop_failing_in_upload(config: WorkerConfig) -> None:
+    """train_loop_per_worker whose rank FTLAUNCH_FAIL_RANK dies in a checkpoint's upload."""
+    import ray.train
+
+    from launcher.strategies import make_strategy
+
+    failing = int(os.environ.get(FAIL_RANK, "1"))
+    if ray.train.get_context().get_world_rank() != failing:
+        run_worker(config, make_strategy)
+        return
+    WriterFailingInUpload.marker = Path(config.run_dir) / FAILURE_MARKER
+    run_worker(config, make_strategy, WriterFailingInUpload)

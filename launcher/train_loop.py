@@ -11,7 +11,6 @@ import json
 import math
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from launcher.checkpointing import (
+    CheckpointWriter,
+    PreemptionWatch,
+    group_token,
+    preemption_event,
+    wait_for_replacement,
+)
 from launcher.elastic_data import epoch_batches, micro_steps_per_epoch, rows_by_id
 from launcher.objectives import eval_metrics, eval_sums
 from launcher.recipe import Recipe
@@ -58,6 +64,8 @@ class WorkerConfig:
     # Train's CheckpointConfig does for real workers.
     checkpoints_dir: str | None = None
     score_metric: str | None = None
+    # Upload checkpoints in the background (checkpoint.async_upload, resolved by the driver).
+    async_upload: bool = False
 
     @property
     def in_process(self) -> bool:
@@ -228,15 +236,11 @@ def validation_metrics(
     return eval_metrics(reduced, task)
 
 
-def save_checkpoint(strategy, position: Position, rank: int) -> tempfile.TemporaryDirectory:
-    """Write this rank's part of a checkpoint into a fresh temporary directory."""
-    tmp = tempfile.TemporaryDirectory(prefix="ftlaunch-ckpt-")
-    write_checkpoint(strategy, position, rank, Path(tmp.name))
-    return tmp
-
-
-def write_checkpoint(strategy, position: Position, rank: int, directory: Path) -> None:
-    """Write this rank's part of a checkpoint into `directory`."""
+def write_checkpoint(
+    strategy, position: Position, rank: int, directory: Path, stamp: dict[str, Any] | None = None
+) -> None:
+    """Write this rank's part of a checkpoint into `directory` (rank 0 adds `stamp` to the
+    state: the world size and group token that tell a complete checkpoint)."""
     strategy.save(directory)
     # Each rank keeps its own RNG stream so dropout continues exactly after a resume.
     torch.save(
@@ -257,6 +261,7 @@ def write_checkpoint(strategy, position: Position, rank: int, directory: Path) -
             "world_size": position.world_size,
             "examples_in_epoch": position.examples_in_epoch,
             "total_steps": position.total_steps,
+            **(stamp or {}),
         }
         (directory / STATE_FILE).write_text(json.dumps(state))
 
@@ -444,8 +449,13 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
     run_worker(config, make_strategy)
 
 
-def run_worker(config: WorkerConfig, make_strategy: Callable[[Recipe, torch.device], Any]) -> None:
-    """The worker's whole life, with the strategy made by `make_strategy` (tests wrap it)."""
+def run_worker(
+    config: WorkerConfig,
+    make_strategy: Callable[[Recipe, torch.device], Any],
+    writer_class: type[CheckpointWriter] = CheckpointWriter,
+) -> None:
+    """The worker's whole life, with the strategy made by `make_strategy` and checkpoints
+    written by `writer_class` (tests wrap both)."""
     import ray.train
     import ray.train.torch
 
@@ -490,6 +500,14 @@ def run_worker(config: WorkerConfig, make_strategy: Callable[[Recipe, torch.devi
             sink.put({"event": "resumed", "step": position.step, "restarts": position.restarts})
         sink.put({"event": "started", "step": position.step, "world_size": world_size})
 
+    # Ray Train workers hand checkpoints to Ray and hear of preemptions; the in-process loop
+    # writes its own and has no node to lose.
+    writer = watch = None
+    if not config.in_process:
+        writer = writer_class(rank, world_size, group_token(), config.async_upload)
+        watch = PreemptionWatch(
+            rank, lambda value: float(all_reduce_sum({"v": torch.tensor(value)}, device)["v"])
+        )
     collate = make_collate(config.pad_token_id)
     train_shard = ray.train.get_dataset_shard("train")
     # Elastic: every worker holds the whole split and reads its part of the epoch's one order.
@@ -500,14 +518,15 @@ def run_worker(config: WorkerConfig, make_strategy: Callable[[Recipe, torch.devi
     window = Window()
     module.train()
 
-    def report(end_of_epoch: bool) -> None:
-        """Log, evaluate and checkpoint when due; every rank calls ray.train.report alike."""
+    def report(end_of_epoch: bool, preemption=None) -> None:
+        """Log, evaluate and checkpoint when due (at once before a preemption); every rank
+        calls ray.train.report alike."""
         nonlocal window, last_eval
         step = position.step
         final = step >= plan.total_steps
         log_due = step % t.log_every == 0 or end_of_epoch or final
         eval_due = val_shard is not None and (is_due(t.eval_every, step, end_of_epoch) or final)
-        ckpt_due = is_due(recipe.checkpoint.every, step, end_of_epoch) or final
+        ckpt_due = is_due(recipe.checkpoint.every, step, end_of_epoch) or final or bool(preemption)
         if not (log_due or eval_due or ckpt_due):
             return
         metrics: dict[str, float] = {
@@ -533,15 +552,18 @@ def run_worker(config: WorkerConfig, make_strategy: Callable[[Recipe, torch.devi
             scores[step] = metrics.get(config.score_metric) if config.score_metric else None
             prune_checkpoints(directory, scores, recipe.checkpoint.keep, recipe.checkpoint.mode)
         elif ckpt_due:
-            # Ray Train hears only of checkpoints (metrics reach the driver through the sink):
-            # each report waits for the controller's next poll of this worker.
-            tmp = save_checkpoint(strategy, position, rank)
-            has_files = any(Path(tmp.name).iterdir())
-            checkpoint = ray.train.Checkpoint.from_directory(tmp.name) if has_files else None
-            ray.train.report(
-                metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:06d}"
+            # Ray Train hears only of checkpoints (metrics reach the driver through the sink).
+            # Every rank writes a part (its RNG state at least). The checkpoint before a
+            # preemption is uploaded before training would go on: it must be stored by the
+            # deadline.
+            writer.report(
+                metrics,
+                step,
+                lambda d: write_checkpoint(strategy, position, rank, d, writer.stamp()),
+                wait_for_upload=preemption is not None,
             )
-            tmp.cleanup()
+            if preemption is not None and rank == 0 and sink is not None:
+                sink.put(preemption_event(preemption, step))
 
     if t.eval_on_start and val_shard is not None and position.step == 0:
         last_eval = validation_metrics(module, val_shard, collate, recipe, device)
@@ -610,7 +632,10 @@ def run_worker(config: WorkerConfig, make_strategy: Callable[[Recipe, torch.devi
             end_of_epoch = position.batches_in_epoch >= plan.batches_per_epoch
             if end_of_epoch:
                 position.epoch, position.batches_in_epoch = epoch + 1, 0
-            report(end_of_epoch)
+            preemption = watch.check(position.step) if watch is not None else None
+            report(end_of_epoch, preemption)
+            if preemption is not None and position.step < plan.total_steps:
+                wait_for_replacement()
             if end_of_epoch or position.step >= plan.total_steps:
                 break
         if pending:  # a shard shorter than planned: finish the partial accumulation

@@ -180,3 +180,14 @@ def test_chat_tokenize_row_compares_the_same_labels_on_both_sides():
     }
     assert result["rows_per_s_ratio_prefix"] > 0 and result["rows_per_s_ratio_markers"] > 0
     assert result["summary"]["ftlaunch_prefix"]["check_seconds"] > 0
+
+
+def test_checkpoint_upload_stall_is_the_extra_time_after_each_checkpoint():
+    from bench.checkpoint_upload import CHECKPOINT_EVERY, STEPS, side_figures
+
+    times = {step: 1.0 for step in range(1, STEPS + 1)}
+    for checkpoint in range(CHECKPOINT_EVERY, STEPS, CHECKPOINT_EVERY):
+        times[checkpoint + 1] = 4.0  # the checkpoint itself
+        times[checkpoint + 2] = 1.5  # a step slowed by an upload still going
+    figures = side_figures(times)
+    assert figures == {"steady_s": 1.0, "after_checkpoint_s": 4.0, "stall_s": 3.5}

@@ -287,6 +287,18 @@ def _ray_private_loggers():
         assert importlib.util.find_spec(name) is not None, f"no module {name}"
 
 
+@check("ray_train_checkpoint_storage")
+def _ray_train_checkpoint_storage():
+    import inspect
+
+    from ray.train.v2._internal.execution.storage import StorageContext
+    from ray.train.v2.api.context import TrainContext
+
+    assert hasattr(TrainContext, "get_storage")
+    params = list(inspect.signature(StorageContext.persist_current_checkpoint).parameters)
+    assert params == ["self", "checkpoint", "checkpoint_dir_name"], params
+
+
 # ---------------------------------------------------------------------------------- the tests
 
 

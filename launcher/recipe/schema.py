@@ -253,6 +253,10 @@ class TrainConfig(Section):
     """Adversarial training on the input embeddings, e.g. {method: fgm, epsilon: 1.0}."""
     max_failures: int = Field(default=0, ge=-1)
     """Worker failures survived by restarting from the last checkpoint (-1: unlimited)."""
+    max_preemptions: int = Field(default=-1, ge=-1)
+    """Node preemptions survived (-1: unlimited), counted apart from max_failures: when Ray
+    announces that a node will be reclaimed, the workers checkpoint at once and the run
+    continues on other nodes from that checkpoint."""
 
 
 # -------------------------------------------------------------------------------- strategy
@@ -347,6 +351,10 @@ class CheckpointConfig(Section):
     """Metric that picks the best checkpoint (null: the last one)."""
     mode: Literal["min", "max"] = "min"
     """Whether lower or higher `metric` is better."""
+    async_upload: Literal["auto"] | bool = "auto"
+    """Upload checkpoints in the background while training goes on (a checkpoint counts only
+    once every worker's part is written); auto: when storage_path is a URI (s3://, gs://,
+    file://), where the upload is the slow part."""
     export: ExportConfig = ExportConfig()
     """How the final model is exported."""
 
