@@ -180,7 +180,9 @@ def test_four_bit_base_trains_dora_and_a_classification_head(tiny_llama, task, l
 # ---------------------------------------------------------------------------- the job
 
 
-def job_recipe(tmp_path: Path, model: Path, files: dict, storage: str) -> Path:
+def job_recipe(
+    tmp_path: Path, model: Path, files: dict, storage: str, strategy: str = "ddp"
+) -> Path:
     body = job_body(
         tmp_path,
         model,
@@ -191,6 +193,7 @@ def job_recipe(tmp_path: Path, model: Path, files: dict, storage: str) -> Path:
         finetune={"method": "qlora", "lora": {"r": 8, "dropout": 0.0}},
     )
     body["scaling"] = {"num_workers": 1}
+    body["strategy"] = {"name": strategy}
     return write_recipe(tmp_path, body, f"{storage}.yaml")
 
 
@@ -469,3 +472,24 @@ def test_two_fsdp_ranks_each_hold_half_of_the_four_bit_weights(tiny_llama, tmp_p
         assert record["dtype"] == "torch.bfloat16" and local == full // 2
         assert record["loss"] == pytest.approx(record["expected"], rel=1e-3)
         assert record["losses"][-1] < record["losses"][0], record["losses"]
+
+
+@pytest.mark.ray_job
+@pytest.mark.slow
+def test_qlora_fsdp_job_checkpoints_lora_and_exports(ray_session, tiny_llama, story_data, tmp_path):
+    """The whole job with one fsdp worker (in this process): the worker loop, the sharded
+    checkpoints of the LoRA weights alone and the export from them."""
+    from launcher.export import consolidate
+    from launcher.job import run
+
+    recipe = load_recipe(job_recipe(tmp_path, tiny_llama, story_data, "fsdp", strategy="fsdp"))
+    summary = run(recipe)
+    assert summary["status"] == "succeeded"
+    run_dir = Path(summary["run_dir"])
+    losses = [m["loss"] for m in map(json.loads, (run_dir / "metrics.jsonl").open()) if "loss" in m]
+    assert len(losses) == 8 and losses[-1] < losses[0] * 0.95, losses
+    state = consolidate("fsdp", run_dir / "checkpoints" / "checkpoint_000008")
+    assert state and all(".lora_A." in k or ".lora_B." in k for k in state)
+    info = json.loads((run_dir / "model" / "ftlaunch_export.json").read_text())
+    assert (info["method"], info["merged"]) == ("qlora", True)
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
