@@ -337,20 +337,28 @@ METHODS = {
 
 def four_bit_settings(recipe: Recipe, device: torch.device | str) -> FourBit:
     """finetune.qlora with the compute dtype strategy.mixed_precision gives on `device`
-    (bf16 -> bfloat16, fp16 -> float16, no -> float32; auto: bf16 on GPUs that have it)."""
+    (bf16 -> bfloat16, fp16 -> float16, no -> float32; auto: bf16 on GPUs that have it).
+
+    Under a sharding strategy (fsdp, deepspeed) the packed weights are stored in that dtype
+    too, the one the strategy gives the parameters it gathers, so they shard and gather as
+    plain floating-point tensors and come back bit for bit; ddp keeps the default uint8.
+    """
     device = torch.device(device)
     precision = mixed_precision_name(
         recipe.strategy.mixed_precision, device.type, torch.cuda.is_bf16_supported
     )
     q = recipe.finetune.qlora
+    compute = COMPUTE_DTYPES[precision]
     return FourBit(
         quant_type=q.quant_type,
         double_quant=q.double_quant,
-        compute_dtype=COMPUTE_DTYPES[precision],
+        compute_dtype=compute,
+        storage_dtype=compute if recipe.strategy.name in SHARDING_STRATEGIES else torch.uint8,
     )
 
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
+SHARDING_STRATEGIES = ("fsdp", "deepspeed")
 
 
 def load_base_model(

@@ -238,6 +238,11 @@ class FourBit:
     double_quant: bool = True
     # The dtype the 4-bit weights are dequantized to for each matmul.
     compute_dtype: torch.dtype = torch.float32
+    # The dtype the packed 4-bit values are stored in (two per byte, as a flat [n, 1] tensor):
+    # uint8 by default; a sharding strategy needs the dtype it gives every parameter of a
+    # block (FSDP2 casts them all to its param dtype, ZeRO-3 to its half precision), or the
+    # cast would turn the packed bits into numbers.
+    storage_dtype: torch.dtype = torch.uint8
 
     def bitsandbytes_config(self):
         from transformers import BitsAndBytesConfig
@@ -247,6 +252,7 @@ class FourBit:
             bnb_4bit_quant_type=self.quant_type,
             bnb_4bit_use_double_quant=self.double_quant,
             bnb_4bit_compute_dtype=self.compute_dtype,
+            bnb_4bit_quant_storage=self.storage_dtype,
         )
 
 

@@ -5,6 +5,7 @@ files hold, fully_shard'ed block by block, and each rank then reads only the row
 dim-0 shards. ZeRO-3 (`build_partitioned`): the model is partitioned module by module, each
 module's weights read just before it is partitioned. Checkpoints that cannot be read in parts
 (GGUF, .bin, quantized, remote code) are loaded whole, by rank 0 only (FSDP) or under zero.Init.
+A 4-bit base (`shard_loaded`) is loaded and quantized whole by every rank, then sharded.
 """
 
 from __future__ import annotations
@@ -85,6 +86,33 @@ def shard_and_load(model: nn.Module, device: torch.device, options: dict[str, An
         if name in buffers:
             buffer.copy_(buffers[name])
         dist.broadcast(buffer.data, src=0)
+
+
+def shard_loaded(model: nn.Module, options: dict[str, Any]) -> None:
+    """fully_shard each transformer block and then the root of a model every rank loaded whole
+    and identically (a 4-bit base: each rank quantizes the same checkpoint alike, which cannot
+    be done in parts). The trainable weights are taken from rank 0 so all ranks agree.
+
+    The packed 4-bit weights must be stored in the dtype fully_shard gathers parameters in
+    (see launcher.models.FourBit); their quantization state (scales, code book) is small, stays
+    whole on every rank with its Linear4bit module, and bitsandbytes takes it from the module
+    when the weight it finds is the plain gathered tensor.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                dist.broadcast(param.data, src=0)
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            # bitsandbytes repacks a Linear4bit weight in place on its first no-grad CPU forward
+            # where the CPU has AVX512-BF16 and marks the shared quantization state repacked;
+            # the next gathered copy of the weight is not, and would be read wrongly.
+            module.support_avx512bf16_for_cpu = False
+    for block in block_modules(model):
+        fully_shard(block, **options)
+    fully_shard(model, **options)
 
 
 def _buffers_to(model: nn.Module, device: torch.device | str) -> None:

@@ -45,6 +45,7 @@ from launcher.sharded_load import (
     build_partitioned,
     process_rank,
     shard_and_load,
+    shard_loaded,
     whole_on_first_rank,
 )
 
@@ -347,7 +348,7 @@ class DDPStrategy:
         if self.scaler is not None and (directory / "scaler.pt").exists():
             self.scaler.load_state_dict(torch.load(directory / "scaler.pt", weights_only=True))
         state = torch.load(directory / "model.pt", map_location=self.device, weights_only=True)
-        if self.frozen_base:
+        if frozen_base(self.recipe):
             load_trainable_state(self.model, state)
         else:
             self.model.load_state_dict(state)
@@ -357,14 +358,8 @@ class DDPStrategy:
         self.optimizer.load_state_dict(optim_state)
         self.schedule.load_state_dict(torch.load(directory / SCHEDULE_FILE, weights_only=True))
 
-    @property
-    def frozen_base(self) -> bool:
-        """qlora: the 4-bit base never changes and is quantized alike from the base checkpoint
-        on every load, so checkpoints hold only what trains (the LoRA weights)."""
-        return self.recipe.finetune.method == "qlora"
-
     def _model_state(self) -> dict[str, torch.Tensor]:
-        if self.frozen_base:
+        if frozen_base(self.recipe):
             return trainable_state(self.model)
         return self.model.state_dict()
 
@@ -375,6 +370,12 @@ class DDPStrategy:
         return local_state_bytes(self.model, self.optimizer)
 
 
+def frozen_base(recipe: Recipe) -> bool:
+    """qlora: the 4-bit base never changes and is quantized alike from the base checkpoint
+    on every load, so checkpoints hold only what trains (the LoRA weights)."""
+    return recipe.finetune.method == "qlora"
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The parameters that train, by state-dict name."""
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
@@ -382,6 +383,12 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load a `trainable_state`: every trainable parameter must be in it, nothing else."""
+    check_trainable_keys(model, state)
+    model.load_state_dict(state, strict=False)
+
+
+def check_trainable_keys(model: nn.Module, state: dict[str, Any]) -> None:
+    """ValueError unless `state` holds exactly the model's trainable parameters."""
     expected = set(trainable_state(model))
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
@@ -389,7 +396,6 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
             f"checkpoint does not hold this model's trainable parameters: missing "
             f"{missing[:5]}, unexpected {unexpected[:5]}"
         )
-    model.load_state_dict(state, strict=False)
 
 
 # ----------------------------------------------------------------------------------- FSDP
@@ -454,7 +460,10 @@ class FSDPStrategy:
     def prepare(self, model: nn.Module, total_steps: int) -> nn.Module:
         if self.recipe.strategy.activation_checkpointing:
             enable_activation_checkpointing(model)
-        shard_and_load(model, self.device, self.shard_options())
+        if frozen_base(self.recipe):
+            shard_loaded(model, self.shard_options())
+        else:
+            shard_and_load(model, self.device, self.shard_options())
         self.model = model
         self.optimizer = build_optimizer(model, self.train_cfg)
         self.schedule = build_schedule(self.optimizer, self.train_cfg, total_steps)
@@ -481,9 +490,17 @@ class FSDPStrategy:
         return float(self.schedule.get_last_lr()[0])
 
     def _state(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        frozen = frozen_base(self.recipe)
+        model_state, optim_state = get_state_dict(
+            self.model, self.optimizer, options=StateDictOptions(ignore_frozen_params=frozen)
+        )
+        if frozen:
+            # The 4-bit layers add their quantization state (scales, code book) to the state
+            # dict under names that are no parameters; it is rebuilt with the base.
+            trainable = trainable_state(self.model)
+            model_state = {k: v for k, v in model_state.items() if k in trainable}
         return {"model": model_state, "optim": optim_state}
 
     def save(self, directory: Path) -> None:
@@ -500,17 +517,21 @@ class FSDPStrategy:
     def load(self, directory: Path) -> None:
         """Any world size: DCP reshards parameters and optimizer state to the current layout."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         directory = Path(directory)
         check_strategy_file(directory, self.name)
         state = self._state()
         dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
+        frozen = frozen_base(self.recipe)
+        if frozen:
+            check_trainable_keys(self.model, state["model"])
         set_state_dict(
             self.model,
             self.optimizer,
             model_state_dict=state["model"],
             optim_state_dict=state["optim"],
+            options=StateDictOptions(ignore_frozen_params=frozen, strict=not frozen),
         )
         self.schedule.load_state_dict(torch.load(directory / SCHEDULE_FILE, weights_only=True))
 

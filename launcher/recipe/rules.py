@@ -311,12 +311,21 @@ def qlora_problems(recipe: Recipe) -> list[Problem]:
     """What a 4-bit base cannot be combined with (see the QLoRA section of the README)."""
     problems = []
     s = recipe.strategy
-    if s.name != "ddp":
+    if s.name == "deepspeed":
         problems.append(
             Problem(
                 "strategy.name",
-                f"finetune.method qlora runs with ddp only (got {s.name}): "
-                + QLORA_SHARDING_REASON[s.name],
+                "finetune.method qlora runs with ddp or fsdp (got deepspeed): "
+                + QLORA_DEEPSPEED_REASON,
+            )
+        )
+    if s.name == "fsdp" and s.offload != "none":
+        problems.append(
+            Problem(
+                "strategy.offload",
+                f"finetune.method qlora with fsdp runs with offload: none (got {s.offload}): "
+                "the 4-bit base is a quarter of the bf16 weights and already sharded, and the "
+                "optimizer holds only the LoRA weights; offloading them is not supported",
             )
         )
     if recipe.model.gguf_file:
@@ -338,14 +347,12 @@ def qlora_problems(recipe: Recipe) -> list[Problem]:
     return problems
 
 
-QLORA_SHARDING_REASON = {
-    "fsdp": "FSDP2 can shard 4-bit weights only when they are stored in the compute dtype, and "
-    "the fsdp checkpoints and export do not handle 4-bit weights yet; the 4-bit base of an 8B "
-    "model (about 5 GB) fits one GPU, so use ddp",
-    "deepspeed": "ZeRO partitions the model as it is built, which transformers skips for "
-    "quantized models, and ZeRO 1-2 add nothing for a few million LoRA weights; the 4-bit base "
-    "of an 8B model (about 5 GB) fits one GPU, so use ddp",
-}
+QLORA_DEEPSPEED_REASON = (
+    "the deepspeed strategy partitions the base as it reads it from the checkpoint, and its "
+    "checkpoints and export expect full-precision weights, none of which handles a base "
+    "quantized on load yet; use strategy.name: fsdp to shard the 4-bit base (ZeRO 1-2 would "
+    "partition only the optimizer state of the few LoRA weights)"
+)
 
 
 MAX_REPAIR_ROUNDS = 8
