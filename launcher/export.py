@@ -27,16 +27,20 @@ from launcher.errors import BadInputError
 from launcher.export_layout import ADAPTER_INFO_FILE, ADAPTER_WEIGHTS_FILE, EXPORT_INFO_FILE
 from launcher.finetune import PEFT_METHODS, FinetuneError, apply_finetune, is_four_bit
 from launcher.internals import load_dcp_without_process_group
-from launcher.models import checkpoint_dtype, load_model, load_tokenizer
+from launcher.models import (
+    checkpoint_dtype,
+    load_model,
+    load_tokenizer,
+    load_trainable_state,
+    trainable_state,
+)
 from launcher.recipe import Recipe, load_recipe
 from launcher.rundir import latest_checkpoint
 from launcher.strategies import (
     DCP_DIR,
     DS_DIR,
     check_strategy_file,
-    load_trainable_state,
     read_strategy_file,
-    trainable_state,
 )
 
 MERGEABLE = ("lora", "qlora", "ia3")

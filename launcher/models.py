@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -503,3 +504,25 @@ def task_from_architectures(architectures: Sequence[str] | None) -> str | None:
         if name.endswith(("ForCausalLM", "LMHeadModel")):
             return "causal_lm"
     return None
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train, by state-dict name."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a `trainable_state`: every trainable parameter must be in it, nothing else."""
+    check_trainable_keys(model, state)
+    model.load_state_dict(state, strict=False)
+
+
+def check_trainable_keys(model: nn.Module, state: dict[str, Any]) -> None:
+    """ValueError unless `state` holds exactly the model's trainable parameters."""
+    expected = set(trainable_state(model))
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint does not hold this model's trainable parameters: missing "
+            f"{missing[:5]}, unexpected {unexpected[:5]}"
+        )

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from launcher.deepspeed_config import deepspeed_config, mixed_precision_name
+from launcher.models import check_trainable_keys, load_trainable_state, trainable_state
 from launcher.recipe import Recipe, TrainConfig
 from launcher.sharded_load import (
     block_modules,
@@ -374,28 +375,6 @@ def frozen_base(recipe: Recipe) -> bool:
     """qlora: the 4-bit base never changes and is quantized alike from the base checkpoint
     on every load, so checkpoints hold only what trains (the LoRA weights)."""
     return recipe.finetune.method == "qlora"
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that train, by state-dict name."""
-    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a `trainable_state`: every trainable parameter must be in it, nothing else."""
-    check_trainable_keys(model, state)
-    model.load_state_dict(state, strict=False)
-
-
-def check_trainable_keys(model: nn.Module, state: dict[str, Any]) -> None:
-    """ValueError unless `state` holds exactly the model's trainable parameters."""
-    expected = set(trainable_state(model))
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint does not hold this model's trainable parameters: missing "
-            f"{missing[:5]}, unexpected {unexpected[:5]}"
-        )
 
 
 # ----------------------------------------------------------------------------------- FSDP
