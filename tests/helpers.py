@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -61,3 +63,17 @@ def write_recipe(directory: Path, body: dict[str, Any], name: str = "recipe.yaml
     path = directory / name
     path.write_text(yaml.safe_dump(body))
     return path
+
+
+def start_driver(recipe: Path, cwd: Path, env: dict[str, str], out: IO | int = subprocess.PIPE):
+    """`python -m launcher.job RECIPE` in its own session (a test may signal or kill its whole
+    process group), output and errors together in `out`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "launcher.job", str(recipe)],
+        cwd=cwd,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 from click.testing import CliRunner
-from helpers import job_body, minimal_recipe, write_recipe
+from helpers import job_body, minimal_recipe, start_driver, write_recipe
 
 from launcher.checkpointing import PreemptionWatch
 from launcher.cli import cli
@@ -201,15 +201,7 @@ def test_a_drained_node_gets_a_checkpoint_before_its_deadline_and_the_run_moves_
     body["scaling"].update(placement="spread", cpus_per_worker=1, use_gpu=False)
     path = write_recipe(tmp_path, body)
     env = {**ray_cluster.client_env(), "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5"}
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "launcher.job", str(path)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    driver = start_driver(path, tmp_path, env)
     names = {}
     for raylet in ray_cluster.alive_nodes():
         for name in ("node-a", "node-b"):

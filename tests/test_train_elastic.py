@@ -9,7 +9,6 @@ import os
 import queue
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import job_body, minimal_recipe
+from helpers import job_body, minimal_recipe, start_driver
 from raycluster import LocalCluster
 
 from launcher.rundir import STATE_FILE, RunState, read_metrics
@@ -421,14 +420,7 @@ def test_a_lost_node_shrinks_the_run_and_a_new_one_grows_it(
         "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10",
     }
     with log.open("w") as out:
-        driver = subprocess.Popen(
-            [sys.executable, "-m", "launcher.job", str(recipe_path)],
-            cwd=tmp_path,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        driver = start_driver(recipe_path, tmp_path, env, out)
     try:
         runs = tmp_path / "runs"
         run_dir = wait_for(

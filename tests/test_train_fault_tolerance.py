@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import job_body, write_recipe
+from helpers import job_body, start_driver, write_recipe
 
 from launcher.job import run
 from launcher.recipe import load_recipe
@@ -64,14 +62,7 @@ def test_sigterm_checkpoints_and_resume_continues(ray_session, tiny_gpt2, story_
     # The driver joins the session's Ray instance, as a driver joins a running cluster.
     address = ray_session.get_runtime_context().gcs_address
     env = {**os.environ, "RAY_ADDRESS": address, "PYTHONPATH": str(REPO)}
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "launcher.job", str(recipe_path)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    driver = start_driver(recipe_path, tmp_path, env)
     runs = tmp_path / "runs"
     deadline = time.time() + 240
     reached = False
