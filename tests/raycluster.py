@@ -269,9 +269,10 @@ class LocalCluster:
             os.killpg(node.proc.pid, signal.SIGKILL)
 
     def stop(self) -> None:
-        """Worker nodes first (their raylets would otherwise keep calling a dead head)."""
+        """Worker nodes first (their raylets would otherwise keep calling a dead head). The
+        cluster is thrown away: a node gets a short grace, then its process group is killed."""
         for node in reversed(self.nodes):
-            self.stop_node(node, grace_s=20)
+            self.stop_node(node, grace_s=3)
 
 
 def live_group_members(pgid: int) -> list[int]:

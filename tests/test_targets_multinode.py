@@ -226,16 +226,21 @@ def run_cli(*args: str) -> tuple[int, str, str]:
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def train_worker_nodes(cluster) -> set[str]:
-    """Node ids of every Ray Train worker actor the cluster has run (the state API)."""
+def train_worker_nodes(cluster, submission_id: str) -> set[str]:
+    """Node ids of every Ray Train worker actor one submitted job has run (the state API; the
+    session's cluster also ran other tests' jobs)."""
+    job = requests.get(
+        f"{cluster.address}/api/jobs/{submission_id}", headers=cluster.headers, timeout=30
+    )
+    job.raise_for_status()
     reply = requests.get(
         f"{cluster.address}/api/v0/actors",
         params={
             "limit": 1000,
             "detail": 1,
-            "filter_keys": "class_name",
-            "filter_predicates": "=",
-            "filter_values": "RayTrainWorker",
+            "filter_keys": ["class_name", "job_id"],
+            "filter_predicates": ["=", "="],
+            "filter_values": ["RayTrainWorker", job.json()["job_id"]],
         },
         headers=cluster.headers,
         timeout=30,
@@ -279,6 +284,7 @@ def test_two_workers_on_two_nodes_through_ftlaunch_submit(
     path.write_text(yaml.safe_dump(body))
     code, out, err = run_cli("submit", str(path), "--address", ray_cluster.address)
     assert code == 0, f"{out[-4000:]}\n{err[-3000:]}"
+    job_id = re.search(r"submitted (two-nodes-\S+) to", out).group(1)
 
     (run_dir,) = shared.iterdir()
     for name in ("recipe.yaml", "metrics.jsonl", "model", "eval.json", "generations.jsonl"):
@@ -292,11 +298,10 @@ def test_two_workers_on_two_nodes_through_ftlaunch_submit(
     assert sorted(nodes) == [0, 1] and nodes[0] != nodes[1]
     assert all(r["node_ip"] for r in placement["ranks"])
     # what the workers reported is where Ray ran them
-    assert set(nodes.values()) == train_worker_nodes(ray_cluster)
+    assert set(nodes.values()) == train_worker_nodes(ray_cluster, job_id)
     assert set(nodes.values()) <= {raylet["nodeId"] for raylet in ray_cluster.alive_nodes()}
 
     # The job's record on the cluster: the verbs that follow a submission.
-    job_id = re.search(r"submitted (two-nodes-\S+) to", out).group(1)
     code, out, _ = run_cli("status", job_id, "--address", ray_cluster.address)
     assert code == 0 and out.startswith(f"{job_id}: SUCCEEDED"), out
     code, out, _ = run_cli("logs", job_id, "--address", ray_cluster.address)
