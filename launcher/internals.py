@@ -152,7 +152,7 @@ INTERNALS: tuple[Internal, ...] = (
         "DeepSpeedEngine.basic_optimizer",
         (
             "launcher.strategies.DeepSpeedStrategy.local_state_bytes",
-            "launcher.sharded_load.gather_trainable_state",
+            "launcher.sharded_load._gather_trainable_state",
             "launcher.sharded_load._start_adam_state",
         ),
         "the torch optimizer the engine wraps (its param groups are the fp32 partitions and "

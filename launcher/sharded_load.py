@@ -8,7 +8,8 @@ module's weights read just before it is partitioned. Checkpoints that cannot be 
 A 4-bit base cannot be read in parts either: every rank loads and quantizes it whole, then
 FSDP2 shards it (`shard_loaded`) or deepspeed.initialize partitions it (ZeRO-3). Its trainable
 (LoRA) weights and their Adam state are checkpointed whole (`gather_trainable_state`), which any
-world size loads back into its own partitions (`load_trainable_state_partitioned`).
+world size loads back into its own partitions (`save_gathered_trainable`,
+`load_gathered_trainable`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +26,7 @@ from torch import nn
 
 from launcher.models import (
     BlocksNotFoundError,
+    check_trainable_keys,
     checkpoint_sources,
     deferred_checkpoint_weights,
     replace_tensors,
@@ -296,7 +299,32 @@ def _children_first(module: nn.Module) -> Iterator[nn.Module]:
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def gather_trainable_state(engine: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def save_gathered_trainable(engine: Any, directory: Path) -> None:
+    """Rank 0 writes the trainable weights of a ZeRO-3 engine gathered whole (model.pt, as a ddp
+    checkpoint holds them, so the export reads both alike), their Adam state (optimizer.pt) and
+    the lr schedule (schedule.pt). Every rank must call this."""
+    weights, optim = _gather_trainable_state(engine)
+    if process_rank() == 0:
+        torch.save(weights, directory / "model.pt")
+        torch.save(optim, directory / "optimizer.pt")
+        torch.save(engine.lr_scheduler.state_dict(), directory / "schedule.pt")
+
+
+def load_gathered_trainable(engine: Any, directory: Path) -> None:
+    """Load what `save_gathered_trainable` wrote, at any world size, into this rank's
+    partitions, and put the schedule (and the lr it gives) where it stood."""
+    weights = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
+    check_trainable_keys(engine.module, weights)
+    optim = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+    _load_into_partitions(engine, weights, optim)
+    schedule = engine.lr_scheduler
+    schedule.load_state_dict(torch.load(directory / "schedule.pt", weights_only=True))
+    # The optimizer's lr moves only when the schedule steps: set it to where it stood.
+    for group, lr in zip(schedule.optimizer.param_groups, schedule.get_last_lr(), strict=True):
+        group["lr"] = lr
+
+
+def _gather_trainable_state(engine: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(weights, optimizer state) of the trainable parameters of a ZeRO-3 engine, whole and in
     fp32 on the CPU, by state-dict name: the same on every rank, whatever the world size.
 
@@ -318,10 +346,10 @@ def gather_trainable_state(engine: Any) -> tuple[dict[str, torch.Tensor], dict[s
     return weights, optim
 
 
-def load_trainable_state_partitioned(
+def _load_into_partitions(
     engine: Any, weights: dict[str, torch.Tensor], optim: dict[str, Any]
 ) -> None:
-    """Put a `gather_trainable_state` result back into a ZeRO-3 engine of any world size: each
+    """Put a `_gather_trainable_state` result back into a ZeRO-3 engine of any world size: each
     rank keeps its partition of the fp32 masters, of the Adam moments and of the (possibly
     half-precision) weights the model computes with. Every rank must call this."""
     import deepspeed

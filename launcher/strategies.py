@@ -12,9 +12,8 @@ Checkpoint layout written by `save` (inside the directory the training loop repo
     fsdp:      dcp/ (torch.distributed.checkpoint: each rank writes its own shard files),
                schedule.pt
     deepspeed: ds/state/ (DeepSpeed save_checkpoint: each rank writes its own ZeRO partition;
-               the schedule is saved inside DeepSpeed's model states); qlora (ZeRO-3): the
-               LoRA weights and their Adam state gathered whole, model.pt, optimizer.pt,
-               schedule.pt (rank 0)
+               the schedule is saved inside DeepSpeed's model states); qlora: model.pt,
+               optimizer.pt, schedule.pt of the LoRA weights gathered whole (rank 0)
 
 Resuming with a different number of workers keeps everything that matters for the run to go on
 as it would have: weights, AdamW moments and step counts, and the schedule position. ddp: the
@@ -46,9 +45,9 @@ from launcher.recipe import Recipe, TrainConfig
 from launcher.sharded_load import (
     block_modules,
     build_partitioned,
-    gather_trainable_state,
-    load_trainable_state_partitioned,
+    load_gathered_trainable,
     process_rank,
+    save_gathered_trainable,
     settle_loaded_four_bit,
     shard_and_load,
     shard_loaded,
@@ -554,9 +553,9 @@ class DeepSpeedStrategy:
             return build_model()
         from transformers.integrations import HfDeepSpeedConfig
 
-        # A 4-bit base is quantized on load, which cannot be done in parts: every rank loads
-        # it whole and deepspeed.initialize partitions it. The config below is registered
-        # after that load, else from_pretrained would load under zero.Init.
+        # A 4-bit base cannot be read in parts: each rank loads it whole (before the config
+        # below, which makes from_pretrained load under zero.Init); deepspeed.initialize
+        # partitions it (its packed weights are stored in the compute dtype: models.FourBit).
         model = build_model() if frozen_base(self.recipe) else None
         # Kept alive for the whole run: from_pretrained (and generate) look it up through a
         # weak reference to know that parameters are partitioned.
@@ -569,9 +568,6 @@ class DeepSpeedStrategy:
         if self.recipe.strategy.activation_checkpointing:
             enable_activation_checkpointing(model)
         if frozen_base(self.recipe):
-            # The packed 4-bit weights are stored in the dtype ZeRO-3 gives the parameters
-            # (launcher.models.FourBit), so it partitions and gathers them as plain tensors;
-            # their quantization state stays whole with each layer.
             settle_loaded_four_bit(model)
         self.model = model
         train_cfg = self.train_cfg
@@ -615,52 +611,27 @@ class DeepSpeedStrategy:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if frozen_base(self.recipe):
-            self._save_trainable(directory)
-            return
-        _write_strategy_file(
-            directory, self.name, zero_stage=self.stage, tag=DS_TAG, micro=self._micro
-        )
-        self.engine.save_checkpoint(str(directory / DS_DIR), tag=DS_TAG)
-        _barrier()
-
-    def _save_trainable(self, directory: Path) -> None:
-        """qlora: only the LoRA weights change; gathered whole, they and their Adam state are
-        small, and load into any world size's partitions (the 4-bit base is rebuilt)."""
-        weights, optim = gather_trainable_state(self.engine)
-        if process_rank() == 0:
-            torch.save(weights, directory / "model.pt")
-            torch.save(optim, directory / "optimizer.pt")
-            torch.save(self.engine.lr_scheduler.state_dict(), directory / SCHEDULE_FILE)
-        _write_strategy_file(
-            directory, self.name, zero_stage=self.stage, micro=self._micro, trainable_only=True
-        )
+            # Only the small LoRA weights change: gathered whole, any world size loads them.
+            save_gathered_trainable(self.engine, directory)
+            info = {"trainable_only": True}
+        else:
+            self.engine.save_checkpoint(str(directory / DS_DIR), tag=DS_TAG)
+            info = {"tag": DS_TAG}
+        _write_strategy_file(directory, self.name, zero_stage=self.stage, micro=self._micro, **info)
         _barrier()
 
     def load(self, directory: Path) -> None:
         directory = Path(directory)
         info = check_strategy_file(directory, self.name)
-        if frozen_base(self.recipe):
-            self._load_trainable(directory, info)
-            return
         same_stage = info.get("zero_stage") == self.stage
+        if frozen_base(self.recipe):
+            load_gathered_trainable(self.engine, directory)
         # ZeRO-0 partitions nothing: its files are the same at every world size (and the
         # universal conversion, which reads ZeRO partitions, finds none to read).
-        if same_stage and (info["world_size"] == _world_size() or self.stage == 0):
+        elif same_stage and (info["world_size"] == _world_size() or self.stage == 0):
             self.engine.load_checkpoint(str(directory / DS_DIR), tag=info["tag"])
         else:
             self._load_resharded(directory, info)
-        self._micro = int(info.get("micro", 0))
-
-    def _load_trainable(self, directory: Path, info: dict[str, Any]) -> None:
-        weights = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
-        check_trainable_keys(self.engine.module, weights)
-        optim = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
-        load_trainable_state_partitioned(self.engine, weights, optim)
-        schedule = self.engine.lr_scheduler
-        schedule.load_state_dict(torch.load(directory / SCHEDULE_FILE, weights_only=True))
-        # The optimizer's lr moves only when the schedule steps: set it to where it stood.
-        for group, lr in zip(schedule.optimizer.param_groups, schedule.get_last_lr(), strict=True):
-            group["lr"] = lr
         self._micro = int(info.get("micro", 0))
 
     def _load_resharded(self, directory: Path, info: dict[str, Any]) -> None:
