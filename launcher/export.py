@@ -2,7 +2,7 @@
 
 consolidate      a checkpoint of any strategy -> one full fp32 state dict, in a plain process
                  (no process group): ddp model.pt, fsdp torch.distributed.checkpoint shards,
-                 deepspeed ZeRO partitions
+                 deepspeed ZeRO partitions (qlora: model.pt, the LoRA weights gathered whole)
 export_model     that state dict -> the trained module rebuilt on the CPU (base model + method
                  + weights) -> run_dir/model (+ run_dir/adapter), in the layout
                  launcher.export_layout describes and reads back
@@ -134,6 +134,9 @@ def _consolidate_fsdp(directory: Path) -> dict[str, torch.Tensor]:
 
 def _consolidate_deepspeed(directory: Path) -> dict[str, torch.Tensor]:
     info = read_strategy_file(directory)
+    if info.get("trainable_only"):
+        # qlora under ZeRO-3: the LoRA weights, gathered whole (the 4-bit base is rebuilt).
+        return _consolidate_ddp(directory)
     ds_dir = directory / DS_DIR
     if info.get("zero_stage", 0) == 0:
         # No ZeRO: the engine saved the full module state dict from rank 0.

@@ -150,9 +150,24 @@ INTERNALS: tuple[Internal, ...] = (
         "engine_basic_optimizer",
         "deepspeed",
         "DeepSpeedEngine.basic_optimizer",
-        ("launcher.strategies.DeepSpeedStrategy.local_state_bytes",),
+        (
+            "launcher.strategies.DeepSpeedStrategy.local_state_bytes",
+            "launcher.sharded_load._gather_trainable_state",
+            "launcher.sharded_load._start_adam_state",
+        ),
         "the torch optimizer the engine wraps (its param groups are the fp32 partitions and "
         "its state the Adam moments this rank holds)",
+        "0.19.8",
+    ),
+    Internal(
+        "zero3_fp32_partitions",
+        "deepspeed",
+        "DeepSpeedZeroOptimizer_Stage3.fp32_partitioned_groups_flat",
+        ("launcher.sharded_load._start_adam_state",),
+        "this rank's flat fp32 master partitions, one per sub-group: the tensors the wrapped "
+        "Adam keys its state by; an Adam state made for each before the first step is the one "
+        "safe_set_full_optimizer_state fills and the next step uses (torch's AdamW keeps step, "
+        "exp_avg and exp_avg_sq)",
         "0.19.8",
     ),
     Internal(

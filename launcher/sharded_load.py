@@ -5,7 +5,11 @@ files hold, fully_shard'ed block by block, and each rank then reads only the row
 dim-0 shards. ZeRO-3 (`build_partitioned`): the model is partitioned module by module, each
 module's weights read just before it is partitioned. Checkpoints that cannot be read in parts
 (GGUF, .bin, quantized, remote code) are loaded whole, by rank 0 only (FSDP) or under zero.Init.
-A 4-bit base (`shard_loaded`) is loaded and quantized whole by every rank, then sharded.
+A 4-bit base cannot be read in parts either: every rank loads and quantizes it whole, then
+FSDP2 shards it (`shard_loaded`) or deepspeed.initialize partitions it (ZeRO-3). Its trainable
+(LoRA) weights and their Adam state are checkpointed whole (`gather_trainable_state`), which any
+world size loads back into its own partitions (`save_gathered_trainable`,
+`load_gathered_trainable`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +26,7 @@ from torch import nn
 
 from launcher.models import (
     BlocksNotFoundError,
+    check_trainable_keys,
     checkpoint_sources,
     deferred_checkpoint_weights,
     replace_tensors,
@@ -100,9 +106,19 @@ def shard_loaded(model: nn.Module, options: dict[str, Any]) -> None:
     """
     from torch.distributed.fsdp import fully_shard
 
+    settle_loaded_four_bit(model)
+    for block in block_modules(model):
+        fully_shard(block, **options)
+    fully_shard(model, **options)
+
+
+def settle_loaded_four_bit(model: nn.Module) -> None:
+    """Before a 4-bit model every rank loaded whole is sharded (FSDP2) or partitioned (ZeRO-3):
+    the trainable weights are taken from rank 0 so all ranks agree, and no 4-bit layer may
+    rewrite its weight in place (a sharded weight is gathered anew for each forward)."""
     with torch.no_grad():
         for param in model.parameters():
-            if param.requires_grad:
+            if param.requires_grad and dist.is_available() and dist.is_initialized():
                 dist.broadcast(param.data, src=0)
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
@@ -110,9 +126,6 @@ def shard_loaded(model: nn.Module, options: dict[str, Any]) -> None:
             # where the CPU has AVX512-BF16 and marks the shared quantization state repacked;
             # the next gathered copy of the weight is not, and would be read wrongly.
             module.support_avx512bf16_for_cpu = False
-    for block in block_modules(model):
-        fully_shard(block, **options)
-    fully_shard(model, **options)
 
 
 def _buffers_to(model: nn.Module, device: torch.device | str) -> None:
@@ -279,3 +292,106 @@ def _children_first(module: nn.Module) -> Iterator[nn.Module]:
     for child in module.children():
         yield from _children_first(child)
     yield module
+
+
+# ----------------------------------------------- ZeRO-3 trainable weights, gathered whole
+
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def save_gathered_trainable(engine: Any, directory: Path) -> None:
+    """Rank 0 writes the trainable weights of a ZeRO-3 engine gathered whole (model.pt, as a ddp
+    checkpoint holds them, so the export reads both alike), their Adam state (optimizer.pt) and
+    the lr schedule (schedule.pt). Every rank must call this."""
+    weights, optim = _gather_trainable_state(engine)
+    if process_rank() == 0:
+        torch.save(weights, directory / "model.pt")
+        torch.save(optim, directory / "optimizer.pt")
+        torch.save(engine.lr_scheduler.state_dict(), directory / "schedule.pt")
+
+
+def load_gathered_trainable(engine: Any, directory: Path) -> None:
+    """Load what `save_gathered_trainable` wrote, at any world size, into this rank's
+    partitions, and put the schedule (and the lr it gives) where it stood."""
+    weights = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
+    check_trainable_keys(engine.module, weights)
+    optim = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+    _load_into_partitions(engine, weights, optim)
+    schedule = engine.lr_scheduler
+    schedule.load_state_dict(torch.load(directory / "schedule.pt", weights_only=True))
+    # The optimizer's lr moves only when the schedule steps: set it to where it stood.
+    for group, lr in zip(schedule.optimizer.param_groups, schedule.get_last_lr(), strict=True):
+        group["lr"] = lr
+
+
+def _gather_trainable_state(engine: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(weights, optimizer state) of the trainable parameters of a ZeRO-3 engine, whole and in
+    fp32 on the CPU, by state-dict name: the same on every rank, whatever the world size.
+
+    The weights are the optimizer's fp32 masters; the optimizer state holds the Adam step
+    count and, once a step ran, both moments of every trainable parameter. Every rank must call
+    this (each parameter is gathered from its partitions).
+    """
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    trainable = _trainable_parameters(engine.module)
+    weights = {name: safe_get_full_fp32_param(p).detach().cpu() for name, p in trainable}
+    step = _adam_step(engine.basic_optimizer)
+    optim: dict[str, Any] = {"step": step}
+    if step:
+        for key in ADAM_MOMENTS:
+            optim[key] = {
+                name: safe_get_full_optimizer_state(p, key).detach().cpu() for name, p in trainable
+            }
+    return weights, optim
+
+
+def _load_into_partitions(
+    engine: Any, weights: dict[str, torch.Tensor], optim: dict[str, Any]
+) -> None:
+    """Put a `_gather_trainable_state` result back into a ZeRO-3 engine of any world size: each
+    rank keeps its partition of the fp32 masters, of the Adam moments and of the (possibly
+    half-precision) weights the model computes with. Every rank must call this."""
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    trainable = _trainable_parameters(engine.module)
+    if optim["step"]:
+        _start_adam_state(engine, optim["step"])
+    for name, param in trainable:
+        safe_set_full_fp32_param(param, weights[name].float())
+        for key in ADAM_MOMENTS:
+            if key in optim:
+                safe_set_full_optimizer_state(param, optim[key][name].float(), key)
+    with deepspeed.zero.GatheredParameters([p for _, p in trainable], modifier_rank=0):
+        if process_rank() == 0:
+            with torch.no_grad():
+                for name, param in trainable:
+                    param.copy_(weights[name])
+
+
+def _trainable_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of what trains, in module order: the order every rank gathers in."""
+    return [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+
+
+def _adam_step(optimizer: torch.optim.Optimizer) -> int:
+    """Optimizer steps taken so far (0 before the first): the per-partition count Adam keeps
+    (torch's as a tensor in the state, DeepSpeed's fused Adam as an int, or in its groups)."""
+    for state in optimizer.state.values():
+        if "step" in state:
+            return int(state["step"])
+    return int(optimizer.param_groups[0].get("step", 0)) if optimizer.param_groups else 0
+
+
+def _start_adam_state(engine: Any, step: int) -> None:
+    """Give each fp32 partition of a fresh ZeRO-3 engine an Adam state at `step` with zero
+    moments, which safe_set_full_optimizer_state then fills: Adam creates its state lazily at
+    its first step, and the moments can only be set into a state that exists."""
+    adam = engine.basic_optimizer
+    count = torch.tensor(float(step)) if type(adam).__module__.startswith("torch.") else step
+    for flat in engine.optimizer.fp32_partitioned_groups_flat:
+        adam.state[flat] = {
+            "step": count.clone() if isinstance(count, torch.Tensor) else count,
+            **{key: torch.zeros_like(flat) for key in ADAM_MOMENTS},
+        }

@@ -12,7 +12,8 @@ Checkpoint layout written by `save` (inside the directory the training loop repo
     fsdp:      dcp/ (torch.distributed.checkpoint: each rank writes its own shard files),
                schedule.pt
     deepspeed: ds/state/ (DeepSpeed save_checkpoint: each rank writes its own ZeRO partition;
-               the schedule is saved inside DeepSpeed's model states)
+               the schedule is saved inside DeepSpeed's model states); qlora: model.pt,
+               optimizer.pt, schedule.pt of the LoRA weights gathered whole (rank 0)
 
 Resuming with a different number of workers keeps everything that matters for the run to go on
 as it would have: weights, AdamW moments and step counts, and the schedule position. ddp: the
@@ -44,7 +45,10 @@ from launcher.recipe import Recipe, TrainConfig
 from launcher.sharded_load import (
     block_modules,
     build_partitioned,
+    load_gathered_trainable,
     process_rank,
+    save_gathered_trainable,
+    settle_loaded_four_bit,
     shard_and_load,
     shard_loaded,
     whole_on_first_rank,
@@ -549,16 +553,22 @@ class DeepSpeedStrategy:
             return build_model()
         from transformers.integrations import HfDeepSpeedConfig
 
+        # A 4-bit base cannot be read in parts: each rank loads it whole (before the config
+        # below, which makes from_pretrained load under zero.Init); deepspeed.initialize
+        # partitions it (its packed weights are stored in the compute dtype: models.FourBit).
+        model = build_model() if frozen_base(self.recipe) else None
         # Kept alive for the whole run: from_pretrained (and generate) look it up through a
         # weak reference to know that parameters are partitioned.
         self._hf_config = HfDeepSpeedConfig(self.config)
-        return build_partitioned(build_model, self.config)
+        return model if model is not None else build_partitioned(build_model, self.config)
 
     def prepare(self, model: nn.Module, total_steps: int) -> nn.Module:
         import deepspeed
 
         if self.recipe.strategy.activation_checkpointing:
             enable_activation_checkpointing(model)
+        if frozen_base(self.recipe):
+            settle_loaded_four_bit(model)
         self.model = model
         train_cfg = self.train_cfg
 
@@ -600,19 +610,25 @@ class DeepSpeedStrategy:
     def save(self, directory: Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _write_strategy_file(
-            directory, self.name, zero_stage=self.stage, tag=DS_TAG, micro=self._micro
-        )
-        self.engine.save_checkpoint(str(directory / DS_DIR), tag=DS_TAG)
+        if frozen_base(self.recipe):
+            # Only the small LoRA weights change: gathered whole, any world size loads them.
+            save_gathered_trainable(self.engine, directory)
+            info = {"trainable_only": True}
+        else:
+            self.engine.save_checkpoint(str(directory / DS_DIR), tag=DS_TAG)
+            info = {"tag": DS_TAG}
+        _write_strategy_file(directory, self.name, zero_stage=self.stage, micro=self._micro, **info)
         _barrier()
 
     def load(self, directory: Path) -> None:
         directory = Path(directory)
         info = check_strategy_file(directory, self.name)
         same_stage = info.get("zero_stage") == self.stage
+        if frozen_base(self.recipe):
+            load_gathered_trainable(self.engine, directory)
         # ZeRO-0 partitions nothing: its files are the same at every world size (and the
         # universal conversion, which reads ZeRO partitions, finds none to read).
-        if same_stage and (info["world_size"] == _world_size() or self.stage == 0):
+        elif same_stage and (info["world_size"] == _world_size() or self.stage == 0):
             self.engine.load_checkpoint(str(directory / DS_DIR), tag=info["tag"])
         else:
             self._load_resharded(directory, info)

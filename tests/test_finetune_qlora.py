@@ -3,6 +3,8 @@
 The schema's acceptance and refusals, then one in-process job on the tiny Llama (Ray Train local
 mode, one ddp worker): the trained model has 4-bit layers and only LoRA weights train, the loss
 falls, a stopped run resumes to the same adapter, and the export's adapter reloads with peft.
+Then the sharding strategies: fsdp (one rank in-process, two spawned ranks, a one-worker job)
+and deepspeed ZeRO-3 (two spawned ranks resumed by one, a one-worker job in its own process).
 
 Which outputs are compared exactly, and why: the adapter on a freshly 4-bit-loaded base against
 the model as it trained (quantization is deterministic, so both run the same dequantized weights
@@ -77,11 +79,27 @@ def test_qlora_settings_are_checked(tmp_path):
     assert "finetune.qlora.double_quantization" in out and "double_quant" in out
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_qlora_refuses_deepspeed(tmp_path, stage):
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_qlora_runs_with_deepspeed_zero3_only(tmp_path, stage):
+    assert qlora_recipe(strategy={"name": "deepspeed", "zero_stage": 3}).strategy.zero_stage == 3
     out = refusal(tmp_path, strategy={"name": "deepspeed", "zero_stage": stage})
-    assert "strategy.name: finetune.method qlora runs with ddp or fsdp (got deepspeed)" in out
-    assert "use strategy.name: fsdp" in out
+    assert (
+        f"strategy.zero_stage: finetune.method qlora with deepspeed runs with zero_stage: 3 "
+        f"(got {stage})"
+    ) in out
+    assert "use zero_stage: 3 to partition the base, or strategy.name: ddp" in out
+
+
+def test_qlora_with_deepspeed_refuses_offload(tmp_path):
+    zero3 = {"name": "deepspeed", "zero_stage": 3}
+    out = refusal(tmp_path, strategy={**zero3, "offload": "optimizer"})
+    assert "strategy.offload: finetune.method qlora with deepspeed runs with offload: none" in out
+    raw = {"zero_optimization": {"offload_param": {"device": "cpu"}}}
+    out = refusal(tmp_path, strategy={**zero3, "deepspeed_config": raw})
+    assert (
+        "strategy.deepspeed_config.zero_optimization.offload_param: finetune.method qlora runs "
+        "without offload"
+    ) in out
 
 
 def test_qlora_runs_with_fsdp_without_offload(tmp_path):
@@ -113,10 +131,12 @@ def test_compute_dtype_follows_mixed_precision(precision, device, dtype):
     settings = four_bit_settings(recipe, device)
     assert settings.compute_dtype == dtype
     assert (settings.quant_type, settings.double_quant) == ("nf4", True)
-    # ddp keeps the packed weights in bytes; fsdp gathers them in the compute dtype.
+    # ddp keeps the packed weights in bytes; fsdp and ZeRO-3 gather them in the compute dtype.
     assert settings.storage_dtype == torch.uint8
     sharded = qlora_recipe(strategy={"name": "fsdp", "mixed_precision": precision})
     assert four_bit_settings(sharded, device).storage_dtype == dtype
+    zero3 = {"name": "deepspeed", "zero_stage": 3, "mixed_precision": precision}
+    assert four_bit_settings(qlora_recipe(strategy=zero3), device).storage_dtype == dtype
 
 
 def test_shipped_qlora_recipe_is_sized_for_one_24gb_gpu():
@@ -181,7 +201,7 @@ def test_four_bit_base_trains_dora_and_a_classification_head(tiny_llama, task, l
 
 
 def job_recipe(
-    tmp_path: Path, model: Path, files: dict, storage: str, strategy: str = "ddp"
+    tmp_path: Path, model: Path, files: dict, storage: str, strategy: str = "ddp", **options
 ) -> Path:
     body = job_body(
         tmp_path,
@@ -193,7 +213,7 @@ def job_recipe(
         finetune={"method": "qlora", "lora": {"r": 8, "dropout": 0.0}},
     )
     body["scaling"] = {"num_workers": 1}
-    body["strategy"] = {"name": strategy}
+    body["strategy"] = {"name": strategy, **options}
     return write_recipe(tmp_path, body, f"{storage}.yaml")
 
 
@@ -493,3 +513,158 @@ def test_qlora_fsdp_job_checkpoints_lora_and_exports(ray_session, tiny_llama, st
     info = json.loads((run_dir / "model" / "ftlaunch_export.json").read_text())
     assert (info["method"], info["merged"]) == ("qlora", True)
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------- deepspeed ZeRO-3
+
+
+def zero3_recipe(model_dir):
+    """qlora under ZeRO-3, every parameter partitioned (the tiny model's are all below
+    DeepSpeed's default size for keeping a parameter whole on every rank)."""
+    return validate_data(
+        {
+            "name": "q",
+            "model": {"name_or_path": str(model_dir)},
+            "data": {"train": "t.jsonl"},
+            "finetune": {"method": "qlora", "lora": {"dropout": 0.0}},
+            "strategy": {
+                "name": "deepspeed",
+                "zero_stage": 3,
+                "mixed_precision": "no",
+                "deepspeed_config": {
+                    "zero_optimization": {"stage3_param_persistence_threshold": 0}
+                },
+            },
+            "train": {"lr": 1e-2, "batch_size": 8},
+        }
+    )
+
+
+def _zero3_worker(rank: int, world: int, port: int, model_dir: str, out: str, resume: str) -> None:
+    """Rank `rank` of `world`: the rows 0-7 of sample_ids split between the ranks. Without
+    `resume`: check the partitioned model against the unpartitioned one, train 2 steps, save
+    (mid), train 2 more, save (end). With it: load `resume`, train 2 steps, save (end)."""
+    import os
+
+    import torch.distributed as dist
+
+    from launcher.strategies import make_strategy
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        DS_ACCELERATOR="cpu",
+    )
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        recipe = zero3_recipe(model_dir)
+        rows = 8 // world
+        ids = sample_ids(8)[rank * rows : (rank + 1) * rows]
+        record: dict = {}
+        if not resume:
+            with torch.no_grad():
+                record["expected"] = build_qlora(recipe)(input_ids=ids, labels=ids).loss.item()
+        strategy = make_strategy(recipe, "cpu")
+        module = strategy.prepare(strategy.build(lambda: build_qlora(recipe)), 8)
+        out_dir = Path(out)
+        if resume:
+            strategy.load(Path(resume))
+            record["losses"] = train_steps(strategy, module, ids, 2)
+            strategy.save(out_dir / f"end-{world}")
+        else:
+            weight = dict(module.module.named_parameters())[f"{Q_PROJ}.base_layer.weight"]
+            record["packed"] = [str(weight.ds_tensor.dtype), weight.ds_numel]
+            record["local"] = weight.ds_tensor.numel()
+            with torch.no_grad():
+                record["loss"] = module(input_ids=ids, labels=ids).loss.item()
+            record["losses"] = train_steps(strategy, module, ids, 2)
+            strategy.save(out_dir / "mid")
+            record["losses"] += train_steps(strategy, module, ids, 2)
+            strategy.save(out_dir / f"end-{world}")
+        (out_dir / f"rank{rank}-of-{world}.json").write_text(json.dumps(record))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_ranks(world: int, model_dir: Path, out: Path, resume: str = "") -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(
+        _zero3_worker,
+        args=(world, port, str(model_dir), str(out), resume),
+        nprocs=world,
+        start_method="spawn",
+    )
+
+
+@pytest.mark.slow
+def test_zero3_partitions_the_four_bit_base_and_resumes_at_another_world_size(tiny_llama, tmp_path):
+    """Two ranks: each holds half of the packed 4-bit weights (float32 storage), the loss is
+    the unpartitioned model's, the checkpoint holds LoRA alone. One rank then resumes the
+    two-rank checkpoint on all the rows and ends where the two ranks ended."""
+    from launcher.export import consolidate
+
+    spawn_ranks(2, tiny_llama, tmp_path)
+    for rank in (0, 1):
+        record = json.loads((tmp_path / f"rank{rank}-of-2.json").read_text())
+        dtype, full = record["packed"]
+        assert dtype == "torch.float32" and record["local"] == full // 2
+        assert record["loss"] == pytest.approx(record["expected"], rel=1e-6)
+        assert record["losses"][-1] < record["losses"][0], record["losses"]
+    two = consolidate("deepspeed", tmp_path / "end-2")
+    trainable = build_qlora(zero3_recipe(tiny_llama)).named_parameters()
+    assert sorted(two) == sorted(n for n, p in trainable if p.requires_grad)
+    assert all(".lora_A." in n or ".lora_B." in n for n in two)
+
+    spawn_ranks(1, tiny_llama, tmp_path, resume=str(tmp_path / "mid"))
+    one = consolidate("deepspeed", tmp_path / "end-1")
+    assert one.keys() == two.keys()
+    for key in two:
+        torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.ray_job
+@pytest.mark.slow
+def test_qlora_zero3_job_checkpoints_lora_and_exports(
+    ray_session, tiny_llama, story_data, tmp_path
+):
+    """The whole job with one deepspeed ZeRO-3 worker (its own process): the loss falls, the
+    checkpoints hold the LoRA weights alone, and the export's merged model computes what the
+    adapter does on the unquantized base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from launcher.export import consolidate
+    from launcher.finetune import load_base_model
+    from launcher.job import run
+
+    recipe = load_recipe(
+        job_recipe(tmp_path, tiny_llama, story_data, "zero3", "deepspeed", zero_stage=3)
+    )
+    summary = run(recipe)
+    assert summary["status"] == "succeeded"
+    run_dir = Path(summary["run_dir"])
+    losses = [m["loss"] for m in map(json.loads, (run_dir / "metrics.jsonl").open()) if "loss" in m]
+    assert len(losses) == 8 and losses[-1] < losses[0] * 0.95, losses
+    state = consolidate("deepspeed", run_dir / "checkpoints" / "checkpoint_000008")
+    assert state and all(".lora_A." in k or ".lora_B." in k for k in state)
+    info = json.loads((run_dir / "model" / "ftlaunch_export.json").read_text())
+    assert (info["method"], info["merged"], info["dtype"]) == ("qlora", True, "float32")
+
+    ids = token_ids(tiny_llama)
+    adapter = str(run_dir / "adapter")
+    merged = logits(AutoModelForCausalLM.from_pretrained(run_dir / "model"), ids)
+    on_plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), adapter)
+    torch.testing.assert_close(merged, logits(on_plain, ids), atol=1e-5, rtol=1e-5)
+    on_four_bit = logits(PeftModel.from_pretrained(load_base_model(recipe), adapter), ids)
+    assert (merged - on_four_bit).abs().max() < 0.3 * on_four_bit.abs().max()

@@ -209,6 +209,20 @@ def _engine_basic_optimizer():
     assert "self.basic_optimizer = " in source, "the engine no longer keeps basic_optimizer"
 
 
+@check("zero3_fp32_partitions")
+def _zero3_fp32_partitions():
+    from deepspeed.runtime.zero import stage3
+
+    source = inspect.getsource(stage3.DeepSpeedZeroOptimizer_Stage3)
+    assert "self.fp32_partitioned_groups_flat" in source
+    assert "self.optimizer.state[fp32_param][optim_state_key]" in source, (
+        "safe_set_full_optimizer_state no longer reads the Adam state keyed by the partition"
+    )
+    state = inspect.getsource(importlib.import_module("torch.optim.adam"))
+    for key in ("step", "exp_avg", "exp_avg_sq"):
+        assert f'state["{key}"]' in state, f"torch's Adam no longer keeps state[{key!r}]"
+
+
 @check("ds_to_universal_main")
 def _ds_to_universal_main():
     from deepspeed.checkpoint import ds_to_universal

@@ -311,23 +311,34 @@ def qlora_problems(recipe: Recipe) -> list[Problem]:
     """What a 4-bit base cannot be combined with (see the QLoRA section of the README)."""
     problems = []
     s = recipe.strategy
-    if s.name == "deepspeed":
+    if s.name == "deepspeed" and s.zero_stage != 3:
         problems.append(
             Problem(
-                "strategy.name",
-                "finetune.method qlora runs with ddp or fsdp (got deepspeed): "
-                + QLORA_DEEPSPEED_REASON,
+                "strategy.zero_stage",
+                f"finetune.method qlora with deepspeed runs with zero_stage: 3 (got "
+                f"{s.zero_stage}): ZeRO 0-2 keep the whole 4-bit base on every worker and "
+                "partition only the optimizer state of the few LoRA weights; use zero_stage: 3 "
+                "to partition the base, or strategy.name: ddp",
             )
         )
-    if s.name == "fsdp" and s.offload != "none":
+    if s.name in ("fsdp", "deepspeed") and s.offload != "none":
         problems.append(
             Problem(
                 "strategy.offload",
-                f"finetune.method qlora with fsdp runs with offload: none (got {s.offload}): "
-                "the 4-bit base is a quarter of the bf16 weights and already sharded, and the "
-                "optimizer holds only the LoRA weights; offloading them is not supported",
+                f"finetune.method qlora with {s.name} runs with offload: none (got "
+                f"{s.offload}): " + QLORA_OFFLOAD_REASON,
             )
         )
+    if s.name == "deepspeed":
+        zero = s.deepspeed_config.get("zero_optimization")
+        for key in ("offload_param", "offload_optimizer"):
+            if isinstance(zero, dict) and key in zero:
+                problems.append(
+                    Problem(
+                        f"strategy.deepspeed_config.zero_optimization.{key}",
+                        "finetune.method qlora runs without offload: " + QLORA_OFFLOAD_REASON,
+                    )
+                )
     if recipe.model.gguf_file:
         problems.append(
             Problem(
@@ -347,11 +358,9 @@ def qlora_problems(recipe: Recipe) -> list[Problem]:
     return problems
 
 
-QLORA_DEEPSPEED_REASON = (
-    "the deepspeed strategy partitions the base as it reads it from the checkpoint, and its "
-    "checkpoints and export expect full-precision weights, none of which handles a base "
-    "quantized on load yet; use strategy.name: fsdp to shard the 4-bit base (ZeRO 1-2 would "
-    "partition only the optimizer state of the few LoRA weights)"
+QLORA_OFFLOAD_REASON = (
+    "the 4-bit base is a quarter of the bf16 weights and already sharded, and the optimizer "
+    "holds only the LoRA weights; offloading them is not supported"
 )
 
 
