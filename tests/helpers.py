@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,21 @@ def start_driver(recipe: Path, cwd: Path, env: dict[str, str], out: IO | int = s
         text=True,
         start_new_session=True,
     )
+
+
+def join_gloo_group(rank: int, world: int, port: int) -> None:
+    """In a spawned test process: the rank's launcher environment, one torch thread, and the
+    gloo process group of `world` ranks on localhost:`port`."""
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+    )
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import job_body, write_recipe
+from helpers import job_body, join_gloo_group, write_recipe
 
 from launcher.cli import cli
 from launcher.recipe import RecipeError, load_recipe, validate_data
@@ -434,20 +434,9 @@ def test_fsdp_shards_the_four_bit_base_and_checkpoints_the_adapter(tiny_llama, t
 
 
 def _two_rank_worker(rank: int, port: int, model_dir: str, out: str) -> None:
-    import os
-
     import torch.distributed as dist
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE="2",
-        LOCAL_WORLD_SIZE="2",
-    )
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    join_gloo_group(rank, 2, port)
     try:
         recipe = fsdp_recipe(model_dir, mixed_precision="bf16")
         ids = sample_ids(8)[rank * 4 : rank * 4 + 4]
@@ -494,24 +483,32 @@ def test_two_fsdp_ranks_each_hold_half_of_the_four_bit_weights(tiny_llama, tmp_p
         assert record["losses"][-1] < record["losses"][0], record["losses"]
 
 
-@pytest.mark.ray_job
-@pytest.mark.slow
-def test_qlora_fsdp_job_checkpoints_lora_and_exports(ray_session, tiny_llama, story_data, tmp_path):
-    """The whole job with one fsdp worker (in this process): the worker loop, the sharded
-    checkpoints of the LoRA weights alone and the export from them."""
+def run_lora_only_job(recipe, strategy: str) -> tuple[Path, dict]:
+    """Run a qlora job and check what every strategy shares: 8 steps whose loss falls, the
+    last checkpoint holding the LoRA weights alone, a merged export. Returns the run directory
+    and the export record."""
     from launcher.export import consolidate
     from launcher.job import run
 
-    recipe = load_recipe(job_recipe(tmp_path, tiny_llama, story_data, "fsdp", strategy="fsdp"))
     summary = run(recipe)
     assert summary["status"] == "succeeded"
     run_dir = Path(summary["run_dir"])
     losses = [m["loss"] for m in map(json.loads, (run_dir / "metrics.jsonl").open()) if "loss" in m]
     assert len(losses) == 8 and losses[-1] < losses[0] * 0.95, losses
-    state = consolidate("fsdp", run_dir / "checkpoints" / "checkpoint_000008")
+    state = consolidate(strategy, run_dir / "checkpoints" / "checkpoint_000008")
     assert state and all(".lora_A." in k or ".lora_B." in k for k in state)
     info = json.loads((run_dir / "model" / "ftlaunch_export.json").read_text())
     assert (info["method"], info["merged"]) == ("qlora", True)
+    return run_dir, info
+
+
+@pytest.mark.ray_job
+@pytest.mark.slow
+def test_qlora_fsdp_job_checkpoints_lora_and_exports(ray_session, tiny_llama, story_data, tmp_path):
+    """The whole job with one fsdp worker (in this process): the worker loop, the sharded
+    checkpoints of the LoRA weights alone and the export from them."""
+    recipe = load_recipe(job_recipe(tmp_path, tiny_llama, story_data, "fsdp", strategy="fsdp"))
+    run_dir, _ = run_lora_only_job(recipe, "fsdp")
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
@@ -550,17 +547,8 @@ def _zero3_worker(rank: int, world: int, port: int, model_dir: str, out: str, re
 
     from launcher.strategies import make_strategy
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_WORLD_SIZE=str(world),
-        DS_ACCELERATOR="cpu",
-    )
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    join_gloo_group(rank, world, port)
     try:
         recipe = zero3_recipe(model_dir)
         rows = 8 // world
@@ -644,22 +632,13 @@ def test_qlora_zero3_job_checkpoints_lora_and_exports(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from launcher.export import consolidate
     from launcher.finetune import load_base_model
-    from launcher.job import run
 
     recipe = load_recipe(
         job_recipe(tmp_path, tiny_llama, story_data, "zero3", "deepspeed", zero_stage=3)
     )
-    summary = run(recipe)
-    assert summary["status"] == "succeeded"
-    run_dir = Path(summary["run_dir"])
-    losses = [m["loss"] for m in map(json.loads, (run_dir / "metrics.jsonl").open()) if "loss" in m]
-    assert len(losses) == 8 and losses[-1] < losses[0] * 0.95, losses
-    state = consolidate("deepspeed", run_dir / "checkpoints" / "checkpoint_000008")
-    assert state and all(".lora_A." in k or ".lora_B." in k for k in state)
-    info = json.loads((run_dir / "model" / "ftlaunch_export.json").read_text())
-    assert (info["method"], info["merged"], info["dtype"]) == ("qlora", True, "float32")
+    run_dir, info = run_lora_only_job(recipe, "deepspeed")
+    assert info["dtype"] == "float32"
 
     ids = token_ids(tiny_llama)
     adapter = str(run_dir / "adapter")

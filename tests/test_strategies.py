@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import socket
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import join_gloo_group
 
 from launcher.deepspeed_config import (
     DeepSpeedConfigError,
@@ -344,25 +344,10 @@ def _train_one(spec: dict, model_dir: str, out: Path, rank: int, world: int) -> 
     (out / f"{spec['id']}.rank{rank}.json").write_text(json.dumps(record))
 
 
-def _join_group(rank: int, world: int, port: int) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_WORLD_SIZE=str(world),
-    )
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-
-
 def _worker(rank: int, world: int, port: int, specs: list[dict], model_dir: str, out: str):
     import torch.distributed as dist
 
-    _join_group(rank, world, port)
+    join_gloo_group(rank, world, port)
     try:
         for spec in specs:
             _train_one(spec, model_dir, Path(out), rank, world)
@@ -556,7 +541,7 @@ def _peak_worker(rank: int, world: int, port: int, specs: list[dict], model_dir:
     import torch.distributed as dist
     import torch.distributed.fsdp  # noqa: F401
 
-    _join_group(rank, world, port)
+    join_gloo_group(rank, world, port)
     try:
         for spec in specs:
             recipe = make_recipe(model_dir, **spec["strategy"])
@@ -615,7 +600,7 @@ def _whole_load_worker(
 
     from launcher.models import checkpoint_sources
 
-    _join_group(rank, world, port)
+    join_gloo_group(rank, world, port)
     try:
         probe = _batches(model_dir)[:2]
         for spec in specs:
