@@ -19,18 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.rundir import rank_marker
+from launcher.rundir import checkpoint_dir_name, rank_marker
 
 # Ray Train's own watcher reads the cluster's drain state every RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S
 # (raysession sets 1 s); asking it more often than about once a second adds nothing but its
 # cost, a round trip through Ray Train's synchronization actor on every rank.
 PREEMPTION_POLL_S = 1.0
 MAX_POLL_INTERVAL_STEPS = 1_000
-
-
-def checkpoint_dir_name(step: int) -> str:
-    """checkpoint_<step:06d>: the name of every checkpoint in the run's checkpoints/."""
-    return f"checkpoint_{step:06d}"
 
 
 def group_token() -> str:
@@ -46,13 +41,13 @@ class CheckpointWriter:
     run's checkpoints/ and registers it once every rank's upload is done."""
 
     rank: int
-    world_size: int
     token: str
     async_upload: bool
 
     def stamp(self) -> dict[str, Any]:
-        """What rank 0 adds to the checkpoint state so completeness can be told from the files."""
-        return {"world_size": self.world_size, "token": self.token}
+        """What rank 0 adds to the checkpoint state so completeness can be told from the files
+        (with the world size the state records anyway)."""
+        return {"token": self.token}
 
     def report(
         self,

@@ -143,6 +143,11 @@ def checkpoint_step(checkpoint_dir: Path | str) -> int:
     return json.loads((Path(checkpoint_dir) / STATE_FILE).read_text())["step"]
 
 
+def checkpoint_dir_name(step: int) -> str:
+    """checkpoint_<step:06d>: the name of every checkpoint in the run's checkpoints/."""
+    return f"checkpoint_{step:06d}"
+
+
 def rank_marker(rank: int) -> str:
     """The file a rank writes into a checkpoint once all its own files are stored."""
     return f".ftlaunch-rank{rank}-complete"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher.checkpointing import CheckpointWriter, checkpoint_dir_name
+from launcher.checkpointing import CheckpointWriter
 from launcher.errors import JobFailedError
 from launcher.progress import ProgressView
 from launcher.raysession import (
@@ -31,6 +31,7 @@ from launcher.recipe import Recipe
 from launcher.rundir import (
     CHECKPOINTS_DIR,
     RunState,
+    checkpoint_dir_name,
     checkpoint_step,
     checkpoints_dir,
     latest_checkpoint,

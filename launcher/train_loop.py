@@ -30,7 +30,7 @@ from launcher.checkpointing import (
 from launcher.elastic_data import epoch_batches, micro_steps_per_epoch, rows_by_id
 from launcher.objectives import eval_metrics, eval_sums
 from launcher.recipe import Recipe
-from launcher.rundir import STATE_FILE, checkpoint_step, latest_checkpoint
+from launcher.rundir import STATE_FILE, checkpoint_dir_name, checkpoint_step, latest_checkpoint
 
 
 @dataclass
@@ -269,7 +269,7 @@ def write_checkpoint(
 def keep_checkpoint(strategy, position: Position, checkpoints_dir: Path) -> Path:
     """In-process: write checkpoint_<step:06d> into the run's checkpoints directory (under a
     hidden name first, so a half-written one is never taken for a checkpoint)."""
-    final = checkpoints_dir / f"checkpoint_{position.step:06d}"
+    final = checkpoints_dir / checkpoint_dir_name(position.step)
     partial = checkpoints_dir / f".{final.name}.partial"
     for stale in (partial, final):
         if stale.exists():
@@ -504,7 +504,7 @@ def run_worker(
     # writes its own and has no node to lose.
     writer = watch = None
     if not config.in_process:
-        writer = writer_class(rank, world_size, group_token(), config.async_upload)
+        writer = writer_class(rank, group_token(), config.async_upload)
         watch = PreemptionWatch(
             rank, lambda value: float(all_reduce_sum({"v": torch.tensor(value)}, device)["v"])
         )
