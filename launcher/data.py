@@ -630,7 +630,7 @@ def _tokenize_splits(
     num_tokens: dict[str, int] = {}
     for split, table in tables.items():
         if isinstance(ledger, _TokenizationLedger):
-            ds = ray.data.from_arrow(_tokenized_here(table, batch_fn, ledger, split))
+            ds = ray.data.from_blocks(_tokenized_here(table, batch_fn, ledger, split))
         else:
             ds = ray.data.from_arrow(_blocks(table)).map_batches(
                 _tokenize_and_record,

@@ -280,7 +280,7 @@ def read_entry(slot: CacheLookup) -> PreparedData:
     datasets = {}
     for split, names in files.items():
         if small:
-            datasets[split] = ray.data.from_arrow(_read_parquet_here(names))
+            datasets[split] = ray.data.from_blocks(_read_parquet_here(names))
             continue
         ds = ray.data.read_parquet(names, resources=here, partitioning=None)
         ds.context.execution_options.preserve_order = True

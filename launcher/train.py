@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -94,7 +95,10 @@ def watch_sigterm(flag, state: RunState, view: ProgressView):
 
     def on_sigterm(signum, frame) -> None:
         state.preempted = True
-        flag.set.remote()
+        if isinstance(flag, threading.Event):
+            flag.set()
+        else:
+            flag.set.remote()
         view.note("SIGTERM: saving a checkpoint and stopping (resume with --resume)")
 
     try:
@@ -297,7 +301,6 @@ def train(
     """
     import ray.train
     from ray.train.torch import TorchTrainer
-    from ray.util.queue import Queue
 
     from launcher.tracking import open_tracker
 
@@ -309,17 +312,14 @@ def train(
     except ValueError as exc:
         raise LayoutError(str(exc)) from None
     view.start(plan.total_steps)
-    # Both serve the driver: on its node they outlive any worker node the cluster loses.
-    beside_driver = driver_node_options()
-    sink = Queue(maxsize=10_000, actor_options=beside_driver)
-    flag = ray.remote(StopFlag).options(**beside_driver).remote()
+    in_process = runs_in_process(recipe, gpu, state.remote)
+    sink, flag = report_channels(in_process)
     datasets = {"train": data.datasets["train"]}
     with_validation = "validation" in data.datasets and data.num_rows.get("validation", 0) > 0
     if with_validation:
         datasets["validation"] = data.datasets["validation"]
     ckpt = recipe.checkpoint
     metric = export_metric(recipe, with_validation)
-    in_process = runs_in_process(recipe, gpu, state.remote)
     if in_process:
         checkpoints_dir(state.run_dir).mkdir(parents=True, exist_ok=True)
     config = WorkerConfig(
@@ -398,7 +398,8 @@ def train(
         view.stop()
         if tracker is not None:
             tracker.close()
-        end_actors(flag, sink)
+        if not in_process:
+            end_actors(flag, sink)
     if in_process:
         result = in_process_result(state.run_dir)
     if result.error is not None:
@@ -409,6 +410,23 @@ def train(
             f"--resume {state.run_dir}"
         )
     return result, plan, metric
+
+
+def report_channels(in_process: bool) -> tuple[Any, Any]:
+    """The queue the workers report into and the flag that asks them to stop (SIGTERM).
+
+    An in-process loop shares this process: a plain queue and event serve, and the job starts
+    no actor (each costs a worker process start, seconds on a small machine). Real workers get
+    actors, kept on the driver's node so they outlive any worker node the cluster loses.
+    """
+    if in_process:
+        return queue.Queue(maxsize=10_000), threading.Event()
+    import ray
+    from ray.util.queue import Queue
+
+    beside_driver = driver_node_options()
+    sink = Queue(maxsize=10_000, actor_options=beside_driver)
+    return sink, ray.remote(StopFlag).options(**beside_driver).remote()
 
 
 def driver_node_options() -> dict[str, Any]:

@@ -11,6 +11,7 @@ import json
 import math
 import random
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,9 +56,11 @@ class WorkerConfig:
     pad_token_id: int | None
     has_validation: bool
     resume_from: str | None = None
-    # A ray.util.queue.Queue: rank 0 puts its reports and events there for the driver.
+    # Rank 0 puts its reports and events here for the driver: a ray.util.queue.Queue, or a
+    # queue.Queue when the loop runs in the driver's process.
     sink: Any = None
-    # A handle to the driver's stop-flag actor (SIGTERM): polled on report steps.
+    # The driver's stop flag (SIGTERM), polled on report steps: an actor handle, or a
+    # threading.Event in the driver's process.
     stop_flag: Any = None
     # In-process training (Ray Train's local mode, which stores nothing): the loop writes its
     # checkpoints here itself and keeps the best `checkpoint.keep` by `score_metric`, as Ray
@@ -400,10 +403,17 @@ def stop_requested(flag, rank: int, device: torch.device) -> bool:
     """Whether the driver asked to stop (SIGTERM); rank 0 asks, every rank gets the answer."""
     if flag is None:
         return False
+    asked = torch.tensor(float(flag_is_set(flag)) if rank == 0 else 0.0)
+    return bool(all_reduce_sum({"stop": asked}, device)["stop"] > 0)
+
+
+def flag_is_set(flag) -> bool:
+    """The stop flag: a threading.Event in process, the driver's actor for real workers."""
+    if isinstance(flag, threading.Event):
+        return flag.is_set()
     import ray
 
-    asked = torch.tensor(float(ray.get(flag.is_set.remote())) if rank == 0 else 0.0)
-    return bool(all_reduce_sum({"stop": asked}, device)["stop"] > 0)
+    return ray.get(flag.is_set.remote())
 
 
 def window_metrics(window: Window, device: torch.device, world_size: int) -> dict[str, float]:

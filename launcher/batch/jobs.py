@@ -529,7 +529,7 @@ def evaluate_run(
         if table.num_rows <= IN_DRIVER_ROWS:
             # A small split is tokenized here: the dataset is then materialized, knows its size,
             # and the scoring runs in this process instead of starting a pool actor.
-            tokenized = ray.data.from_arrow(tokenize(table))
+            tokenized = ray.data.from_blocks([tokenize(table)])
         else:
             tokenized = ray.data.from_arrow(table).map_batches(
                 tokenize, batch_format="pyarrow", batch_size=T.TOKENIZE_BATCH_ROWS
