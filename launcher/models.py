@@ -204,6 +204,23 @@ def load_model(
     return _from_pretrained(model_cfg, source, gguf, dtype, pad_token_id)
 
 
+NEW_WEIGHTS = "ftlaunch_new_weights"
+
+
+def mark_new_weights(model: nn.Module, names) -> None:
+    """Remember the weights the checkpoint did not have (a new task head): the run says so."""
+    setattr(model, NEW_WEIGHTS, sorted(names))
+
+
+def new_weights(model: nn.Module) -> list[str]:
+    """The weights `load_model` found missing from the checkpoint (through PEFT's and the
+    strategies' wrappers, which hand unknown attributes on to the model they wrap)."""
+    try:
+        return list(getattr(model, NEW_WEIGHTS))
+    except AttributeError:
+        return []
+
+
 def _from_pretrained(
     model_cfg: ModelConfig,
     source: str,
@@ -216,14 +233,16 @@ def _from_pretrained(
     if gguf:
         kwargs["gguf_file"] = gguf
     try:
-        model = model_class(model_cfg.task).from_pretrained(
+        model, info = model_class(model_cfg.task).from_pretrained(
             source,
             dtype=dtype,
             trust_remote_code=model_cfg.trust_remote_code,
+            output_loading_info=True,
             **kwargs,
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(_describe_failure(source, exc)) from None
+    mark_new_weights(model, info.get("missing_keys", ()))
     if pad_token_id is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
     if gguf:
@@ -342,6 +361,9 @@ def load_structure(
     found = _checkpoint_keys(model, files)
     if found is None:
         return None
+    state = model.state_dict(keep_vars=True)
+    loaded = {id(state[name]) for name in found}
+    mark_new_weights(model, [name for name, t in state.items() if id(t) not in loaded])
     _initialize_missing(model, found)
     model.eval()  # as from_pretrained returns it
     if model.can_generate() and (source / "generation_config.json").is_file():

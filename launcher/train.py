@@ -122,6 +122,8 @@ def drain_sink(sink, state: RunState, view: ProgressView, stop: threading.Event,
                     f"trainable parameters: {item['trainable']:,} of {item['total']:,} "
                     f"({item['percent']:.2f}%)"
                 )
+                if item.get("new_weights"):
+                    view.note(describe_new_weights(item["new_weights"]))
             elif event == "placement":
                 record_placement(state, item)
             elif event == "started":
@@ -156,6 +158,16 @@ def drain_sink(sink, state: RunState, view: ProgressView, stop: threading.Event,
                 view.update(item)
                 if tracker is not None:
                     tracker.log(item, int(item["step"]))
+
+
+def describe_new_weights(names: list[str]) -> str:
+    """Said once per run: weights the checkpoint lacks (a new task head) start from random
+    values, so an untrained export of them predicts nothing useful."""
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4:,} more" if len(names) > 4 else "")
+    return (
+        f"model: {len(names):,} weight(s) not in the checkpoint start from random values and "
+        f"are trained by this run: {shown}"
+    )
 
 
 def record_world_size(state: RunState, item: dict[str, Any]) -> dict[str, int] | None:

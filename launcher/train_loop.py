@@ -29,6 +29,7 @@ from launcher.checkpointing import (
     wait_for_replacement,
 )
 from launcher.elastic_data import epoch_batches, micro_steps_per_epoch, rows_by_id
+from launcher.models import new_weights
 from launcher.objectives import eval_metrics, eval_sums
 from launcher.recipe import Recipe
 from launcher.rundir import STATE_FILE, checkpoint_dir_name, checkpoint_step, latest_checkpoint
@@ -494,7 +495,7 @@ def run_worker(
             load_base_model(recipe, pad_token_id=config.pad_token_id, device=device), recipe
         )
     )
-    params = count_parameters(model)
+    params = {**count_parameters(model), "new_weights": new_weights(model)}
     if rank == 0 and sink is not None:
         sink.put({"event": "parameters", **params})
     module = strategy.prepare(model, plan.total_steps)

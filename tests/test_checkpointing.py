@@ -189,18 +189,26 @@ def test_a_drained_node_gets_a_checkpoint_before_its_deadline_and_the_run_moves_
     """Two workers spread over the cluster; the worker node of one is drained with an 8 s
     deadline and killed at the deadline. The workers checkpoint at once, Ray Train restarts
     them on the nodes left from that checkpoint, and the run completes: no step is lost
-    beyond that checkpoint and every step is on record once."""
+    beyond that checkpoint and every step is on record once. Steps are slow until the restart
+    (the cluster changes meanwhile), fast after it."""
+    max_steps = 60
     body = job_body(
         tmp_path,
         tiny_gpt2,
         story_data,
         name="preempt",
-        train={"batch_size": 4, "lr": 3e-3, "log_every": 5, "epochs": 50, "max_steps": 400},
+        train={"batch_size": 4, "lr": 3e-3, "log_every": 5, "epochs": 50, "max_steps": max_steps},
         checkpoint={"every": 100, "metric": None, "keep": None},
     )
     body["scaling"].update(placement="spread", cpus_per_worker=1, use_gpu=False)
     path = write_recipe(tmp_path, body)
-    env = {**ray_cluster.client_env(), "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5"}
+    hold = tmp_path / "hold"
+    hold.write_text("")
+    env = {
+        **ray_cluster.client_env(),
+        "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5",
+        "FTLAUNCH_SLOW_WHILE": str(hold),
+    }
     driver = start_driver(path, tmp_path, env)
     names = {}
     for raylet in ray_cluster.alive_nodes():
@@ -225,6 +233,13 @@ def test_a_drained_node_gets_a_checkpoint_before_its_deadline_and_the_run_moves_
         drain(ray_cluster, victim_id, deadline_s=8)
         time.sleep(9)
         ray_cluster.kill_node(victim)  # the cloud takes the machine after the deadline
+        run_dir = next(runs.glob("preempt-*"))
+        deadline = time.time() + 300
+        while time.time() < deadline and driver.poll() is None:
+            if any(r.get("event") == "restart" for r in read_metrics(run_dir)):
+                break
+            time.sleep(0.3)
+        hold.unlink()
         output, _ = driver.communicate(timeout=400)
     finally:
         if driver.poll() is None:
@@ -235,16 +250,16 @@ def test_a_drained_node_gets_a_checkpoint_before_its_deadline_and_the_run_moves_
     assert driver.returncode == 0, output[-4000:]
     run_dir = next(runs.glob("preempt-*"))
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "succeeded" and summary["steps"] == 400
+    assert summary["status"] == "succeeded" and summary["steps"] == max_steps
     (preemption,) = summary["preemptions"]
     assert preemption["nodes"] == [victim_id] and preemption["deadline_ms"]
     saved = preemption["step"]
-    assert 5 <= saved < 400
+    assert 5 <= saved < max_steps
     assert checkpoint_complete(run_dir / "checkpoints" / f"checkpoint_{saved:06d}")
     records = read_metrics(run_dir)
     restarts = [r for r in records if r.get("event") == "restart"]
     assert [r["step"] for r in restarts] == [saved]  # resumed from the preemption checkpoint
     steps = [r["step"] for r in records if "loss" in r]
-    assert steps == sorted(set(steps)) and steps[-1] == 400
+    assert steps == sorted(set(steps)) and steps[-1] == max_steps
     assert summary["replayed_reports"] == 0  # nothing trained after the checkpoint was lost
     assert "will be preempted" in output

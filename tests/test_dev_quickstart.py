@@ -25,6 +25,8 @@ OWN_LINES = [
     r"resuming from .+",
     r"training for \d+ steps",
     r"trainable parameters: [\d,]+ of [\d,]+ \([\d.]+%\)",
+    r"model: [\d,]+ weight\(s\) not in the checkpoint start from random values and are "
+    r"trained by this run: .+",
     r"step \d+/\d+  .*",
     r"eval @ step \d+: .*",
     r"restarted from the checkpoint at step \d+",
@@ -81,6 +83,9 @@ def test_quickstart_improves_accuracy_and_prints_only_ftlaunch_lines(tmp_path):
     assert done.returncode == 0, output[-6000:]
     for line in output.splitlines():
         assert OWN.fullmatch(line), f"not one of ftlaunch's lines: {line!r}\n\n{output}"
+    # transformers' load report is silenced; the new classification head is said in our words
+    assert "not in the checkpoint start from random values" in done.stdout
+    assert "classifier.weight" in done.stdout
     match = re.search(r"validation accuracy: before ([0-9.]+) -> after ([0-9.]+)", done.stdout)
     assert match, done.stdout[-2000:]
     before, after = float(match.group(1)), float(match.group(2))

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launcher.models import ModelLoadError, load_model, load_tokenizer, package_path
+from launcher.models import (
+    ModelLoadError,
+    load_model,
+    load_structure,
+    load_tokenizer,
+    new_weights,
+    package_path,
+)
 from launcher.recipe import ModelConfig
 
 
@@ -25,6 +32,29 @@ def test_gpt2_style_tokenizer_gets_eos_as_pad_and_classifier_knows_it(tiny_gpt2)
     model = load_model(cfg, pad_token_id=tokenizer.pad_token_id)
     assert model.config.pad_token_id == tokenizer.pad_token_id
     assert model.config.id2label == {0: "a", 1: "b"}
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["whole", "lazy"])
+def test_weights_missing_from_the_checkpoint_are_named_by_either_load(tiny_bert, tiny_gpt2, lazy):
+    """The run restates transformers' load report (silenced) from these names."""
+    from launcher.train import describe_new_weights
+
+    def load(path, task):
+        cfg = ModelConfig(name_or_path=str(path), task=task, labels=["a", "b"])
+        if lazy:
+            return load_structure(cfg, path, dtype=torch.float32, pad_token_id=0)
+        return load_model(cfg, pad_token_id=0)
+
+    assert new_weights(load(tiny_bert, "classification")) == [
+        "classifier.bias",
+        "classifier.weight",
+    ]
+    assert new_weights(load(tiny_gpt2, "classification")) == ["score.weight"]
+    assert new_weights(load(tiny_gpt2, "causal_lm")) == []  # the tied lm_head is not new
+    note = describe_new_weights(["classifier.bias", "classifier.weight"])
+    assert note.startswith("model: 2 weight(s) not in the checkpoint start from random values")
+    assert note.endswith("classifier.bias, classifier.weight")
+    assert describe_new_weights([f"w{i}" for i in range(6)]).endswith("w3 and 2 more")
 
 
 def test_missing_model_directory_is_a_clear_error(tmp_path):
