@@ -147,7 +147,7 @@ class PreemptionWatch:
 
 
 def preemption_event(info, step: int) -> dict[str, Any]:
-    """The sink event of a checkpoint taken for a preemption."""
+    """The channel event of a checkpoint taken for a preemption."""
     return {
         "event": "preemption",
         "step": step,

@@ -25,6 +25,7 @@ from launcher.rundir import (
     upload_run_dir,
 )
 from launcher.summary import data_facts, final_report, format_value, write_summary
+from launcher.tokenize import TRUNCATED
 from launcher.train import Preempted, pick_checkpoint, train
 
 
@@ -139,9 +140,15 @@ def open_run(recipe: Recipe, resume: Path | None, clock: Stopwatch) -> tuple[Run
 
 
 def describe_drops(reasons: dict[str, int], max_length: int) -> str:
-    """One line saying how many rows were left out and why."""
+    """One line saying how many rows were left out or cut short, and why."""
     why = {"too_long": f"first trained turn longer than data.max_length={max_length}"}
-    parts = [f"{n:,} rows dropped ({why.get(reason, reason)})" for reason, n in reasons.items()]
+    parts = [
+        f"{n:,} rows truncated to data.max_length={max_length} tokens (the rest of their text "
+        "is not seen; raise data.max_length to keep it)"
+        if reason == TRUNCATED
+        else f"{n:,} rows dropped ({why.get(reason, reason)})"
+        for reason, n in reasons.items()
+    ]
     return "; ".join(parts)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from launcher import __version__
 from launcher.recipe import Recipe
 from launcher.rundir import MODEL_DIR, PLOT_FILE, SUMMARY_FILE, RunState, read_metrics
+from launcher.tokenize import TRUNCATED
 
 
 def format_value(value: Any) -> str:
@@ -33,7 +34,17 @@ def data_facts(data) -> dict[str, Any]:
         "raw_rows": data.raw_rows,
         "tokens": data.num_tokens,
         "tokenization": data.tokenization_runs(),
-        "dropped": data.dropped,
+        # Rows left out, and apart from them the rows kept but cut at data.max_length.
+        "dropped": {
+            split: {r: n for r, n in reasons.items() if r != TRUNCATED}
+            for split, reasons in data.dropped.items()
+            if any(r != TRUNCATED for r in reasons)
+        },
+        "truncated": {
+            split: reasons[TRUNCATED]
+            for split, reasons in data.dropped.items()
+            if TRUNCATED in reasons
+        },
     }
     if getattr(data, "cache", None):
         facts["prepared"] = data.cache

@@ -162,7 +162,10 @@ def tokenize_instruction(
 
 
 DROPPED_KEY = b"ftlaunch.dropped"
-"""Schema metadata key of a tokenized batch: JSON {reason: rows dropped} (chat rows)."""
+"""Schema metadata key of a tokenized batch: JSON {reason: rows} for rows a batch function
+did not take whole: left out (chat and instruction rows too long to train, "too_long") or kept
+cut short (classification text longer than max_length, TRUNCATED)."""
+TRUNCATED = "truncated"
 
 
 def dropped_rows(table: pa.Table) -> dict[str, int]:
@@ -252,6 +255,7 @@ def tokenize_classification(table: pa.Table, tokenizer: Any, max_length: int) ->
         if texts
         else []
     )
+    truncated = _count_truncated(tokenizer, texts, encoded, max_length)
     columns: dict[str, pa.Array] = {
         "input_ids": pa.array(encoded, pa.list_(pa.int32())),
         "attention_mask": pa.array([[1] * len(x) for x in encoded], pa.list_(pa.int8())),
@@ -262,7 +266,20 @@ def tokenize_classification(table: pa.Table, tokenizer: Any, max_length: int) ->
     for name in PASSTHROUGH:
         if name in table.column_names:
             columns[name] = table.column(name).combine_chunks()
-    return pa.table(columns)
+    out = pa.table(columns)
+    if truncated:
+        out = out.replace_schema_metadata({DROPPED_KEY: json.dumps({TRUNCATED: truncated})})
+    return out
+
+
+def _count_truncated(tokenizer: Any, texts: list, encoded: list, max_length: int) -> int:
+    """Rows whose text was cut at max_length: only those that reached it are tokenized again,
+    whole (they are few unless max_length is short for the data, and then they are the news)."""
+    full = [texts[i] for i, ids in enumerate(encoded) if len(ids) >= max_length]
+    if not full:
+        return 0
+    lengths = tokenizer(full, add_special_tokens=True, truncation=False, verbose=False)
+    return sum(len(ids) > max_length for ids in lengths["input_ids"])
 
 
 class _Rows:

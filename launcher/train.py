@@ -10,13 +10,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launcher.channel import ActorChannel, LocalChannel
 from launcher.checkpointing import CheckpointWriter
 from launcher.errors import JobFailedError
 from launcher.progress import ProgressView
@@ -76,29 +76,13 @@ class Preempted(JobFailedError):
     """The driver got SIGTERM; a checkpoint was saved when possible. Exit code 1."""
 
 
-class StopFlag:
-    """Set by the driver on SIGTERM; rank 0 polls it so every worker checkpoints and stops."""
-
-    def __init__(self) -> None:
-        self.stop = False
-
-    def set(self) -> None:
-        self.stop = True
-
-    def is_set(self) -> bool:
-        return self.stop
-
-
-def watch_sigterm(flag, state: RunState, view: ProgressView):
+def watch_sigterm(channel, state: RunState, view: ProgressView):
     """Route SIGTERM to the workers' stop flag; returns the previous handler."""
     import signal
 
     def on_sigterm(signum, frame) -> None:
         state.preempted = True
-        if isinstance(flag, threading.Event):
-            flag.set()
-        else:
-            flag.set.remote()
+        channel.request_stop()
         view.note("SIGTERM: saving a checkpoint and stopping (resume with --resume)")
 
     try:
@@ -107,57 +91,75 @@ def watch_sigterm(flag, state: RunState, view: ProgressView):
         return None
 
 
-def drain_sink(sink, state: RunState, view: ProgressView, stop: threading.Event, tracker) -> None:
-    """Move worker reports into metrics.jsonl, the progress display and the trackers."""
+def drain_reports(
+    channel, state: RunState, view: ProgressView, stop: threading.Event, tracker
+) -> None:
+    """Move worker reports into metrics.jsonl, the progress display and the trackers, until
+    `stop` is set and the channel is empty."""
     with metrics_path(state.run_dir).open("a", encoding="utf-8") as out:
-        while not (stop.is_set() and sink.empty()):
+        while True:
+            finishing = stop.is_set()
             try:
-                item = sink.get(timeout=0.5)
-            except Exception:  # queue.Empty from ray.util.queue
-                continue
-            event = item.pop("event", "metrics")
-            if event == "parameters":
-                state.parameters = item
-                view.note(
-                    f"trainable parameters: {item['trainable']:,} of {item['total']:,} "
-                    f"({item['percent']:.2f}%)"
-                )
-                if item.get("new_weights"):
-                    view.note(describe_new_weights(item["new_weights"]))
-            elif event == "placement":
-                record_placement(state, item)
-            elif event == "started":
-                change = record_world_size(state, item)
-                if change:
-                    out.write(json.dumps({"event": "resize", **change}) + "\n")
-                    out.flush()
-                    view.note(
-                        f"workers: {change['old']} -> {change['new']}, continuing after step "
-                        f"{change['step']}"
-                    )
-            elif event == "preemption":
-                record_preemption(state, item, out, view)
-            elif event == "resumed":
-                state.restarts = item["restarts"]
-                record = {"event": "restart", "step": item["step"], "restarts": item["restarts"]}
-                out.write(json.dumps(record) + "\n")
-                out.flush()
-                view.note(f"restarted from the checkpoint at step {item['step']}")
-            elif item.get("step", 0) <= state.last_step and state.worker_groups > 1:
-                # Replayed by a later worker group (a restart, a resize) from an earlier
-                # checkpoint, or from the start: already on record.
-                state.replayed += 1
-            else:
-                if item.get("step", 0) >= 1 and "first_report" not in state.timings:
-                    # From the driver's start to the first training report (steps 1..log_every).
-                    state.timings["first_report"] = round(time.time() - state.started, 3)
-                state.last_step = max(state.last_step, int(item.get("step", 0)))
-                state.metrics.append(item)
-                out.write(json.dumps(item) + "\n")
-                out.flush()
-                view.update(item)
-                if tracker is not None:
-                    tracker.log(item, int(item["step"]))
+                items = channel.take()
+            except Exception:  # the actor is gone with its node: nothing more comes
+                return
+            for item in items:
+                record_report(item, state, view, out, tracker)
+            if finishing and not items:
+                return
+            if not items:
+                time.sleep(REPORT_POLL_S)
+
+
+# How often the driver looks for new reports: often enough for a live display.
+REPORT_POLL_S = 0.2
+
+
+def record_report(item: dict[str, Any], state: RunState, view: ProgressView, out, tracker) -> None:
+    """One worker report: a metrics line, or an event the run directory and display record."""
+    event = item.pop("event", "metrics")
+    if event == "parameters":
+        state.parameters = item
+        view.note(
+            f"trainable parameters: {item['trainable']:,} of {item['total']:,} "
+            f"({item['percent']:.2f}%)"
+        )
+        if item.get("new_weights"):
+            view.note(describe_new_weights(item["new_weights"]))
+    elif event == "placement":
+        record_placement(state, item)
+    elif event == "started":
+        change = record_world_size(state, item)
+        if change:
+            out.write(json.dumps({"event": "resize", **change}) + "\n")
+            out.flush()
+            view.note(
+                f"workers: {change['old']} -> {change['new']}, continuing after step "
+                f"{change['step']}"
+            )
+    elif event == "preemption":
+        record_preemption(state, item, out, view)
+    elif event == "resumed":
+        state.restarts = item["restarts"]
+        record = {"event": "restart", "step": item["step"], "restarts": item["restarts"]}
+        out.write(json.dumps(record) + "\n")
+        out.flush()
+        view.note(f"restarted from the checkpoint at step {item['step']}")
+    elif item.get("step", 0) <= state.last_step and state.worker_groups > 1:
+        # Replayed by a later worker group (a restart, a resize) from an earlier
+        # checkpoint, or from the start: already on record.
+        state.replayed += 1
+    else:
+        if item.get("step", 0) >= 1 and "first_report" not in state.timings:
+            # From the driver's start to the first training report (steps 1..log_every).
+            state.timings["first_report"] = round(time.time() - state.started, 3)
+        state.last_step = max(state.last_step, int(item.get("step", 0)))
+        state.metrics.append(item)
+        out.write(json.dumps(item) + "\n")
+        out.flush()
+        view.update(item)
+        if tracker is not None:
+            tracker.log(item, int(item["step"]))
 
 
 def describe_new_weights(names: list[str]) -> str:
@@ -325,7 +327,7 @@ def train(
         raise LayoutError(str(exc)) from None
     view.start(plan.total_steps)
     in_process = runs_in_process(recipe, gpu, state.remote)
-    sink, flag = report_channels(in_process)
+    channel = report_channel(in_process)
     datasets = {"train": data.datasets["train"]}
     with_validation = "validation" in data.datasets and data.num_rows.get("validation", 0) > 0
     if with_validation:
@@ -341,8 +343,7 @@ def train(
         pad_token_id=tokenizer.pad_token_id,
         has_validation=with_validation,
         resume_from=str(resume_from) if resume_from else None,
-        sink=sink,
-        stop_flag=flag,
+        channel=channel,
         checkpoints_dir=str(checkpoints_dir(state.run_dir)) if in_process else None,
         score_metric=metric,
         async_upload=uploads_async(recipe, state.remote),
@@ -384,10 +385,10 @@ def train(
     tracker = open_tracker(recipe, state.run_dir)
     stop = threading.Event()
     drainer = threading.Thread(
-        target=drain_sink, args=(sink, state, view, stop, tracker), daemon=True
+        target=drain_reports, args=(channel, state, view, stop, tracker), daemon=True
     )
     drainer.start()
-    previous = watch_sigterm(flag, state, view)
+    previous = watch_sigterm(channel, state, view)
     sigint = sigint_handler()
     threads = torch_threads()
     try:
@@ -410,8 +411,7 @@ def train(
         view.stop()
         if tracker is not None:
             tracker.close()
-        if not in_process:
-            end_actors(flag, sink)
+        channel.close()  # no actor outlives the job's training
     if in_process:
         result = in_process_result(state.run_dir)
     if result.error is not None:
@@ -424,21 +424,13 @@ def train(
     return result, plan, metric
 
 
-def report_channels(in_process: bool) -> tuple[Any, Any]:
-    """The queue the workers report into and the flag that asks them to stop (SIGTERM).
+def report_channel(in_process: bool) -> LocalChannel | ActorChannel:
+    """The channel the workers report into and the driver's SIGTERM stop reaches them by.
 
-    An in-process loop shares this process: a plain queue and event serve, and the job starts
-    no actor (each costs a worker process start, seconds on a small machine). Real workers get
-    actors, kept on the driver's node so they outlive any worker node the cluster loses.
+    An in-process loop shares this process and starts no actor (each costs a worker process
+    start, seconds on a small machine); real workers get one actor on the driver's node.
     """
-    if in_process:
-        return queue.Queue(maxsize=10_000), threading.Event()
-    import ray
-    from ray.util.queue import Queue
-
-    beside_driver = driver_node_options()
-    sink = Queue(maxsize=10_000, actor_options=beside_driver)
-    return sink, ray.remote(StopFlag).options(**beside_driver).remote()
+    return LocalChannel() if in_process else ActorChannel.beside(driver_node_options())
 
 
 def driver_node_options() -> dict[str, Any]:
@@ -469,17 +461,6 @@ def set_torch_threads(count: int) -> None:
     import torch
 
     torch.set_num_threads(count)
-
-
-def end_actors(flag, sink) -> None:
-    """The stop flag and the report queue live only as long as the job's training."""
-    import ray
-
-    # Either may be gone already with a failed job: then there is nothing left to free.
-    with contextlib.suppress(Exception):
-        ray.kill(flag)
-    with contextlib.suppress(Exception):
-        sink.shutdown(force=True)
 
 
 def pick_checkpoint(result, metric: str | None, mode: str, run_dir: Path):

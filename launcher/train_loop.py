@@ -11,7 +11,6 @@ import json
 import math
 import random
 import shutil
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,12 +56,9 @@ class WorkerConfig:
     pad_token_id: int | None
     has_validation: bool
     resume_from: str | None = None
-    # Rank 0 puts its reports and events here for the driver: a ray.util.queue.Queue, or a
-    # queue.Queue when the loop runs in the driver's process.
-    sink: Any = None
-    # The driver's stop flag (SIGTERM), polled on report steps: an actor handle, or a
-    # threading.Event in the driver's process.
-    stop_flag: Any = None
+    # launcher.channel: rank 0 puts its reports and events there for the driver, and polls the
+    # driver's stop flag (SIGTERM) on report steps.
+    channel: Any = None
     # In-process training (Ray Train's local mode, which stores nothing): the loop writes its
     # checkpoints here itself and keeps the best `checkpoint.keep` by `score_metric`, as Ray
     # Train's CheckpointConfig does for real workers.
@@ -400,21 +396,12 @@ def load_checkpoint(strategy, checkpoint, rank: int) -> None:
             np.random.set_state(rng["numpy"])
 
 
-def stop_requested(flag, rank: int, device: torch.device) -> bool:
+def stop_requested(channel, rank: int, device: torch.device) -> bool:
     """Whether the driver asked to stop (SIGTERM); rank 0 asks, every rank gets the answer."""
-    if flag is None:
+    if channel is None:
         return False
-    asked = torch.tensor(float(flag_is_set(flag)) if rank == 0 else 0.0)
+    asked = torch.tensor(float(channel.stop_requested()) if rank == 0 else 0.0)
     return bool(all_reduce_sum({"stop": asked}, device)["stop"] > 0)
-
-
-def flag_is_set(flag) -> bool:
-    """The stop flag: a threading.Event in process, the driver's actor for real workers."""
-    if isinstance(flag, threading.Event):
-        return flag.is_set()
-    import ray
-
-    return ray.get(flag.is_set.remote())
 
 
 def window_metrics(window: Window, device: torch.device, world_size: int) -> dict[str, float]:
@@ -474,12 +461,12 @@ def run_worker(
     from launcher.distill import build_teacher, make_adversary, make_objective
     from launcher.finetune import apply_finetune, count_parameters, load_base_model
 
-    recipe, sink = config.recipe, config.sink
+    recipe, channel = config.recipe, config.channel
     t = recipe.train
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    if sink is not None:  # sent first, so even a run that fails to start shows where it ran
-        sink.put({"event": "placement", **worker_placement(rank, world_size)})
+    if channel is not None:  # sent first, so even a run that fails to start shows where it ran
+        channel.put({"event": "placement", **worker_placement(rank, world_size)})
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, recipe.scaling.cpus_per_worker))
     seed_everything(t.seed)
@@ -496,8 +483,8 @@ def run_worker(
         )
     )
     params = {**count_parameters(model), "new_weights": new_weights(model)}
-    if rank == 0 and sink is not None:
-        sink.put({"event": "parameters", **params})
+    if rank == 0 and channel is not None:
+        channel.put({"event": "parameters", **params})
     module = strategy.prepare(model, plan.total_steps)
     # What one micro-batch costs: the task loss, or distillation from a frozen teacher (online
     # mode builds it here, sharded like the student); FGM adds an adversarial backward.
@@ -506,10 +493,10 @@ def run_worker(
     adversary = make_adversary(recipe, strategy.unwrapped())
     if checkpoint is not None:
         load_checkpoint(strategy, checkpoint, rank)
-    if rank == 0 and sink is not None:
+    if rank == 0 and channel is not None:
         if checkpoint is not None:
-            sink.put({"event": "resumed", "step": position.step, "restarts": position.restarts})
-        sink.put({"event": "started", "step": position.step, "world_size": world_size})
+            channel.put({"event": "resumed", "step": position.step, "restarts": position.restarts})
+        channel.put({"event": "started", "step": position.step, "world_size": world_size})
 
     # Ray Train workers hand checkpoints to Ray and hear of preemptions; the in-process loop
     # writes its own and has no node to lose.
@@ -554,8 +541,8 @@ def run_worker(
             metrics.update(last_eval)
         elif ckpt_due:
             metrics.update(last_eval)
-        if rank == 0 and sink is not None:
-            sink.put({"event": "metrics", **metrics})
+        if rank == 0 and channel is not None:
+            channel.put({"event": "metrics", **metrics})
         if ckpt_due and config.in_process:
             # Ray Train's local mode stores nothing: the checkpoint goes to the run directory.
             directory = Path(config.checkpoints_dir)
@@ -563,7 +550,7 @@ def run_worker(
             scores[step] = metrics.get(config.score_metric) if config.score_metric else None
             prune_checkpoints(directory, scores, recipe.checkpoint.keep, recipe.checkpoint.mode)
         elif ckpt_due:
-            # Ray Train hears only of checkpoints (metrics reach the driver through the sink).
+            # Ray Train hears only of checkpoints (metrics reach the driver through the channel).
             # Every rank writes a part (its RNG state at least). The checkpoint before a
             # preemption is uploaded before training would go on: it must be stored by the
             # deadline.
@@ -573,14 +560,14 @@ def run_worker(
                 lambda d: write_checkpoint(strategy, position, rank, d, writer.stamp()),
                 wait_for_upload=preemption is not None,
             )
-            if preemption is not None and rank == 0 and sink is not None:
-                sink.put(preemption_event(preemption, step))
+            if preemption is not None and rank == 0 and channel is not None:
+                channel.put(preemption_event(preemption, step))
 
     if t.eval_on_start and val_shard is not None and position.step == 0:
         last_eval = validation_metrics(module, val_shard, collate, recipe, device)
         start = {"step": 0, "epoch": 0.0, "lr": strategy.lr(), **last_eval}
-        if rank == 0 and sink is not None:
-            sink.put({"event": "metrics", **start})
+        if rank == 0 and channel is not None:
+            channel.put({"event": "metrics", **start})
 
     for epoch in range(position.epoch, t.epochs):
         if position.step >= plan.total_steps:
@@ -638,7 +625,7 @@ def run_worker(
             position.step += 1
             # Asked only on report steps: one driver round trip per step would cost more than
             # a tiny model's step; preemption is noticed within log_every steps.
-            if position.step % t.log_every == 0 and stop_requested(config.stop_flag, rank, device):
+            if position.step % t.log_every == 0 and stop_requested(config.channel, rank, device):
                 plan.total_steps = position.step  # checkpoint now, then leave the loop
             end_of_epoch = position.batches_in_epoch >= plan.batches_per_epoch
             if end_of_epoch:

@@ -622,6 +622,19 @@ def test_classification_pipeline(ray_session, bert_tok, review_data, tiny_bert):
     batch = first_batch(prepared.datasets["validation"], 5, bert_tok.pad_token_id)
     assert batch["labels"].shape == (5,) and batch["labels"].dtype == torch.int64
 
+    # Rows cut at max_length are counted (kept, not dropped) and said in ftlaunch's words.
+    from launcher.job import describe_drops
+    from launcher.summary import data_facts
+
+    longer = sum(len(bert_tok(x["text"])["input_ids"]) > 12 for x in raw)
+    assert longer > 0
+    assert prepared.dropped["validation"] == {"truncated": longer}
+    facts = data_facts(prepared)
+    assert facts["truncated"]["validation"] == longer and "validation" not in facts["dropped"]
+    assert describe_drops(prepared.dropped["validation"], 12).startswith(
+        f"{longer:,} rows truncated to data.max_length=12 tokens"
+    )
+
 
 def test_tokenization_runs_once_and_shards_cover_the_data(ray_session, gpt2_tok, story_data):
     recipe = make_recipe(

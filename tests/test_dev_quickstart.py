@@ -21,6 +21,7 @@ OWN_LINES = [
     r"",
     r"preparing data \(tokenizing once\)",
     r"rows: .+",
+    r"(train|validation|test): [\d,]+ rows (dropped|truncated) .+",
     r"run directory: .+",
     r"resuming from .+",
     r"training for \d+ steps",

@@ -308,25 +308,25 @@ def test_in_process_keeps_and_picks_checkpoints_like_ray_train(tmp_path):
 
 
 def test_summary_places_each_rank_of_the_newest_worker_group(tmp_path):
-    """Workers report their node through the sink; a restarted, smaller group replaces the
+    """Workers report their node through the channel; a restarted, smaller group replaces the
     ranks of the one before."""
-    import queue
     import threading
 
     from helpers import minimal_recipe
 
+    from launcher.channel import LocalChannel
     from launcher.rundir import RunState
     from launcher.summary import write_summary
-    from launcher.train import drain_sink
+    from launcher.train import drain_reports
 
     ips = {"a": "10.0.0.1", "b": "10.0.0.2", "c": "10.0.0.3"}
-    sink: queue.Queue = queue.Queue()
+    channel = LocalChannel()
     for rank, world_size, node in ((0, 3, "a"), (1, 3, "b"), (2, 3, "b"), (1, 2, "c")):
         event = {"rank": rank, "world_size": world_size, "node_id": node, "node_ip": ips[node]}
-        sink.put({"event": "placement", **event})
+        channel.put({"event": "placement", **event})
     state, stop = RunState(tmp_path), threading.Event()
     stop.set()  # drain what is queued, then return
-    drain_sink(sink, state, None, stop, None)
+    drain_reports(channel, state, None, stop, None)
     recipe = minimal_recipe(scaling={"num_workers": 2, "placement": "spread"})
     summary = write_summary(recipe, state, "succeeded", {}, None)
     assert summary["placement"] == {

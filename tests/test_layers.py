@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("data",),
     ("train_loop",),
     ("distill", "export_layout"),
-    ("finetune", "strategies", "objectives", "tracking", "checkpointing"),
+    ("finetune", "strategies", "objectives", "tracking", "checkpointing", "channel"),
     ("sharded_load",),
     ("models", "adapters", "tokenize", "elastic_data"),
     ("collate", "chat"),

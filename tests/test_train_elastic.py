@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import shutil
 import subprocess
 import tempfile
@@ -19,8 +18,9 @@ import yaml
 from helpers import job_body, minimal_recipe, start_driver
 from raycluster import LocalCluster
 
+from launcher.channel import LocalChannel
 from launcher.rundir import RunState, read_metrics
-from launcher.train import drain_sink, ray_worker_count, runs_in_process
+from launcher.train import drain_reports, ray_worker_count, runs_in_process
 from launcher.train_loop import (
     Position,
     make_plan,
@@ -190,13 +190,13 @@ class QuietView:
 
 
 def drain(events: list[dict], run_dir: Path) -> tuple[RunState, QuietView]:
-    sink: queue.Queue = queue.Queue()
+    channel = LocalChannel()
     for event in events:
-        sink.put(dict(event))
+        channel.put(dict(event))
     state, view, stop = RunState(run_dir), QuietView(), threading.Event()
     stop.set()  # drain what is queued, then return
     run_dir.mkdir(parents=True, exist_ok=True)
-    drain_sink(sink, state, view, stop, None)
+    drain_reports(channel, state, view, stop, None)
     return state, view
 
 
