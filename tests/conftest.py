@@ -59,6 +59,16 @@ def ray_session():
     # Ray is shut down at interpreter exit; other session fixtures may still need it.
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """The tests on the multi-node cluster run last, one after another: the cluster starts on
+    first use and stays up until the session ends, and an idle three-node cluster still takes
+    a few percent of a core (heartbeats, agents, metrics) from every test run after it."""
+    on_cluster = [item for item in items if "ray_cluster" in getattr(item, "fixturenames", ())]
+    if on_cluster:
+        rest = [item for item in items if item not in on_cluster]
+        items[:] = rest + on_cluster
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real three-node Ray cluster (token auth), started on first use, stopped at the end.

@@ -266,7 +266,7 @@ def test_uri_storage_puts_the_whole_run_directory_there(instruction_run_on_uri):
 @pytest.mark.ray_job
 def test_no_actor_of_a_job_outlives_it(two_worker_lm_run, tiny_gpt2, story_data, tmp_path):
     """Two jobs in one Ray instance (the two-worker one, then a one-worker one in this process):
-    the stop flag, the report queue, the tokenization ledger and Ray Train's controller, workers
+    the report channel, the tokenization ledger and Ray Train's controller, workers
     and data coordinators of both are gone after the second."""
     _, before = two_worker_lm_run
     body = causal_recipe(tmp_path, tiny_gpt2, story_data, train={"max_steps": 2})
