@@ -30,6 +30,7 @@ from typing import Any
 
 from launcher.data import SPLITS, PreparedData, prepare_data, sources_of
 from launcher.records import DataError, is_glob
+from launcher.stream_data import StreamPlan, stream_plan, write_splits
 
 CACHE_FORMAT = 1
 """Bumped whenever the layout of an entry or the meaning of its columns changes."""
@@ -83,8 +84,23 @@ def fingerprint(recipe: Any, tokenizer: Any, base_dir: Path | None = None) -> tu
             if getattr(recipe.data, split) is not None
         },
     }
+    if _streams(recipe, base_dir):  # other (hash-based) splits than the driver path's
+        inputs["prepared_by"] = "tasks"
     text = json.dumps(inputs, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20], inputs
+
+
+def _streams(recipe: Any, base_dir: Path | None) -> bool:
+    try:
+        return stream_plan(recipe, base_dir) is not None
+    except DataError:  # a missing file: reading it fails with its own message later
+        return False
+
+
+def streams(slot: CacheLookup) -> bool:
+    """Whether the slot's entry is prepared by Ray Data tasks (launcher.stream_data): the
+    driver then reads no rows itself."""
+    return slot.inputs.get("prepared_by") == "tasks"
 
 
 def _data_settings(recipe: Any) -> dict:
@@ -226,8 +242,7 @@ def write_entry(slot: CacheLookup, data: PreparedData) -> dict:
     """
     import pyarrow.parquet as pq
 
-    slot.root.mkdir(parents=True, exist_ok=True)
-    tmp = slot.root / f".tmp-{slot.fingerprint}-{uuid.uuid4().hex[:8]}"
+    tmp = _new_tmp(slot)
     try:
         for split, ds in data.datasets.items():
             folder = tmp / split
@@ -236,32 +251,78 @@ def write_entry(slot: CacheLookup, data: PreparedData) -> dict:
                 if block.num_rows:
                     pq.write_table(block, folder / f"part-{i:05d}.parquet")
         runs = data.tokenization_runs()
-        meta = {
-            "cache_format": CACHE_FORMAT,
-            "fingerprint": slot.fingerprint,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "splits": {
-                split: {
-                    "rows": data.num_rows[split],
-                    "tokens": data.num_tokens[split],
-                    "raw_rows": data.raw_rows[split],
-                    "dropped": runs.get(split, {}).get("rows_in", 0)
-                    - runs.get(split, {}).get("rows_out", 0),
-                    "dropped_by_reason": data.dropped.get(split, {}),
-                }
-                for split in data.datasets
-            },
-            "sources": data.sources,
-            "inputs": slot.inputs,
+        splits = {
+            split: _split_meta(
+                data.num_rows[split],
+                data.num_tokens[split],
+                data.raw_rows[split],
+                runs.get(split, {}).get("rows_in", 0) - runs.get(split, {}).get("rows_out", 0),
+                data.dropped.get(split, {}),
+            )
+            for split in data.datasets
         }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
-        try:
-            os.rename(tmp, slot.path)
-        except OSError:
-            if read_meta(slot.path) is None:  # not a finished entry written meanwhile
-                raise
+        return _commit(slot, tmp, splits, data.sources)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_streamed_entry(slot: CacheLookup, plan: StreamPlan, recipe: Any, tokenizer: Any) -> dict:
+    """Prepare the plan's pieces in Ray Data tasks that write straight into a new entry (see
+    launcher.stream_data); returns its metadata. Bad data leaves no entry behind."""
+    tmp = _new_tmp(slot)
+    try:
+        counts = write_splits(plan, recipe, tokenizer, tmp)
+        splits = {
+            split: _split_meta(
+                counts.rows[split],
+                counts.tokens[split],
+                counts.raw_rows[split],
+                counts.raw_rows[split] - counts.rows[split],
+                counts.dropped.get(split, {}),
+                tokenization=counts.tokenization[split],
+            )
+            for split in counts.rows
+        }
+        return _commit(slot, tmp, splits, counts.sources, streamed=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _new_tmp(slot: CacheLookup) -> Path:
+    slot.root.mkdir(parents=True, exist_ok=True)
+    return slot.root / f".tmp-{slot.fingerprint}-{uuid.uuid4().hex[:8]}"
+
+
+def _split_meta(
+    rows: int, tokens: int, raw_rows: int, dropped: int, reasons: dict, **extra: Any
+) -> dict:
+    return {
+        "rows": rows,
+        "tokens": tokens,
+        "raw_rows": raw_rows,
+        "dropped": dropped,
+        "dropped_by_reason": reasons,
+        **extra,
+    }
+
+
+def _commit(slot: CacheLookup, tmp: Path, splits: dict, sources: list[str], **extra: Any) -> dict:
+    """Write prepared.json last and rename the finished entry into place in one step."""
+    meta = {
+        "cache_format": CACHE_FORMAT,
+        "fingerprint": slot.fingerprint,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "splits": splits,
+        "sources": sources,
+        "inputs": slot.inputs,
+        **extra,
+    }
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    try:
+        os.rename(tmp, slot.path)
+    except OSError:
+        if read_meta(slot.path) is None:  # not a finished entry written meanwhile
+            raise
     return meta
 
 
@@ -326,10 +387,22 @@ def load_or_prepare(
 ) -> PreparedData:
     """The entry's data on a hit; otherwise tokenize with Ray Data and write the entry.
 
-    Needs a running Ray. On a miss the materialized datasets are used directly (no re-read).
+    Needs a running Ray. On a miss the materialized datasets are used directly (no re-read),
+    except for large sources (launcher.stream_data): tasks write the entry, which is then read
+    as a hit is.
     """
     if slot.hit:
         return read_entry(slot)
+    plan = None if tables is not None else stream_plan(recipe, base_dir)
+    if plan is not None:
+        write_streamed_entry(slot, plan, recipe, tokenizer)
+        written = CacheLookup(slot.root, slot.fingerprint, slot.inputs, read_meta(slot.path))
+        data = read_entry(written)
+        data.tokenization = {
+            split: meta.get("tokenization", {}) for split, meta in written.meta["splits"].items()
+        }
+        data.cache = cache_facts(slot, reused=False)
+        return data
     data = prepare_data(recipe, tokenizer, base_dir=base_dir, tables=tables)
     write_entry(slot, data)
     data.cache = cache_facts(slot, reused=False)
