@@ -10,9 +10,12 @@ mixing weights, the labels, train.seed). A changed input is a new entry, never a
 
 Entries are written into a temporary directory and renamed into place in one step, with
 `prepared.json` written last: a crash leaves at most a `.tmp-*` directory that no lookup reads.
-A hit reads the Parquet with `ray.data.read_parquet` and materializes it before the trainer
-reserves CPUs (the 2-core hang in DESIGN.md); the step plan's row and token counts come from
-`prepared.json`, not from a pass over the data.
+A hit reads small entries (up to READ_HERE_BYTES) with pyarrow in the driver. Larger ones are
+not materialized: `ray.data.read_parquet` with read tasks that reserve no CPU streams them to the
+training workers, so the object store does not hold the whole data, and the reads are scheduled
+even when the training workers hold every CPU (the 2-core hang in DESIGN.md: a task that needs a
+CPU would wait forever). The step plan's row and token counts come from `prepared.json`, not
+from a pass over the data.
 """
 
 from __future__ import annotations
@@ -343,10 +346,11 @@ def read_entry(slot: CacheLookup) -> PreparedData:
         if small:
             datasets[split] = ray.data.from_arrow(_read_parquet_here(names))
             continue
-        ds = ray.data.read_parquet(names, resources=here, partitioning=None)
-        ds.context.execution_options.preserve_order = True
-        # Read before the trainer reserves CPUs: workers then only take finished blocks.
-        datasets[split] = ds.materialize()
+        # Streamed to the workers as they train, not held in the object store: the read tasks
+        # reserve no CPU, so they run beside workers that hold every CPU (no 2-core hang).
+        datasets[split] = ray.data.read_parquet(
+            names, num_cpus=0, resources=here, partitioning=None
+        )
     splits = meta["splits"]
     return PreparedData(
         datasets=datasets,

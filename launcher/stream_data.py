@@ -1,7 +1,7 @@
 """Streamed preparation of large data: Ray Data tasks read, validate, split, tokenize and write.
 
-When the sources of a recipe hold more than `stream_bytes()` bytes on disk (and none is an `hf:`
-dataset), the driver never reads a row. It lists the files and their sizes, cuts them into
+When the sources of a recipe hold more than `stream_bytes()` bytes on disk, or any is an s3:// /
+gs:// URI (and none is an `hf:` dataset), the driver never reads a row. It lists the files and their sizes, cuts them into
 pieces, and hands the pieces to Ray Data tasks:
 
 - JSON Lines files are cut into byte ranges of about `PIECE_BYTES`, at line boundaries (a line
@@ -59,6 +59,7 @@ from launcher.data import (
     sources_of,
 )
 from launcher.records import (
+    FILE_SUFFIXES,
     DataError,
     check_suffix,
     data_files,
@@ -168,7 +169,8 @@ def stream_plan(
             if name == "train" and len(listed) > 1:
                 weights[sid] = s.weight
     total = sum(f.size for *_, f in files)
-    if total <= (stream_bytes() if threshold is None else threshold):
+    remote = any(_is_remote(p) for p in paths)  # the driver path reads local files only
+    if not remote and total <= (stream_bytes() if threshold is None else threshold):
         return None
     pieces = _interleaved(_cut(name, src, sid, f) for name, src, sid, f in files)
     if len(pieces) > MAX_PIECES:
@@ -177,9 +179,13 @@ def stream_plan(
     return StreamPlan(pieces, total, fractions, sources, weights)
 
 
+def _is_remote(spec: str) -> bool:
+    return "://" in spec and not spec.startswith("file://")
+
+
 def list_files(spec: str, base_dir: Path | None = None) -> list[_File]:
     """The data files of one source with their sizes (a file, directory, glob or URI)."""
-    if "://" in spec and not spec.startswith("file://"):
+    if _is_remote(spec):
         return _list_uri(spec)
     path = Path(spec.removeprefix("file://")).expanduser()
     if base_dir is not None and not path.is_absolute():
@@ -221,16 +227,13 @@ def _list_uri(uri: str) -> list[_File]:
     scheme = uri.split("://", 1)[0]
     out = []
     for i in sorted(infos, key=lambda i: i.path):
-        if i.type != pafs.FileType.File or Path(i.path).suffix.lower() not in (
-            ".jsonl",
-            ".json",
-            ".csv",
-            ".tsv",
-            ".parquet",
-            ".txt",
+        rel = i.path[len(root) :].lstrip("/") or Path(i.path).name
+        if (
+            i.type != pafs.FileType.File
+            or Path(i.path).suffix.lower() not in FILE_SUFFIXES
+            or any(part.startswith(".") for part in Path(rel).parts)
         ):
             continue
-        rel = i.path[len(root) :].lstrip("/") or Path(i.path).name
         out.append(_File(f"{scheme}://{i.path}", rel, i.size))
     if not out:
         raise DataError(f"{uri}: no data files found")
@@ -288,7 +291,7 @@ def uniform(seed: int, salt: str, piece: Piece, locators: np.ndarray) -> np.ndar
 def _open(path: str) -> Any:
     import pyarrow.fs as pafs
 
-    if "://" in path and not path.startswith("file://"):
+    if _is_remote(path):
         fs, inner = pafs.FileSystem.from_uri(path)
         return fs.open_input_file(inner)
     return pafs.LocalFileSystem().open_input_file(path.removeprefix("file://"))
@@ -401,7 +404,7 @@ def _parquet_tables(piece: Piece, fields: Fields) -> Iterator[tuple[pa.Table, np
 
 
 def _whole_table(piece: Piece, fields: Fields) -> pa.Table:
-    if "://" not in piece.path or piece.path.startswith("file://"):
+    if not _is_remote(piece.path):
         return read_file(Path(piece.path.removeprefix("file://")), fields).table
     # Remote CSV / JSON / text: a local copy, read by the same reader as local files.
     with tempfile.TemporaryDirectory() as tmp:

@@ -229,3 +229,64 @@ def test_a_streamed_recipe_trains_on_two_workers(ray_session, tiny_gpt2, tmp_pat
     meta = json.loads((Path(facts["prepared"]["path"]) / P.META_FILE).read_text())
     assert meta["inputs"]["prepared_by"] == "tasks"
     assert facts["rows"] == {k: v["rows"] for k, v in meta["splits"].items()}
+
+
+@pytest.mark.ray_job
+def test_a_large_entry_streams_to_workers_that_hold_every_cpu(
+    ray_session, tiny_gpt2, tmp_path, streamed, monkeypatch
+):
+    """An entry above READ_HERE_BYTES is not materialized: its read tasks reserve no CPU, so
+    two workers holding all of Ray's CPUs still get their shards (the 2-core hang)."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from launcher.models import load_tokenizer
+    from tests.test_data_shards import Collector, read_shard
+
+    monkeypatch.setattr(P, "READ_HERE_BYTES", 0)
+    recipe = text_recipe(tmp_path, tiny_gpt2, story_files(tmp_path / "data", "parquet-dir"))
+    tokenizer = load_tokenizer(recipe.model)
+    P.load_or_prepare(P.lookup(recipe, tokenizer), recipe, tokenizer)
+    train = P.read_entry(P.lookup(recipe, tokenizer)).datasets["train"]
+    assert not train.is_fully_executed()  # streamed, not held in the object store
+
+    cpus = int(ray.cluster_resources()["CPU"])
+    collector = ray.remote(num_cpus=0)(Collector).remote()
+    TorchTrainer(
+        read_shard,
+        train_loop_config={"collector": collector},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=2, resources_per_worker={"CPU": cpus / 2}
+        ),
+        run_config=ray.train.RunConfig(storage_path=str(tmp_path / "ray"), name="held"),
+        datasets={"train": train},
+    ).fit()
+    assert_disjoint_and_covering(ray.get(collector.get.remote()), row_ids(train))
+
+
+def test_s3_sources_are_listed_and_read_by_piece(s3_server, tiny_gpt2, tmp_path, monkeypatch):
+    """s3:// sources always take the streamed path (the driver path reads local files only);
+    the tasks' readers cut and read them through pyarrow's filesystems."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(S, "PIECE_BYTES", 1024)
+    fs = s3_server.filesystem()
+    texts = story_lines(90, seed=7)
+    root = f"{s3_server.bucket}/stream-{tmp_path.name}"
+    with fs.open_output_stream(f"{root}/a.jsonl") as out:
+        out.write("".join(json.dumps({"text": t}) + "\n" for t in texts[:60]).encode())
+    with fs.open_output_stream(f"{root}/b.parquet") as out:
+        pq.write_table(pa.Table.from_pylist([{"text": t} for t in texts[60:]]), out)
+    with fs.open_output_stream(f"{root}/c.csv") as out:
+        out.write(b"text\nfirst\nsecond\n")
+    recipe = text_recipe(tmp_path, tiny_gpt2, f"s3://{root}")
+    plan = S.stream_plan(recipe)
+    assert plan is not None and plan.total_bytes < S.stream_bytes()
+    assert {p.kind for p in plan.pieces} == {"lines", "parquet", "whole"}
+    keys = assigned_keys(plan, recipe)
+    assert sum(len(v) for v in keys.values()) == 92
+    assert {rel for rel, _ in keys["train"]} == {"a.jsonl", "b.parquet", "c.csv"}
