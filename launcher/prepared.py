@@ -277,16 +277,16 @@ def write_streamed_entry(slot: CacheLookup, plan: StreamPlan, recipe: Any, token
         counts = write_splits(plan, recipe, tokenizer, tmp)
         splits = {
             split: _split_meta(
-                counts.rows[split],
-                counts.tokens[split],
-                counts.raw_rows[split],
-                counts.raw_rows[split] - counts.rows[split],
-                counts.dropped.get(split, {}),
-                tokenization=counts.tokenization[split],
+                c["rows_out"],
+                c["tokens_out"],
+                c["rows_in"],
+                c["rows_in"] - c["rows_out"],
+                {k.removeprefix("dropped_"): v for k, v in c.items() if k.startswith("dropped_")},
+                tokenization={k: v for k, v in c.items() if not k.startswith("dropped_")},
             )
-            for split in counts.rows
+            for split, c in counts.items()
         }
-        return _commit(slot, tmp, splits, counts.sources, streamed=True)
+        return _commit(slot, tmp, splits, plan.sources, streamed=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

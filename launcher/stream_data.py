@@ -84,6 +84,7 @@ ROW_BITS = 27
 MAX_PIECES = 2 ** (63 - PIECE_BITS - ROW_BITS)
 PARQUET_BATCH_ROWS = 16_384
 _ERROR = "data_error"
+_COUNTS = ("calls", "rows_in", "rows_out", "tokens_out")
 
 
 def stream_bytes() -> int:
@@ -519,7 +520,7 @@ def write_piece(piece: Piece, s: TaskSettings, names: list[str]) -> dict:
             if next_row >= 1 << ROW_BITS:
                 raise DataError(f"{piece.path}: more than {1 << ROW_BITS} rows in one file")
             rows = rows.append_column("row_id", pa.array(ids))
-            entry = out.setdefault(split, {"calls": 0, "rows_in": 0, "rows_out": 0, "tokens": 0})
+            entry = out.setdefault(split, dict.fromkeys(_COUNTS, 0))
             folder = Path(s.out_dir) / split
             for start in range(0, rows.num_rows, TOKENIZE_BATCH_ROWS):
                 batch = rows.slice(start, TOKENIZE_BATCH_ROWS)
@@ -530,10 +531,36 @@ def write_piece(piece: Piece, s: TaskSettings, names: list[str]) -> dict:
                 for reason, n in dropped_rows(tokens).items():
                     entry[f"dropped_{reason}"] = entry.get(f"dropped_{reason}", 0) + n
                 if tokens.num_rows:
-                    entry["tokens"] += int(tokens.column("num_tokens").to_numpy().sum())
+                    entry["tokens_out"] += int(tokens.column("num_tokens").to_numpy().sum())
                     pq.write_table(tokens, folder / f"part-{piece.index:06d}-{part:05d}.parquet")
                     part += 1
     return out
+
+
+def split_rows(plan: StreamPlan, recipe: Any, split: str) -> pa.Table | None:
+    """The raw canonical rows of one split (the evaluation split of the batch stage), read
+    piece by piece in this process with the tasks' split rule; None when the plan has no such
+    split. Holds that split's rows only (not the training data)."""
+    settings = TaskSettings(
+        fields=fields_for(recipe),
+        batch_fn=None,
+        split_seed=recipe.data.split.seed,
+        seed=recipe.train.seed,
+        fractions=plan.fractions,
+        labels=0,
+    )
+    k = SPLITS.index(split)
+    carved = split in plan.fractions
+    parts = []
+    for piece in plan.pieces:
+        if piece.split != split and not (carved and piece.split == "train"):
+            continue
+        for table, locators in piece_tables(piece, settings.fields):
+            chosen = np.flatnonzero(_assign(piece, locators, settings) == k)
+            rows = _with_source(table.take(pa.array(chosen)), piece, plan.sources)
+            ids = (piece.index << ROW_BITS) + chosen.astype(np.int64)
+            parts.append(rows.append_column("row_id", pa.array(ids)))
+    return pa.concat_tables(parts) if parts else None
 
 
 def _run_tasks(plan: StreamPlan, fn: Any, **kwargs: Any) -> Iterator[dict]:
@@ -565,20 +592,11 @@ def _run_tasks(plan: StreamPlan, fn: Any, **kwargs: Any) -> Iterator[dict]:
 # ------------------------------------------------------------------------------ the driver
 
 
-@dataclass
-class StreamedCounts:
-    """What the tasks wrote, summed per split (the entry's metadata is made from these)."""
-
-    rows: dict[str, int]
-    tokens: dict[str, int]
-    raw_rows: dict[str, int]
-    dropped: dict[str, dict[str, int]]
-    tokenization: dict[str, dict[str, int]]
-    sources: list[str]
-
-
-def write_splits(plan: StreamPlan, recipe: Any, tokenizer: Any, out_dir: Path) -> StreamedCounts:
-    """Prepare every split of the plan into `out_dir/<split>/` with Ray Data tasks.
+def write_splits(
+    plan: StreamPlan, recipe: Any, tokenizer: Any, out_dir: Path
+) -> dict[str, dict[str, int]]:
+    """Prepare every split of the plan into `out_dir/<split>/` with Ray Data tasks; returns the
+    tasks' counts summed per split (calls, rows_in, rows_out, tokens_out, dropped_<reason>).
 
     Raises DataError for bad data (wherever the task found it) and for empty splits; the caller
     removes `out_dir` then. Needs a running Ray.
@@ -621,27 +639,7 @@ def write_splits(plan: StreamPlan, recipe: Any, tokenizer: Any, out_dir: Path) -
                 f"data.{split}: no examples left after tokenization ({counts['rows_in']} rows "
                 f"in; rows too long for data.max_length={d.max_length} are dropped)"
             )
-    ordered = sorted(totals, key=SPLITS.index)
-    return StreamedCounts(
-        rows={k: totals[k]["rows_out"] for k in ordered},
-        tokens={k: totals[k]["tokens"] for k in ordered},
-        raw_rows={k: totals[k]["rows_in"] for k in ordered},
-        dropped={
-            k: {r.removeprefix("dropped_"): v for r, v in totals[k].items() if "dropped_" in r}
-            for k in ordered
-            if any("dropped_" in r for r in totals[k])
-        },
-        tokenization={
-            k: {
-                "calls": totals[k]["calls"],
-                "rows_in": totals[k]["rows_in"],
-                "rows_out": totals[k]["rows_out"],
-                "tokens_out": totals[k]["tokens"],
-            }
-            for k in ordered
-        },
-        sources=plan.sources,
-    )
+    return {k: totals[k] for k in sorted(totals, key=SPLITS.index)}
 
 
 def _plan_copies(plan: StreamPlan, s: TaskSettings, recipe: Any, *, balance: bool) -> None:

@@ -91,6 +91,10 @@ def test_pieces_cut_at_lines_and_splits_do_not_depend_on_the_cut(tmp_path, tiny_
     assert not keys["train"] & keys["test"]
     assert 0.1 < len(keys["validation"]) / 600 < 0.3 and 0.03 < len(keys["test"]) / 600 < 0.17
 
+    # The batch stage evaluates on the very rows the tasks carved (read here, piece by piece).
+    evaluated = S.split_rows(plan, recipe, "test")
+    assert evaluated.num_rows == len(keys["test"]) == len(set(evaluated["row_id"].to_pylist()))
+
     S.PIECE_BYTES = 10**9  # one piece per file: the same rows land in the same splits
     whole = S.stream_plan(recipe)
     assert len(whole.pieces) == 3
