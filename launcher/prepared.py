@@ -11,10 +11,11 @@ mixing weights, the labels, train.seed). A changed input is a new entry, never a
 Entries are written into a temporary directory and renamed into place in one step, with
 `prepared.json` written last: a crash leaves at most a `.tmp-*` directory that no lookup reads.
 A hit reads small entries (up to READ_HERE_BYTES) with pyarrow in the driver. Larger ones are
-not materialized: `ray.data.read_parquet` with read tasks that reserve no CPU streams them to the
+not materialized: Ray Data read tasks that reserve no CPU stream their Parquet row groups to the
 training workers, so the object store does not hold the whole data, and the reads are scheduled
 even when the training workers hold every CPU (the 2-core hang in DESIGN.md: a task that needs a
-CPU would wait forever). The step plan's row and token counts come from `prepared.json`, not
+CPU would wait forever; `ray.data.read_parquet` is not used for this, as its file-listing step
+takes a CPU whatever `num_cpus` says). The step plan's row and token counts come from `prepared.json`, not
 from a pass over the data.
 """
 
@@ -27,6 +28,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -348,8 +350,12 @@ def read_entry(slot: CacheLookup) -> PreparedData:
             continue
         # Streamed to the workers as they train, not held in the object store: the read tasks
         # reserve no CPU, so they run beside workers that hold every CPU (no 2-core hang).
-        datasets[split] = ray.data.read_parquet(
-            names, num_cpus=0, resources=here, partitioning=None
+        # Not ray.data.read_parquet: its file-listing step takes a CPU whatever num_cpus says.
+        paths = ray.data.from_items(
+            [{"path": name} for name in names], override_num_blocks=min(len(names), 200)
+        )
+        datasets[split] = paths.map_batches(
+            _read_parquet_files, batch_size=1, batch_format="pyarrow", num_cpus=0, resources=here
         )
     splits = meta["splits"]
     return PreparedData(
@@ -363,6 +369,16 @@ def read_entry(slot: CacheLookup) -> PreparedData:
         },
         cache=cache_facts(slot, reused=True),
     )
+
+
+def _read_parquet_files(batch: Any) -> Iterator[Any]:
+    """A read task's rows: its files' row groups, one block each."""
+    import pyarrow.parquet as pq
+
+    for name in batch.column("path").to_pylist():
+        reader = pq.ParquetFile(name)
+        for group in range(reader.num_row_groups):
+            yield reader.read_row_group(group)
 
 
 def _read_parquet_here(files: list[str]) -> list:

@@ -581,7 +581,8 @@ def _run_tasks(plan: StreamPlan, fn: Any, **kwargs: Any) -> Iterator[dict]:
     ds = ray.data.from_items(pieces, override_num_blocks=min(len(pieces), 200))
     # Ray Data's default budget runs these (tiny input, long-running) tasks one at a time.
     tasks = max(1, min(len(pieces), int(ray.cluster_resources().get("CPU", 1))))
-    ds = ds.map_batches(run, batch_size=1, batch_format="numpy", concurrency=tasks)
+    pool = ray.data.TaskPoolStrategy(size=tasks)
+    ds = ds.map_batches(run, batch_size=1, batch_format="numpy", compute=pool)
     for row in ds.iter_rows():
         result = json.loads(row["result"])
         if _ERROR in result:

@@ -132,7 +132,9 @@ def test_a_bad_row_deep_in_a_large_file_exits_2_and_leaves_no_entry(
     assert f"{path}: line 17322: missing field 'text'" in out.output
     assert "Traceback" not in out.output
     cache = tmp_path / "cache"
-    assert not cache.exists() or not any(cache.iterdir())  # no entry, no temporary directory
+    # No entry; a task still writing as the driver gave up may at most delay the removal of
+    # the temporary directory, which no lookup reads.
+    assert not list(cache.glob("*/prepared.json")) and not list(cache.glob("[!.]*"))
 
 
 @pytest.mark.ray_job
@@ -236,6 +238,7 @@ def test_a_streamed_recipe_trains_on_two_workers(ray_session, tiny_gpt2, tmp_pat
 
 
 @pytest.mark.ray_job
+@pytest.mark.timeout(300)  # a hang fails here instead of stalling the suite
 def test_a_large_entry_streams_to_workers_that_hold_every_cpu(
     ray_session, tiny_gpt2, tmp_path, streamed, monkeypatch
 ):
@@ -243,6 +246,7 @@ def test_a_large_entry_streams_to_workers_that_hold_every_cpu(
     two workers holding all of Ray's CPUs still get their shards (the 2-core hang)."""
     import ray
     import ray.train
+    from ray.data.dataset import MaterializedDataset
     from ray.train.torch import TorchTrainer
 
     from launcher.models import load_tokenizer
@@ -253,7 +257,7 @@ def test_a_large_entry_streams_to_workers_that_hold_every_cpu(
     tokenizer = load_tokenizer(recipe.model)
     P.load_or_prepare(P.lookup(recipe, tokenizer), recipe, tokenizer)
     train = P.read_entry(P.lookup(recipe, tokenizer)).datasets["train"]
-    assert not train.is_fully_executed()  # streamed, not held in the object store
+    assert not isinstance(train, MaterializedDataset)  # streamed, not held in the object store
 
     cpus = int(ray.cluster_resources()["CPU"])
     collector = ray.remote(num_cpus=0)(Collector).remote()
