@@ -273,12 +273,19 @@ def measure_cache(source: Path, model_dir: Path, multiplier: int, work: Path) ->
 
 
 def measure_streamed(
-    source: Path, model_dir: Path, work: Path, multipliers: tuple[int, ...] = (1, 10, 100)
+    source: Path,
+    model_dir: Path,
+    work: Path,
+    multipliers: tuple[int, ...] = (1, 10, 100),
+    out_file: Path | None = None,
 ) -> dict[str, Any]:
     """The streamed preparation's first run (a miss) at each multiplier, each in its own child:
     the driver's peak RSS must not grow with the data; the tree's peak (Ray's workers and
-    object store included) may grow a little with the number of tasks in flight."""
+    object store included) may grow a little with the number of tasks in flight. With
+    out_file, the results so far are written after each multiplier (a slow machine may not
+    get through 100x)."""
     runs: dict[str, Any] = {}
+    result: dict[str, Any] = {}
     for times in multipliers:
         folder = repeated_parquet(source, times, work / f"sst2-parquet-x{times}")
         env = {"BENCH_CACHE_DIR": str(work / f"cache-x{times}"), "FTLAUNCH_STREAM_BYTES": "0"}
@@ -286,10 +293,18 @@ def measure_streamed(
         runs[f"{times}x"] = spawn("cache", folder, model_dir, env)
         shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(work / f"cache-x{times}", ignore_errors=True)
+        result = _streamed_summary(runs)
+        if out_file is not None:
+            out_file.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _streamed_summary(runs: dict[str, Any]) -> dict[str, Any]:
+    multipliers = [int(k.removesuffix("x")) for k in runs]
     first, last = f"{multipliers[0]}x", f"{multipliers[-1]}x"
     tree = f"{multipliers[1]}x" if len(multipliers) > 1 else first
     return {
-        "multipliers": list(multipliers),
+        "multipliers": multipliers,
         "driver_peak_mb": {k: r["driver_peak_mb"] for k, r in runs.items()},
         "driver_growth_mb": {
             k: r["driver_peak_mb"] - r["driver_rss_before_mb"] for k, r in runs.items()
@@ -310,8 +325,7 @@ def main_streamed(out_file: Path, multipliers: tuple[int, ...] = (1, 10, 100)) -
 
     with tempfile.TemporaryDirectory(prefix="bench-stream-") as work:
         model = build_tiny_model(Path(work) / "tiny-gpt2", "gpt2")
-        result = measure_streamed(SST2_TRAIN, model, Path(work), multipliers)
-    out_file.write_text(json.dumps(result, indent=2) + "\n")
+        result = measure_streamed(SST2_TRAIN, model, Path(work), multipliers, out_file)
     print(json.dumps(result, indent=2))
 
 
