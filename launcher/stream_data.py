@@ -41,7 +41,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +176,7 @@ def stream_plan(
     pieces = _interleaved(_cut(name, src, sid, f) for name, src, sid, f in files)
     if len(pieces) > MAX_PIECES:
         raise DataError(f"data: {len(pieces)} pieces to read; at most {MAX_PIECES} fit row ids")
-    pieces = [Piece(**{**asdict(p), "index": i}) for i, p in enumerate(pieces)]
+    pieces = [replace(p, index=i) for i, p in enumerate(pieces)]
     return StreamPlan(pieces, total, fractions, sources, weights)
 
 

@@ -19,7 +19,7 @@ from launcher.data import SPLITS, fields_for
 from launcher.dev.synthetic import review_rows, story_lines, write_jsonl
 from launcher.recipe import load_recipe, validate_data
 from tests.helpers import write_recipe
-from tests.test_data_shards import assert_disjoint_and_covering, row_ids, shards_seen
+from tests.test_data_shards import assert_disjoint_and_covering, row_ids
 
 
 @pytest.fixture
@@ -198,23 +198,6 @@ def test_streamed_entry_is_deterministic_and_mixes_and_balances(
 
 
 @pytest.mark.ray_job
-@pytest.mark.parametrize("kind", ["parquet-dir", "jsonl-glob"])
-def test_streamed_sources_shard_over_two_workers(ray_session, tiny_gpt2, tmp_path, streamed, kind):
-    """A directory of Parquet files and a JSON Lines glob prepared by tasks; two Ray Train
-    workers read disjoint shards covering each epoch from the entry."""
-    from launcher.models import load_tokenizer
-
-    recipe = text_recipe(tmp_path, tiny_gpt2, story_files(tmp_path / "data", kind))
-    tokenizer = load_tokenizer(recipe.model)
-    data = P.load_or_prepare(P.lookup(recipe, tokenizer), recipe, tokenizer)
-    assert data.raw_rows["train"] + data.raw_rows["validation"] == 240
-    assert P.lookup(recipe, tokenizer).hit
-    all_ids = row_ids(data.datasets["train"])
-    assert len(all_ids) == data.num_rows["train"] == len(set(all_ids))
-    assert_disjoint_and_covering(shards_seen(data.datasets["train"], tmp_path / "ray"), all_ids)
-
-
-@pytest.mark.ray_job
 @pytest.mark.slow
 def test_a_streamed_recipe_trains_on_two_workers(ray_session, tiny_gpt2, tmp_path, streamed):
     from launcher.job import run
@@ -242,8 +225,9 @@ def test_a_streamed_recipe_trains_on_two_workers(ray_session, tiny_gpt2, tmp_pat
 def test_a_large_entry_streams_to_workers_that_hold_every_cpu(
     ray_session, tiny_gpt2, tmp_path, streamed, monkeypatch
 ):
-    """An entry above READ_HERE_BYTES is not materialized: its read tasks reserve no CPU, so
-    two workers holding all of Ray's CPUs still get their shards (the 2-core hang)."""
+    """A directory of Parquet files prepared by tasks into an entry above READ_HERE_BYTES: the
+    entry is not materialized, its read tasks reserve no CPU, so two workers holding all of
+    Ray's CPUs still get disjoint shards covering each epoch (the 2-core hang)."""
     import ray
     import ray.train
     from ray.data.dataset import MaterializedDataset
@@ -255,8 +239,11 @@ def test_a_large_entry_streams_to_workers_that_hold_every_cpu(
     monkeypatch.setattr(P, "READ_HERE_BYTES", 0)
     recipe = text_recipe(tmp_path, tiny_gpt2, story_files(tmp_path / "data", "parquet-dir"))
     tokenizer = load_tokenizer(recipe.model)
-    P.load_or_prepare(P.lookup(recipe, tokenizer), recipe, tokenizer)
-    train = P.read_entry(P.lookup(recipe, tokenizer)).datasets["train"]
+    data = P.load_or_prepare(P.lookup(recipe, tokenizer), recipe, tokenizer)
+    assert data.raw_rows["train"] + data.raw_rows["validation"] == 240
+    slot = P.lookup(recipe, tokenizer)
+    assert slot.hit
+    train = P.read_entry(slot).datasets["train"]
     assert not isinstance(train, MaterializedDataset)  # streamed, not held in the object store
 
     cpus = int(ray.cluster_resources()["CPU"])
@@ -270,7 +257,9 @@ def test_a_large_entry_streams_to_workers_that_hold_every_cpu(
         run_config=ray.train.RunConfig(storage_path=str(tmp_path / "ray"), name="held"),
         datasets={"train": train},
     ).fit()
-    assert_disjoint_and_covering(ray.get(collector.get.remote()), row_ids(train))
+    all_ids = row_ids(train)
+    assert len(all_ids) == data.num_rows["train"] == len(set(all_ids))
+    assert_disjoint_and_covering(ray.get(collector.get.remote()), all_ids)
 
 
 def test_s3_sources_are_listed_and_read_by_piece(s3_server, tiny_gpt2, tmp_path, monkeypatch):
