@@ -221,7 +221,7 @@ def test_a_streamed_recipe_trains_on_two_workers(ray_session, tiny_gpt2, tmp_pat
 
 
 @pytest.mark.ray_job
-@pytest.mark.timeout(300)  # a hang fails here instead of stalling the suite
+@pytest.mark.timeout(600)  # a hang fails here instead of stalling the suite
 def test_a_large_entry_streams_to_workers_that_hold_every_cpu(
     ray_session, tiny_gpt2, tmp_path, streamed, monkeypatch
 ):
