@@ -331,8 +331,9 @@ def _commit(slot: CacheLookup, tmp: Path, splits: dict, sources: list[str], **ex
     return meta
 
 
-def read_entry(slot: CacheLookup) -> PreparedData:
-    """The entry's splits as materialized Ray Datasets, counts from its metadata."""
+def read_entry(slot: CacheLookup, read_here_bytes: int | None = None) -> PreparedData:
+    """The entry's splits as Ray Datasets (read here, or streamed by read tasks above
+    `read_here_bytes`, default READ_HERE_BYTES), counts from its metadata."""
     import ray
 
     # The read tasks run where the driver runs: the entry may be on a disk only this node sees.
@@ -342,7 +343,8 @@ def read_entry(slot: CacheLookup) -> PreparedData:
         split: sorted(str(p) for p in (slot.path / split).glob("*.parquet"))
         for split in meta["splits"]
     }
-    small = sum(os.path.getsize(f) for names in files.values() for f in names) <= READ_HERE_BYTES
+    limit = READ_HERE_BYTES if read_here_bytes is None else read_here_bytes
+    small = sum(os.path.getsize(f) for names in files.values() for f in names) <= limit
     datasets = {}
     for split, names in files.items():
         if small:
@@ -417,7 +419,7 @@ def load_or_prepare(
     if plan is not None:
         write_streamed_entry(slot, plan, recipe, tokenizer)
         written = CacheLookup(slot.root, slot.fingerprint, slot.inputs, read_meta(slot.path))
-        data = read_entry(written)
+        data = read_entry(written, read_here_bytes=0)  # large data never passes the driver
         data.tokenization = {
             split: meta.get("tokenization", {}) for split, meta in written.meta["splits"].items()
         }
