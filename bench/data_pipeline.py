@@ -15,6 +15,11 @@ Three implementations, all tokenizing `text` (truncated to 64 tokens) and mappin
             cache directory: the first data stage (read + validate + tokenize + write the entry)
             and the second (fingerprint, read_parquet the entry, materialize). Its own entry
             point: `python -m bench.data_pipeline measure-cache OUT.json` (1x and 10x SST-2 as Parquet).
+  streamed  the cache's first run forced onto the streamed path (launcher.stream_data,
+            FTLAUNCH_STREAM_BYTES=0): the driver lists the Parquet files, Ray Data tasks read,
+            validate, tokenize and write the entry. `python -m bench.data_pipeline
+            measure-streamed OUT.json`: the driver's peak RSS at 1x, 10x and 100x SST-2 and the
+            process tree's peak at 1x and 10x.
 
 Every child also reports the driver's own peak RSS (getrusage), apart from the process tree.
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -106,7 +112,7 @@ def run_cached(path: Path, tokenizer) -> dict[str, Any]:
 
     recipe = data_recipe(path, cache_dir=os.environ["BENCH_CACHE_DIR"])
     slot = prepared.lookup(recipe, tokenizer)
-    tables = None if slot.hit else load_tables(recipe)
+    tables = None if slot.hit or prepared.streams(slot) else load_tables(recipe)
     data = prepared.load_or_prepare(slot, recipe, tokenizer, tables=tables)
     return {
         "rows": data.num_rows["train"],
@@ -266,6 +272,63 @@ def measure_cache(source: Path, model_dir: Path, multiplier: int, work: Path) ->
     return out
 
 
+def measure_streamed(
+    source: Path,
+    model_dir: Path,
+    work: Path,
+    multipliers: tuple[int, ...] = (1, 10, 100),
+    out_file: Path | None = None,
+) -> dict[str, Any]:
+    """The streamed preparation's first run (a miss) at each multiplier, each in its own child:
+    the driver's peak RSS must not grow with the data; the tree's peak (Ray's workers and
+    object store included) may grow a little with the number of tasks in flight. With
+    out_file, the results so far are written after each multiplier (a slow machine may not
+    get through 100x)."""
+    runs: dict[str, Any] = {}
+    result: dict[str, Any] = {}
+    for times in multipliers:
+        folder = repeated_parquet(source, times, work / f"sst2-parquet-x{times}")
+        env = {"BENCH_CACHE_DIR": str(work / f"cache-x{times}"), "FTLAUNCH_STREAM_BYTES": "0"}
+        log(f"data streamed: {times}x")
+        runs[f"{times}x"] = spawn("cache", folder, model_dir, env)
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(work / f"cache-x{times}", ignore_errors=True)
+        result = _streamed_summary(runs)
+        if out_file is not None:
+            out_file.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _streamed_summary(runs: dict[str, Any]) -> dict[str, Any]:
+    multipliers = [int(k.removesuffix("x")) for k in runs]
+    first, last = f"{multipliers[0]}x", f"{multipliers[-1]}x"
+    tree = f"{multipliers[1]}x" if len(multipliers) > 1 else first
+    return {
+        "multipliers": multipliers,
+        "driver_peak_mb": {k: r["driver_peak_mb"] for k, r in runs.items()},
+        "driver_growth_mb": {
+            k: r["driver_peak_mb"] - r["driver_rss_before_mb"] for k, r in runs.items()
+        },
+        "driver_peak_ratio": ratio(runs[last]["driver_peak_mb"], runs[first]["driver_peak_mb"]),
+        "tree_peak_mb": {k: r["peak_mb"] for k, r in runs.items()},
+        "tree_peak_ratio": ratio(runs[tree]["peak_mb"], runs[first]["peak_mb"]),
+        "rows_per_s": {k: r["rows_per_s"] for k, r in runs.items()},
+        "runs": runs,
+    }
+
+
+def main_streamed(out_file: Path, multipliers: tuple[int, ...] = (1, 10, 100)) -> None:
+    """`python -m bench.data_pipeline measure-streamed OUT.json [M ...]`: measure_streamed on
+    SST-2 with a tiny GPT-2 tokenizer built on the fly."""
+    from bench.common import SST2_TRAIN
+    from launcher.dev.tiny import build_tiny_model
+
+    with tempfile.TemporaryDirectory(prefix="bench-stream-") as work:
+        model = build_tiny_model(Path(work) / "tiny-gpt2", "gpt2")
+        result = measure_streamed(SST2_TRAIN, model, Path(work), multipliers, out_file)
+    print(json.dumps(result, indent=2))
+
+
 def main_cache(out_file: Path, multiplier: int = 10) -> None:
     """`python -m bench.data_pipeline measure-cache OUT.json [MULTIPLIER]`: measure_cache on SST-2 with
     a tiny GPT-2 tokenizer built on the fly."""
@@ -281,6 +344,8 @@ def main_cache(out_file: Path, multiplier: int = 10) -> None:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["measure-cache"]:
     main_cache(Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 10)
+elif __name__ == "__main__" and sys.argv[1:2] == ["measure-streamed"]:
+    main_streamed(Path(sys.argv[2]), tuple(int(m) for m in sys.argv[3:]) or (1, 10, 100))
 elif __name__ == "__main__":
     impl_name, file_name, model_name = sys.argv[1:4]
     result = child(impl_name, Path(file_name), Path(model_name))

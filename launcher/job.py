@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import exit_code_for
-from launcher.prepared import CacheLookup, entry_size, load_or_prepare, lookup, read_meta
+from launcher.prepared import (
+    CacheLookup,
+    entry_size,
+    load_or_prepare,
+    lookup,
+    read_meta,
+    streams,
+)
 from launcher.progress import ProgressView
 from launcher.raysession import ensure_ray, quiet_ray_data
 from launcher.recipe import Recipe, dump_recipe, load_recipe
@@ -88,13 +95,15 @@ def run(
 
 def open_data(recipe: Recipe) -> tuple[Any, CacheLookup, dict | None]:
     """The tokenizer, the recipe's prepared-data cache slot, and (on a cache miss) every split
-    read and validated, so bad data fails before Ray starts."""
+    read and validated, so bad data fails before Ray starts. Large sources are not read here:
+    Ray Data tasks validate them while preparing (bad data still fails before training)."""
     from launcher.data import load_tables
     from launcher.models import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model)
     slot = lookup(recipe, tokenizer)
-    return tokenizer, slot, None if slot.hit else load_tables(recipe, tokenizer=tokenizer)
+    skip = slot.hit or streams(slot)
+    return tokenizer, slot, None if skip else load_tables(recipe, tokenizer=tokenizer)
 
 
 def note_data(view: ProgressView, slot: CacheLookup) -> None:

@@ -10,9 +10,13 @@ mixing weights, the labels, train.seed). A changed input is a new entry, never a
 
 Entries are written into a temporary directory and renamed into place in one step, with
 `prepared.json` written last: a crash leaves at most a `.tmp-*` directory that no lookup reads.
-A hit reads the Parquet with `ray.data.read_parquet` and materializes it before the trainer
-reserves CPUs (the 2-core hang in DESIGN.md); the step plan's row and token counts come from
-`prepared.json`, not from a pass over the data.
+A hit reads small entries (up to READ_HERE_BYTES) with pyarrow in the driver. Larger ones are
+not materialized: Ray Data read tasks that reserve no CPU stream their Parquet row groups to the
+training workers, so the object store does not hold the whole data, and the reads are scheduled
+even when the training workers hold every CPU (the 2-core hang in DESIGN.md: a task that needs a
+CPU would wait forever; `ray.data.read_parquet` is not used for this, as its file-listing step
+takes a CPU whatever `num_cpus` says). The step plan's row and token counts come from `prepared.json`, not
+from a pass over the data.
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from launcher.data import SPLITS, PreparedData, prepare_data, sources_of
 from launcher.records import DataError, is_glob
+from launcher.stream_data import StreamPlan, stream_plan, write_splits
 
 CACHE_FORMAT = 1
 """Bumped whenever the layout of an entry or the meaning of its columns changes."""
@@ -83,8 +89,23 @@ def fingerprint(recipe: Any, tokenizer: Any, base_dir: Path | None = None) -> tu
             if getattr(recipe.data, split) is not None
         },
     }
+    if _streams(recipe, base_dir):  # other (hash-based) splits than the driver path's
+        inputs["prepared_by"] = "tasks"
     text = json.dumps(inputs, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20], inputs
+
+
+def _streams(recipe: Any, base_dir: Path | None) -> bool:
+    try:
+        return stream_plan(recipe, base_dir) is not None
+    except DataError:  # a missing file: reading it fails with its own message later
+        return False
+
+
+def streams(slot: CacheLookup) -> bool:
+    """Whether the slot's entry is prepared by Ray Data tasks (launcher.stream_data): the
+    driver then reads no rows itself."""
+    return slot.inputs.get("prepared_by") == "tasks"
 
 
 def _data_settings(recipe: Any) -> dict:
@@ -226,8 +247,7 @@ def write_entry(slot: CacheLookup, data: PreparedData) -> dict:
     """
     import pyarrow.parquet as pq
 
-    slot.root.mkdir(parents=True, exist_ok=True)
-    tmp = slot.root / f".tmp-{slot.fingerprint}-{uuid.uuid4().hex[:8]}"
+    tmp = _new_tmp(slot)
     try:
         for split, ds in data.datasets.items():
             folder = tmp / split
@@ -236,37 +256,84 @@ def write_entry(slot: CacheLookup, data: PreparedData) -> dict:
                 if block.num_rows:
                     pq.write_table(block, folder / f"part-{i:05d}.parquet")
         runs = data.tokenization_runs()
-        meta = {
-            "cache_format": CACHE_FORMAT,
-            "fingerprint": slot.fingerprint,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "splits": {
-                split: {
-                    "rows": data.num_rows[split],
-                    "tokens": data.num_tokens[split],
-                    "raw_rows": data.raw_rows[split],
-                    "dropped": runs.get(split, {}).get("rows_in", 0)
-                    - runs.get(split, {}).get("rows_out", 0),
-                    "dropped_by_reason": data.dropped.get(split, {}),
-                }
-                for split in data.datasets
-            },
-            "sources": data.sources,
-            "inputs": slot.inputs,
+        splits = {
+            split: _split_meta(
+                data.num_rows[split],
+                data.num_tokens[split],
+                data.raw_rows[split],
+                runs.get(split, {}).get("rows_in", 0) - runs.get(split, {}).get("rows_out", 0),
+                data.dropped.get(split, {}),
+            )
+            for split in data.datasets
         }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
-        try:
-            os.rename(tmp, slot.path)
-        except OSError:
-            if read_meta(slot.path) is None:  # not a finished entry written meanwhile
-                raise
+        return _commit(slot, tmp, splits, data.sources)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_streamed_entry(slot: CacheLookup, plan: StreamPlan, recipe: Any, tokenizer: Any) -> dict:
+    """Prepare the plan's pieces in Ray Data tasks that write straight into a new entry (see
+    launcher.stream_data); returns its metadata. Bad data leaves no entry behind."""
+    tmp = _new_tmp(slot)
+    try:
+        counts = write_splits(plan, recipe, tokenizer, tmp)
+        splits = {
+            split: _split_meta(
+                c["rows_out"],
+                c["tokens_out"],
+                c["rows_in"],
+                c["rows_in"] - c["rows_out"],
+                {k.removeprefix("dropped_"): v for k, v in c.items() if k.startswith("dropped_")},
+                tokenization={k: v for k, v in c.items() if not k.startswith("dropped_")},
+            )
+            for split, c in counts.items()
+        }
+        return _commit(slot, tmp, splits, plan.sources, streamed=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _new_tmp(slot: CacheLookup) -> Path:
+    slot.root.mkdir(parents=True, exist_ok=True)
+    return slot.root / f".tmp-{slot.fingerprint}-{uuid.uuid4().hex[:8]}"
+
+
+def _split_meta(
+    rows: int, tokens: int, raw_rows: int, dropped: int, reasons: dict, **extra: Any
+) -> dict:
+    return {
+        "rows": rows,
+        "tokens": tokens,
+        "raw_rows": raw_rows,
+        "dropped": dropped,
+        "dropped_by_reason": reasons,
+        **extra,
+    }
+
+
+def _commit(slot: CacheLookup, tmp: Path, splits: dict, sources: list[str], **extra: Any) -> dict:
+    """Write prepared.json last and rename the finished entry into place in one step."""
+    meta = {
+        "cache_format": CACHE_FORMAT,
+        "fingerprint": slot.fingerprint,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "splits": splits,
+        "sources": sources,
+        "inputs": slot.inputs,
+        **extra,
+    }
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    try:
+        os.rename(tmp, slot.path)
+    except OSError:
+        if read_meta(slot.path) is None:  # not a finished entry written meanwhile
+            raise
     return meta
 
 
-def read_entry(slot: CacheLookup) -> PreparedData:
-    """The entry's splits as materialized Ray Datasets, counts from its metadata."""
+def read_entry(slot: CacheLookup, read_here_bytes: int | None = None) -> PreparedData:
+    """The entry's splits as Ray Datasets (read here, or streamed by read tasks above
+    `read_here_bytes`, default READ_HERE_BYTES), counts from its metadata."""
     import ray
 
     # The read tasks run where the driver runs: the entry may be on a disk only this node sees.
@@ -276,16 +343,22 @@ def read_entry(slot: CacheLookup) -> PreparedData:
         split: sorted(str(p) for p in (slot.path / split).glob("*.parquet"))
         for split in meta["splits"]
     }
-    small = sum(os.path.getsize(f) for names in files.values() for f in names) <= READ_HERE_BYTES
+    limit = READ_HERE_BYTES if read_here_bytes is None else read_here_bytes
+    small = sum(os.path.getsize(f) for names in files.values() for f in names) <= limit
     datasets = {}
     for split, names in files.items():
         if small:
             datasets[split] = ray.data.from_blocks(_read_parquet_here(names))
             continue
-        ds = ray.data.read_parquet(names, resources=here, partitioning=None)
-        ds.context.execution_options.preserve_order = True
-        # Read before the trainer reserves CPUs: workers then only take finished blocks.
-        datasets[split] = ds.materialize()
+        # Streamed to the workers as they train, not held in the object store: the read tasks
+        # reserve no CPU, so they run beside workers that hold every CPU (no 2-core hang).
+        # Not ray.data.read_parquet: its file-listing step takes a CPU whatever num_cpus says.
+        paths = ray.data.from_items(
+            [{"path": name} for name in names], override_num_blocks=min(len(names), 200)
+        )
+        datasets[split] = paths.map_batches(
+            _read_parquet_files, batch_size=1, batch_format="pyarrow", num_cpus=0, resources=here
+        )
     splits = meta["splits"]
     return PreparedData(
         datasets=datasets,
@@ -298,6 +371,16 @@ def read_entry(slot: CacheLookup) -> PreparedData:
         },
         cache=cache_facts(slot, reused=True),
     )
+
+
+def _read_parquet_files(batch: Any) -> Iterator[Any]:
+    """A read task's rows: its files' row groups, one block each."""
+    import pyarrow.parquet as pq
+
+    for name in batch.column("path").to_pylist():
+        reader = pq.ParquetFile(name)
+        for group in range(reader.num_row_groups):
+            yield reader.read_row_group(group)
 
 
 def _read_parquet_here(files: list[str]) -> list:
@@ -326,10 +409,22 @@ def load_or_prepare(
 ) -> PreparedData:
     """The entry's data on a hit; otherwise tokenize with Ray Data and write the entry.
 
-    Needs a running Ray. On a miss the materialized datasets are used directly (no re-read).
+    Needs a running Ray. On a miss the materialized datasets are used directly (no re-read),
+    except for large sources (launcher.stream_data): tasks write the entry, which is then read
+    as a hit is.
     """
     if slot.hit:
         return read_entry(slot)
+    plan = None if tables is not None else stream_plan(recipe, base_dir)
+    if plan is not None:
+        write_streamed_entry(slot, plan, recipe, tokenizer)
+        written = CacheLookup(slot.root, slot.fingerprint, slot.inputs, read_meta(slot.path))
+        data = read_entry(written, read_here_bytes=0)  # large data never passes the driver
+        data.tokenization = {
+            split: meta.get("tokenization", {}) for split, meta in written.meta["splits"].items()
+        }
+        data.cache = cache_facts(slot, reused=False)
+        return data
     data = prepare_data(recipe, tokenizer, base_dir=base_dir, tables=tables)
     write_entry(slot, data)
     data.cache = cache_facts(slot, reused=False)

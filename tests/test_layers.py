@@ -27,6 +27,8 @@ LAYERS: list[tuple[str, ...]] = [
     # Stages. The batch stage scores the recipe's evaluation split read and tokenized exactly as
     # the data stage does, so it sits above data.
     ("train", "export", "batch", "summary", "prepared", "dev.smoke", "dev.reference"),
+    # Large sources prepared by Ray Data tasks, with the data stage's validation and tokenizing.
+    ("stream_data",),
     ("data",),
     ("train_loop",),
     ("distill", "export_layout"),

@@ -41,6 +41,7 @@ from launcher.batch.worker import (
 )
 from launcher.raysession import ensure_ray
 from launcher.rundir import metrics_path, read_metrics
+from launcher.stream_data import split_rows, stream_plan
 
 
 def generate(
@@ -492,10 +493,12 @@ def _evaluation_table(recipe: Any, base_dir: Path | None = None):
     if recipe.evaluate.data:
         table = D.read_source(recipe.evaluate.data, D.fields_for(recipe), base_dir).table
         return table.append_column("row_id", pa.array(np.arange(table.num_rows)))
-    tables = D.load_tables(recipe, base_dir)
+    plan = stream_plan(recipe, base_dir)  # large data: the split the streamed tasks carved
+    tables = D.load_tables(recipe, base_dir) if plan is None else {}
     for split in ("test", "validation"):
-        if split in tables:
-            return tables[split]
+        table = tables.get(split) if plan is None else split_rows(plan, recipe, split)
+        if table is not None:
+            return table
     raise BatchInputError(
         "evaluate: nothing to evaluate on; set evaluate.data, give data.test or "
         "data.validation, or carve one with data.split"

@@ -1,0 +1,682 @@
+"""Streamed preparation of large data: Ray Data tasks read, validate, split, tokenize and write.
+
+When the sources of a recipe hold more than `stream_bytes()` bytes on disk, or any is an s3:// /
+gs:// URI (and none is an `hf:` dataset), the driver never reads a row. It lists the files and their sizes, cuts them into
+pieces, and hands the pieces to Ray Data tasks:
+
+- JSON Lines files are cut into byte ranges of about `PIECE_BYTES`, at line boundaries (a line
+  belongs to the piece that holds its first byte); Parquet files are one piece each, read a
+  batch of rows at a time; CSV/TSV, JSON arrays and .txt files (paragraphs, quoted cells
+  spanning lines) are one piece each, read whole by the task.
+- Each task validates its rows with the driver path's own code (`data.canonical_columns`,
+  `data.read_file`), so bad data raises DataError naming the file, the line (counted only when a
+  row is bad) or Parquet row, and the field; `data.data_error_in` unwraps it from Ray's errors.
+- Splits: a carved row goes to test, validation or train by a stable hash of its key (seed, source
+  name, file path relative to the source, row locator: the line's byte offset for JSON Lines, the
+  row index otherwise) against `data.split` fractions: the same row lands in the same split at
+  any size and on any machine, with no shuffle in memory.
+- Mixing and balancing: a counting pass (the same tasks, validating only) gives the training rows
+  per source and label; each training row is then repeated floor(f) or floor(f) + 1 times (a
+  hash decides which) with f = target share / rows of its source, and each copy is kept with
+  probability smallest class / its class when `data.balance` is on. The counts match the driver
+  path's in expectation, not to the row.
+- row_id = (piece index << ROW_BITS) | output row in the piece: unique, and small enough for the
+  tokenizer's `<< PIECE_BITS` chunk ids to stay within int64.
+- Each task writes its tokenized rows as Parquet straight into the entry's temporary directory
+  (`<split>/part-<piece>-<k>.parquet`) and returns its counts; the driver only sums them, so its
+  memory does not grow with the data. Training rows of a piece are written in a seeded hash
+  order, and pieces of different sources alternate, so sources interleave.
+
+The driver path (`data.load_tables`) carves with an in-memory permutation instead, so the same
+recipe gets other (equally deterministic) splits below and above the threshold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from launcher.data import (
+    SPLITS,
+    Fields,
+    canonical_columns,
+    data_error_in,
+    fields_for,
+    read_file,
+    source_name,
+    sources_of,
+)
+from launcher.records import (
+    FILE_SUFFIXES,
+    DataError,
+    check_suffix,
+    data_files,
+    glob_files,
+    is_glob,
+)
+from launcher.tokenize import (
+    PIECE_BITS,
+    TOKENIZE_BATCH_ROWS,
+    check_prompt_template,
+    dropped_rows,
+    tokenizer_for_batches,
+)
+
+STREAM_BYTES = 16 * 2**20
+"""Sources larger than this (bytes on disk, all splits together) are prepared by Ray Data tasks."""
+STREAM_BYTES_ENV = "FTLAUNCH_STREAM_BYTES"
+PIECE_BYTES = 4 * 2**20
+"""Target size of a JSON Lines byte range read by one task."""
+ROW_BITS = 27
+"""Output rows per piece: row_id = (piece << ROW_BITS) | row, below 2**(63 - PIECE_BITS)."""
+MAX_PIECES = 2 ** (63 - PIECE_BITS - ROW_BITS)
+PARQUET_BATCH_ROWS = 16_384
+_ERROR = "data_error"
+_COUNTS = ("calls", "rows_in", "rows_out", "tokens_out")
+
+
+def stream_bytes() -> int:
+    """The size above which preparation streams (FTLAUNCH_STREAM_BYTES overrides it)."""
+    value = os.environ.get(STREAM_BYTES_ENV)
+    return int(value) if value else STREAM_BYTES
+
+
+# ------------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class Piece:
+    """What one task reads: a byte range of a JSON Lines file, or a whole file."""
+
+    index: int
+    split: str
+    """The split the rows belong to; "train" rows may be carved into validation / test."""
+    source: str
+    """The source's name (part of every row's key)."""
+    source_id: int | None
+    """Index in StreamPlan.sources when the split is a list of sources, else None."""
+    path: str
+    """A local path or a URI."""
+    rel: str
+    """The file's path relative to its source (part of every row's key)."""
+    kind: str
+    """lines | parquet | whole"""
+    start: int = 0
+    end: int = 0
+
+
+@dataclass
+class StreamPlan:
+    """Every piece of every split, and what the tasks need to split, mix and balance."""
+
+    pieces: list[Piece]
+    total_bytes: int
+    fractions: dict[str, float]
+    """validation / test fractions carved from train (splits not given)."""
+    sources: list[str]
+    """Source names in source_id order (empty unless a split is a list of sources)."""
+    weights: dict[int, float] = field(default_factory=dict)
+    """Training source_id -> mixing weight (when train is a list of several sources)."""
+
+
+@dataclass(frozen=True)
+class _File:
+    path: str
+    rel: str
+    size: int
+
+
+def stream_plan(
+    recipe: Any, base_dir: Path | None = None, threshold: int | None = None
+) -> StreamPlan | None:
+    """The pieces to prepare in Ray Data tasks, or None when the driver path should read the
+    data (any `hf:` source, or sources no larger than the threshold). Lists files; reads none."""
+    d = recipe.data
+    given = {name: getattr(d, name) for name in SPLITS if getattr(d, name) is not None}
+    specs = {name: sources_of(spec) for name, spec in given.items()}
+    paths = [s.path for listed in specs.values() for s in listed or ()]
+    paths += [spec for name, spec in given.items() if specs[name] is None]
+    if any(p.startswith("hf:") for p in paths):
+        return None
+    fractions = {
+        name: getattr(d.split, name)
+        for name in ("validation", "test")
+        if name not in given and getattr(d.split, name) > 0
+    }
+    multi = [name for name in SPLITS if name in given and specs[name] is not None]
+    sources = list(dict.fromkeys(s.name for name in multi for s in specs[name]))
+    files: list[tuple[str, str, int | None, _File]] = []
+    weights: dict[int, float] = {}
+    for name, spec in given.items():
+        listed = specs[name]
+        if listed is None:
+            files += [(name, source_name(spec), None, f) for f in list_files(spec, base_dir)]
+            continue
+        for s in listed:
+            sid = sources.index(s.name)
+            files += [(name, s.name, sid, f) for f in list_files(s.path, base_dir)]
+            if name == "train" and len(listed) > 1:
+                weights[sid] = s.weight
+    total = sum(f.size for *_, f in files)
+    remote = any(_is_remote(p) for p in paths)  # the driver path reads local files only
+    if not remote and total <= (stream_bytes() if threshold is None else threshold):
+        return None
+    pieces = _interleaved(_cut(name, src, sid, f) for name, src, sid, f in files)
+    if len(pieces) > MAX_PIECES:
+        raise DataError(f"data: {len(pieces)} pieces to read; at most {MAX_PIECES} fit row ids")
+    pieces = [replace(p, index=i) for i, p in enumerate(pieces)]
+    return StreamPlan(pieces, total, fractions, sources, weights)
+
+
+def _is_remote(spec: str) -> bool:
+    return "://" in spec and not spec.startswith("file://")
+
+
+def list_files(spec: str, base_dir: Path | None = None) -> list[_File]:
+    """The data files of one source with their sizes (a file, directory, glob or URI)."""
+    if _is_remote(spec):
+        return _list_uri(spec)
+    path = Path(spec.removeprefix("file://")).expanduser()
+    if base_dir is not None and not path.is_absolute():
+        path = base_dir / path
+    if is_glob(str(path)):
+        root = _glob_root(path)
+        found = glob_files(path)
+    elif not path.exists():
+        raise DataError(f"{path}: file not found")
+    elif path.is_dir():
+        root, found = path, data_files(path)
+    else:
+        check_suffix(path)
+        root, found = path.parent, [path]
+    return [_File(str(p), str(p.relative_to(root)), p.stat().st_size) for p in found]
+
+
+def _glob_root(pattern: Path) -> Path:
+    parts = []
+    for part in pattern.parts:
+        if is_glob(part):
+            break
+        parts.append(part)
+    return Path(*parts)
+
+
+def _list_uri(uri: str) -> list[_File]:
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(uri)
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.Directory:
+            infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        else:
+            infos = [info]
+    except Exception as exc:
+        raise DataError(f"{uri}: cannot list: {exc}") from None
+    scheme = uri.split("://", 1)[0]
+    out = []
+    for i in sorted(infos, key=lambda i: i.path):
+        rel = i.path[len(root) :].lstrip("/") or Path(i.path).name
+        if (
+            i.type != pafs.FileType.File
+            or Path(i.path).suffix.lower() not in FILE_SUFFIXES
+            or any(part.startswith(".") for part in Path(rel).parts)
+        ):
+            continue
+        out.append(_File(f"{scheme}://{i.path}", rel, i.size))
+    if not out:
+        raise DataError(f"{uri}: no data files found")
+    return out
+
+
+def _cut(split: str, source: str, sid: int | None, f: _File) -> list[Piece]:
+    suffix = Path(f.path).suffix.lower()
+    if suffix == ".jsonl" and f.size > 0:
+        count = max(1, math.ceil(f.size / PIECE_BYTES))
+        bounds = [round(i * f.size / count) for i in range(count + 1)]
+        return [
+            Piece(0, split, source, sid, f.path, f.rel, "lines", a, b)
+            for a, b in itertools.pairwise(bounds)
+        ]
+    kind = "parquet" if suffix == ".parquet" else "whole"
+    return [Piece(0, split, source, sid, f.path, f.rel, kind, 0, f.size)]
+
+
+def _interleaved(groups: Iterator[list[Piece]]) -> list[Piece]:
+    """Pieces of each source in file order, sources taking turns (so mixed rows interleave)."""
+    by_source: dict[tuple[str, str], list[Piece]] = {}
+    for group in groups:
+        for p in group:
+            by_source.setdefault((p.split, p.source), []).append(p)
+    queues = list(by_source.values())
+    out = []
+    for i in range(max((len(q) for q in queues), default=0)):
+        out += [q[i] for q in queues if i < len(q)]
+    return out
+
+
+# ------------------------------------------------------------------------ row keys and hashes
+
+
+def _key_base(seed: int, salt: str, piece: Piece) -> np.uint64:
+    text = f"{seed}\0{salt}\0{piece.source}\0{piece.rel}".encode()
+    return np.uint64(int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little"))
+
+
+def uniform(seed: int, salt: str, piece: Piece, locators: np.ndarray) -> np.ndarray:
+    """A stable uniform number in [0, 1) per row key (splitmix64 of the key's hash)."""
+    with np.errstate(over="ignore"):
+        x = locators.astype(np.uint64) ^ _key_base(seed, salt, piece)
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def _open(path: str) -> Any:
+    import pyarrow.fs as pafs
+
+    if _is_remote(path):
+        fs, inner = pafs.FileSystem.from_uri(path)
+        return fs.open_input_file(inner)
+    return pafs.LocalFileSystem().open_input_file(path.removeprefix("file://"))
+
+
+def piece_tables(piece: Piece, fields: Fields) -> Iterator[tuple[pa.Table, np.ndarray]]:
+    """The piece's rows as validated canonical tables, with each row's locator."""
+    if piece.kind == "lines":
+        yield _lines_table(piece, fields)
+    elif piece.kind == "parquet":
+        yield from _parquet_tables(piece, fields)
+    else:
+        table = _whole_table(piece, fields)
+        yield table, np.arange(table.num_rows, dtype=np.int64)
+
+
+def _newline_at_or_after(f: Any, pos: int, size: int, chunk: int = 1 << 16) -> int:
+    while pos < size:
+        data = f.read_at(min(chunk, size - pos), pos)
+        found = data.find(b"\n")
+        if found >= 0:
+            return pos + found
+        pos += len(data)
+    return size
+
+
+def _lines_table(piece: Piece, fields: Fields) -> tuple[pa.Table, np.ndarray]:
+    """The JSON Lines rows whose first byte lies in [start, end)."""
+    import pyarrow.json as pj
+
+    with _open(piece.path) as f:
+        size = f.size()
+        lo = 0 if piece.start == 0 else _newline_at_or_after(f, piece.start - 1, size) + 1
+        hi = size if piece.end >= size else _newline_at_or_after(f, piece.end - 1, size) + 1
+        buf = f.read_at(hi - lo, lo) if hi > lo else b""
+    offsets, lines = [], []
+    position = lo
+    for line in buf.split(b"\n"):
+        if line.strip():
+            offsets.append(position)
+            lines.append(line)
+        position += len(line) + 1
+    locators = np.asarray(offsets, dtype=np.int64)
+    if not lines:
+        return pa.table({}), locators
+
+    def where(i: int) -> str:
+        return f"{piece.path}: line {_line_number(piece.path, offsets[i])}"
+
+    body = b"\n".join(lines) + b"\n"
+    try:
+        options = pj.ReadOptions(block_size=max(1 << 20, len(body) + 1))
+        table = pj.read_json(pa.BufferReader(body), read_options=options)
+    except pa.ArrowInvalid:
+        table = _rows_one_by_one(lines, where)
+    return canonical_columns(table, fields, where), locators
+
+
+def _rows_one_by_one(lines: list[bytes], where: Any) -> pa.Table:
+    """Parse lines in Python to name the bad one (pyarrow does not say which)."""
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"{where(i)}: not valid JSON ({exc})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where(i)}: expected a JSON object per line")
+        rows.append(row)
+    try:
+        return pa.Table.from_pylist(rows)
+    except (pa.ArrowException, TypeError, ValueError) as exc:
+        raise DataError(f"{where(0)}: rows do not share one type per field ({exc})") from None
+
+
+def _line_number(path: str, offset: int) -> int:
+    """1-based line number of the byte offset; counted only when a row is reported."""
+    count, pos = 0, 0
+    with _open(path) as f:
+        while pos < offset:
+            data = f.read_at(min(1 << 20, offset - pos), pos)
+            count += data.count(b"\n")
+            pos += len(data)
+    return count + 1
+
+
+def _parquet_tables(piece: Piece, fields: Fields) -> Iterator[tuple[pa.Table, np.ndarray]]:
+    import pyarrow.parquet as pq
+
+    start = 0
+    with _open(piece.path) as f:
+        try:
+            reader = pq.ParquetFile(f)
+        except pa.ArrowException as exc:
+            raise DataError(f"{piece.path}: cannot read file: {exc}") from None
+        for batch in reader.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            table = pa.Table.from_batches([batch])
+            base = start
+
+            def where(i: int, base: int = base) -> str:
+                return f"{piece.path}: row {base + i + 1}"
+
+            yield (
+                canonical_columns(table, fields, where),
+                np.arange(start, start + table.num_rows, dtype=np.int64),
+            )
+            start += table.num_rows
+    if start == 0:
+        raise DataError(f"{piece.path}: file is empty (no rows)")
+
+
+def _whole_table(piece: Piece, fields: Fields) -> pa.Table:
+    if not _is_remote(piece.path):
+        return read_file(Path(piece.path.removeprefix("file://")), fields).table
+    # Remote CSV / JSON / text: a local copy, read by the same reader as local files.
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / Path(piece.rel).name
+        with _open(piece.path) as src, local.open("wb") as dst:
+            shutil.copyfileobj(src, dst)
+        try:
+            return read_file(local, fields).table
+        except DataError as exc:
+            raise DataError(str(exc).replace(str(local), piece.path)) from None
+
+
+# ------------------------------------------------------------------------------ the tasks
+
+
+@dataclass
+class TaskSettings:
+    """What every task needs besides its piece (pickled once into the tasks)."""
+
+    fields: Fields
+    batch_fn: Any
+    split_seed: int
+    seed: int
+    fractions: dict[str, float]
+    labels: int
+    """Number of classification labels (0: not classification)."""
+    repeat: dict[int, float] = field(default_factory=dict)
+    """Training source_id (or -1) -> mixing factor; empty: no mixing."""
+    keep: dict[int, float] = field(default_factory=dict)
+    """Label id -> probability of keeping a training copy; empty: no balancing."""
+    out_dir: str = ""
+
+
+def _assign(piece: Piece, locators: np.ndarray, s: TaskSettings) -> np.ndarray:
+    """Split index (0 train, 1 validation, 2 test) of every row of a piece."""
+    out = np.full(len(locators), SPLITS.index(piece.split), dtype=np.int8)
+    if piece.split != "train" or not s.fractions:
+        return out
+    u = uniform(s.split_seed, "split", piece, locators)
+    test = s.fractions.get("test", 0.0)
+    out[u < test + s.fractions.get("validation", 0.0)] = 1
+    out[u < test] = 2
+    return out
+
+
+def _copies(piece: Piece, locators: np.ndarray, labels: np.ndarray | None, s: TaskSettings):
+    """How many times each training row is written (mixing repeats, balancing drops)."""
+    factor = s.repeat.get(piece.source_id if piece.source_id is not None else -1, 1.0)
+    whole = math.floor(factor)
+    extra = uniform(s.seed, "mix", piece, locators) < factor - whole
+    counts = np.full(len(locators), whole, dtype=np.int64) + extra
+    if s.keep and labels is not None:
+        p = np.asarray([s.keep[k] for k in range(s.labels)])[labels]
+        kept = np.zeros_like(counts)
+        for c in range(int(counts.max(initial=0))):
+            u = uniform(s.seed, f"balance{c}", piece, locators)
+            kept += (c < counts) & (u < p)
+        counts = kept
+    return counts
+
+
+def _with_source(table: pa.Table, piece: Piece, names: list[str]) -> pa.Table:
+    if piece.source_id is None:
+        return table
+    n = table.num_rows
+    table = table.append_column("source", pa.array([names[piece.source_id]] * n, pa.string()))
+    return table.append_column("source_id", pa.array([piece.source_id] * n, pa.int64()))
+
+
+def count_piece(piece: Piece, s: TaskSettings) -> dict:
+    """Validate a piece and count its training rows per source and label (for mixing and
+    balancing)."""
+    counts: dict[str, int] = {}
+    for table, locators in piece_tables(piece, s.fields):
+        train = _assign(piece, locators, s) == 0
+        labels = table.column("label").to_numpy()[train] if "label" in table.column_names else None
+        sid = piece.source_id if piece.source_id is not None else -1
+        if labels is None:
+            counts[f"{sid}:-1"] = counts.get(f"{sid}:-1", 0) + int(train.sum())
+            continue
+        for label, n in zip(*np.unique(labels, return_counts=True), strict=True):
+            counts[f"{sid}:{label}"] = counts.get(f"{sid}:{label}", 0) + int(n)
+    return counts
+
+
+def write_piece(piece: Piece, s: TaskSettings, names: list[str]) -> dict:
+    """Validate, split, mix/balance, tokenize and write a piece; returns per-split counts."""
+    import pyarrow.parquet as pq
+
+    out: dict[str, dict[str, int]] = {}
+    next_row = 0
+    part = 0
+    for table, locators in piece_tables(piece, s.fields):
+        if not table.num_rows:
+            continue
+        table = _with_source(table, piece, names)
+        assigned = _assign(piece, locators, s)
+        for k, split in enumerate(SPLITS):
+            chosen = np.flatnonzero(assigned == k)
+            if not len(chosen):
+                continue
+            if split == "train" and (s.repeat or s.keep):
+                labels = table.column("label").to_numpy()[chosen] if s.keep else None
+                chosen = np.repeat(chosen, _copies(piece, locators[chosen], labels, s))
+            if split == "train":
+                copy = np.arange(len(chosen)) - np.searchsorted(chosen, chosen)
+                salt_keys = locators[chosen] * 64 + copy
+                chosen = chosen[np.argsort(uniform(s.seed, "order", piece, salt_keys))]
+            rows = table.take(pa.array(chosen))
+            ids = (piece.index << ROW_BITS) + next_row + np.arange(rows.num_rows, dtype=np.int64)
+            next_row += rows.num_rows
+            if next_row >= 1 << ROW_BITS:
+                raise DataError(f"{piece.path}: more than {1 << ROW_BITS} rows in one file")
+            rows = rows.append_column("row_id", pa.array(ids))
+            entry = out.setdefault(split, dict.fromkeys(_COUNTS, 0))
+            folder = Path(s.out_dir) / split
+            for start in range(0, rows.num_rows, TOKENIZE_BATCH_ROWS):
+                batch = rows.slice(start, TOKENIZE_BATCH_ROWS)
+                tokens = s.batch_fn(batch)
+                entry["calls"] += 1
+                entry["rows_in"] += batch.num_rows
+                entry["rows_out"] += tokens.num_rows
+                for reason, n in dropped_rows(tokens).items():
+                    entry[f"dropped_{reason}"] = entry.get(f"dropped_{reason}", 0) + n
+                if tokens.num_rows:
+                    entry["tokens_out"] += int(tokens.column("num_tokens").to_numpy().sum())
+                    pq.write_table(tokens, folder / f"part-{piece.index:06d}-{part:05d}.parquet")
+                    part += 1
+    return out
+
+
+def split_rows(plan: StreamPlan, recipe: Any, split: str) -> pa.Table | None:
+    """The raw canonical rows of one split (the evaluation split of the batch stage), read
+    piece by piece in this process with the tasks' split rule; None when the plan has no such
+    split. Holds that split's rows only (not the training data)."""
+    settings = TaskSettings(
+        fields=fields_for(recipe),
+        batch_fn=None,
+        split_seed=recipe.data.split.seed,
+        seed=recipe.train.seed,
+        fractions=plan.fractions,
+        labels=0,
+    )
+    k = SPLITS.index(split)
+    carved = split in plan.fractions
+    parts = []
+    for piece in plan.pieces:
+        if piece.split != split and not (carved and piece.split == "train"):
+            continue
+        for table, locators in piece_tables(piece, settings.fields):
+            chosen = np.flatnonzero(_assign(piece, locators, settings) == k)
+            rows = _with_source(table.take(pa.array(chosen)), piece, plan.sources)
+            ids = (piece.index << ROW_BITS) + chosen.astype(np.int64)
+            parts.append(rows.append_column("row_id", pa.array(ids)))
+    return pa.concat_tables(parts) if parts else None
+
+
+def _run_tasks(plan: StreamPlan, fn: Any, **kwargs: Any) -> Iterator[dict]:
+    """fn(piece, **kwargs) for every piece in Ray Data tasks; yields the results as they come."""
+    import ray
+
+    pieces = [{"piece": json.dumps(asdict(p))} for p in plan.pieces]
+
+    def run(batch: dict) -> dict:
+        results = []
+        for p in batch["piece"]:
+            try:
+                results.append(fn(Piece(**json.loads(p)), **kwargs))
+            except DataError as exc:  # as data: Ray Data's wrappers would drop its type
+                results.append({_ERROR: str(exc)})
+        return {"result": [json.dumps(r) for r in results]}
+
+    ds = ray.data.from_items(pieces, override_num_blocks=min(len(pieces), 200))
+    # Ray Data's default budget runs these (tiny input, long-running) tasks one at a time.
+    tasks = max(1, min(len(pieces), int(ray.cluster_resources().get("CPU", 1))))
+    pool = ray.data.TaskPoolStrategy(size=tasks)
+    ds = ds.map_batches(run, batch_size=1, batch_format="numpy", compute=pool)
+    for row in ds.iter_rows():
+        result = json.loads(row["result"])
+        if _ERROR in result:
+            raise DataError(result[_ERROR])
+        yield result
+
+
+# ------------------------------------------------------------------------------ the driver
+
+
+def write_splits(
+    plan: StreamPlan, recipe: Any, tokenizer: Any, out_dir: Path
+) -> dict[str, dict[str, int]]:
+    """Prepare every split of the plan into `out_dir/<split>/` with Ray Data tasks; returns the
+    tasks' counts summed per split (calls, rows_in, rows_out, tokens_out, dropped_<reason>).
+
+    Raises DataError for bad data (wherever the task found it) and for empty splits; the caller
+    removes `out_dir` then. Needs a running Ray.
+    """
+    d = recipe.data
+    check_prompt_template(d.prompt_template)
+    labels = len(recipe.model.labels or ()) if d.format == "classification" else 0
+    settings = TaskSettings(
+        fields=fields_for(recipe, tokenizer),
+        batch_fn=tokenizer_for_batches(recipe, tokenizer),
+        split_seed=d.split.seed,
+        seed=recipe.train.seed,
+        fractions=plan.fractions,
+        labels=labels,
+        out_dir=str(out_dir),
+    )
+    splits = {p.split for p in plan.pieces} | set(plan.fractions) | {"train"}
+    for split in splits:
+        (out_dir / split).mkdir(parents=True, exist_ok=True)
+    try:
+        if plan.weights or (d.balance and labels):
+            _plan_copies(plan, settings, recipe, balance=bool(d.balance and labels))
+        totals: dict[str, dict[str, int]] = {}
+        for result in _run_tasks(plan, write_piece, s=settings, names=plan.sources):
+            for split, counts in result.items():
+                entry = totals.setdefault(split, {})
+                for key, value in counts.items():
+                    entry[key] = entry.get(key, 0) + value
+    except BaseException as exc:
+        data_error = data_error_in(exc)
+        if data_error is not None:
+            raise data_error from None
+        raise
+    for split in sorted(splits, key=SPLITS.index):
+        counts = totals.get(split, {})
+        if not counts.get("rows_in"):
+            raise DataError(f"data.{split}: the {split} split is empty (no rows)")
+        if not counts.get("rows_out"):
+            raise DataError(
+                f"data.{split}: no examples left after tokenization ({counts['rows_in']} rows "
+                f"in; rows too long for data.max_length={d.max_length} are dropped)"
+            )
+    return {k: totals[k] for k in sorted(totals, key=SPLITS.index)}
+
+
+def _plan_copies(plan: StreamPlan, s: TaskSettings, recipe: Any, *, balance: bool) -> None:
+    """Count training rows per source and label (a validating pass in tasks), then set the
+    mixing factors and balancing probabilities the writing tasks apply."""
+    counts: dict[tuple[int, int], int] = {}
+    for result in _run_tasks(plan, count_piece, s=s):
+        for key, n in result.items():
+            sid, label = (int(x) for x in key.split(":"))
+            counts[(sid, label)] = counts.get((sid, label), 0) + n
+    per_source: dict[int, int] = {}
+    for (sid, _), n in counts.items():
+        per_source[sid] = per_source.get(sid, 0) + n
+    if plan.weights:
+        total = sum(per_source.values())
+        weight_sum = sum(plan.weights.values())
+        for sid, weight in plan.weights.items():
+            rows = per_source.get(sid, 0)
+            if rows == 0:
+                raise DataError(f"data.train: source {plan.sources[sid]} has no training rows")
+            s.repeat[sid] = weight / weight_sum * total / rows
+    if balance:
+        names = list(recipe.model.labels or ())
+        expected = [
+            sum(
+                n * s.repeat.get(sid, 1.0)
+                for (sid, label), n in sorted(counts.items())
+                if label == k
+            )
+            for k in range(s.labels)
+        ]
+        empty = [names[k] for k, n in enumerate(expected) if n == 0]
+        if empty:
+            raise DataError(
+                f"data.balance: label(s) {', '.join(empty)} have no training rows, so "
+                "balancing would leave nothing"
+            )
+        smallest = min(expected)
+        s.keep.update({k: smallest / n for k, n in enumerate(expected)})
