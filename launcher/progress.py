@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
@@ -95,3 +97,36 @@ def format_stats(metrics: dict[str, Any]) -> str:
             else:
                 parts.append(f"{key}={value:.4f}")
     return "  ".join(parts)
+
+
+@contextmanager
+def progress_display(
+    total: int | None, description: str, enabled: bool = True, unit: str = "rows"
+) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr with units done, units/s and ETA; yields advance(n).
+
+    For long work outside training: the batch stage's rows, the streamed data preparation's
+    pieces."""
+    from rich.progress import MofNCompleteColumn
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:>8.1f} " + unit + "/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+    )
+    start = time.monotonic()
+    with progress:
+        task = progress.add_task(description, total=total, rate=0.0)
+
+        def advance(rows: int) -> None:
+            done = progress.tasks[0].completed + rows
+            rate = done / max(time.monotonic() - start, 1e-9)
+            progress.update(task, advance=rows, rate=rate)
+
+        yield advance

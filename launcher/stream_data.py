@@ -58,6 +58,7 @@ from launcher.data import (
     source_name,
     sources_of,
 )
+from launcher.progress import progress_display
 from launcher.records import (
     FILE_SUFFIXES,
     DataError,
@@ -563,8 +564,9 @@ def split_rows(plan: StreamPlan, recipe: Any, split: str) -> pa.Table | None:
     return pa.concat_tables(parts) if parts else None
 
 
-def _run_tasks(plan: StreamPlan, fn: Any, **kwargs: Any) -> Iterator[dict]:
-    """fn(piece, **kwargs) for every piece in Ray Data tasks; yields the results as they come."""
+def _run_tasks(plan: StreamPlan, fn: Any, description: str, **kwargs: Any) -> Iterator[dict]:
+    """fn(piece, **kwargs) for every piece in Ray Data tasks; yields the results as they come,
+    with a progress bar of the pieces done (a large source takes minutes)."""
     import ray
 
     pieces = [{"piece": json.dumps(asdict(p))} for p in plan.pieces]
@@ -583,11 +585,13 @@ def _run_tasks(plan: StreamPlan, fn: Any, **kwargs: Any) -> Iterator[dict]:
     tasks = max(1, min(len(pieces), int(ray.cluster_resources().get("CPU", 1))))
     pool = ray.data.TaskPoolStrategy(size=tasks)
     ds = ds.map_batches(run, batch_size=1, batch_format="numpy", compute=pool)
-    for row in ds.iter_rows():
-        result = json.loads(row["result"])
-        if _ERROR in result:
-            raise DataError(result[_ERROR])
-        yield result
+    with progress_display(len(pieces), description, unit="pieces") as advance:
+        for row in ds.iter_rows():
+            result = json.loads(row["result"])
+            if _ERROR in result:
+                raise DataError(result[_ERROR])
+            advance(1)
+            yield result
 
 
 # ------------------------------------------------------------------------------ the driver
@@ -621,7 +625,8 @@ def write_splits(
         if plan.weights or (d.balance and labels):
             _plan_copies(plan, settings, recipe, balance=bool(d.balance and labels))
         totals: dict[str, dict[str, int]] = {}
-        for result in _run_tasks(plan, write_piece, s=settings, names=plan.sources):
+        tasks = _run_tasks(plan, write_piece, "prepare", s=settings, names=plan.sources)
+        for result in tasks:
             for split, counts in result.items():
                 entry = totals.setdefault(split, {})
                 for key, value in counts.items():
@@ -647,7 +652,7 @@ def _plan_copies(plan: StreamPlan, s: TaskSettings, recipe: Any, *, balance: boo
     """Count training rows per source and label (a validating pass in tasks), then set the
     mixing factors and balancing probabilities the writing tasks apply."""
     counts: dict[tuple[int, int], int] = {}
-    for result in _run_tasks(plan, count_piece, s=s):
+    for result in _run_tasks(plan, count_piece, "count", s=s):
         for key, n in result.items():
             sid, label = (int(x) for x in key.split(":"))
             counts[(sid, label)] = counts.get((sid, label), 0) + n

@@ -44,6 +44,8 @@ OWN_LINES = [
     r"  python -c .+",
     # The batch stage's progress bar; off a terminal it is drawn once, when it ends.
     r"(evaluate|generate|score) [━╺╸ ]+ \d+/\d+ +[\d.]+ rows/s [\d:]+ ETA [\d:-]+",
+    # The streamed data preparation's (large sources only).
+    r"(count|prepare) [━╺╸ ]+ \d+/\d+ +[\d.]+ pieces/s [\d:]+ ETA [\d:-]+",
     r"wrote quickstart data to .+",
     r"validation \w+: before [\d.]+ -> after [\d.]+",
 ]

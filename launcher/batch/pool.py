@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.batch.inputs import INTERNAL_PREFIX, BatchInputError
 from launcher.batch.source import ModelSource, scoring_tokenizer
 from launcher.batch.worker import BatchWorker
+from launcher.progress import progress_display
 from launcher.raysession import in_process_allowed, quiet_ray_data
 
 # Model batches per actor call: rows are sorted by length within this window.
@@ -132,42 +131,6 @@ def actor_restarts() -> dict:
 
     nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
     return {"max_restarts": 0} if nodes <= 1 else {}
-
-
-@contextmanager
-def progress_display(total: int | None, description: str, enabled: bool = True):
-    """A rich progress bar on stderr with rows done, rows/s and ETA; yields advance(n)."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:>8.1f} rows/s"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
-    start = time.monotonic()
-    with progress:
-        task = progress.add_task(description, total=total, rate=0.0)
-
-        def advance(rows: int) -> None:
-            done = progress.tasks[0].completed + rows
-            rate = done / max(time.monotonic() - start, 1e-9)
-            progress.update(task, advance=rows, rate=rate)
-
-        yield advance
 
 
 class OutputWriter:
