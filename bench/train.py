@@ -3,8 +3,9 @@
 Both sides train the same model on the same rows (every row exactly `length` tokens, so no
 padding and no shuffling difference matters), with the same batch, optimizer (AdamW, linear
 schedule, gradient clipping at 1.0), dropout and torch thread count. ftlaunch's steady-state
-tokens/s comes from the run's own metrics.jsonl after the warm-up steps; the plain loop times
-the same steps with perf_counter.
+tokens/s (samples/s for classification) comes from the run's own metrics.jsonl after the warm-up
+steps; the plain loop times the same steps with perf_counter. Classification rows are all
+exactly `length` tokens as well (texts at least that long, truncated), so no padding differs.
 """
 
 from __future__ import annotations
@@ -36,6 +37,17 @@ class TrainSpec:
     workers: int = 1
     cpus_per_worker: int = 2
     device: str = "cpu"  # "cuda": one GPU per worker, bf16 autocast on both sides
+    task: str = "causal_lm"  # or "classification": rows carry a label, throughput in samples/s
+    labels: tuple[str, ...] = ()  # classification: the label names, in id order
+
+    @property
+    def classification(self) -> bool:
+        return self.task == "classification"
+
+    @property
+    def unit(self) -> str:
+        """The throughput figure compared: samples/s for classification, else tokens/s."""
+        return "samples_per_s" if self.classification else "tokens_per_s"
 
 
 class TimedView:
@@ -89,6 +101,9 @@ def recipe_body(spec: TrainSpec, storage: Path) -> dict[str, Any]:
         },
         "checkpoint": {"storage_path": str(storage), "keep": 1},
     }
+    if spec.classification:
+        body["model"].update(task="classification", labels=list(spec.labels))
+        body["data"]["format"] = "classification"
     if spec.lora:
         body["finetune"] = {
             "method": "lora",
@@ -98,14 +113,20 @@ def recipe_body(spec: TrainSpec, storage: Path) -> dict[str, Any]:
 
 
 def steady_state(metrics: list[dict[str, Any]], warmup: int) -> dict[str, float]:
-    """Tokens and seconds of the report windows after the warm-up steps."""
+    """Tokens, samples and seconds of the report windows after the warm-up steps."""
     windows = [m for m in metrics if m.get("tokens_per_s") and m.get("step", 0) > warmup]
     tokens = sum(float(m["tokens"]) for m in windows)
-    seconds = sum(float(m["tokens"]) / float(m["tokens_per_s"]) for m in windows)
+    spans = [float(m["tokens"]) / float(m["tokens_per_s"]) for m in windows]
+    seconds = sum(spans)
+    samples = sum(
+        float(m.get("samples_per_s", 0.0)) * s for m, s in zip(windows, spans, strict=True)
+    )
     return {
         "tokens": tokens,
+        "samples": samples,
         "seconds": seconds,
         "tokens_per_s": tokens / seconds if seconds else None,
+        "samples_per_s": samples / seconds if seconds else None,
         "reports": len(windows),
     }
 
@@ -167,18 +188,26 @@ def timeline(view: TimedView, started: float) -> dict[str, float | None]:
 # ------------------------------------------------------------------------------ plain loop
 
 
-def load_plain_model(model: dict[str, Any]):
-    """The model with transformers alone (GGUF dequantized on load), fp32."""
+def load_plain_model(model: dict[str, Any], labels: tuple[str, ...] = ()):
+    """The model with transformers alone (GGUF dequantized on load), fp32; with `labels` a
+    sequence classification head of that many classes."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from launcher.models import package_path
 
     source = model["name_or_path"]
     if source.startswith("pkg:"):
         source = str(package_path(source))
-    kwargs = {"gguf_file": model["gguf_file"]} if model.get("gguf_file") else {}
-    return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    kwargs: dict[str, Any] = {"gguf_file": model["gguf_file"]} if model.get("gguf_file") else {}
+    if not labels:
+        return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    kwargs.update(
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+    )
+    return AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32, **kwargs)
 
 
 def load_plain_tokenizer(model: dict[str, Any]):
@@ -206,6 +235,38 @@ def plain_rows(spec: TrainSpec, tokenizer) -> Any:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def plain_classification_rows(spec: TrainSpec, tokenizer) -> tuple[Any, Any]:
+    """(ids, label ids): texts truncated to `length` with special tokens, as ftlaunch's
+    classification format tokenizes them; rows shorter than `length` are left out."""
+    import json
+
+    import torch
+
+    rows = [json.loads(line) for line in spec.data.read_text().splitlines() if line]
+    encoded = tokenizer(
+        [r["text"] for r in rows], truncation=True, max_length=spec.length, verbose=False
+    )["input_ids"]
+    ids = {name: i for i, name in enumerate(spec.labels)}
+    kept = [
+        (row, ids[r["label"]])
+        for row, r in zip(encoded, rows, strict=True)
+        if len(row) == spec.length
+    ]
+    return (
+        torch.tensor([row for row, _ in kept], dtype=torch.long),
+        torch.tensor([label for _, label in kept], dtype=torch.long),
+    )
+
+
+def plain_examples(spec: TrainSpec, tokenizer) -> tuple[Any, Any]:
+    """(input ids, targets) of every training row: the labels of a classification row, the
+    ids themselves for a causal LM."""
+    if spec.classification:
+        return plain_classification_rows(spec, tokenizer)
+    rows = plain_rows(spec, tokenizer)
+    return rows, rows
+
+
 def run_plain(spec: TrainSpec, threads: int | None = None) -> dict[str, Any]:
     """The same steps with PyTorch + transformers (+ peft) only, timed from the outside."""
     import torch
@@ -224,9 +285,9 @@ def run_plain(spec: TrainSpec, threads: int | None = None) -> dict[str, Any]:
     marks = {"start": time.perf_counter()}
     torch.manual_seed(0)
     tokenizer = load_plain_tokenizer(spec.model)
-    rows = plain_rows(spec, tokenizer).to(device)
+    rows, targets = (t.to(device) for t in plain_examples(spec, tokenizer))
     marks["data_ready"] = now()
-    model = load_plain_model(spec.model).to(device)
+    model = load_plain_model(spec.model, spec.labels if spec.classification else ()).to(device)
     shape = model_shape(model)
     if spec.lora:
         from peft import LoraConfig, get_peft_model
@@ -252,9 +313,9 @@ def run_plain(spec: TrainSpec, threads: int | None = None) -> dict[str, Any]:
         if step == spec.warmup:
             steady_from = now()
         start = (step * spec.batch_size) % (rows.shape[0] - spec.batch_size + 1)
-        batch = rows[order[start : start + spec.batch_size].to(device)]
+        picked = order[start : start + spec.batch_size].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            out = model(input_ids=batch, attention_mask=mask, labels=batch)
+            out = model(input_ids=rows[picked], attention_mask=mask, labels=targets[picked])
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -266,11 +327,14 @@ def run_plain(spec: TrainSpec, threads: int | None = None) -> dict[str, Any]:
     ended = now()
     measured = spec.steps - spec.warmup
     seconds = ended - steady_from if steady_from else None
-    tokens = measured * spec.batch_size * spec.length
+    samples = measured * spec.batch_size
+    tokens = samples * spec.length
     return {
         "tokens": tokens,
+        "samples": samples,
         "seconds": seconds,
         "tokens_per_s": tokens / seconds if seconds else None,
+        "samples_per_s": samples / seconds if seconds else None,
         "steps": measured,
         "final_loss": losses[-1] if losses else None,
         "timeline": {k: v - marks["start"] for k, v in marks.items() if k != "start"},
@@ -291,7 +355,7 @@ def model_shape(model) -> dict[str, int]:
 def add_mfu(out: dict[str, Any], spec: TrainSpec, accel: Accelerator | None) -> None:
     """MFU of both sides on GPUs: the same FLOPs per token, each side's tokens/s."""
     shape = next((r.get("model_shape") for r in out["plain_runs"] if r.get("model_shape")), None)
-    if accel is None or accel.device != "cuda" or shape is None:
+    if accel is None or accel.device != "cuda" or shape is None or spec.classification:
         return
     flops = training_flops_per_token(
         shape["params"], shape["layers"], shape["hidden"], spec.length, frozen_base=spec.lora
@@ -308,21 +372,26 @@ def add_mfu(out: dict[str, Any], spec: TrainSpec, accel: Accelerator | None) -> 
 def measure_throughput(
     spec: TrainSpec, repeats: int, storage: Path, accel: Accelerator | None = None
 ) -> dict[str, Any]:
-    """Steady-state tokens/s, ftlaunch and plain alternating, `repeats` times each; on GPUs
-    also the model FLOPs utilisation of each."""
+    """Steady-state tokens/s (samples/s for classification), ftlaunch and plain alternating,
+    `repeats` times each; on GPUs also the model FLOPs utilisation of each. The ratio is the
+    median of the pairs' ratios (each pair ran back to back, so load from elsewhere hits both
+    sides of it alike); the per-side figures are each side's median."""
     ours, theirs = [], []
     for i in range(repeats):
         log(f"throughput {spec.label}: ftlaunch run {i + 1}/{repeats}")
         ours.append(run_ftlaunch(spec, storage))
         log(f"throughput {spec.label}: plain loop {i + 1}/{repeats}")
         theirs.append(run_plain(spec))
-    a = median(r["tokens_per_s"] for r in ours)
-    b = median(r["tokens_per_s"] for r in theirs)
+    unit = spec.unit
+    a = median(r[unit] for r in ours)
+    b = median(r[unit] for r in theirs)
     out = {
         "spec": describe(spec),
-        "ftlaunch_tokens_per_s": a,
-        "plain_tokens_per_s": b,
-        "ratio": ratio(a, b),
+        "unit": unit,
+        f"ftlaunch_{unit}": a,
+        f"plain_{unit}": b,
+        "ratio": median(ratio(x[unit], y[unit]) for x, y in zip(ours, theirs, strict=True)),
+        "ratio_of_medians": ratio(a, b),
         "ftlaunch_runs": ours,
         "plain_runs": theirs,
     }
@@ -422,6 +491,7 @@ def describe(spec: TrainSpec) -> dict[str, Any]:
         "batch_size": spec.batch_size,
         "length": spec.length,
         "lora": spec.lora,
+        "task": spec.task,
         "workers": spec.workers,
         "cpus_per_worker": spec.cpus_per_worker,
         "device": spec.device,

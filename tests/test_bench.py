@@ -191,3 +191,120 @@ def test_checkpoint_upload_stall_is_the_extra_time_after_each_checkpoint():
         times[checkpoint + 2] = 1.5  # a step slowed by an upload still going
     figures = side_figures(times)
     assert figures == {"steady_s": 1.0, "after_checkpoint_s": 4.0, "stall_s": 3.5}
+
+
+def _classification_spec(model_dir, data, **changes):
+    from bench.train import TrainSpec
+
+    fields = {
+        "label": "bert-cls",
+        "model": {"name_or_path": str(model_dir)},
+        "data": data,
+        "steps": 4,
+        "warmup": 1,
+        "log_every": 2,
+        "batch_size": 4,
+        "length": 8,
+        "cpus_per_worker": 2,
+        "task": "classification",
+        "labels": ("ham", "spam"),
+    }
+    return TrainSpec(**(fields | changes))
+
+
+def test_classification_recipe_names_the_task_labels_and_format(tmp_path):
+    from bench.train import recipe_body
+    from launcher.recipe import Recipe
+
+    spec = _classification_spec("/models/bert", tmp_path / "rows.jsonl")
+    body = recipe_body(spec, tmp_path / "runs")
+    assert body["model"]["task"] == "classification"
+    assert body["model"]["labels"] == ["ham", "spam"]
+    assert body["data"]["format"] == "classification" and body["data"]["max_length"] == 8
+    assert body["scaling"]["cpus_per_worker"] == 2
+    assert spec.unit == "samples_per_s"
+    Recipe.model_validate(body)
+
+
+def test_steady_state_counts_samples_of_the_windows_after_warmup():
+    from bench.train import steady_state
+
+    metrics = [
+        {"step": 2, "tokens": 100.0, "tokens_per_s": 10.0, "samples_per_s": 1.0},
+        {"step": 4, "tokens": 200.0, "tokens_per_s": 100.0, "samples_per_s": 8.0},
+        {"step": 6, "tokens": 300.0, "tokens_per_s": 100.0, "samples_per_s": 8.0},
+    ]
+    out = steady_state(metrics, warmup=2)
+    assert out["seconds"] == pytest.approx(5.0) and out["samples"] == pytest.approx(40.0)
+    assert out["samples_per_s"] == pytest.approx(8.0) and out["tokens_per_s"] == 100.0
+
+
+def test_long_enough_rows_keep_texts_that_fill_the_length(tiny_bert, tmp_path):
+    from bench.common import long_enough_rows, write_rows
+    from bench.train import load_plain_tokenizer
+
+    tokenizer = load_plain_tokenizer({"name_or_path": str(tiny_bert)})
+    rows = [{"text": "good " * n, "label": "ham"} for n in (1, 2, 3, 6, 20)]
+    path = write_rows(tmp_path / "rows.jsonl", rows)
+    kept = long_enough_rows(tokenizer, path, 8)
+    sizes = {r["text"]: len(tokenizer(r["text"])["input_ids"]) for r in rows}
+    assert kept and len(kept) < len(rows)
+    assert kept == [r for r in rows if sizes[r["text"]] >= 8]  # in file order
+
+
+def test_plain_classification_loop_trains_exact_length_rows(tiny_bert, tmp_path):
+    """The plain side of the classification row: truncated rows of exactly `length` tokens,
+    label ids in the spec's order, a classification head, samples/s."""
+    from bench.common import write_rows
+    from bench.train import load_plain_tokenizer, plain_examples, run_plain
+
+    words = ["good", "movie", "bad", "film", "great", "plot", "awful", "acting"]
+    rows = [
+        {"text": " ".join(words[i % 8 :] + words) + " extra", "label": ("ham", "spam")[i % 2]}
+        for i in range(24)
+    ] + [{"text": "short", "label": "ham"}]
+    spec = _classification_spec(tiny_bert, write_rows(tmp_path / "rows.jsonl", rows))
+    ids, targets = plain_examples(spec, load_plain_tokenizer(spec.model))
+    assert tuple(ids.shape) == (24, 8)  # the short row is left out, the rest truncated
+    assert targets.tolist() == [i % 2 for i in range(24)]
+    plain = run_plain(spec)
+    assert plain["samples"] == 3 * 4 and plain["tokens"] == 3 * 4 * 8
+    assert plain["samples_per_s"] > 0 and plain["final_loss"] > 0
+
+
+def test_throughput_ratio_is_the_median_of_paired_ratios(monkeypatch, tmp_path):
+    from bench import train
+
+    spec = _classification_spec("/models/bert", tmp_path / "rows.jsonl", workers=1)
+    ours = iter([{"samples_per_s": v} for v in (9.0, 4.0, 10.0)])
+    theirs = iter([{"samples_per_s": v} for v in (10.0, 5.0, 20.0)])
+    monkeypatch.setattr(train, "run_ftlaunch", lambda spec, storage: next(ours))
+    monkeypatch.setattr(train, "run_plain", lambda spec: next(theirs))
+    out = train.measure_throughput(spec, 3, tmp_path)
+    assert out["unit"] == "samples_per_s"
+    assert out["ftlaunch_samples_per_s"] == 9.0 and out["plain_samples_per_s"] == 10.0
+    assert out["ratio"] == pytest.approx(0.8) and out["ratio_of_medians"] == pytest.approx(0.9)
+
+
+def test_a_run_of_some_sections_keeps_latest_md(tmp_path):
+    from bench.run import write_results
+
+    result = {
+        "date": "d",
+        "host": "h",
+        "mode": "full",
+        "machine": {"cpus": 2, "torch": "t", "ray": "r", "transformers": "x", "load_start": 0.0},
+        "sections": {
+            "train_classification": {
+                "spec": {"label": "minilm-sms-spam"},
+                "ftlaunch_samples_per_s": 15.0,
+                "plain_samples_per_s": 16.0,
+                "ratio": 0.94,
+            }
+        },
+    }
+    json_path, md_path = write_results(result, tmp_path, full=False)
+    assert md_path.name == json_path.name.replace(".json", ".md")
+    assert not (tmp_path / "latest.md").exists()
+    assert "| 1 | training samples/s, steady state, minilm-sms-spam | 15" in md_path.read_text()
+    assert write_results(result, tmp_path)[1].name == "latest.md"
