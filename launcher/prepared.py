@@ -35,7 +35,7 @@ from typing import Any
 
 from launcher.data import SPLITS, PreparedData, prepare_data, sources_of
 from launcher.records import DataError, is_glob
-from launcher.stream_data import StreamPlan, stream_plan, write_splits
+from launcher.stream_data import StreamPlan, stream_plan, uri_files, write_splits
 
 CACHE_FORMAT = 1
 """Bumped whenever the layout of an entry or the meaning of its columns changes."""
@@ -171,22 +171,11 @@ def _file_state(path: Path, name: str) -> list:
 
 def _uri_files(uri: str) -> list:
     """Size and mtime (and etag when the filesystem reports one) of the files under a URI."""
-    import pyarrow.fs as pafs
-
     try:
-        fs, root = pafs.FileSystem.from_uri(uri)
-        info = fs.get_file_info(root)
-        if info.type == pafs.FileType.Directory:
-            infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        else:
-            infos = [info]
+        _, infos = uri_files(uri)
     except Exception as exc:  # unreachable store: the read fails with its own message later
         return [f"unlisted: {type(exc).__name__}"]
-    return sorted(
-        [i.path, i.size, i.mtime_ns, getattr(i, "etag", None)]
-        for i in infos
-        if i.type == pafs.FileType.File
-    )
+    return [[i.path, i.size, i.mtime_ns, getattr(i, "etag", None)] for i in infos]
 
 
 def _file_hash(path: Path) -> str:

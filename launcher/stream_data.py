@@ -214,26 +214,31 @@ def _glob_root(pattern: Path) -> Path:
     return Path(*parts)
 
 
-def _list_uri(uri: str) -> list[_File]:
+def uri_files(uri: str) -> tuple[str, list]:
+    """The files under a URI (one object, or everything below a prefix) as pyarrow FileInfo
+    objects, with the root path they were listed from. Raises what the filesystem raises."""
     import pyarrow.fs as pafs
 
+    fs, root = pafs.FileSystem.from_uri(uri)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.Directory:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    else:
+        infos = [info]
+    return root, sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
+
+
+def _list_uri(uri: str) -> list[_File]:
     try:
-        fs, root = pafs.FileSystem.from_uri(uri)
-        info = fs.get_file_info(root)
-        if info.type == pafs.FileType.Directory:
-            infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        else:
-            infos = [info]
+        root, infos = uri_files(uri)
     except Exception as exc:
         raise DataError(f"{uri}: cannot list: {exc}") from None
     scheme = uri.split("://", 1)[0]
     out = []
-    for i in sorted(infos, key=lambda i: i.path):
+    for i in infos:
         rel = i.path[len(root) :].lstrip("/") or Path(i.path).name
-        if (
-            i.type != pafs.FileType.File
-            or Path(i.path).suffix.lower() not in FILE_SUFFIXES
-            or any(part.startswith(".") for part in Path(rel).parts)
+        if Path(i.path).suffix.lower() not in FILE_SUFFIXES or any(
+            part.startswith(".") for part in Path(rel).parts
         ):
             continue
         out.append(_File(f"{scheme}://{i.path}", rel, i.size))
@@ -538,11 +543,9 @@ def write_piece(piece: Piece, s: TaskSettings, names: list[str]) -> dict:
     return out
 
 
-def split_rows(plan: StreamPlan, recipe: Any, split: str) -> pa.Table | None:
-    """The raw canonical rows of one split (the evaluation split of the batch stage), read
-    piece by piece in this process with the tasks' split rule; None when the plan has no such
-    split. Holds that split's rows only (not the training data)."""
-    settings = TaskSettings(
+def reading_settings(plan: StreamPlan, recipe: Any) -> TaskSettings:
+    """Settings that read and split rows as the tasks do, without tokenizing."""
+    return TaskSettings(
         fields=fields_for(recipe),
         batch_fn=None,
         split_seed=recipe.data.split.seed,
@@ -550,6 +553,13 @@ def split_rows(plan: StreamPlan, recipe: Any, split: str) -> pa.Table | None:
         fractions=plan.fractions,
         labels=0,
     )
+
+
+def split_rows(plan: StreamPlan, recipe: Any, split: str) -> pa.Table | None:
+    """The raw canonical rows of one split (the evaluation split of the batch stage), read
+    piece by piece in this process with the tasks' split rule; None when the plan has no such
+    split. Holds that split's rows only (not the training data)."""
+    settings = reading_settings(plan, recipe)
     k = SPLITS.index(split)
     carved = split in plan.fractions
     parts = []

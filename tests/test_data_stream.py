@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from launcher import prepared as P
 from launcher import stream_data as S
 from launcher.cli import cli
-from launcher.data import SPLITS, fields_for
+from launcher.data import SPLITS
 from launcher.dev.synthetic import review_rows, story_lines, write_jsonl
 from launcher.recipe import load_recipe, validate_data
 from tests.helpers import write_recipe
@@ -63,14 +63,7 @@ def text_recipe(tmp_path: Path, model: Path, train: str, **data):
 
 def assigned_keys(plan: S.StreamPlan, recipe) -> dict[str, set]:
     """(file, locator) of every row per split, computed piece by piece as the tasks do."""
-    settings = S.TaskSettings(
-        fields=fields_for(recipe),
-        batch_fn=None,
-        split_seed=recipe.data.split.seed,
-        seed=recipe.train.seed,
-        fractions=plan.fractions,
-        labels=0,
-    )
+    settings = S.reading_settings(plan, recipe)
     keys: dict[str, set] = {name: set() for name in SPLITS}
     for piece in plan.pieces:
         for table, locators in S.piece_tables(piece, settings.fields):
