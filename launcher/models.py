@@ -361,9 +361,6 @@ def load_structure(
     found = _checkpoint_keys(model, files)
     if found is None:
         return None
-    state = model.state_dict(keep_vars=True)
-    loaded = {id(state[name]) for name in found}
-    mark_new_weights(model, [name for name, t in state.items() if id(t) not in loaded])
     _initialize_missing(model, found)
     model.eval()  # as from_pretrained returns it
     if model.can_generate() and (source / "generation_config.json").is_file():
@@ -423,12 +420,14 @@ def _checkpoint_keys(model: nn.Module, files: list[Path]) -> dict[str, tuple[str
 
 def _initialize_missing(model: nn.Module, found: dict[str, tuple[str, str]]) -> None:
     """Mark checkpoint tensors with their source; give the rest real memory and initialise them
-    with the model's own init (which skips tensors flagged `_is_hf_initialized`)."""
+    with the model's own init (which skips tensors flagged `_is_hf_initialized`), and name them
+    on the model as new (`mark_new_weights`)."""
     state = model.state_dict(keep_vars=True)
     for name, where in found.items():
         setattr(state[name], CHECKPOINT_SOURCE, where)
         state[name]._is_hf_initialized = True
     loaded = {id(state[name]) for name in found}
+    mark_new_weights(model, [name for name, t in state.items() if id(t) not in loaded])
     fresh = {id(t) for t in state.values() if id(t) not in loaded}
     fresh |= {id(b) for _, b in model.named_non_persistent_buffers()}
     replace_tensors(model, fresh, lambda t: torch.empty_like(t, device="cpu"))
