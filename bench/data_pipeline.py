@@ -90,7 +90,11 @@ def run_datasets(path: Path, tokenizer) -> int:
 
     datasets.disable_progress_bars()
     with tempfile.TemporaryDirectory(prefix="bench-hf-") as cache:
-        ds = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache)
+        if path.is_dir():  # the streamed measurements' Parquet files
+            files = [str(f) for f in sorted(path.glob("*.parquet"))]
+            ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=cache)
+        else:
+            ds = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache)
 
         def tokenize(batch: dict[str, list]) -> dict[str, list]:
             enc = tokenizer(batch["text"], truncation=True, max_length=MAX_LENGTH)
@@ -283,23 +287,33 @@ def measure_streamed(
     the driver's peak RSS must not grow with the data; the tree's peak (Ray's workers and
     object store included) may grow a little with the number of tasks in flight. With
     out_file, the results so far are written after each multiplier (a slow machine may not
-    get through 100x)."""
+    get through 100x).
+
+    Up to BASELINE_MAX_TIMES, one-process `datasets.map` tokenizes the same Parquet files in
+    the same run (each side one tokenizer thread): rows/s as a ratio."""
     runs: dict[str, Any] = {}
+    baseline: dict[str, Any] = {}
     result: dict[str, Any] = {}
     for times in multipliers:
         folder = repeated_parquet(source, times, work / f"sst2-parquet-x{times}")
         env = {"BENCH_CACHE_DIR": str(work / f"cache-x{times}"), "FTLAUNCH_STREAM_BYTES": "0"}
         log(f"data streamed: {times}x")
         runs[f"{times}x"] = spawn("cache", folder, model_dir, env)
+        if times <= BASELINE_MAX_TIMES:
+            log(f"data streamed: {times}x, datasets.map on the same files")
+            baseline[f"{times}x"] = spawn("datasets", folder, model_dir)
         shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(work / f"cache-x{times}", ignore_errors=True)
-        result = _streamed_summary(runs)
+        result = _streamed_summary(runs, baseline)
         if out_file is not None:
             out_file.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
-def _streamed_summary(runs: dict[str, Any]) -> dict[str, Any]:
+BASELINE_MAX_TIMES = 10  # datasets.map at 100x would add about ten minutes
+
+
+def _streamed_summary(runs: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
     multipliers = [int(k.removesuffix("x")) for k in runs]
     first, last = f"{multipliers[0]}x", f"{multipliers[-1]}x"
     tree = f"{multipliers[1]}x" if len(multipliers) > 1 else first
@@ -313,7 +327,12 @@ def _streamed_summary(runs: dict[str, Any]) -> dict[str, Any]:
         "tree_peak_mb": {k: r["peak_mb"] for k, r in runs.items()},
         "tree_peak_ratio": ratio(runs[tree]["peak_mb"], runs[first]["peak_mb"]),
         "rows_per_s": {k: r["rows_per_s"] for k, r in runs.items()},
+        "datasets_map_rows_per_s": {k: r["rows_per_s"] for k, r in baseline.items()},
+        "rows_per_s_ratio": {
+            k: ratio(runs[k]["rows_per_s"], r["rows_per_s"]) for k, r in baseline.items()
+        },
         "runs": runs,
+        "datasets_map_runs": baseline,
     }
 
 

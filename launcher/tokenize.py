@@ -248,14 +248,15 @@ def _chat_batches(
 def tokenize_classification(table: pa.Table, tokenizer: Any, max_length: int) -> pa.Table:
     """Text truncated to max_length (with the tokenizer's special tokens); label id per row."""
     texts = table.column("text").to_pylist()
-    encoded = (
+    batch = (
         tokenizer(
             texts, add_special_tokens=True, truncation=True, max_length=max_length, verbose=False
-        )["input_ids"]
+        )
         if texts
-        else []
+        else None
     )
-    truncated = _count_truncated(tokenizer, texts, encoded, max_length)
+    encoded = batch["input_ids"] if batch is not None else []
+    truncated = _count_truncated(tokenizer, texts, batch, max_length) if texts else 0
     columns: dict[str, pa.Array] = {
         "input_ids": pa.array(encoded, pa.list_(pa.int32())),
         "attention_mask": pa.array([[1] * len(x) for x in encoded], pa.list_(pa.int8())),
@@ -272,10 +273,14 @@ def tokenize_classification(table: pa.Table, tokenizer: Any, max_length: int) ->
     return out
 
 
-def _count_truncated(tokenizer: Any, texts: list, encoded: list, max_length: int) -> int:
-    """Rows whose text was cut at max_length: only those that reached it are tokenized again,
-    whole (they are few unless max_length is short for the data, and then they are the news)."""
-    full = [texts[i] for i, ids in enumerate(encoded) if len(ids) >= max_length]
+def _count_truncated(tokenizer: Any, texts: list, batch: Any, max_length: int) -> int:
+    """Rows whose text was cut at max_length. A fast tokenizer keeps what it cut off in each
+    encoding's `overflowing`; a slow one tokenizes again, whole, only the rows that reached the
+    limit (they are few unless max_length is short for the data, and then they are the news)."""
+    encodings = getattr(batch, "encodings", None)
+    if encodings is not None:
+        return sum(1 for e in encodings if e.overflowing)
+    full = [texts[i] for i, ids in enumerate(batch["input_ids"]) if len(ids) >= max_length]
     if not full:
         return 0
     lengths = tokenizer(full, add_special_tokens=True, truncation=False, verbose=False)

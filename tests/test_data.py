@@ -636,6 +636,36 @@ def test_classification_pipeline(ray_session, bert_tok, review_data, tiny_bert):
     )
 
 
+def test_truncated_rows_are_counted_alike_by_fast_and_slow_tokenizers(bert_tok, tmp_path):
+    """A fast tokenizer's count comes from what it cut off (its encodings' overflow), a slow
+    one's from tokenizing the rows at the limit again: both equal a direct count."""
+    from transformers import BertTokenizer
+
+    vocab = tmp_path / "vocab.txt"
+    by_id = sorted(bert_tok.get_vocab().items(), key=lambda kv: kv[1])
+    vocab.write_text("".join(f"{token}\n" for token, _ in by_id))
+    slow = BertTokenizer(str(vocab))
+    rows = review_rows(60, seed=4)
+    table = pa.table(
+        {
+            "text": [r["text"] for r in rows],
+            "label": [LABELS.index(r["label"]) for r in rows],
+            "row_id": list(range(len(rows))),
+        }
+    )
+    limit = 10
+    longer = sum(len(bert_tok(r["text"])["input_ids"]) > limit for r in rows)
+    exactly = sum(len(bert_tok(r["text"])["input_ids"]) == limit for r in rows)
+    assert 0 < longer < len(rows) and exactly > 0  # rows at the limit are not counted
+    for tokenizer in (bert_tok, slow):
+        out = T.tokenize_classification(table, tokenizer, limit)
+        dropped = json.loads(out.schema.metadata[T.DROPPED_KEY])
+        assert dropped == {T.TRUNCATED: longer}, type(tokenizer).__name__
+    assert T.tokenize_classification(table, bert_tok, limit).column("input_ids").to_pylist() == (
+        T.tokenize_classification(table, slow, limit).column("input_ids").to_pylist()
+    )
+
+
 def test_tokenization_runs_once_and_shards_cover_the_data(ray_session, gpt2_tok, story_data):
     recipe = make_recipe(
         {
