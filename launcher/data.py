@@ -448,10 +448,9 @@ def _with_source(table: pa.Table, name: str | None, names: list) -> pa.Table:
 # ----------------------------------------------------------------------- Ray Data pipeline
 
 
-# Up to this many rows in all splits together, tokenization runs in the driver. One process
-# tokenizes about 10,000 short rows a second; Ray Data tasks first start worker processes
-# (seconds each, 8-10 s in all on 2 cores) and win only where many cores share more rows than
-# this. Sources over FTLAUNCH_STREAM_BYTES never come here (launcher.stream_data).
+# Up to this many rows in all splits, tokenization runs in the driver: one process does about
+# 10,000 short rows a second, Ray Data tasks start processes first (8-10 s on 2 cores) and win
+# only where many cores share more rows. Larger sources take launcher.stream_data's path.
 TOKENIZE_HERE_ROWS = 100_000
 
 
@@ -509,18 +508,16 @@ def tokenizes_here(tables: dict[str, pa.Table]) -> bool:
 
 def _tokenized_here(table: pa.Table, fn: Callable, ledger: Any, split: str) -> list[pa.Table]:
     """A split tokenized in this process, in the batches map_batches gives the tasks: each
-    block of `_blocks` cut into TOKENIZE_BATCH_ROWS rows (packing depends on those bounds),
-    and a block's batches joined again (one object and one cache file per block, not per
-    batch). Empty results are left out, as the prepared cache leaves them out, so a later run
-    that reads the cache gets the same blocks."""
+    block of `_blocks` cut into TOKENIZE_BATCH_ROWS rows (packing depends on those bounds), a
+    block's batches joined again (one object, one cache file). Empty results are left out, as
+    the prepared cache leaves them out, so a later run reading the cache gets the same blocks."""
     out = []
     for block in _blocks(table):
         batches = [
             _tokenize_and_record(block.slice(start, TOKENIZE_BATCH_ROWS), fn, ledger, split)
             for start in range(0, block.num_rows, TOKENIZE_BATCH_ROWS)
         ]
-        # The drop counts in each batch's metadata are in the ledger already.
-        out.append(pa.concat_tables(b.replace_schema_metadata(None) for b in batches))
+        out.append(pa.concat_tables(b.replace_schema_metadata(None) for b in batches))  # counted
     return [t for t in out if t.num_rows] or out[:1]
 
 

@@ -59,7 +59,7 @@ def ensure_ray(verbose: bool = False, address: str | None = None) -> None:
                 log_to_driver=verbose,
                 logging_level="INFO" if verbose else "WARNING",
                 include_dashboard=False if not joining else None,
-                runtime_env={"env_vars": ray_job_env()},
+                runtime_env={"env_vars": ray_job_env(embedded=not joining)},
             )
             return
         except Exception as exc:  # Ray raises bare Exception / ConnectionError here
@@ -101,8 +101,9 @@ def quiet_libraries(verbose: bool) -> None:
             logger.addFilter(_BelowError())
 
 
-def ray_job_env() -> dict[str, str]:
-    """Environment for every process of the Ray job (controller, workers, data tasks).
+def ray_job_env(embedded: bool = False) -> dict[str, str]:
+    """Environment for every process of the Ray job (controller, workers, data tasks);
+    `embedded` for the one-node Ray that ftlaunch starts on this machine.
 
     Ray Train's controller drains each worker's one-slot report queue only when it polls, every
     RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default): a report made before the previous one
@@ -121,6 +122,12 @@ def ray_job_env() -> dict[str, str]:
         # it should start soon. One GCS call a second from one actor is cheap.
         "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": os.environ.get(
             "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1.0"
+        ),
+        # Ray Train starts a preemption watcher (one more process, seconds of start-up on a
+        # small machine) for every worker group. Nothing drains the one node of an embedded Ray,
+        # and there would be nowhere to move to: it runs only on clusters joined by address.
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get(
+            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0" if embedded else ""
         ),
         "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", ""),
         "TOKENIZERS_PARALLELISM": "false",

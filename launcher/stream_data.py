@@ -1,8 +1,8 @@
 """Streamed preparation of large data: Ray Data tasks read, validate, split, tokenize and write.
 
 When the sources of a recipe hold more than `stream_bytes()` bytes on disk, or any is an s3:// /
-gs:// URI (and none is an `hf:` dataset), the driver never reads a row. It lists the files and their sizes, cuts them into
-pieces, and hands the pieces to Ray Data tasks:
+gs:// URI (and none is an `hf:` dataset), the driver never reads a row. It lists the files and
+their sizes, cuts them into pieces, and hands the pieces to Ray Data tasks:
 
 - JSON Lines files are cut into byte ranges of about `PIECE_BYTES`, at line boundaries (a line
   belongs to the piece that holds its first byte); Parquet files are one piece each, read a
@@ -23,9 +23,9 @@ pieces, and hands the pieces to Ray Data tasks:
 - row_id = (piece index << ROW_BITS) | output row in the piece: unique, and small enough for the
   tokenizer's `<< PIECE_BITS` chunk ids to stay within int64.
 - Each task writes its tokenized rows as Parquet straight into the entry's temporary directory
-  (`<split>/part-<piece>-<k>.parquet`) and returns its counts; the driver only sums them, so its
-  memory does not grow with the data. Training rows of a piece are written in a seeded hash
-  order, and pieces of different sources alternate, so sources interleave.
+  (`<split>/part-<piece>-<k>.parquet`, a file per batch read) and returns its counts; the driver
+  only sums them, so its memory does not grow with the data. Training rows of a piece are
+  written in a seeded hash order, and pieces of different sources alternate.
 
 The driver path (`data.load_tables`) carves with an in-memory permutation instead, so the same
 recipe gets other (equally deterministic) splits below and above the threshold.
@@ -267,10 +267,8 @@ def _interleaved(groups: Iterator[list[Piece]]) -> list[Piece]:
         for p in group:
             by_source.setdefault((p.split, p.source), []).append(p)
     queues = list(by_source.values())
-    out = []
-    for i in range(max((len(q) for q in queues), default=0)):
-        out += [q[i] for q in queues if i < len(q)]
-    return out
+    rounds = range(max((len(q) for q in queues), default=0))
+    return [q[i] for i in rounds for q in queues if i < len(q)]
 
 
 # ------------------------------------------------------------------------ row keys and hashes
@@ -528,6 +526,7 @@ def write_piece(piece: Piece, s: TaskSettings, names: list[str]) -> dict:
             rows = rows.append_column("row_id", pa.array(ids))
             entry = out.setdefault(split, dict.fromkeys(_COUNTS, 0))
             folder = Path(s.out_dir) / split
+            outputs = []
             for start in range(0, rows.num_rows, TOKENIZE_BATCH_ROWS):
                 batch = rows.slice(start, TOKENIZE_BATCH_ROWS)
                 tokens = s.batch_fn(batch)
@@ -538,8 +537,11 @@ def write_piece(piece: Piece, s: TaskSettings, names: list[str]) -> dict:
                     entry[f"dropped_{reason}"] = entry.get(f"dropped_{reason}", 0) + n
                 if tokens.num_rows:
                     entry["tokens_out"] += int(tokens.column("num_tokens").to_numpy().sum())
-                    pq.write_table(tokens, folder / f"part-{piece.index:06d}-{part:05d}.parquet")
-                    part += 1
+                    outputs.append(tokens.replace_schema_metadata(None))  # counted above
+            if outputs:  # a file per read batch and split: a hit reads tens of files, not 1000s
+                out_file = folder / f"part-{piece.index:06d}-{part:05d}.parquet"
+                pq.write_table(pa.concat_tables(outputs), out_file)
+                part += 1
     return out
 
 

@@ -49,7 +49,7 @@ def ray_session():
                 include_dashboard=False,
                 log_to_driver=False,
                 configure_logging=False,
-                runtime_env={"env_vars": ray_job_env()},
+                runtime_env={"env_vars": ray_job_env(embedded=True)},
             )
         except Exception:
             ray.shutdown()

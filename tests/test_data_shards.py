@@ -131,7 +131,8 @@ def write_story_files(root: Path, kind: str, parts: int = 3) -> str:
 @pytest.mark.parametrize("kind", ["parquet-dir", "jsonl-glob"])
 def test_multi_file_sources_shard_from_the_prepared_cache(ray_session, tiny_gpt2, tmp_path, kind):
     """A directory of Parquet files and a JSON Lines glob, prepared into the cache, then read back
-    from it (as a later run does): the two workers' shards are disjoint and cover each epoch."""
+    from it (as a later run does): every row once; the two workers' shards of the read-back
+    entry are disjoint and cover each epoch."""
 
     from launcher import prepared as P
     from launcher.models import load_tokenizer
@@ -156,4 +157,5 @@ def test_multi_file_sources_shard_from_the_prepared_cache(ray_session, tiny_gpt2
     all_ids = row_ids(data.datasets["train"])
     assert len(all_ids) == first.num_rows["train"] == len(set(all_ids))
 
-    assert_disjoint_and_covering(shards_seen(data.datasets["train"], tmp_path / "ray"), all_ids)
+    if kind == "jsonl-glob":  # an entry is Parquet whatever its sources: one sharding run
+        assert_disjoint_and_covering(shards_seen(data.datasets["train"], tmp_path / "ray"), all_ids)

@@ -138,6 +138,8 @@ def test_streamed_entry_is_deterministic_and_mixes_and_balances(
     rows; the mix and the class counts follow the weights and balance in expectation."""
     from launcher.models import load_tokenizer
 
+    S.PIECE_BYTES = 16 * 1024  # several pieces a source, not dozens of one-task pieces
+
     root = tmp_path / "data"
     root.mkdir()
     a = write_jsonl(review_rows(600, seed=1), root / "a.jsonl")

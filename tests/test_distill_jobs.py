@@ -180,8 +180,8 @@ def test_teacher_pass_in_the_driver_matches_the_actor_pool(
     from launcher.prepared import load_or_prepare
 
     stored = {}
+    data = None
     for where in ("driver", "pool"):
-        monkeypatch.setenv("FTLAUNCH_IN_PROCESS", "1" if where == "driver" else "0")
         cache = tmp_path / where
         body = distill_recipe(
             tmp_path,
@@ -192,10 +192,12 @@ def test_teacher_pass_in_the_driver_matches_the_actor_pool(
             top_k=4,
             cache_dir=str(cache),
         )
-        body["data"]["cache_dir"] = str(cache / "prepared")
+        body["data"]["cache_dir"] = str(tmp_path / "prepared")
         recipe = load_recipe(write_recipe(tmp_path, body, f"{where}.yaml"))
-        tokenizer, slot, tables = open_data(recipe)
-        data = load_or_prepare(slot, recipe, tokenizer, tables=tables)
+        if data is None:  # one tokenization serves both teacher passes
+            tokenizer, slot, tables = open_data(recipe)
+            data = load_or_prepare(slot, recipe, tokenizer, tables=tables)
+        monkeypatch.setenv("FTLAUNCH_IN_PROCESS", "1" if where == "driver" else "0")
         prepare_distillation(recipe, data, tokenizer)
         [entry] = cache_entries(cache)
         table = pq.read_table(cache / "teacher" / entry["key"] / "rows")

@@ -276,6 +276,18 @@ def test_no_actor_of_a_job_outlives_it(two_worker_lm_run, tiny_gpt2, story_data,
     assert not left, f"actors still alive after their job: {sorted(left.values())}"
 
 
+def test_an_embedded_ray_starts_no_preemption_watcher(two_worker_lm_run):
+    """Nothing drains the one node of the Ray ftlaunch starts itself: Ray Train's preemption
+    watcher (one more process per worker group) is left out there, and only there."""
+    from ray._private.state import actors
+
+    from launcher.raysession import ray_job_env
+
+    started = {a["ActorClassName"] for a in actors().values()}
+    assert "RayTrainWorker" in started and "PreemptionWatcher" not in started, started
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in ray_job_env(embedded=False)
+
+
 def test_in_process_keeps_and_picks_checkpoints_like_ray_train(tmp_path):
     """The in-process loop keeps the best `keep` by the metric (the newest always stays) and the
     driver picks the best kept one from metrics.jsonl, else the newest."""
