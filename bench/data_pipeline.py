@@ -134,6 +134,13 @@ def child(impl: str, path: Path, model_dir: Path) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # Imports are the process's start-up, not the data stage: each side's before the clock.
+    if impl == "datasets":
+        import datasets  # noqa: F401
+    else:
+        import launcher.data
+        import launcher.prepared
+        import launcher.recipe  # noqa: F401
     if impl != "datasets":
         from launcher.raysession import ensure_ray, quiet_ray_data
 
