@@ -66,6 +66,30 @@ def write_recipe(directory: Path, body: dict[str, Any], name: str = "recipe.yaml
     return path
 
 
+def lm_job_recipe(
+    tmp_path: Path,
+    model: Path,
+    files: dict[str, Path],
+    *,
+    name: str,
+    workers: int = 2,
+    checkpoint: dict[str, Any] | None = None,
+    **train: Any,
+) -> Path:
+    """job_body's causal-LM job written as a recipe: batch 4, lr 3e-3, a log line every step,
+    a checkpoint every 2 steps, all kept; `train` and `checkpoint` add to those."""
+    body = job_body(
+        tmp_path,
+        model,
+        files,
+        name=name,
+        train={"batch_size": 4, "lr": 3e-3, "log_every": 1, **train},
+        checkpoint={"every": 2, "metric": None, "keep": None, **(checkpoint or {})},
+    )
+    body["scaling"]["num_workers"] = workers
+    return write_recipe(tmp_path, body)
+
+
 def start_driver(recipe: Path, cwd: Path, env: dict[str, str], out: IO | int = subprocess.PIPE):
     """`python -m launcher.job RECIPE` in its own session (a test may signal or kill its whole
     process group), output and errors together in `out`."""

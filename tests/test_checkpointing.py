@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 from click.testing import CliRunner
-from helpers import job_body, minimal_recipe, start_driver, write_recipe
+from helpers import job_body, lm_job_recipe, minimal_recipe, start_driver, write_recipe
 
 from launcher.checkpointing import PreemptionWatch
 from launcher.cli import cli
@@ -107,15 +107,7 @@ def test_preemption_is_asked_about_once_a_second_on_every_rank(monkeypatch):
 
 
 def lm_recipe(tmp_path: Path, model: Path, files: dict, checkpoint: dict, **train) -> Path:
-    body = job_body(
-        tmp_path,
-        model,
-        files,
-        name="ckpt",
-        train={"batch_size": 4, "lr": 3e-3, "log_every": 1, **train},
-        checkpoint={"every": 2, "metric": None, "keep": None, **checkpoint},
-    )
-    return write_recipe(tmp_path, body)
+    return lm_job_recipe(tmp_path, model, files, name="ckpt", checkpoint=checkpoint, **train)
 
 
 @pytest.mark.ray_job

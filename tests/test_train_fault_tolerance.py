@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import job_body, start_driver, write_recipe
+from helpers import lm_job_recipe, start_driver
 
 from launcher.job import run
 from launcher.recipe import load_recipe
@@ -21,16 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 def lm_recipe(tmp_path: Path, model: Path, files: dict, **train) -> Path:
     """One worker: restarts and stops are the driver's and the loop's business, the same for
     any worker count (two-worker jobs are covered elsewhere)."""
-    body = job_body(
-        tmp_path,
-        model,
-        files,
-        name="faults",
-        train={"batch_size": 4, "lr": 3e-3, "log_every": 1, **train},
-        checkpoint={"every": 2, "metric": None, "keep": None},
-    )
-    body["scaling"]["num_workers"] = 1
-    return write_recipe(tmp_path, body)
+    return lm_job_recipe(tmp_path, model, files, name="faults", workers=1, **train)
 
 
 @pytest.mark.ray_job
