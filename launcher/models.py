@@ -427,12 +427,13 @@ def _initialize_missing(model: nn.Module, found: dict[str, tuple[str, str]]) -> 
         setattr(state[name], CHECKPOINT_SOURCE, where)
         state[name]._is_hf_initialized = True
     loaded = {id(state[name]) for name in found}
-    mark_new_weights(model, [name for name, t in state.items() if id(t) not in loaded])
-    fresh = {id(t) for t in state.values() if id(t) not in loaded}
+    new = [name for name, t in state.items() if id(t) not in loaded]
+    mark_new_weights(model, new)
+    fresh = {id(state[name]) for name in new}
     fresh |= {id(b) for _, b in model.named_non_persistent_buffers()}
     replace_tensors(model, fresh, lambda t: torch.empty_like(t, device="cpu"))
     model.initialize_weights()
-    _swap_for_placeholders(model, {id(state[name]) for name in found})
+    _swap_for_placeholders(model, loaded)
 
 
 def _swap_for_placeholders(model: nn.Module, ids: set[int]) -> None:

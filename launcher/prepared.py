@@ -35,7 +35,7 @@ from typing import Any
 
 from launcher.data import SPLITS, PreparedData, prepare_data, sources_of
 from launcher.records import DataError, is_glob
-from launcher.stream_data import StreamPlan, stream_plan, uri_files, write_splits
+from launcher.stream_data import StreamPlan, is_remote, stream_plan, uri_files, write_splits
 
 CACHE_FORMAT = 1
 """Bumped whenever the layout of an entry or the meaning of its columns changes."""
@@ -96,9 +96,15 @@ def fingerprint(recipe: Any, tokenizer: Any, base_dir: Path | None = None) -> tu
 
 
 def _streams(recipe: Any, base_dir: Path | None) -> bool:
+    """Whether the tasks prepare the recipe's data. A local file that cannot be listed fails
+    later with the driver path's own message; remote sources only the tasks read, so their
+    listing error (no access, nothing there) is the one to show, now."""
     try:
         return stream_plan(recipe, base_dir) is not None
-    except DataError:  # a missing file: reading it fails with its own message later
+    except DataError:
+        specs = [getattr(recipe.data, split) for split in SPLITS]
+        if any(is_remote(p) for spec in specs if spec is not None for p in _paths(spec)):
+            raise
         return False
 
 
@@ -144,7 +150,7 @@ def _source_state(spec: str, base_dir: Path | None) -> dict:
     """What identifies a source's current content without reading it."""
     if spec.startswith("hf:"):
         return {"source": spec}
-    if "://" in spec and not spec.startswith("file://"):
+    if is_remote(spec):
         return {"source": spec, "files": _uri_files(spec)}
     path = Path(spec.removeprefix("file://")).expanduser()
     if base_dir is not None and not path.is_absolute():

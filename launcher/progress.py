@@ -9,7 +9,14 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 
 class ProgressView:
@@ -107,8 +114,6 @@ def progress_display(
 
     For long work outside training: the batch stage's rows, the streamed data preparation's
     pieces."""
-    from rich.progress import MofNCompleteColumn
-
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

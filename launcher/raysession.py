@@ -108,8 +108,8 @@ def ray_job_env(embedded: bool = False) -> dict[str, str]:
     Ray Train's controller drains each worker's one-slot report queue only when it polls, every
     RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default): a report made before the previous one
     was drained blocks the worker until then. Workers report to Ray Train only with checkpoints
-    (metrics go through the driver's report channel), so that is rare; polling every second bounds it and
-    notices a finished or failed worker sooner. Each poll also takes the worker's GIL away from
+    (metrics go through the driver's report channel), so that is rare; polling every second
+    bounds it and notices a finished or failed worker sooner. Each poll also takes the worker's GIL away from
     the training thread for a moment: polling every 0.2 s cost a tiny model ~8% of its
     throughput (bench/README.md).
     """

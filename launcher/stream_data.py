@@ -66,6 +66,7 @@ from launcher.records import (
     data_files,
     glob_files,
     is_glob,
+    short_reason,
 )
 from launcher.tokenize import (
     PIECE_BITS,
@@ -139,11 +140,9 @@ class _File:
     size: int
 
 
-def stream_plan(
-    recipe: Any, base_dir: Path | None = None, threshold: int | None = None
-) -> StreamPlan | None:
+def stream_plan(recipe: Any, base_dir: Path | None = None) -> StreamPlan | None:
     """The pieces to prepare in Ray Data tasks, or None when the driver path should read the
-    data (any `hf:` source, or sources no larger than the threshold). Lists files; reads none."""
+    data (any `hf:` source, or sources no larger than stream_bytes()). Lists files; reads none."""
     d = recipe.data
     given = {name: getattr(d, name) for name in SPLITS if getattr(d, name) is not None}
     specs = {name: sources_of(spec) for name, spec in given.items()}
@@ -171,8 +170,8 @@ def stream_plan(
             if name == "train" and len(listed) > 1:
                 weights[sid] = s.weight
     total = sum(f.size for *_, f in files)
-    remote = any(_is_remote(p) for p in paths)  # the driver path reads local files only
-    if not remote and total <= (stream_bytes() if threshold is None else threshold):
+    remote = any(is_remote(p) for p in paths)  # the driver path reads local files only
+    if not remote and total <= stream_bytes():
         return None
     pieces = _interleaved(_cut(name, src, sid, f) for name, src, sid, f in files)
     if len(pieces) > MAX_PIECES:
@@ -181,13 +180,14 @@ def stream_plan(
     return StreamPlan(pieces, total, fractions, sources, weights)
 
 
-def _is_remote(spec: str) -> bool:
+def is_remote(spec: str) -> bool:
+    """A URI other than file://: only Ray Data tasks read it."""
     return "://" in spec and not spec.startswith("file://")
 
 
 def list_files(spec: str, base_dir: Path | None = None) -> list[_File]:
     """The data files of one source with their sizes (a file, directory, glob or URI)."""
-    if _is_remote(spec):
+    if is_remote(spec):
         return _list_uri(spec)
     path = Path(spec.removeprefix("file://")).expanduser()
     if base_dir is not None and not path.is_absolute():
@@ -296,21 +296,25 @@ def uniform(seed: int, salt: str, piece: Piece, locators: np.ndarray) -> np.ndar
 def _open(path: str) -> Any:
     import pyarrow.fs as pafs
 
-    if _is_remote(path):
+    if is_remote(path):
         fs, inner = pafs.FileSystem.from_uri(path)
         return fs.open_input_file(inner)
     return pafs.LocalFileSystem().open_input_file(path.removeprefix("file://"))
 
 
 def piece_tables(piece: Piece, fields: Fields) -> Iterator[tuple[pa.Table, np.ndarray]]:
-    """The piece's rows as validated canonical tables, with each row's locator."""
-    if piece.kind == "lines":
-        yield _lines_table(piece, fields)
-    elif piece.kind == "parquet":
-        yield from _parquet_tables(piece, fields)
-    else:
-        table = _whole_table(piece, fields)
-        yield table, np.arange(table.num_rows, dtype=np.int64)
+    """The piece's rows as validated canonical tables, with each row's locator. A file that
+    cannot be read (corrupt, gone since it was listed) is bad data too: exit 2, named."""
+    try:
+        if piece.kind == "lines":
+            yield _lines_table(piece, fields)
+        elif piece.kind == "parquet":
+            yield from _parquet_tables(piece, fields)
+        else:
+            table = _whole_table(piece, fields)
+            yield table, np.arange(table.num_rows, dtype=np.int64)
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"{piece.path}: cannot read file: {short_reason(exc)}") from None
 
 
 def _newline_at_or_after(f: Any, pos: int, size: int, chunk: int = 1 << 16) -> int:
@@ -388,11 +392,7 @@ def _parquet_tables(piece: Piece, fields: Fields) -> Iterator[tuple[pa.Table, np
 
     start = 0
     with _open(piece.path) as f:
-        try:
-            reader = pq.ParquetFile(f)
-        except pa.ArrowException as exc:
-            raise DataError(f"{piece.path}: cannot read file: {exc}") from None
-        for batch in reader.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=PARQUET_BATCH_ROWS):
             table = pa.Table.from_batches([batch])
             base = start
 
@@ -409,7 +409,7 @@ def _parquet_tables(piece: Piece, fields: Fields) -> Iterator[tuple[pa.Table, np
 
 
 def _whole_table(piece: Piece, fields: Fields) -> pa.Table:
-    if not _is_remote(piece.path):
+    if not is_remote(piece.path):
         return read_file(Path(piece.path.removeprefix("file://")), fields).table
     # Remote CSV / JSON / text: a local copy, read by the same reader as local files.
     with tempfile.TemporaryDirectory() as tmp:
@@ -565,14 +565,15 @@ def split_rows(plan: StreamPlan, recipe: Any, split: str) -> pa.Table | None:
     k = SPLITS.index(split)
     carved = split in plan.fractions
     parts = []
-    for piece in plan.pieces:
-        if piece.split != split and not (carved and piece.split == "train"):
-            continue
+    for piece in (p for p in plan.pieces if p.split == split or (carved and p.split == "train")):
+        offset = 0  # rows of the piece before this table (a Parquet file comes in batches)
         for table, locators in piece_tables(piece, settings.fields):
             chosen = np.flatnonzero(_assign(piece, locators, settings) == k)
             rows = _with_source(table.take(pa.array(chosen)), piece, plan.sources)
-            ids = (piece.index << ROW_BITS) + chosen.astype(np.int64)
-            parts.append(rows.append_column("row_id", pa.array(ids)))
+            ids = (piece.index << ROW_BITS) + offset + chosen.astype(np.int64)
+            offset += table.num_rows
+            if len(chosen):
+                parts.append(rows.append_column("row_id", pa.array(ids)))
     return pa.concat_tables(parts) if parts else None
 
 

@@ -107,7 +107,7 @@ def test_worker_shards_are_disjoint_cover_the_epoch_and_tokenize_once(
     assert after["train"]["rows_in"] == data.raw_rows["train"]  # every raw row tokenized once
 
 
-def write_story_files(root: Path, kind: str, parts: int = 3) -> str:
+def write_story_files(root: Path, kind: str, parts: int = 3, lines: int = 240) -> str:
     """Story lines split over several files: a directory of Parquet files, or JSON Lines files
     named by a glob. Returns the data.train spec."""
     import pyarrow as pa
@@ -115,10 +115,10 @@ def write_story_files(root: Path, kind: str, parts: int = 3) -> str:
 
     from launcher.dev.synthetic import story_lines, write_jsonl
 
-    lines = story_lines(240, seed=6)
-    root.mkdir(parents=True)
+    texts = story_lines(lines, seed=6)
+    root.mkdir(parents=True, exist_ok=True)
     for i in range(parts):
-        rows = [{"text": t} for t in lines[i::parts]]
+        rows = [{"text": t} for t in texts[i::parts]]
         if kind == "parquet-dir":
             pq.write_table(pa.Table.from_pylist(rows), root / f"part-{i}.parquet")
         else:

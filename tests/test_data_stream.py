@@ -19,30 +19,13 @@ from launcher.data import SPLITS
 from launcher.dev.synthetic import review_rows, story_lines, write_jsonl
 from launcher.recipe import load_recipe, validate_data
 from tests.helpers import write_recipe
-from tests.test_data_shards import assert_disjoint_and_covering, row_ids
+from tests.test_data_shards import assert_disjoint_and_covering, row_ids, write_story_files
 
 
 @pytest.fixture
 def streamed(monkeypatch):
     monkeypatch.setenv(S.STREAM_BYTES_ENV, "0")
     monkeypatch.setattr(S, "PIECE_BYTES", 2048)
-
-
-def story_files(root: Path, kind: str, parts: int = 3, lines: int = 240) -> str:
-    """Story lines over several files: a directory of Parquet files or JSON Lines named by a
-    glob. Returns the source spec."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    texts = story_lines(lines, seed=6)
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(parts):
-        rows = [{"text": t} for t in texts[i::parts]]
-        if kind == "parquet-dir":
-            pq.write_table(pa.Table.from_pylist(rows), root / f"part-{i}.parquet")
-        else:
-            write_jsonl(rows, root / f"shard-{i}.jsonl")
-    return str(root) if kind == "parquet-dir" else str(root / "shard-*.jsonl")
 
 
 def text_recipe(tmp_path: Path, model: Path, train: str, **data):
@@ -74,7 +57,7 @@ def assigned_keys(plan: S.StreamPlan, recipe) -> dict[str, set]:
 
 
 def test_pieces_cut_at_lines_and_splits_do_not_depend_on_the_cut(tmp_path, tiny_gpt2, streamed):
-    spec = story_files(tmp_path / "data", "jsonl-glob", lines=600)
+    spec = write_story_files(tmp_path / "data", "jsonl-glob", lines=600)
     recipe = text_recipe(tmp_path, tiny_gpt2, spec, split={"validation": 0.2, "test": 0.1})
     plan = S.stream_plan(recipe)
     assert plan is not None and len(plan.pieces) > 3  # files cut into several byte ranges
@@ -96,8 +79,33 @@ def test_pieces_cut_at_lines_and_splits_do_not_depend_on_the_cut(tmp_path, tiny_
     assert assigned_keys(S.stream_plan(reseeded), reseeded)["validation"] != keys["validation"]
 
 
+def test_evaluation_rows_of_a_parquet_file_read_in_batches_keep_unique_ids(
+    tmp_path, tiny_gpt2, streamed, monkeypatch
+):
+    """The batch stage's rows of a carved split: a Parquet file comes in several batches, and
+    the row ids stay unique across them."""
+    monkeypatch.setattr(S, "PARQUET_BATCH_ROWS", 50)
+    spec = write_story_files(tmp_path / "data", "parquet-dir")
+    recipe = text_recipe(tmp_path, tiny_gpt2, spec, split={"test": 0.3})
+    plan = S.stream_plan(recipe)
+    evaluated = S.split_rows(plan, recipe, "test")
+    ids = evaluated["row_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == len(assigned_keys(plan, recipe)["test"]) > 50
+
+
+def test_an_unreadable_file_is_bad_data_named_by_its_path(tmp_path, tiny_gpt2, streamed):
+    (tmp_path / "data").mkdir()
+    broken = tmp_path / "data" / "broken.parquet"
+    broken.write_bytes(b"PAR1 not really parquet")
+    recipe = text_recipe(tmp_path, tiny_gpt2, str(broken))
+    plan = S.stream_plan(recipe)
+    settings = S.reading_settings(plan, recipe)
+    with pytest.raises(S.DataError, match=f"^{broken}: cannot read file: "):
+        list(S.piece_tables(plan.pieces[0], settings.fields))
+
+
 def test_small_sources_and_hub_datasets_stay_on_the_driver(tmp_path, tiny_gpt2, monkeypatch):
-    spec = story_files(tmp_path / "data", "jsonl-glob")
+    spec = write_story_files(tmp_path / "data", "jsonl-glob")
     assert S.stream_plan(text_recipe(tmp_path, tiny_gpt2, spec)) is None  # below 16 MiB
     monkeypatch.setenv(S.STREAM_BYTES_ENV, "0")
     assert S.stream_plan(text_recipe(tmp_path, tiny_gpt2, spec)) is not None
@@ -197,7 +205,7 @@ def test_streamed_entry_is_deterministic_and_mixes_and_balances(
 def test_a_streamed_recipe_trains_on_two_workers(ray_session, tiny_gpt2, tmp_path, streamed):
     from launcher.job import run
 
-    spec = story_files(tmp_path / "data", "jsonl-glob")
+    spec = write_story_files(tmp_path / "data", "jsonl-glob")
     body = {
         "name": "streamed",
         "model": {"name_or_path": str(tiny_gpt2)},
@@ -232,7 +240,7 @@ def test_a_large_entry_streams_to_workers_that_hold_every_cpu(
     from tests.test_data_shards import Collector, read_shard
 
     monkeypatch.setattr(P, "READ_HERE_BYTES", 0)
-    recipe = text_recipe(tmp_path, tiny_gpt2, story_files(tmp_path / "data", "parquet-dir"))
+    recipe = text_recipe(tmp_path, tiny_gpt2, write_story_files(tmp_path / "data", "parquet-dir"))
     tokenizer = load_tokenizer(recipe.model)
     data = P.load_or_prepare(P.lookup(recipe, tokenizer), recipe, tokenizer)
     assert data.raw_rows["train"] + data.raw_rows["validation"] == 240
@@ -263,6 +271,8 @@ def test_s3_sources_are_listed_and_read_by_piece(s3_server, tiny_gpt2, tmp_path,
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from launcher.models import load_tokenizer
+
     for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(S, "PIECE_BYTES", 1024)
@@ -276,6 +286,10 @@ def test_s3_sources_are_listed_and_read_by_piece(s3_server, tiny_gpt2, tmp_path,
     with fs.open_output_stream(f"{root}/c.csv") as out:
         out.write(b"text\nfirst\nsecond\n")
     recipe = text_recipe(tmp_path, tiny_gpt2, f"s3://{root}")
+    # Only the tasks read a remote source: its listing error is the one to show, at once.
+    missing = text_recipe(tmp_path, tiny_gpt2, f"s3://{root}-missing/")
+    with pytest.raises(S.DataError, match=f"s3://{root}-missing/: no data files found"):
+        P.fingerprint(missing, load_tokenizer(missing.model))
     plan = S.stream_plan(recipe)
     assert plan is not None and plan.total_bytes < S.stream_bytes()
     assert {p.kind for p in plan.pieces} == {"lines", "parquet", "whole"}
