@@ -454,7 +454,7 @@ def _with_source(table: pa.Table, name: str | None, names: list) -> pa.Table:
 TOKENIZE_HERE_ROWS = 100_000
 
 
-class _TokenizationLedger:
+class TokenizationLedger:
     """Counts tokenizing calls per split: evidence that tokenization ran once, in the data
     tasks (or the driver), and never again in the training workers (which only read finished
     blocks). An actor when the calls run in Ray Data tasks, a plain object in the driver."""
@@ -484,13 +484,13 @@ class _TokenizationLedger:
         return {k: dict(v) for k, v in self.counts.items()}
 
 
-def _tokenize_and_record(
+def tokenize_and_record(
     batch: pa.Table, fn: Callable[[pa.Table], pa.Table], ledger: Any, split: str
 ) -> pa.Table:
     out = fn(batch)
     tokens = pc.sum(out.column("num_tokens")).as_py() or 0 if out.num_rows else 0
     counts = (split, batch.num_rows, out.num_rows, tokens, dropped_rows(out))
-    if isinstance(ledger, _TokenizationLedger):  # tokenizing in the driver
+    if isinstance(ledger, TokenizationLedger):  # tokenizing in the driver
         ledger.record(*counts)
     else:
         import ray
@@ -514,7 +514,7 @@ def _tokenized_here(table: pa.Table, fn: Callable, ledger: Any, split: str) -> l
     out = []
     for block in _blocks(table):
         batches = [
-            _tokenize_and_record(block.slice(start, TOKENIZE_BATCH_ROWS), fn, ledger, split)
+            tokenize_and_record(block.slice(start, TOKENIZE_BATCH_ROWS), fn, ledger, split)
             for start in range(0, block.num_rows, TOKENIZE_BATCH_ROWS)
         ]
         out.append(pa.concat_tables(b.replace_schema_metadata(None) for b in batches))  # counted
@@ -580,7 +580,7 @@ def prepare_data(
     sources = _source_names(tables)
     batch_fn = tokenizer_for_batches(recipe, tokenizer)
     here = tokenizes_here(tables)
-    ledger = _TokenizationLedger() if here else ray.remote(num_cpus=0)(_TokenizationLedger).remote()
+    ledger = TokenizationLedger() if here else ray.remote(num_cpus=0)(TokenizationLedger).remote()
     try:
         datasets, num_rows, num_tokens, dropped = _tokenize_splits(tables, batch_fn, ledger, recipe)
         tokenization = _ledger_counts(ledger)
@@ -632,11 +632,11 @@ def _tokenize_splits(
     num_rows: dict[str, int] = {}
     num_tokens: dict[str, int] = {}
     for split, table in tables.items():
-        if isinstance(ledger, _TokenizationLedger):
+        if isinstance(ledger, TokenizationLedger):
             ds = ray.data.from_blocks(_tokenized_here(table, batch_fn, ledger, split))
         else:
             ds = ray.data.from_arrow(_blocks(table)).map_batches(
-                _tokenize_and_record,
+                tokenize_and_record,
                 batch_format="pyarrow",
                 batch_size=TOKENIZE_BATCH_ROWS,
                 fn_kwargs={"fn": batch_fn, "ledger": ledger, "split": split},
@@ -670,7 +670,7 @@ def _tokenize_splits(
 
 
 def _ledger_counts(ledger: Any) -> dict[str, dict[str, int]]:
-    if isinstance(ledger, _TokenizationLedger):
+    if isinstance(ledger, TokenizationLedger):
         return ledger.snapshot()
     import ray
 

@@ -51,12 +51,14 @@ import pyarrow as pa
 from launcher.data import (
     SPLITS,
     Fields,
+    TokenizationLedger,
     canonical_columns,
     data_error_in,
     fields_for,
     read_file,
     source_name,
     sources_of,
+    tokenize_and_record,
 )
 from launcher.progress import progress_display
 from launcher.records import (
@@ -72,7 +74,6 @@ from launcher.tokenize import (
     PIECE_BITS,
     TOKENIZE_BATCH_ROWS,
     check_prompt_template,
-    dropped_rows,
     tokenizer_for_batches,
 )
 
@@ -86,7 +87,6 @@ ROW_BITS = 27
 MAX_PIECES = 2 ** (63 - PIECE_BITS - ROW_BITS)
 PARQUET_BATCH_ROWS = 16_384
 _ERROR = "data_error"
-_COUNTS = ("calls", "rows_in", "rows_out", "tokens_out")
 
 
 def stream_bytes() -> int:
@@ -499,7 +499,7 @@ def write_piece(piece: Piece, s: TaskSettings, names: list[str]) -> dict:
     """Validate, split, mix/balance, tokenize and write a piece; returns per-split counts."""
     import pyarrow.parquet as pq
 
-    out: dict[str, dict[str, int]] = {}
+    ledger = TokenizationLedger()
     next_row = 0
     part = 0
     for table, locators in piece_tables(piece, s.fields):
@@ -524,25 +524,18 @@ def write_piece(piece: Piece, s: TaskSettings, names: list[str]) -> dict:
             if next_row >= 1 << ROW_BITS:
                 raise DataError(f"{piece.path}: more than {1 << ROW_BITS} rows in one file")
             rows = rows.append_column("row_id", pa.array(ids))
-            entry = out.setdefault(split, dict.fromkeys(_COUNTS, 0))
-            folder = Path(s.out_dir) / split
-            outputs = []
-            for start in range(0, rows.num_rows, TOKENIZE_BATCH_ROWS):
-                batch = rows.slice(start, TOKENIZE_BATCH_ROWS)
-                tokens = s.batch_fn(batch)
-                entry["calls"] += 1
-                entry["rows_in"] += batch.num_rows
-                entry["rows_out"] += tokens.num_rows
-                for reason, n in dropped_rows(tokens).items():
-                    entry[f"dropped_{reason}"] = entry.get(f"dropped_{reason}", 0) + n
-                if tokens.num_rows:
-                    entry["tokens_out"] += int(tokens.column("num_tokens").to_numpy().sum())
-                    outputs.append(tokens.replace_schema_metadata(None))  # counted above
-            if outputs:  # a file per read batch and split: a hit reads tens of files, not 1000s
-                out_file = folder / f"part-{piece.index:06d}-{part:05d}.parquet"
+            tokenized = [
+                tokenize_and_record(rows.slice(i, TOKENIZE_BATCH_ROWS), s.batch_fn, ledger, split)
+                for i in range(0, rows.num_rows, TOKENIZE_BATCH_ROWS)
+            ]
+            # Counted by the ledger; a file per read batch and split (a hit reads tens of
+            # files, not thousands).
+            outputs = [t.replace_schema_metadata(None) for t in tokenized if t.num_rows]
+            if outputs:
+                out_file = Path(s.out_dir) / split / f"part-{piece.index:06d}-{part:05d}.parquet"
                 pq.write_table(pa.concat_tables(outputs), out_file)
                 part += 1
-    return out
+    return ledger.snapshot()
 
 
 def reading_settings(plan: StreamPlan, recipe: Any) -> TaskSettings:
