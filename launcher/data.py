@@ -423,7 +423,7 @@ def load_tables(
     for name in SPLITS:
         if not parts[name]:
             continue
-        labelled = [_with_source(t, s.name, names) if multi[name] else t for s, t in parts[name]]
+        labelled = [with_source(t, s.name, names) if multi[name] else t for s, t in parts[name]]
         if name == "train" and len(labelled) > 1:
             table = mix(labelled, [s.weight for s, _ in parts[name]], seed)
         else:
@@ -438,7 +438,7 @@ def load_tables(
     return tables
 
 
-def _with_source(table: pa.Table, name: str | None, names: list) -> pa.Table:
+def with_source(table: pa.Table, name: str | None, names: list) -> pa.Table:
     """Tag rows with their source's name and id (the id travels to the training batches)."""
     n = table.num_rows
     table = table.append_column("source", pa.array([name] * n, pa.string()))

@@ -59,6 +59,7 @@ from launcher.data import (
     source_name,
     sources_of,
     tokenize_and_record,
+    with_source,
 )
 from launcher.progress import progress_display
 from launcher.records import (
@@ -472,11 +473,7 @@ def _copies(piece: Piece, locators: np.ndarray, labels: np.ndarray | None, s: Ta
 
 
 def _with_source(table: pa.Table, piece: Piece, names: list[str]) -> pa.Table:
-    if piece.source_id is None:
-        return table
-    n = table.num_rows
-    table = table.append_column("source", pa.array([names[piece.source_id]] * n, pa.string()))
-    return table.append_column("source_id", pa.array([piece.source_id] * n, pa.int64()))
+    return table if piece.source_id is None else with_source(table, piece.source, names)
 
 
 def count_piece(piece: Piece, s: TaskSettings) -> dict:
