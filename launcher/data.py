@@ -59,6 +59,7 @@ from launcher.tokenize import (
     chat_encoder,
     check_prompt_template,
     dropped_rows,
+    no_examples_left,
     tokenizer_for_batches,
 )
 
@@ -646,11 +647,8 @@ def _tokenize_splits(
             ds = ds.materialize()
         count = ds.count()
         if count == 0:
-            raise DataError(
-                f"data.{split}: no examples left after tokenization "
-                f"({table.num_rows} rows in; {_DROP_RULE.get(recipe.data.format, _DROP_RULE['instruction'])} "
-                f"data.max_length={recipe.data.max_length} are dropped)"
-            )
+            d = recipe.data
+            raise no_examples_left(split, table.num_rows, d.format, d.max_length)
         datasets[split] = ds
         num_rows[split] = count
     # Token counts come from the tokenizing tasks themselves: an aggregation over the finished
@@ -675,12 +673,6 @@ def _ledger_counts(ledger: Any) -> dict[str, dict[str, int]]:
     import ray
 
     return ray.get(ledger.snapshot.remote())
-
-
-_DROP_RULE = {
-    "instruction": "instruction rows whose response does not fit",
-    "chat": "chat rows whose first trained assistant turn does not fit",
-}
 
 
 def _source_names(tables: dict[str, pa.Table]) -> list[str]:

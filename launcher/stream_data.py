@@ -75,6 +75,7 @@ from launcher.tokenize import (
     PIECE_BITS,
     TOKENIZE_BATCH_ROWS,
     check_prompt_template,
+    no_examples_left,
     tokenizer_for_batches,
 )
 
@@ -644,10 +645,7 @@ def write_splits(
         if not counts.get("rows_in"):
             raise DataError(f"data.{split}: the {split} split is empty (no rows)")
         if not counts.get("rows_out"):
-            raise DataError(
-                f"data.{split}: no examples left after tokenization ({counts['rows_in']} rows "
-                f"in; rows too long for data.max_length={d.max_length} are dropped)"
-            )
+            raise no_examples_left(split, counts["rows_in"], d.format, d.max_length)
     return {k: totals[k] for k in sorted(totals, key=SPLITS.index)}
 
 

@@ -245,6 +245,22 @@ def _chat_batches(
     return pack_examples(examples, max_length) if packing else examples
 
 
+_DROP_RULE = {
+    "instruction": "instruction rows whose response does not fit",
+    "chat": "chat rows whose first trained assistant turn does not fit",
+}
+
+
+def no_examples_left(split: str, rows_in: int, data_format: str, max_length: int) -> DataError:
+    """The error of a split that tokenization left empty, with the format's rule for dropping
+    rows (the driver path and the streamed tasks say the same)."""
+    rule = _DROP_RULE.get(data_format, "rows that do not fit")
+    return DataError(
+        f"data.{split}: no examples left after tokenization ({rows_in} rows in; {rule} "
+        f"data.max_length={max_length} are dropped)"
+    )
+
+
 def tokenize_classification(table: pa.Table, tokenizer: Any, max_length: int) -> pa.Table:
     """Text truncated to max_length (with the tokenizer's special tokens); label id per row."""
     texts = table.column("text").to_pylist()

@@ -747,6 +747,17 @@ def test_no_examples_left_is_a_data_error(ray_session, gpt2_tok, tmp_path):
         prepare_data(recipe, gpt2_tok)
 
 
+def test_no_examples_left_names_the_rule_of_the_format():
+    """The driver path and the streamed tasks raise the same error, with each format's rule."""
+    said = {f: str(T.no_examples_left("train", 6, f, 8)) for f in ("instruction", "chat", "text")}
+    assert said["instruction"] == (
+        "data.train: no examples left after tokenization (6 rows in; instruction rows whose "
+        "response does not fit data.max_length=8 are dropped)"
+    )
+    assert "chat rows whose first trained assistant turn does not fit" in said["chat"]
+    assert "(6 rows in; rows that do not fit data.max_length=8 are dropped)" in said["text"]
+
+
 # ------------------------------------------------------------------------------ collate
 
 
