@@ -4,7 +4,7 @@ An entry is a directory `<cache root>/<fingerprint>/` holding one folder of Parq
 split and `prepared.json` (rows, tokens, raw rows and sources per split, the fingerprint's
 inputs, when it was made). The fingerprint covers everything that changes the tokenized output:
 the sources (path, size, modification time of every file; etag / mtime of URIs where the
-filesystem gives them), the tokenizer (class and a hash of its full definition) and every data
+filesystem gives them; the `datasets` cache files of an `hf:` split), the tokenizer (class and a hash of its full definition) and every data
 setting (format, fields, templates, max_length, packing, split fractions and seed, balance,
 mixing weights, the labels, train.seed). A changed input is a new entry, never a stale read.
 
@@ -29,11 +29,12 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from launcher.data import SPLITS, PreparedData, prepare_data, sources_of
+from launcher.hf_files import split_files
 from launcher.records import DataError, is_glob
 from launcher.stream_data import StreamPlan, is_remote, stream_plan, uri_files, write_splits
 
@@ -76,6 +77,12 @@ def _local_path(value: str, setting: str) -> Path:
 
 def fingerprint(recipe: Any, tokenizer: Any, base_dir: Path | None = None) -> tuple[str, dict]:
     """The cache key of the recipe's prepared data and the inputs it was computed from."""
+    return _fingerprint(recipe, tokenizer, base_dir, _plan(recipe, base_dir))
+
+
+def _fingerprint(
+    recipe: Any, tokenizer: Any, base_dir: Path | None, plan: StreamPlan | None
+) -> tuple[str, dict]:
     inputs = {
         "format": CACHE_FORMAT,
         "data": _data_settings(recipe),
@@ -89,23 +96,24 @@ def fingerprint(recipe: Any, tokenizer: Any, base_dir: Path | None = None) -> tu
             if getattr(recipe.data, split) is not None
         },
     }
-    if _streams(recipe, base_dir):  # other (hash-based) splits than the driver path's
+    if plan is not None:  # other (hash-based) splits than the driver path's
         inputs["prepared_by"] = "tasks"
     text = json.dumps(inputs, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20], inputs
 
 
-def _streams(recipe: Any, base_dir: Path | None) -> bool:
-    """Whether the tasks prepare the recipe's data. A local file that cannot be listed fails
-    later with the driver path's own message; remote sources only the tasks read, so their
-    listing error (no access, nothing there) is the one to show, now."""
+def _plan(recipe: Any, base_dir: Path | None) -> StreamPlan | None:
+    """The tasks' plan for the recipe's data, None for the driver path. A local file or hub
+    split that cannot be listed fails later with the driver path's own message; remote sources
+    only the tasks read, so their listing error (no access, nothing there) is the one to show,
+    now."""
     try:
-        return stream_plan(recipe, base_dir) is not None
+        return stream_plan(recipe, base_dir)
     except DataError:
         specs = [getattr(recipe.data, split) for split in SPLITS]
         if any(is_remote(p) for spec in specs if spec is not None for p in _paths(spec)):
             raise
-        return False
+        return None
 
 
 def streams(slot: CacheLookup) -> bool:
@@ -149,7 +157,11 @@ def tokenizer_identity(tokenizer: Any) -> dict:
 def _source_state(spec: str, base_dir: Path | None) -> dict:
     """What identifies a source's current content without reading it."""
     if spec.startswith("hf:"):
-        return {"source": spec}
+        try:
+            found = split_files(spec)
+        except DataError:  # reading it fails with the same message later
+            return {"source": spec, "files": "unloadable"}
+        return {"source": spec, "files": [[f.path, f.size, f.mtime_ns] for f in found or ()]}
     if is_remote(spec):
         return {"source": spec, "files": _uri_files(spec)}
     path = Path(spec.removeprefix("file://")).expanduser()
@@ -199,6 +211,8 @@ class CacheLookup:
     fingerprint: str
     inputs: dict
     meta: dict | None
+    plan: StreamPlan | None = None
+    """The tasks' plan when they prepare the data (see streams()), listed once per lookup."""
 
     @property
     def path(self) -> Path:
@@ -212,8 +226,9 @@ class CacheLookup:
 def lookup(recipe: Any, tokenizer: Any, base_dir: Path | None = None) -> CacheLookup:
     """Fingerprint the recipe's data and find its entry (no Ray, no reading of the data)."""
     root = cache_root(recipe)
-    key, inputs = fingerprint(recipe, tokenizer, base_dir)
-    return CacheLookup(root, key, inputs, read_meta(root / key))
+    plan = _plan(recipe, base_dir)
+    key, inputs = _fingerprint(recipe, tokenizer, base_dir, plan)
+    return CacheLookup(root, key, inputs, read_meta(root / key), plan)
 
 
 def read_meta(entry: Path) -> dict | None:
@@ -410,10 +425,10 @@ def load_or_prepare(
     """
     if slot.hit:
         return read_entry(slot)
-    plan = None if tables is not None else stream_plan(recipe, base_dir)
+    plan = None if tables is not None else slot.plan
     if plan is not None:
         write_streamed_entry(slot, plan, recipe, tokenizer)
-        written = CacheLookup(slot.root, slot.fingerprint, slot.inputs, read_meta(slot.path))
+        written = replace(slot, meta=read_meta(slot.path))
         data = read_entry(written, read_here_bytes=0)  # large data never passes the driver
         data.tokenization = {
             split: meta.get("tokenization", {}) for split, meta in written.meta["splits"].items()

@@ -390,13 +390,14 @@ def parse_hf_spec(spec: str) -> HfSpec:
     return HfSpec(parts[0], parts[1], parts[2])
 
 
-def read_hf(spec: str) -> RawTable:
-    """A Hugging Face dataset split (`hf:<dataset>[:<config>]:<split>`) as a table."""
+def load_hf_split(spec: str) -> Any:
+    """The `datasets.Dataset` of an `hf:<dataset>[:<config>]:<split>` source (from the local
+    cache, or downloaded and prepared by `datasets` when the hub is reachable)."""
     hf = parse_hf_spec(spec)
     try:
         import datasets
 
-        ds = datasets.load_dataset(hf.dataset, hf.config, split=hf.split)
+        return datasets.load_dataset(hf.dataset, hf.config, split=hf.split)
     except Exception as exc:
         raise DataError(
             f"{spec}: cannot load Hugging Face dataset {hf.dataset!r}"
@@ -404,19 +405,23 @@ def read_hf(spec: str) -> RawTable:
             + f" split {hf.split!r}: {short_reason(exc)} "
             "(is the hub reachable, or the dataset in the local cache?)"
         ) from None
-    table = hf_table(ds)
+
+
+def read_hf(spec: str) -> RawTable:
+    """A Hugging Face dataset split (`hf:<dataset>[:<config>]:<split>`) as a table."""
+    ds = load_hf_split(spec)
+    table = named_class_labels(ds.with_format("arrow")[:], ds.features)
     if table.num_rows == 0:
         raise DataError(f"{spec}: dataset split is empty (no rows)")
     return RawTable(table, row_namer(spec))
 
 
-def hf_table(ds: Any) -> pa.Table:
-    """A `datasets.Dataset` as an Arrow table; ClassLabel columns become their label names
-    (so they match model.labels), and the -1 "no label" id becomes a missing value."""
+def named_class_labels(table: pa.Table, features: Any) -> pa.Table:
+    """ClassLabel columns (`features`: a `datasets.Features`) as their label names, so they
+    match model.labels; the -1 "no label" id becomes a missing value."""
     import datasets
 
-    table = ds.with_format("arrow")[:]
-    for name, feature in ds.features.items():
+    for name, feature in features.items():
         if isinstance(feature, datasets.ClassLabel) and name in table.column_names:
             ids = table.column(name).combine_chunks()
             ids = pc.if_else(pc.less(ids, 0), pa.scalar(None, ids.type), ids)

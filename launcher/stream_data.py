@@ -1,13 +1,13 @@
 """Streamed preparation of large data: Ray Data tasks read, validate, split, tokenize and write.
 
 When the sources of a recipe hold more than `stream_bytes()` bytes on disk, or any is an s3:// /
-gs:// URI (and none is an `hf:` dataset), the driver never reads a row. It lists the files and
-their sizes, cuts them into pieces, and hands the pieces to Ray Data tasks:
+gs:// URI, the driver never reads a row. It lists the files (of an `hf:` split: its `datasets`
+cache files, launcher.hf_files) and cuts them into pieces for Ray Data tasks:
 
 - JSON Lines files are cut into byte ranges of about `PIECE_BYTES`, at line boundaries (a line
-  belongs to the piece that holds its first byte); Parquet files are one piece each, read a
-  batch of rows at a time; CSV/TSV, JSON arrays and .txt files (paragraphs, quoted cells
-  spanning lines) are one piece each, read whole by the task.
+  belongs to the piece that holds its first byte); Parquet and `hf:` cache files are a piece
+  each, read a batch of rows at a time; CSV/TSV, JSON arrays and .txt files are a piece each,
+  read whole by the task.
 - Each task validates its rows with the driver path's own code (`data.canonical_columns`,
   `data.read_file`), so bad data raises DataError naming the file, the line (counted only when a
   row is bad) or Parquet row, and the field; `data.data_error_in` unwraps it from Ray's errors.
@@ -27,8 +27,8 @@ their sizes, cuts them into pieces, and hands the pieces to Ray Data tasks:
   only sums them, so its memory does not grow with the data. Training rows of a piece are
   written in a seeded hash order, and pieces of different sources alternate.
 
-The driver path (`data.load_tables`) carves with an in-memory permutation instead, so the same
-recipe gets other (equally deterministic) splits below and above the threshold.
+The driver path (`data.load_tables`) carves with an in-memory permutation instead: the same
+recipe gets other (equally deterministic) splits below the threshold.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -61,6 +62,7 @@ from launcher.data import (
     tokenize_and_record,
     with_source,
 )
+from launcher.hf_files import named_tables, split_files
 from launcher.progress import progress_display
 from launcher.records import (
     FILE_SUFFIXES,
@@ -116,7 +118,7 @@ class Piece:
     rel: str
     """The file's path relative to its source (part of every row's key)."""
     kind: str
-    """lines | parquet | whole"""
+    """lines | parquet | arrow (an hf: cache file) | whole"""
     start: int = 0
     end: int = 0
 
@@ -144,14 +146,13 @@ class _File:
 
 def stream_plan(recipe: Any, base_dir: Path | None = None) -> StreamPlan | None:
     """The pieces to prepare in Ray Data tasks, or None when the driver path should read the
-    data (any `hf:` source, or sources no larger than stream_bytes()). Lists files; reads none."""
+    data (sources no larger than stream_bytes(), or an `hf:` split that is not whole cache
+    files). Lists files; reads none."""
     d = recipe.data
     given = {name: getattr(d, name) for name in SPLITS if getattr(d, name) is not None}
     specs = {name: sources_of(spec) for name, spec in given.items()}
     paths = [s.path for listed in specs.values() for s in listed or ()]
     paths += [spec for name, spec in given.items() if specs[name] is None]
-    if any(p.startswith("hf:") for p in paths):
-        return None
     fractions = {
         name: getattr(d.split, name)
         for name in ("validation", "test")
@@ -163,13 +164,13 @@ def stream_plan(recipe: Any, base_dir: Path | None = None) -> StreamPlan | None:
     weights: dict[int, float] = {}
     for name, spec in given.items():
         listed = specs[name]
-        if listed is None:
-            files += [(name, source_name(spec), None, f) for f in list_files(spec, base_dir)]
-            continue
-        for s in listed:
-            sid = sources.index(s.name)
-            files += [(name, s.name, sid, f) for f in list_files(s.path, base_dir)]
-            if name == "train" and len(listed) > 1:
+        for s in listed or [None]:
+            sid = None if s is None else sources.index(s.name)
+            found = list_files(spec if s is None else s.path, base_dir)
+            if found is None:
+                return None
+            files += [(name, source_name(spec) if s is None else s.name, sid, f) for f in found]
+            if s is not None and name == "train" and len(listed) > 1:
                 weights[sid] = s.weight
     total = sum(f.size for *_, f in files)
     remote = any(is_remote(p) for p in paths)  # the driver path reads local files only
@@ -187,8 +188,12 @@ def is_remote(spec: str) -> bool:
     return "://" in spec and not spec.startswith("file://")
 
 
-def list_files(spec: str, base_dir: Path | None = None) -> list[_File]:
-    """The data files of one source with their sizes (a file, directory, glob or URI)."""
+def list_files(spec: str, base_dir: Path | None = None) -> list[_File] | None:
+    """The data files of one source with their sizes (a file, directory, glob, URI or `hf:`
+    split; None for an `hf:` split only the driver path reads, see hf_files.split_files)."""
+    if spec.startswith("hf:"):
+        found = split_files(spec)
+        return None if found is None else [_File(f.path, f.name, f.size) for f in found]
     if is_remote(spec):
         return _list_uri(spec)
     path = Path(spec.removeprefix("file://")).expanduser()
@@ -258,7 +263,7 @@ def _cut(split: str, source: str, sid: int | None, f: _File) -> list[Piece]:
             Piece(0, split, source, sid, f.path, f.rel, "lines", a, b)
             for a, b in itertools.pairwise(bounds)
         ]
-    kind = "parquet" if suffix == ".parquet" else "whole"
+    kind = {".parquet": "parquet", ".arrow": "arrow"}.get(suffix, "whole")
     return [Piece(0, split, source, sid, f.path, f.rel, kind, 0, f.size)]
 
 
@@ -310,8 +315,8 @@ def piece_tables(piece: Piece, fields: Fields) -> Iterator[tuple[pa.Table, np.nd
     try:
         if piece.kind == "lines":
             yield _lines_table(piece, fields)
-        elif piece.kind == "parquet":
-            yield from _parquet_tables(piece, fields)
+        elif piece.kind in ("parquet", "arrow"):
+            yield from _batched_tables(piece, fields)
         else:
             table = _whole_table(piece, fields)
             yield table, np.arange(table.num_rows, dtype=np.int64)
@@ -389,25 +394,32 @@ def _line_number(path: str, offset: int) -> int:
     return count + 1
 
 
-def _parquet_tables(piece: Piece, fields: Fields) -> Iterator[tuple[pa.Table, np.ndarray]]:
-    import pyarrow.parquet as pq
-
+def _batched_tables(piece: Piece, fields: Fields) -> Iterator[tuple[pa.Table, np.ndarray]]:
     start = 0
-    with _open(piece.path) as f:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=PARQUET_BATCH_ROWS):
-            table = pa.Table.from_batches([batch])
-            base = start
+    for table in _tables_of(piece):
+        base = start
 
-            def where(i: int, base: int = base) -> str:
-                return f"{piece.path}: row {base + i + 1}"
+        def where(i: int, base: int = base) -> str:
+            return f"{piece.path}: row {base + i + 1}"
 
-            yield (
-                canonical_columns(table, fields, where),
-                np.arange(start, start + table.num_rows, dtype=np.int64),
-            )
-            start += table.num_rows
+        yield (
+            canonical_columns(table, fields, where),
+            np.arange(start, start + table.num_rows, dtype=np.int64),
+        )
+        start += table.num_rows
     if start == 0:
         raise DataError(f"{piece.path}: file is empty (no rows)")
+
+
+def _tables_of(piece: Piece) -> Iterator[pa.Table]:
+    if piece.kind == "arrow":
+        yield from named_tables(piece.path, PARQUET_BATCH_ROWS)
+        return
+    import pyarrow.parquet as pq
+
+    with _open(piece.path) as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            yield pa.Table.from_batches([batch])
 
 
 def _whole_table(piece: Piece, fields: Fields) -> pa.Table:
@@ -480,17 +492,17 @@ def _with_source(table: pa.Table, piece: Piece, names: list[str]) -> pa.Table:
 def count_piece(piece: Piece, s: TaskSettings) -> dict:
     """Validate a piece and count its training rows per source and label (for mixing and
     balancing)."""
-    counts: dict[str, int] = {}
+    counts: Counter = Counter()
     for table, locators in piece_tables(piece, s.fields):
         train = _assign(piece, locators, s) == 0
-        labels = table.column("label").to_numpy()[train] if "label" in table.column_names else None
         sid = piece.source_id if piece.source_id is not None else -1
-        if labels is None:
-            counts[f"{sid}:-1"] = counts.get(f"{sid}:-1", 0) + int(train.sum())
+        if "label" not in table.column_names:
+            counts[f"{sid}:-1"] += int(train.sum())
             continue
+        labels = table.column("label").to_numpy()[train]
         for label, n in zip(*np.unique(labels, return_counts=True), strict=True):
-            counts[f"{sid}:{label}"] = counts.get(f"{sid}:{label}", 0) + int(n)
-    return counts
+            counts[f"{sid}:{label}"] += int(n)
+    return dict(counts)
 
 
 def write_piece(piece: Piece, s: TaskSettings, names: list[str]) -> dict:
@@ -549,9 +561,8 @@ def reading_settings(plan: StreamPlan, recipe: Any) -> TaskSettings:
 
 
 def split_rows(plan: StreamPlan, recipe: Any, split: str) -> pa.Table | None:
-    """The raw canonical rows of one split (the evaluation split of the batch stage), read
-    piece by piece in this process with the tasks' split rule; None when the plan has no such
-    split. Holds that split's rows only (not the training data)."""
+    """The raw rows of one split (the batch stage's evaluation split), read piece by piece here
+    with the tasks' split rule; None when the plan has none. Holds that split's rows only."""
     settings = reading_settings(plan, recipe)
     k = SPLITS.index(split)
     carved = split in plan.fractions
@@ -585,10 +596,15 @@ def _run_tasks(plan: StreamPlan, fn: Any, description: str, **kwargs: Any) -> It
         return {"result": [json.dumps(r) for r in results]}
 
     ds = ray.data.from_items(pieces, override_num_blocks=min(len(pieces), 200))
+    cpus, placement = int(ray.cluster_resources().get("CPU", 1)), {}
+    if any(p.kind == "arrow" for p in plan.pieces):
+        # `datasets` keeps an hf: split's files on the driver's node: the tasks run there, one
+        # per core of this machine, reserving no CPU (a head node may offer none).
+        cpus, node = len(os.sched_getaffinity(0)), f"node:{ray.util.get_node_ip_address()}"
+        placement = {"num_cpus": 0, "resources": {node: 0.001}}
     # Ray Data's default budget runs these (tiny input, long-running) tasks one at a time.
-    tasks = max(1, min(len(pieces), int(ray.cluster_resources().get("CPU", 1))))
-    pool = ray.data.TaskPoolStrategy(size=tasks)
-    ds = ds.map_batches(run, batch_size=1, batch_format="numpy", compute=pool)
+    pool = ray.data.TaskPoolStrategy(size=max(1, min(len(pieces), cpus)))
+    ds = ds.map_batches(run, batch_size=1, batch_format="numpy", compute=pool, **placement)
     with progress_display(len(pieces), description, unit="pieces") as advance:
         for row in ds.iter_rows():
             result = json.loads(row["result"])
@@ -652,14 +668,14 @@ def write_splits(
 def _plan_copies(plan: StreamPlan, s: TaskSettings, recipe: Any, *, balance: bool) -> None:
     """Count training rows per source and label (a validating pass in tasks), then set the
     mixing factors and balancing probabilities the writing tasks apply."""
-    counts: dict[tuple[int, int], int] = {}
+    counts: Counter = Counter()
     for result in _run_tasks(plan, count_piece, "count", s=s):
         for key, n in result.items():
             sid, label = (int(x) for x in key.split(":"))
-            counts[(sid, label)] = counts.get((sid, label), 0) + n
-    per_source: dict[int, int] = {}
+            counts[(sid, label)] += n
+    per_source: Counter = Counter()
     for (sid, _), n in counts.items():
-        per_source[sid] = per_source.get(sid, 0) + n
+        per_source[sid] += n
     if plan.weights:
         total = sum(per_source.values())
         weight_sum = sum(plan.weights.values())
@@ -670,14 +686,10 @@ def _plan_copies(plan: StreamPlan, s: TaskSettings, recipe: Any, *, balance: boo
             s.repeat[sid] = weight / weight_sum * total / rows
     if balance:
         names = list(recipe.model.labels or ())
-        expected = [
-            sum(
-                n * s.repeat.get(sid, 1.0)
-                for (sid, label), n in sorted(counts.items())
-                if label == k
-            )
-            for k in range(s.labels)
-        ]
+        expected = [0.0] * s.labels
+        for (sid, label), n in sorted(counts.items()):
+            if 0 <= label < s.labels:
+                expected[label] += n * s.repeat.get(sid, 1.0)
         empty = [names[k] for k, n in enumerate(expected) if n == 0]
         if empty:
             raise DataError(

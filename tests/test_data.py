@@ -96,7 +96,7 @@ def test_hf_class_labels_become_names():
             {"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=LABELS)}
         ),
     )
-    table = records.hf_table(ds)
+    table = records.named_class_labels(ds.with_format("arrow")[:], ds.features)
     assert table.column("label").to_pylist() == ["positive", "negative", None]
     fields = D.Fields({"text": "sentence", "label": "label"}, labels=tuple(LABELS))
     where = records.row_namer(Path("hf:glue:sst2:test"))

@@ -104,13 +104,11 @@ def test_an_unreadable_file_is_bad_data_named_by_its_path(tmp_path, tiny_gpt2, s
         list(S.piece_tables(plan.pieces[0], settings.fields))
 
 
-def test_small_sources_and_hub_datasets_stay_on_the_driver(tmp_path, tiny_gpt2, monkeypatch):
+def test_small_sources_stay_on_the_driver(tmp_path, tiny_gpt2, monkeypatch):
     spec = write_story_files(tmp_path / "data", "jsonl-glob")
     assert S.stream_plan(text_recipe(tmp_path, tiny_gpt2, spec)) is None  # below 16 MiB
     monkeypatch.setenv(S.STREAM_BYTES_ENV, "0")
     assert S.stream_plan(text_recipe(tmp_path, tiny_gpt2, spec)) is not None
-    hub = text_recipe(tmp_path, tiny_gpt2, "hf:imdb:train")
-    assert S.stream_plan(hub) is None
 
 
 @pytest.mark.ray_job

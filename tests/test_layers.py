@@ -36,7 +36,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("sharded_load",),
     ("models", "adapters", "tokenize", "elastic_data"),
     ("collate", "chat"),
-    ("raysession", "rundir", "progress", "dev.tiny"),
+    ("raysession", "rundir", "progress", "dev.tiny", "hf_files"),
     ("recipe", "records", "internals", "dev.synthetic"),
     ("metrics", "deepspeed_config"),
     ("errors", "dev", ""),
