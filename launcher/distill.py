@@ -531,9 +531,9 @@ def _sharded_teacher(load: Callable[[], nn.Module], device: torch.device, strate
 def _zero3_teacher(load: Callable[[], nn.Module], strategy) -> nn.Module:
     """ZeRO-3: built under zero.Init (each rank holds its partition) and wrapped in an engine
     without optimizer, which gathers each layer's parameters for the forward pass."""
-    import deepspeed
+    from launcher.sharded_load import build_partitioned, import_deepspeed
 
-    from launcher.sharded_load import build_partitioned
+    deepspeed = import_deepspeed()
 
     config = {
         k: v

@@ -203,13 +203,28 @@ def _local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, slice]:
     return local, slice(start, stop)
 
 
+def import_deepspeed() -> Any:
+    """The deepspeed module, with its shared-memory collective op turned off.
+
+    DeepSpeed builds that C++ op when its communication starts (a compile of about a minute on
+    a CPU machine, the first time; a failure where no compiler is installed) but uses it only
+    for inference all-reduce (tensor-parallel inference), which training never calls: the
+    collectives of a ZeRO step go through torch.distributed.
+    """
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
 def _attach_deepspeed_comm() -> None:
     """Point deepspeed.comm at the process group Ray Train (or the caller) already set up.
 
     zero.Init asks deepspeed.comm for the world size before deepspeed.initialize runs; left
     uninitialised it answers 1 and the batch-size check fails.
     """
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     if dist.is_available() and dist.is_initialized():
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
@@ -221,7 +236,7 @@ def build_partitioned(build_model: Callable[[], nn.Module], config: dict[str, An
     rank holds its partition plus at most one module's full weights. What the checkpoint lacks
     (heads, adapters) is partitioned as built. A checkpoint that cannot be read lazily is
     loaded under zero.Init, which partitions it as it loads."""
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     _attach_deepspeed_comm()
     # zero.Init patches tensor constructors; torch._dynamo imported lazily inside it then
@@ -352,8 +367,9 @@ def _load_into_partitions(
     """Put a `_gather_trainable_state` result back into a ZeRO-3 engine of any world size: each
     rank keeps its partition of the fp32 masters, of the Adam moments and of the (possibly
     half-precision) weights the model computes with. Every rank must call this."""
-    import deepspeed
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    deepspeed = import_deepspeed()
 
     trainable = _trainable_parameters(engine.module)
     if optim["step"]:

@@ -45,6 +45,7 @@ from launcher.recipe import Recipe, TrainConfig
 from launcher.sharded_load import (
     block_modules,
     build_partitioned,
+    import_deepspeed,
     load_gathered_trainable,
     process_rank,
     save_gathered_trainable,
@@ -563,7 +564,7 @@ class DeepSpeedStrategy:
         return model if model is not None else build_partitioned(build_model, self.config)
 
     def prepare(self, model: nn.Module, total_steps: int) -> nn.Module:
-        import deepspeed
+        deepspeed = import_deepspeed()
 
         if self.recipe.strategy.activation_checkpointing:
             enable_activation_checkpointing(model)

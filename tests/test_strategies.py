@@ -123,6 +123,39 @@ def test_precision_auto_is_fp32_on_cpu_and_explicit_choices_are_honoured(tmp_pat
         resolve_precision(make_recipe(tmp_path, name="ddp", mixed_precision="fp16"), "cpu")
 
 
+DEEPSPEED_COMM_START = """
+import sys
+import torch.distributed as dist
+from launcher.sharded_load import import_deepspeed
+
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+deepspeed = import_deepspeed()
+deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+sys.exit(0 if deepspeed.comm.comm.cdb.shm_comm_op is None else 3)
+"""
+
+
+def test_deepspeed_communication_starts_without_building_its_shared_memory_op(tmp_path):
+    """The op serves tensor-parallel inference only; building it took a minute of compiling on
+    a CPU machine's first ZeRO job (and fails without a compiler)."""
+    import os
+    import subprocess
+    import sys
+
+    extensions = tmp_path / "torch_extensions"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions), "DS_ACCELERATOR": "cpu"}
+    done = subprocess.run(
+        [sys.executable, "-c", DEEPSPEED_COMM_START],
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not extensions.exists() or not any(extensions.rglob("*shm*"))
+
+
 def test_deepspeed_config_follows_the_recipe(tmp_path):
     recipe = make_recipe(
         tmp_path,
