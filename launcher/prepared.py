@@ -427,8 +427,7 @@ def load_or_prepare(
         return read_entry(slot)
     plan = None if tables is not None else slot.plan
     if plan is not None:
-        write_streamed_entry(slot, plan, recipe, tokenizer)
-        written = replace(slot, meta=read_meta(slot.path))
+        written = replace(slot, meta=write_streamed_entry(slot, plan, recipe, tokenizer))
         data = read_entry(written, read_here_bytes=0)  # large data never passes the driver
         data.tokenization = {
             split: meta.get("tokenization", {}) for split, meta in written.meta["splits"].items()

@@ -95,8 +95,7 @@ _ERROR = "data_error"
 
 def stream_bytes() -> int:
     """The size above which preparation streams (FTLAUNCH_STREAM_BYTES overrides it)."""
-    value = os.environ.get(STREAM_BYTES_ENV)
-    return int(value) if value else STREAM_BYTES
+    return int(os.environ.get(STREAM_BYTES_ENV) or STREAM_BYTES)
 
 
 # ------------------------------------------------------------------------------- the plan
@@ -485,7 +484,7 @@ def _copies(piece: Piece, locators: np.ndarray, labels: np.ndarray | None, s: Ta
     return counts
 
 
-def _with_source(table: pa.Table, piece: Piece, names: list[str]) -> pa.Table:
+def _with_source(table: pa.Table, piece: Piece, names: list) -> pa.Table:
     return table if piece.source_id is None else with_source(table, piece.source, names)
 
 
@@ -666,10 +665,11 @@ def write_splits(
 
 
 def _plan_copies(plan: StreamPlan, s: TaskSettings, recipe: Any, *, balance: bool) -> None:
-    """Count training rows per source and label (a validating pass in tasks), then set the
-    mixing factors and balancing probabilities the writing tasks apply."""
+    """Count training rows per source and label (a validating pass in tasks over the pieces
+    that hold training rows), then set the mixing factors and balancing probabilities."""
     counts: Counter = Counter()
-    for result in _run_tasks(plan, count_piece, "count", s=s):
+    training = replace(plan, pieces=[p for p in plan.pieces if p.split == "train"])
+    for result in _run_tasks(training, count_piece, "count", s=s):
         for key, n in result.items():
             sid, label = (int(x) for x in key.split(":"))
             counts[(sid, label)] += n
