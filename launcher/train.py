@@ -53,8 +53,10 @@ from launcher.train_loop import (
 # its files are stored and before its completion marker.
 FAIL_AT_STEP, FAIL_RANK = "FTLAUNCH_FAIL_AT_STEP", "FTLAUNCH_FAIL_RANK"
 # For tests that change the cluster under a running job: while the file FTLAUNCH_SLOW_WHILE
-# names exists, every optimizer step takes at least SLOW_STEP_S.
-SLOW_WHILE, SLOW_STEP_S = "FTLAUNCH_SLOW_WHILE", 1.5
+# names exists, every optimizer step takes at least SLOW_STEP_S, and with FTLAUNCH_HOLD_AT_STEP=k
+# no worker goes past step k (it waits there, its checkpoints done, until the file is gone): the
+# run cannot end before the cluster change it waits for, however long that takes.
+SLOW_WHILE, SLOW_STEP_S, HOLD_AT_STEP = "FTLAUNCH_SLOW_WHILE", 1.5, "FTLAUNCH_HOLD_AT_STEP"
 FAIL_IN_UPLOAD = "FTLAUNCH_FAIL_IN_UPLOAD"
 FAILURE_MARKER = ".ftlaunch-failure-injected"
 # FSDP needs a process group, which Ray Train's local mode does not set up: an in-process run
@@ -495,17 +497,27 @@ def worker_function():
 
 
 class SlowWhile:
-    """A strategy whose optimizer steps take at least SLOW_STEP_S while `hold` exists."""
+    """A strategy whose optimizer steps take at least SLOW_STEP_S while `hold` exists, and
+    that does not start a step after step `hold_at` (when given) until `hold` is gone."""
 
-    def __init__(self, strategy, hold: Path) -> None:
-        self._strategy, self._hold = strategy, hold
+    def __init__(self, strategy, hold: Path, hold_at: int | None = None) -> None:
+        self._strategy, self._hold, self._hold_at = strategy, hold, hold_at
+        self._step = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._strategy, name)
 
+    def load(self, directory: Path) -> None:
+        self._strategy.load(directory)
+        self._step = checkpoint_step(directory)
+
     def step(self) -> float:
+        # Step hold_at's report and checkpoint are done when the next step gets here.
+        while self._hold_at is not None and self._step >= self._hold_at and self._hold.exists():
+            time.sleep(0.2)
         began = time.monotonic()
         grad_norm = self._strategy.step()
+        self._step += 1
         if self._hold.exists():
             time.sleep(max(0.0, SLOW_STEP_S - (time.monotonic() - began)))
         return grad_norm
@@ -516,7 +528,10 @@ def train_loop_slow_while(config: WorkerConfig) -> None:
     from launcher.strategies import make_strategy
 
     hold = Path(os.environ[SLOW_WHILE])
-    run_worker(config, lambda recipe, device: SlowWhile(make_strategy(recipe, device), hold))
+    hold_at = int(os.environ[HOLD_AT_STEP]) if os.environ.get(HOLD_AT_STEP) else None
+    run_worker(
+        config, lambda recipe, device: SlowWhile(make_strategy(recipe, device), hold, hold_at)
+    )
 
 
 class InjectedFailure(RuntimeError):

@@ -277,12 +277,6 @@ def test_layout_check_asks_for_min_workers(workers):
 # ------------------------------------------------------------- a real cluster loses a node
 
 REPO = Path(__file__).resolve().parent.parent
-# The GCS declares a silent raylet dead after about 1.5 s instead of about 30 s.
-QUICK_NODE_DEATH = {
-    "RAY_health_check_period_ms": "500",
-    "RAY_health_check_timeout_ms": "500",
-    "RAY_health_check_failure_threshold": "3",
-}
 
 
 @pytest.fixture(scope="module")
@@ -291,11 +285,13 @@ def elastic_cluster():
     one training worker each (2 of 3 CPUs; the third feeds it data): the job's size follows
     the number of live worker nodes."""
     root = Path(tempfile.mkdtemp(prefix="ftle-", dir="/tmp"))  # short unix socket paths
-    cluster = LocalCluster(root, env=QUICK_NODE_DEATH)
+    cluster = LocalCluster(root)  # a killed node is seen dead in about 2 s
     try:
         cluster.start_head(num_cpus=0)
         cluster.add_node("node-a", num_cpus=3)
         cluster.add_node("node-b", num_cpus=3)
+        # Ray Train sees a node come or go within a second instead of up to 20 s.
+        cluster.quicken_resource_view()
         yield cluster
     finally:
         cluster.stop()
@@ -331,14 +327,15 @@ def test_a_lost_node_shrinks_the_run_and_a_new_one_grows_it(
     """[1, 2] workers: node-b is killed mid-run (SIGKILL to its process group), the job goes
     on with one worker from the newest checkpoint; a new node-b joins and the job grows back
     to two, then finishes with every step on record once. fsdp reshards its checkpoint from
-    two workers to one; growing again is the same path as ddp's (Ray Train notices a node only
-    on its 20 s tick, which makes a growth the slowest part of this test), so fsdp stops there."""
+    two workers to one; growing again is the same path as ddp's (and a worker group start is
+    the slowest part of this test), so fsdp stops there."""
     grows = strategy == "ddp"
-    # While held, a step takes 1.5 s or more: 60 steps leave over a minute for Ray to notice
-    # the new node (it looks every 20 s) and restart the workers, even on an idle machine.
-    # A shrink only needs the held steps between the kill and the restart (no step runs while
-    # the workers restart): 24 leave a margin, and fewer fast checkpointed steps follow it.
-    max_steps = 60 if grows else 24
+    # While held, a step takes 1.5 s or more, and no worker goes past step HOLD_AT: the run
+    # waits there for the cluster change however long Ray takes, and a few fast steps after
+    # it finish the run. The kill comes at step 3 or 4 (two checkpoints before HOLD_AT), so
+    # one worker trains a few steps of its own before the growth.
+    hold_at = 8 if grows else 6
+    max_steps = hold_at + 4
     if not any(n.name == "node-b" and n.running for n in elastic_cluster.nodes):
         elastic_cluster.add_node("node-b", num_cpus=3)  # a test before this one took it
     body = job_body(
@@ -373,9 +370,11 @@ def test_a_lost_node_shrinks_the_run_and_a_new_one_grows_it(
         **elastic_cluster.client_env(),
         "PYTHONPATH": str(REPO),
         "FTLAUNCH_SLOW_WHILE": str(hold),
-        # A restart right after the loss may still count the dead node (Ray refreshes its
-        # view of the nodes every 20 s): give up on such a start soon and try again.
-        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10",
+        "FTLAUNCH_HOLD_AT_STEP": str(hold_at),
+        # A restart right after the loss may still count the dead node (Ray's view of the
+        # nodes is up to a second old): give up on such a start soon and try again. Only the
+        # wait for the placement group counts, ready in about a second under load.
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5",
     }
     with log.open("w") as out:
         driver = start_driver(recipe_path, tmp_path, env, out)
