@@ -19,9 +19,11 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from click.testing import CliRunner
 from helpers import minimal_recipe
 from raycluster import live_group_members
 
+from launcher.cli import cli
 from launcher.targets import TargetError, envcheck, ray_jobs
 from launcher.targets.preflight import check_cluster
 
@@ -89,16 +91,21 @@ def test_a_task_runs_on_the_node_its_resource_names(ray_cluster):
         assert ran_on == ids[name]
 
 
-def test_environment_check_passes_on_the_cluster(ray_cluster, client_auth):
+def test_environment_check_passes_on_the_cluster(ray_cluster, client_auth, monkeypatch):
     from helpers import minimal_recipe
 
     cluster = ray_jobs.connect(ray_cluster.address)
     recipe = minimal_recipe(strategy={"name": "deepspeed"})
-    report = envcheck.run_probe(cluster, recipe, ray_jobs.submit_entrypoint)
+    reports = []  # the report of the check's one probe job (a job costs seconds to start)
+    run_probe = envcheck.run_probe
+    monkeypatch.setattr(
+        envcheck, "run_probe", lambda *args: reports.append(run_probe(*args)) or reports[-1]
+    )
+    envcheck.check_cluster_env(cluster, recipe, ray_jobs.submit_entrypoint, {})
+    (report,) = reports
     # one report per live node, each from the Python Ray runs workers with there
     assert len(report["nodes"]) == 3, report.get("nodes_error")
     assert report["driver"]["packages"]["deepspeed"] is not None
-    envcheck.check_cluster_env(cluster, recipe, ray_jobs.submit_entrypoint, {})
 
 
 def test_environment_check_names_what_a_plain_python_lacks(ray_cluster, client_auth, tmp_path):
@@ -301,10 +308,11 @@ def test_two_workers_on_two_nodes_through_ftlaunch_submit(
     assert set(nodes.values()) == train_worker_nodes(ray_cluster, job_id)
     assert set(nodes.values()) <= {raylet["nodeId"] for raylet in ray_cluster.alive_nodes()}
 
-    # The job's record on the cluster: the verbs that follow a submission.
-    code, out, _ = run_cli("status", job_id, "--address", ray_cluster.address)
-    assert code == 0 and out.startswith(f"{job_id}: SUCCEEDED"), out
-    code, out, _ = run_cli("logs", job_id, "--address", ray_cluster.address)
-    assert code == 0 and str(run_dir.name) in out, out[-3000:]
+    # The job's record on the cluster: the verbs that follow a submission (in this process:
+    # a fresh ftlaunch process costs seconds of imports; test_targets_ray_jobs runs them so).
+    status = CliRunner().invoke(cli, ["status", job_id, "--address", ray_cluster.address])
+    assert status.exit_code == 0 and status.output.startswith(f"{job_id}: SUCCEEDED"), status.output
+    logs = CliRunner().invoke(cli, ["logs", job_id, "--address", ray_cluster.address])
+    assert logs.exit_code == 0 and str(run_dir.name) in logs.output, logs.output[-3000:]
     info = ray_jobs.job_status(job_id, ray_cluster.address)
     assert info["metadata"]["recipe"] == "two-nodes" and "ftlaunch_version" in info["metadata"]
