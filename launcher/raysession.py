@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -52,15 +54,19 @@ def ensure_ray(verbose: bool = False, address: str | None = None) -> None:
     joining = address or os.environ.get("RAY_ADDRESS")
     # Ray gives a new local node 30 s to register, a wait a busy machine can overrun: one more
     # try before giving up. A cluster that cannot be joined is not retried.
+    env = ray_job_env(embedded=not joining)
     for _ in range(1 if joining else EMBEDDED_START_TRIES):
         try:
-            ray.init(
-                address=address,
-                log_to_driver=verbose,
-                logging_level="INFO" if verbose else "WARNING",
-                include_dashboard=False if not joining else None,
-                runtime_env={"env_vars": ray_job_env(embedded=not joining)},
-            )
+            # A joined cluster gets the environment with the job; the Ray started here has it
+            # from the start (node_environment).
+            with node_environment({} if joining else env):
+                ray.init(
+                    address=address,
+                    log_to_driver=verbose,
+                    logging_level="INFO" if verbose else "WARNING",
+                    include_dashboard=False if not joining else None,
+                    runtime_env={"env_vars": env} if joining else None,
+                )
             return
         except Exception as exc:  # Ray raises bare Exception / ConnectionError here
             ray.shutdown()  # ends whatever part of the node did start
@@ -75,6 +81,29 @@ def ensure_ray(verbose: bool = False, address: str | None = None) -> None:
 
 
 EMBEDDED_START_TRIES = 2
+
+
+@contextlib.contextmanager
+def node_environment(env: dict[str, str]) -> Iterator[None]:
+    """`env` in this process's environment while a Ray node starts here, then as it was.
+
+    The node's processes inherit it, and so does every worker process they start: the same
+    variables a job runtime_env would carry, without its cost. Ray starts a worker of a job
+    with a runtime_env through a setup process that imports Ray and then execs the worker,
+    which imports it again: 1.6 s of CPU per task or actor process on a 2-core machine
+    instead of 0.75 s. Actors that bring a runtime_env of their own (Ray
+    Train's controller and everything it starts) pay it either way.
+    """
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class _BelowError(logging.Filter):

@@ -38,19 +38,21 @@ def ray_session():
     """
     import ray
 
-    from launcher.raysession import ray_job_env
+    from launcher.raysession import node_environment, ray_job_env
 
     for attempt in range(2):  # Ray gives a node 30 s to register: a busy machine gets two tries
         if ray.is_initialized():
             break
         try:
-            ray.init(
-                num_cpus=4,
-                include_dashboard=False,
-                log_to_driver=False,
-                configure_logging=False,
-                runtime_env={"env_vars": ray_job_env(embedded=True)},
-            )
+            # As ftlaunch's own embedded Ray: the job's environment is the node's, so no worker
+            # the tests' drivers start pays for a runtime_env (launcher.raysession).
+            with node_environment(ray_job_env(embedded=True)):
+                ray.init(
+                    num_cpus=4,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    configure_logging=False,
+                )
         except Exception:
             ray.shutdown()
             if attempt == 1:
