@@ -474,6 +474,10 @@ def run_worker(
     # Where to continue from, read first: the steps left (and with them the lr schedule)
     # depend on it when this group's size differs from the checkpoint's or the planned one.
     checkpoint, position, plan = starting_point(config, world_size)
+    # The shards first: Ray Data starts the actor that splits each dataset when rank 0 asks
+    # for its shard, and that process starts up while the model loads instead of after it.
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("validation") if config.has_validation else None
 
     # Model: built through the strategy (ZeRO-3 and FSDP never materialise it whole).
     strategy = make_strategy(recipe, device)
@@ -507,10 +511,8 @@ def run_worker(
             rank, lambda value: float(all_reduce_sum({"v": torch.tensor(value)}, device)["v"])
         )
     collate = make_collate(config.pad_token_id)
-    train_shard = ray.train.get_dataset_shard("train")
     # Elastic: every worker holds the whole split and reads its part of the epoch's one order.
     train_rows = rows_by_id(train_shard) if recipe.scaling.elastic else None
-    val_shard = ray.train.get_dataset_shard("validation") if config.has_validation else None
     last_eval: dict[str, float] = {}
     scores: dict[int, float | None] = {}  # in-process: step -> score_metric, for pruning
     window = Window()
