@@ -4,9 +4,8 @@
 `.arrow` files in Arrow's IPC stream format, whose schema metadata holds the dataset's features.
 Resolving a split to those files lets large `hf:` sources be read the way large Parquet files
 are (launcher.stream_data): by Ray Data tasks, one file per task, a batch of rows at a time, so
-the driver reads no rows. The tasks open the files by path, so on a multi-node cluster the
-`datasets` cache (HF_DATASETS_CACHE) must be on storage every node sees, as local data paths
-must be.
+the driver reads no rows. The cache is on the driver's node, so those tasks run there
+(`reader_placement`).
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from launcher.records import load_hf_split, named_class_labels
+from launcher.records import DataError, load_hf_split, named_class_labels, short_reason
 
 
 @dataclass(frozen=True)
@@ -35,20 +34,25 @@ class CacheFile:
         return Path(self.path).name
 
 
-def split_files(spec: str) -> list[CacheFile] | None:
-    """The cache files that hold exactly the rows of an `hf:` split, in order; None when the
-    split is not such a set of whole files (a sliced split like `train[:10%]`, or a dataset
-    held in memory), which the driver then reads as a table. Raises DataError when the split
-    cannot be loaded."""
+@dataclass(frozen=True)
+class HubSplit:
+    files: list[CacheFile]
+    whole: bool
+    """Whether the files hold exactly the split's rows, in order (not a slice of them, as
+    `train[:10%]` would be, and not a dataset held in memory): only then can tasks read them."""
+
+
+def resolve_split(spec: str) -> HubSplit:
+    """Load an `hf:` split (from the local cache, or downloaded and prepared by `datasets`) and
+    find its cache files. Raises DataError when the split or its files cannot be loaded."""
     ds = load_hf_split(spec)
     paths = [entry["filename"] for entry in ds.cache_files]
-    if not paths or sum(rows_in(p) for p in paths) != ds.num_rows:
-        return None
-    out = []
-    for p in paths:
-        stat = os.stat(p)
-        out.append(CacheFile(p, stat.st_size, stat.st_mtime_ns))
-    return out
+    try:
+        files = [CacheFile(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
+        rows = sum(rows_in(p) for p in paths)
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"{spec}: cannot read the datasets cache: {short_reason(exc)}") from None
+    return HubSplit(files, bool(files) and rows == ds.num_rows)
 
 
 def rows_in(path: str) -> int:
@@ -78,3 +82,22 @@ def named_tables(path: str, rows: int) -> Iterator[pa.Table]:
 def _named(batches: list[pa.RecordBatch], features: Any) -> pa.Table:
     table = pa.Table.from_batches(batches).replace_schema_metadata(None)
     return named_class_labels(table, features)
+
+
+def reader_placement() -> tuple[int, dict[str, Any]]:
+    """How many tasks read cache files at once, and the Ray options that place them: on this
+    (the driver's) node, where `datasets` keeps the files, reserving no CPU (a head node may
+    offer none to Ray), as many as the node has CPUs for Ray (at least one)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if ray.util.client.ray.is_connected():
+        raise DataError(
+            "hf: sources larger than FTLAUNCH_STREAM_BYTES are read from the datasets cache on "
+            "the driver's machine, which a Ray Client driver does not share with the cluster: "
+            "submit the job with --address (Ray Jobs) instead"
+        )
+    node = ray.get_runtime_context().get_node_id()
+    cpus = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node), 0)
+    placement = NodeAffinitySchedulingStrategy(node, soft=False)
+    return max(1, int(cpus)), {"num_cpus": 0, "scheduling_strategy": placement}

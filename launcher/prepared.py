@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from launcher.data import SPLITS, PreparedData, prepare_data, sources_of
-from launcher.hf_files import split_files
+from launcher.hf_files import HubSplit, resolve_split
 from launcher.records import DataError, is_glob
-from launcher.stream_data import StreamPlan, is_remote, stream_plan, uri_files, write_splits
+from launcher.source_files import is_remote, uri_files
+from launcher.stream_data import StreamPlan, stream_plan, write_splits
 
 CACHE_FORMAT = 1
 """Bumped whenever the layout of an entry or the meaning of its columns changes."""
@@ -77,11 +78,24 @@ def _local_path(value: str, setting: str) -> Path:
 
 def fingerprint(recipe: Any, tokenizer: Any, base_dir: Path | None = None) -> tuple[str, dict]:
     """The cache key of the recipe's prepared data and the inputs it was computed from."""
-    return _fingerprint(recipe, tokenizer, base_dir, _plan(recipe, base_dir))
+    hub = _hub_splits(recipe)
+    return _fingerprint(recipe, tokenizer, base_dir, _plan(recipe, base_dir, hub), hub)
+
+
+def _hub_splits(recipe: Any) -> dict[str, HubSplit]:
+    """Every `hf:` split of the recipe, loaded once for the plan and the fingerprint. One that
+    cannot be loaded is bad input now (the message the driver path would give later)."""
+    specs = [getattr(recipe.data, split) for split in SPLITS]
+    paths = [p for spec in specs if spec is not None for p in _paths(spec)]
+    return {p: resolve_split(p) for p in dict.fromkeys(paths) if p.startswith("hf:")}
 
 
 def _fingerprint(
-    recipe: Any, tokenizer: Any, base_dir: Path | None, plan: StreamPlan | None
+    recipe: Any,
+    tokenizer: Any,
+    base_dir: Path | None,
+    plan: StreamPlan | None,
+    hub: dict[str, HubSplit],
 ) -> tuple[str, dict]:
     inputs = {
         "format": CACHE_FORMAT,
@@ -91,7 +105,9 @@ def _fingerprint(
         "seed": recipe.train.seed,
         "tokenizer": tokenizer_identity(tokenizer),
         "sources": {
-            split: [_source_state(path, base_dir) for path in _paths(getattr(recipe.data, split))]
+            split: [
+                _source_state(path, base_dir, hub) for path in _paths(getattr(recipe.data, split))
+            ]
             for split in SPLITS
             if getattr(recipe.data, split) is not None
         },
@@ -102,13 +118,12 @@ def _fingerprint(
     return hashlib.sha256(text.encode()).hexdigest()[:20], inputs
 
 
-def _plan(recipe: Any, base_dir: Path | None) -> StreamPlan | None:
-    """The tasks' plan for the recipe's data, None for the driver path. A local file or hub
-    split that cannot be listed fails later with the driver path's own message; remote sources
-    only the tasks read, so their listing error (no access, nothing there) is the one to show,
-    now."""
+def _plan(recipe: Any, base_dir: Path | None, hub: dict[str, HubSplit]) -> StreamPlan | None:
+    """The tasks' plan for the recipe's data, None for the driver path. A local file that
+    cannot be listed fails later with the driver path's own message; remote sources only the
+    tasks read, so their listing error (no access, nothing there) is the one to show, now."""
     try:
-        return stream_plan(recipe, base_dir)
+        return stream_plan(recipe, base_dir, hub)
     except DataError:
         specs = [getattr(recipe.data, split) for split in SPLITS]
         if any(is_remote(p) for spec in specs if spec is not None for p in _paths(spec)):
@@ -154,14 +169,10 @@ def tokenizer_identity(tokenizer: Any) -> dict:
     return {"class": type(tokenizer).__name__, "hash": digest.hexdigest()[:20]}
 
 
-def _source_state(spec: str, base_dir: Path | None) -> dict:
+def _source_state(spec: str, base_dir: Path | None, hub: dict[str, HubSplit]) -> dict:
     """What identifies a source's current content without reading it."""
     if spec.startswith("hf:"):
-        try:
-            found = split_files(spec)
-        except DataError:  # reading it fails with the same message later
-            return {"source": spec, "files": "unloadable"}
-        return {"source": spec, "files": [[f.path, f.size, f.mtime_ns] for f in found or ()]}
+        return {"source": spec, "files": [[f.path, f.size, f.mtime_ns] for f in hub[spec].files]}
     if is_remote(spec):
         return {"source": spec, "files": _uri_files(spec)}
     path = Path(spec.removeprefix("file://")).expanduser()
@@ -226,8 +237,9 @@ class CacheLookup:
 def lookup(recipe: Any, tokenizer: Any, base_dir: Path | None = None) -> CacheLookup:
     """Fingerprint the recipe's data and find its entry (no Ray, no reading of the data)."""
     root = cache_root(recipe)
-    plan = _plan(recipe, base_dir)
-    key, inputs = _fingerprint(recipe, tokenizer, base_dir, plan)
+    hub = _hub_splits(recipe)
+    plan = _plan(recipe, base_dir, hub)
+    key, inputs = _fingerprint(recipe, tokenizer, base_dir, plan, hub)
     return CacheLookup(root, key, inputs, read_meta(root / key), plan)
 
 

@@ -62,17 +62,10 @@ from launcher.data import (
     tokenize_and_record,
     with_source,
 )
-from launcher.hf_files import named_tables, split_files
+from launcher.hf_files import HubSplit, named_tables, reader_placement
 from launcher.progress import progress_display
-from launcher.records import (
-    FILE_SUFFIXES,
-    DataError,
-    check_suffix,
-    data_files,
-    glob_files,
-    is_glob,
-    short_reason,
-)
+from launcher.records import DataError, short_reason
+from launcher.source_files import SourceFile, is_remote, list_files
 from launcher.tokenize import (
     PIECE_BITS,
     TOKENIZE_BATCH_ROWS,
@@ -136,17 +129,12 @@ class StreamPlan:
     """Training source_id -> mixing weight (when train is a list of several sources)."""
 
 
-@dataclass(frozen=True)
-class _File:
-    path: str
-    rel: str
-    size: int
-
-
-def stream_plan(recipe: Any, base_dir: Path | None = None) -> StreamPlan | None:
+def stream_plan(
+    recipe: Any, base_dir: Path | None = None, hub: dict[str, HubSplit] | None = None
+) -> StreamPlan | None:
     """The pieces to prepare in Ray Data tasks, or None when the driver path should read the
     data (sources no larger than stream_bytes(), or an `hf:` split that is not whole cache
-    files). Lists files; reads none."""
+    files; `hub`: hf: splits already resolved). Lists files; reads none."""
     d = recipe.data
     given = {name: getattr(d, name) for name in SPLITS if getattr(d, name) is not None}
     specs = {name: sources_of(spec) for name, spec in given.items()}
@@ -159,13 +147,13 @@ def stream_plan(recipe: Any, base_dir: Path | None = None) -> StreamPlan | None:
     }
     multi = [name for name in SPLITS if name in given and specs[name] is not None]
     sources = list(dict.fromkeys(s.name for name in multi for s in specs[name]))
-    files: list[tuple[str, str, int | None, _File]] = []
+    files: list[tuple[str, str, int | None, SourceFile]] = []
     weights: dict[int, float] = {}
     for name, spec in given.items():
         listed = specs[name]
         for s in listed or [None]:
             sid = None if s is None else sources.index(s.name)
-            found = list_files(spec if s is None else s.path, base_dir)
+            found = list_files(spec if s is None else s.path, base_dir, hub)
             if found is None:
                 return None
             files += [(name, source_name(spec) if s is None else s.name, sid, f) for f in found]
@@ -182,78 +170,7 @@ def stream_plan(recipe: Any, base_dir: Path | None = None) -> StreamPlan | None:
     return StreamPlan(pieces, total, fractions, sources, weights)
 
 
-def is_remote(spec: str) -> bool:
-    """A URI other than file://: only Ray Data tasks read it."""
-    return "://" in spec and not spec.startswith("file://")
-
-
-def list_files(spec: str, base_dir: Path | None = None) -> list[_File] | None:
-    """The data files of one source with their sizes (a file, directory, glob, URI or `hf:`
-    split; None for an `hf:` split only the driver path reads, see hf_files.split_files)."""
-    if spec.startswith("hf:"):
-        found = split_files(spec)
-        return None if found is None else [_File(f.path, f.name, f.size) for f in found]
-    if is_remote(spec):
-        return _list_uri(spec)
-    path = Path(spec.removeprefix("file://")).expanduser()
-    if base_dir is not None and not path.is_absolute():
-        path = base_dir / path
-    if is_glob(str(path)):
-        root = _glob_root(path)
-        found = glob_files(path)
-    elif not path.exists():
-        raise DataError(f"{path}: file not found")
-    elif path.is_dir():
-        root, found = path, data_files(path)
-    else:
-        check_suffix(path)
-        root, found = path.parent, [path]
-    return [_File(str(p), str(p.relative_to(root)), p.stat().st_size) for p in found]
-
-
-def _glob_root(pattern: Path) -> Path:
-    parts = []
-    for part in pattern.parts:
-        if is_glob(part):
-            break
-        parts.append(part)
-    return Path(*parts)
-
-
-def uri_files(uri: str) -> tuple[str, list]:
-    """The files under a URI (one object, or everything below a prefix) as pyarrow FileInfo
-    objects, with the root path they were listed from. Raises what the filesystem raises."""
-    import pyarrow.fs as pafs
-
-    fs, root = pafs.FileSystem.from_uri(uri)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.Directory:
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    else:
-        infos = [info]
-    return root, sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
-
-
-def _list_uri(uri: str) -> list[_File]:
-    try:
-        root, infos = uri_files(uri)
-    except Exception as exc:
-        raise DataError(f"{uri}: cannot list: {exc}") from None
-    scheme = uri.split("://", 1)[0]
-    out = []
-    for i in infos:
-        rel = i.path[len(root) :].lstrip("/") or Path(i.path).name
-        if Path(i.path).suffix.lower() not in FILE_SUFFIXES or any(
-            part.startswith(".") for part in Path(rel).parts
-        ):
-            continue
-        out.append(_File(f"{scheme}://{i.path}", rel, i.size))
-    if not out:
-        raise DataError(f"{uri}: no data files found")
-    return out
-
-
-def _cut(split: str, source: str, sid: int | None, f: _File) -> list[Piece]:
+def _cut(split: str, source: str, sid: int | None, f: SourceFile) -> list[Piece]:
     suffix = Path(f.path).suffix.lower()
     if suffix == ".jsonl" and f.size > 0:
         count = max(1, math.ceil(f.size / PIECE_BYTES))
@@ -406,7 +323,7 @@ def _batched_tables(piece: Piece, fields: Fields) -> Iterator[tuple[pa.Table, np
             np.arange(start, start + table.num_rows, dtype=np.int64),
         )
         start += table.num_rows
-    if start == 0:
+    if start == 0 and piece.kind != "arrow":  # a split may have an empty cache shard
         raise DataError(f"{piece.path}: file is empty (no rows)")
 
 
@@ -597,10 +514,7 @@ def _run_tasks(plan: StreamPlan, fn: Any, description: str, **kwargs: Any) -> It
     ds = ray.data.from_items(pieces, override_num_blocks=min(len(pieces), 200))
     cpus, placement = int(ray.cluster_resources().get("CPU", 1)), {}
     if any(p.kind == "arrow" for p in plan.pieces):
-        # `datasets` keeps an hf: split's files on the driver's node: the tasks run there, one
-        # per core of this machine, reserving no CPU (a head node may offer none).
-        cpus, node = len(os.sched_getaffinity(0)), f"node:{ray.util.get_node_ip_address()}"
-        placement = {"num_cpus": 0, "resources": {node: 0.001}}
+        cpus, placement = reader_placement()  # where `datasets` keeps the files
     # Ray Data's default budget runs these (tiny input, long-running) tasks one at a time.
     pool = ray.data.TaskPoolStrategy(size=max(1, min(len(pieces), cpus)))
     ds = ds.map_batches(run, batch_size=1, batch_format="numpy", compute=pool, **placement)

@@ -101,7 +101,7 @@ def test_a_large_hub_split_is_read_piece_by_piece_from_its_cache_files(
     monkeypatch.setenv(S.STREAM_BYTES_ENV, "0")
     monkeypatch.setattr(S, "PARQUET_BATCH_ROWS", 700)  # several tables per file
     plan = S.stream_plan(recipe)
-    files = H.split_files(spec)
+    files = H.resolve_split(spec).files
     assert plan is not None and files and str(hf_cache) in files[0].path
     assert [(p.kind, p.path) for p in plan.pieces] == [("arrow", f.path) for f in files]
     assert plan.total_bytes == sum(f.size for f in files)
@@ -130,6 +130,23 @@ def test_a_bad_row_of_a_hub_split_names_its_cache_file_and_row(
         list(S.piece_tables(piece, fields))
 
 
+def test_a_hub_split_that_cannot_be_loaded_is_bad_input_before_anything_starts(
+    tmp_path, tiny_gpt2, hf_cache
+):
+    spec = f"hf:{tmp_path / 'no-such-dataset'}:train"
+    body = {
+        "name": "hub",
+        "model": {"name_or_path": str(tiny_gpt2)},
+        "data": {"train": spec, "max_length": 32, "cache_dir": str(tmp_path / "cache")},
+        "checkpoint": {"metric": None, "storage_path": str(tmp_path / "runs")},
+    }
+    out = CliRunner().invoke(cli, ["prepare", str(write_recipe(tmp_path, body))])
+    assert out.exit_code == 2, out.output
+    assert f"{spec}: cannot load Hugging Face dataset" in out.output
+    assert "Traceback" not in out.output
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
 def test_a_changed_hub_split_is_a_new_cache_entry(tmp_path, tiny_gpt2, hf_cache, monkeypatch):
     import datasets
 
@@ -144,7 +161,7 @@ def test_a_changed_hub_split_is_a_new_cache_entry(tmp_path, tiny_gpt2, hf_cache,
     tokenizer = load_tokenizer(recipe.model)
     key, inputs = P.fingerprint(recipe, tokenizer)
     (state,) = inputs["sources"]["train"]
-    assert [f[0] for f in state["files"]] == [f.path for f in H.split_files(spec)]
+    assert [f[0] for f in state["files"]] == [f.path for f in H.resolve_split(spec).files]
     assert P.fingerprint(recipe, tokenizer)[0] == key
     write_hub_folder(root, review_rows(201, seed=6), card=False)
     assert P.fingerprint(recipe, tokenizer)[0] != key

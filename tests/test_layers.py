@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("finetune", "strategies", "objectives", "tracking", "checkpointing", "channel"),
     ("sharded_load",),
     ("models", "adapters", "tokenize", "elastic_data"),
-    ("collate", "chat"),
+    ("collate", "chat", "source_files"),
     ("raysession", "rundir", "progress", "dev.tiny", "hf_files"),
     ("recipe", "records", "internals", "dev.synthetic"),
     ("metrics", "deepspeed_config"),
