@@ -58,10 +58,12 @@ def ensure_ray(verbose: bool = False, address: str | None = None) -> None:
     for _ in range(1 if joining else EMBEDDED_START_TRIES):
         try:
             # A joined cluster gets the environment with the job; the Ray started here has it
-            # from the start (node_environment).
+            # from the start (node_environment). "local": a new Ray even when a `ray start`
+            # cluster runs on this machine, which ray.init would join without the environment
+            # (joining one is RAY_ADDRESS=auto).
             with node_environment({} if joining else env):
                 ray.init(
-                    address=address,
+                    address=address if joining else "local",
                     log_to_driver=verbose,
                     logging_level="INFO" if verbose else "WARNING",
                     include_dashboard=False if not joining else None,
