@@ -48,7 +48,8 @@ def resolve_split(spec: str) -> HubSplit:
     ds = load_hf_split(spec)
     paths = [entry["filename"] for entry in ds.cache_files]
     try:
-        files = [CacheFile(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
+        stats = [os.stat(p) for p in paths]
+        files = [CacheFile(p, s.st_size, s.st_mtime_ns) for p, s in zip(paths, stats, strict=True)]
         rows = sum(rows_in(p) for p in paths)
     except (OSError, pa.ArrowException) as exc:
         raise DataError(f"{spec}: cannot read the datasets cache: {short_reason(exc)}") from None
@@ -70,11 +71,13 @@ def named_tables(path: str, rows: int) -> Iterator[pa.Table]:
         reader = pa.ipc.open_stream(source)
         features = datasets.Features.from_arrow_schema(reader.schema)
         pending: list[pa.RecordBatch] = []
+        held = 0
         for batch in reader:
             pending.append(batch)
-            if sum(b.num_rows for b in pending) >= rows:
+            held += batch.num_rows
+            if held >= rows:
                 yield _named(pending, features)
-                pending = []
+                pending, held = [], 0
         if pending:
             yield _named(pending, features)
 

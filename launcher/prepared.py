@@ -4,9 +4,10 @@ An entry is a directory `<cache root>/<fingerprint>/` holding one folder of Parq
 split and `prepared.json` (rows, tokens, raw rows and sources per split, the fingerprint's
 inputs, when it was made). The fingerprint covers everything that changes the tokenized output:
 the sources (path, size, modification time of every file; etag / mtime of URIs where the
-filesystem gives them; the `datasets` cache files of an `hf:` split), the tokenizer (class and a hash of its full definition) and every data
-setting (format, fields, templates, max_length, packing, split fractions and seed, balance,
-mixing weights, the labels, train.seed). A changed input is a new entry, never a stale read.
+filesystem gives them; the `datasets` cache files of an `hf:` split), the tokenizer (class and
+a hash of its full definition) and every data setting (format, fields, templates, max_length,
+packing, split fractions and seed, balance, mixing weights, the labels, train.seed). A changed
+input is a new entry, never a stale read.
 
 Entries are written into a temporary directory and renamed into place in one step, with
 `prepared.json` written last: a crash leaves at most a `.tmp-*` directory that no lookup reads.

@@ -58,10 +58,11 @@ def ensure_ray(verbose: bool = False, address: str | None = None) -> None:
     for _ in range(1 if joining else EMBEDDED_START_TRIES):
         try:
             # A joined cluster gets the environment with the job; the Ray started here has it
-            # from the start (node_environment). "local": a new Ray even when a `ray start`
+            # from the start (its processes inherit it, and every worker they start: the same
+            # variables a job runtime_env would carry, without its cost; see environment()). "local": a new Ray even when a `ray start`
             # cluster runs on this machine, which ray.init would join without the environment
             # (joining one is RAY_ADDRESS=auto).
-            with node_environment({} if joining else env):
+            with environment({} if joining else env):
                 ray.init(
                     address=address if joining else "local",
                     log_to_driver=verbose,
@@ -86,15 +87,14 @@ EMBEDDED_START_TRIES = 2
 
 
 @contextlib.contextmanager
-def node_environment(env: dict[str, str]) -> Iterator[None]:
-    """`env` in this process's environment while a Ray node starts here, then as it was.
+def environment(env: dict[str, str]) -> Iterator[None]:
+    """`env` in this process's environment for the block, then as it was.
 
-    The node's processes inherit it, and so does every worker process they start: the same
-    variables a job runtime_env would carry, without its cost. Ray starts a worker of a job
+    A Ray node started in the block passes it to its processes. Ray starts a worker of a job
     with a runtime_env through a setup process that imports Ray and then execs the worker,
-    which imports it again: 1.6 s of CPU per task or actor process on a 2-core machine
-    instead of 0.75 s. Actors that bring a runtime_env of their own (Ray
-    Train's controller and everything it starts) pay it either way.
+    which imports it again: 1.6 s of CPU per task or actor process on a 2-core machine instead
+    of 0.75 s. Actors that bring a runtime_env of their own (Ray Train's controller and
+    everything it starts) pay it either way.
     """
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
@@ -140,8 +140,8 @@ def ray_job_env(embedded: bool = False) -> dict[str, str]:
     RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default): a report made before the previous one
     was drained blocks the worker until then. Workers report to Ray Train only with checkpoints
     (metrics go through the driver's report channel), so that is rare; polling every second
-    bounds it and notices a finished or failed worker sooner. Each poll also takes the worker's GIL away from
-    the training thread for a moment: polling every 0.2 s cost a tiny model ~8% of its
+    bounds it and notices a finished or failed worker sooner. Each poll also takes the worker's
+    GIL away from the training thread for a moment: polling every 0.2 s cost a tiny model ~8% of its
     throughput (bench/README.md).
     """
     env = {

@@ -24,6 +24,7 @@ from launcher.raysession import (
     LayoutError,
     check_layout,
     connected_shape,
+    environment,
     in_process_allowed,
     wants_gpu,
     worker_env,
@@ -238,19 +239,13 @@ def single_process_group(strategy: str, in_process: bool):
         return
     # What a launcher sets for each rank (libraries read LOCAL_RANK from the environment).
     ranks = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
-    saved = {name: os.environ.get(name) for name in ranks}
-    os.environ.update(ranks)
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        if dist.is_initialized():  # the strategy may have ended it already
-            dist.destroy_process_group()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    with environment(ranks):
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            if dist.is_initialized():  # the strategy may have ended it already
+                dist.destroy_process_group()
 
 
 @dataclass

@@ -38,7 +38,7 @@ def ray_session():
     """
     import ray
 
-    from launcher.raysession import node_environment, ray_job_env
+    from launcher.raysession import environment, ray_job_env
 
     for attempt in range(2):  # Ray gives a node 30 s to register: a busy machine gets two tries
         if ray.is_initialized():
@@ -46,7 +46,7 @@ def ray_session():
         try:
             # As ftlaunch's own embedded Ray: the job's environment is the node's, so no worker
             # the tests' drivers start pays for a runtime_env (launcher.raysession).
-            with node_environment(ray_job_env(embedded=True)):
+            with environment(ray_job_env(embedded=True)):
                 ray.init(
                     num_cpus=4,
                     include_dashboard=False,
