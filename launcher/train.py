@@ -143,8 +143,10 @@ def record_report(item: dict[str, Any], state: RunState, view: ProgressView, out
     elif event == "preemption":
         record_preemption(state, item, out, view)
     elif event == "resumed":
-        state.restarts = item["restarts"]
-        record = {"event": "restart", "step": item["step"], "restarts": item["restarts"]}
+        # Each resumed group is one more restart, whichever checkpoint it took: the grown group
+        # of an elastic run may resume from the same checkpoint as the shrunk one did.
+        state.restarts = max(state.restarts + 1, item["restarts"])
+        record = {"event": "restart", "step": item["step"], "restarts": state.restarts}
         out.write(json.dumps(record) + "\n")
         out.flush()
         view.note(f"restarted from the checkpoint at step {item['step']}")

@@ -230,6 +230,24 @@ def test_each_step_on_record_once_and_each_change_of_size_in_the_summary(tmp_pat
     assert any("workers: 2 -> 1" in n for n in view.notes)
 
 
+def test_two_groups_resumed_from_one_checkpoint_are_two_restarts(tmp_path):
+    """A shrunk group that saved nothing before a node joined: the grown group resumes from
+    the same checkpoint (restarts 1 in it), and the run has still restarted twice."""
+    events = [
+        {"event": "started", "step": 0, "world_size": 2},
+        *[{"event": "metrics", "step": s, "loss": 1.0} for s in (1, 2, 3)],
+        {"event": "resumed", "step": 2, "restarts": 1},
+        {"event": "started", "step": 2, "world_size": 1},
+        {"event": "metrics", "step": 3, "loss": 1.0},
+        {"event": "resumed", "step": 2, "restarts": 1},
+        {"event": "started", "step": 2, "world_size": 2},
+    ]
+    state, _ = drain(events, tmp_path / "run")
+    assert state.restarts == 2
+    restarts = [r for r in read_metrics(tmp_path / "run") if r.get("event") == "restart"]
+    assert [r["restarts"] for r in restarts] == [1, 2]
+
+
 def test_a_restart_before_any_checkpoint_does_not_repeat_steps(tmp_path):
     events = [
         {"event": "started", "step": 0, "world_size": 2},
