@@ -16,8 +16,8 @@ not materialized: Ray Data read tasks that reserve no CPU stream their Parquet r
 training workers, so the object store does not hold the whole data, and the reads are scheduled
 even when the training workers hold every CPU (the 2-core hang in DESIGN.md: a task that needs a
 CPU would wait forever; `ray.data.read_parquet` is not used for this, as its file-listing step
-takes a CPU whatever `num_cpus` says). The step plan's row and token counts come from `prepared.json`, not
-from a pass over the data.
+takes a CPU whatever `num_cpus` says). The step plan's row and token counts come from
+`prepared.json`, not from a pass over the data.
 """
 
 from __future__ import annotations

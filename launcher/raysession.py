@@ -59,9 +59,9 @@ def ensure_ray(verbose: bool = False, address: str | None = None) -> None:
         try:
             # A joined cluster gets the environment with the job; the Ray started here has it
             # from the start (its processes inherit it, and every worker they start: the same
-            # variables a job runtime_env would carry, without its cost; see environment()). "local": a new Ray even when a `ray start`
-            # cluster runs on this machine, which ray.init would join without the environment
-            # (joining one is RAY_ADDRESS=auto).
+            # variables a job runtime_env would carry, without its cost; see environment()).
+            # "local": a new Ray even when a `ray start` cluster runs on this machine, which
+            # ray.init would join without the environment (joining one is RAY_ADDRESS=auto).
             with environment({} if joining else env):
                 ray.init(
                     address=address if joining else "local",

@@ -200,13 +200,14 @@ def drain(events: list[dict], run_dir: Path) -> tuple[RunState, QuietView]:
     return state, view
 
 
+def metrics(*steps: int) -> list[dict]:
+    """The training reports of these steps, as a worker group sends them."""
+    return [{"event": "metrics", "step": s, "loss": 1.0 / s} for s in steps]
+
+
 def test_each_step_on_record_once_and_each_change_of_size_in_the_summary(tmp_path):
     """Two workers reach step 4 (checkpoint at 2), a node is lost: one worker replays 3-4 and
     goes on; a node comes back at the checkpoint of step 6 (reported up to 7 before)."""
-
-    def metrics(*steps):
-        return [{"event": "metrics", "step": s, "loss": 1.0 / s} for s in steps]
-
     events = [
         {"event": "started", "step": 0, "world_size": 2},
         *metrics(1, 2, 3, 4),
@@ -235,10 +236,10 @@ def test_two_groups_resumed_from_one_checkpoint_are_two_restarts(tmp_path):
     the same checkpoint (restarts 1 in it), and the run has still restarted twice."""
     events = [
         {"event": "started", "step": 0, "world_size": 2},
-        *[{"event": "metrics", "step": s, "loss": 1.0} for s in (1, 2, 3)],
+        *metrics(1, 2, 3),
         {"event": "resumed", "step": 2, "restarts": 1},
         {"event": "started", "step": 2, "world_size": 1},
-        {"event": "metrics", "step": 3, "loss": 1.0},
+        *metrics(3),
         {"event": "resumed", "step": 2, "restarts": 1},
         {"event": "started", "step": 2, "world_size": 2},
     ]
@@ -251,9 +252,9 @@ def test_two_groups_resumed_from_one_checkpoint_are_two_restarts(tmp_path):
 def test_a_restart_before_any_checkpoint_does_not_repeat_steps(tmp_path):
     events = [
         {"event": "started", "step": 0, "world_size": 2},
-        *[{"event": "metrics", "step": s, "loss": 1.0} for s in (1, 2)],
+        *metrics(1, 2),
         {"event": "started", "step": 0, "world_size": 1},
-        *[{"event": "metrics", "step": s, "loss": 1.0} for s in (1, 2, 3)],
+        *metrics(1, 2, 3),
     ]
     state, _ = drain(events, tmp_path / "run")
     assert [r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r] == [1, 2, 3]
