@@ -213,6 +213,15 @@ INTERNALS: tuple[Internal, ...] = (
         "0.21.2",
     ),
     Internal(
+        "bnb_cpu_repack_switch",
+        "bitsandbytes",
+        "bitsandbytes.nn.Linear4bit.support_avx512bf16_for_cpu",
+        ("launcher.models.keep_one_four_bit_kernel",),
+        "False keeps a Linear4bit from repacking its weight in place (and computing with another "
+        "kernel) on a no-grad CPU forward where the CPU has AVX512-BF16",
+        "0.50.2",
+    ),
+    Internal(
         "ray_private_loggers",
         "ray",
         "loggers ray._private.runtime_env.packaging and ray.data._internal.progress",

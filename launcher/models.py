@@ -298,7 +298,7 @@ def load_four_bit_model(
     if skip_modules:
         config.llm_int8_skip_modules = list(skip_modules)
     device = torch.device(device)
-    return _from_pretrained(
+    model = _from_pretrained(
         model_cfg,
         _source(model_cfg.name_or_path),
         None,
@@ -307,6 +307,22 @@ def load_four_bit_model(
         quantization_config=config,
         device_map={"": device.index if device.type == "cuda" else device.type},
     )
+    keep_one_four_bit_kernel(model)
+    return model
+
+
+def keep_one_four_bit_kernel(model: nn.Module) -> None:
+    """Make every 4-bit layer compute with the kernel it trains with, evaluation included.
+
+    Where the CPU has AVX512-BF16, bitsandbytes repacks a Linear4bit weight in place on its
+    first no-grad CPU forward and computes with another kernel from then on: losses after an
+    evaluation would differ from those before it (a resumed run would not match an
+    uninterrupted one), and a sharded weight, gathered anew for each forward, would be read
+    with the repacked layout.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def checkpoint_dtype(model_cfg: ModelConfig) -> torch.dtype:

@@ -29,6 +29,7 @@ from launcher.models import (
     check_trainable_keys,
     checkpoint_sources,
     deferred_checkpoint_weights,
+    keep_one_four_bit_kernel,
     replace_tensors,
     transformer_blocks,
 )
@@ -120,12 +121,7 @@ def settle_loaded_four_bit(model: nn.Module) -> None:
         for param in model.parameters():
             if param.requires_grad and dist.is_available() and dist.is_initialized():
                 dist.broadcast(param.data, src=0)
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            # bitsandbytes repacks a Linear4bit weight in place on its first no-grad CPU forward
-            # where the CPU has AVX512-BF16 and marks the shared quantization state repacked;
-            # the next gathered copy of the weight is not, and would be read wrongly.
-            module.support_avx512bf16_for_cpu = False
+    keep_one_four_bit_kernel(model)
 
 
 def _buffers_to(model: nn.Module, device: torch.device | str) -> None:

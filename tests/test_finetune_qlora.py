@@ -382,6 +382,21 @@ def sample_ids(rows: int = 4) -> torch.Tensor:
     return torch.randint(3, 500, (rows, 16), generator=torch.Generator().manual_seed(1))
 
 
+def test_an_evaluation_leaves_the_four_bit_base_computing_as_in_training(tiny_llama):
+    """On CPUs with AVX512-BF16, bitsandbytes would repack the 4-bit weights on a no-grad
+    forward and compute with another kernel after it: the losses after an evaluation would
+    drift from those of a run resumed from a checkpoint."""
+    model = build_qlora(fsdp_recipe(tiny_llama))
+    ids = sample_ids()
+    model.train()
+    before = model(input_ids=ids, labels=ids).loss.item()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids, labels=ids)
+    model.train()
+    assert model(input_ids=ids, labels=ids).loss.item() == before
+
+
 def test_fsdp_shards_the_four_bit_base_and_checkpoints_the_adapter(tiny_llama, tmp_path):
     """One rank in this process: the sharded 4-bit model computes what the unsharded one does,
     trains LoRA only, checkpoints LoRA only, resumes to the same weights and exports."""

@@ -292,6 +292,32 @@ def _peft_ia3_mappings():
     assert set(FEEDFORWARD) <= set(TARGETS)
 
 
+# ------------------------------------------------------------------------------ bitsandbytes
+
+
+@check("bnb_cpu_repack_switch")
+def _bnb_cpu_repack_switch():
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import has_avx512bf16
+
+    def weight_after_evaluation(repack: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        layer = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.float32).to("cpu")
+        assert hasattr(layer, "support_avx512bf16_for_cpu"), "no switch on Linear4bit"
+        layer.support_avx512bf16_for_cpu = repack
+        before = layer.weight.data.clone()
+        layer.eval()
+        with torch.no_grad():
+            layer(torch.randn(3, 64))
+        return before, layer.weight.data
+
+    before, after = weight_after_evaluation(repack=False)
+    assert after.shape == before.shape and torch.equal(after, before), "repacked when switched off"
+    if has_avx512bf16():  # where the repack happens, the switch must be what prevents it
+        before, after = weight_after_evaluation(repack=True)
+        assert after.shape != before.shape or not torch.equal(after, before), "switch ignored"
+
+
 # --------------------------------------------------------------------------------------- ray
 
 
