@@ -135,6 +135,7 @@ def test_worker_killed_while_uploading_restarts_from_the_last_complete_checkpoin
     checkpoints = run_dir / "checkpoints"
     assert checkpoint_complete(checkpoints / "checkpoint_000004")
     assert latest_checkpoint(run_dir).name == "checkpoint_000006"
+    assert (run_dir / "model" / "config.json").exists()
 
 
 def alive_train_worker_nodes(cluster) -> set[str]:

@@ -339,21 +339,20 @@ def resize_to(run_dir: Path, new: int):
 
 @pytest.mark.ray_job
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_a_lost_node_shrinks_the_run_and_a_new_one_grows_it(
-    elastic_cluster, tiny_gpt2, story_data, tmp_path, strategy
+    elastic_cluster, tiny_gpt2, story_data, tmp_path
 ):
-    """[1, 2] workers: node-b is killed mid-run (SIGKILL to its process group), the job goes
-    on with one worker from the newest checkpoint; a new node-b joins and the job grows back
-    to two, then finishes with every step on record once. fsdp reshards its checkpoint from
-    two workers to one; growing again is the same path as ddp's (and a worker group start is
-    the slowest part of this test), so fsdp stops there."""
-    grows = strategy == "ddp"
+    """[1, 2] fsdp workers: node-b is killed mid-run (SIGKILL to its process group), the job
+    goes on with one worker from the newest checkpoint, resharded from two workers to one; a
+    new node-b joins and the job grows back to two (the checkpoint resharded again), then
+    finishes with every step on record once. ddp's elastic run is the same driver, data and
+    checkpoint path with nothing to reshard (a worker group start is the slowest part of this
+    test, so one strategy runs it)."""
     # While held, a step takes 1.5 s or more, and no worker goes past step HOLD_AT: the run
     # waits there for the cluster change however long Ray takes, and a few fast steps after
     # it finish the run. The kill comes at step 3 or 4 (two checkpoints before HOLD_AT), so
     # one worker trains a few steps of its own before the growth.
-    hold_at = 8 if grows else 6
+    hold_at = 8
     max_steps = hold_at + 4
     if not any(n.name == "node-b" and n.running for n in elastic_cluster.nodes):
         elastic_cluster.add_node("node-b", num_cpus=3)  # a test before this one took it
@@ -371,7 +370,7 @@ def test_a_lost_node_shrinks_the_run_and_a_new_one_grows_it(
             "max_failures": 4,
         },
         checkpoint={"every": 2, "metric": None, "keep": 2},
-        strategy={"name": strategy},
+        strategy={"name": "fsdp"},
     )
     body["scaling"] = {
         "num_workers": [1, 2],
@@ -414,9 +413,8 @@ def test_a_lost_node_shrinks_the_run_and_a_new_one_grows_it(
         (node_b,) = [n for n in elastic_cluster.nodes if n.name == "node-b" and n.running]
         elastic_cluster.kill_node(node_b)
         shrink = wait_for("the shrink to one worker", lambda: resize_to(run_dir, 1), driver, log)
-        if grows:
-            elastic_cluster.add_node("node-b", num_cpus=3)
-            grow = wait_for("the growth to two workers", lambda: resize_to(run_dir, 2), driver, log)
+        elastic_cluster.add_node("node-b", num_cpus=3)
+        grow = wait_for("the growth to two workers", lambda: resize_to(run_dir, 2), driver, log)
         hold.unlink()
         driver.wait(timeout=300)
     finally:
@@ -427,15 +425,14 @@ def test_a_lost_node_shrinks_the_run_and_a_new_one_grows_it(
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "succeeded"
-    expected = [{"step": shrink["step"], "old": 2, "new": 1}]
-    if grows:
-        expected.append({"step": grow["step"], "old": 1, "new": 2})
-    assert summary["world_size_changes"] == expected
+    assert summary["world_size_changes"] == [
+        {"step": shrink["step"], "old": 2, "new": 1},
+        {"step": grow["step"], "old": 1, "new": 2},
+    ]
     # each group continued from a checkpoint (every 2 steps), the grown one after the shrink
     assert shrink["step"] % 2 == 0
-    if grows:
-        assert grow["step"] % 2 == 0 and grow["step"] >= shrink["step"]
+    assert grow["step"] % 2 == 0 and grow["step"] >= shrink["step"]
     steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
     assert steps == list(range(1, max_steps + 1))
-    assert summary["restarts"] >= (2 if grows else 1)
+    assert summary["restarts"] >= 2
     assert (run_dir / "model" / "config.json").exists()
