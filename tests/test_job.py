@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -69,27 +70,46 @@ def live_actors() -> dict[str, str]:
     }
 
 
+@dataclass
+class TwoWorkerRun:
+    summary: dict
+    run_dir: Path  # the run directory on the storage URI
+    staging: Path  # where the driver staged it
+    actors_before: dict[str, str]
+
+
 @pytest.fixture(scope="module")
-def two_worker_lm_run(ray_session, tiny_gpt2, story_data, tmp_path_factory):
-    """One two-worker causal-LM job and the actors alive before it: the training checks and
-    the no-leftover-actor check read the same run."""
-    tmp_path = tmp_path_factory.mktemp("two-worker-lm")
-    before = live_actors()
-    summary = run(
-        load_recipe(write_recipe(tmp_path, causal_recipe(tmp_path, tiny_gpt2, story_data)))
+def two_worker_run(ray_session, tiny_gpt2, instruction_data, tmp_path_factory) -> TwoWorkerRun:
+    """One two-worker job on instruction rows whose storage is a file:// URI, and the actors
+    alive before it: training, export, the instruction format, URI storage and the
+    no-leftover-actor check all read this run (plain-text jobs of two workers: the restart,
+    elastic and preemption tests)."""
+    tmp_path = tmp_path_factory.mktemp("two-worker")
+    remote_root = tmp_path / "bucket"
+    body = causal_recipe(
+        tmp_path,
+        tiny_gpt2,
+        instruction_data,
+        data={"format": "instruction", "max_length": 128},
+        checkpoint={"storage_path": f"file://{remote_root}"},
     )
-    return summary, before
+    before = live_actors()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FTLAUNCH_STAGING", str(tmp_path / "staging"))
+        summary = run(load_recipe(write_recipe(tmp_path, body)))
+    (run_dir,) = remote_root.iterdir()  # the whole run directory, uploaded
+    return TwoWorkerRun(summary, run_dir, tmp_path / "staging", before)
 
 
 @pytest.mark.ray_job
-def test_causal_lm_two_workers_trains_exports_and_reloads(two_worker_lm_run, tiny_gpt2):
+def test_two_workers_train_on_instructions_export_and_reload(two_worker_run, tiny_gpt2):
     from transformers import AutoModelForCausalLM
 
     from launcher.export import consolidate
 
-    summary, _ = two_worker_lm_run
-    run_dir = Path(summary["run_dir"])
-    assert_contract(run_dir)
+    run_dir = two_worker_run.run_dir
+    summary = assert_contract(run_dir)
+    assert summary["num_workers"] == 2
 
     seen = losses(run_dir)
     assert seen[-1] < seen[0] * 0.8, f"loss did not fall: {seen}"
@@ -101,7 +121,7 @@ def test_causal_lm_two_workers_trains_exports_and_reloads(two_worker_lm_run, tin
 
     # model/ reloads with the weights of the exported checkpoint: same logits.
     exported = AutoModelForCausalLM.from_pretrained(run_dir / "model")
-    checkpoint = Path(summary["export"]["checkpoint"])
+    checkpoint = Path(two_worker_run.summary["export"]["checkpoint"])
     reference = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
     reference.load_state_dict(consolidate("ddp", checkpoint))
     batch = torch.randint(0, 400, (2, 12))
@@ -110,35 +130,6 @@ def test_causal_lm_two_workers_trains_exports_and_reloads(two_worker_lm_run, tin
         logits_of(AutoModelForCausalLM.from_pretrained(tiny_gpt2), batch),
         logits_of(exported, batch),
     )
-
-
-@pytest.fixture(scope="module")
-def instruction_run_on_uri(ray_session, tiny_gpt2, instruction_data, tmp_path_factory):
-    """One two-worker instruction job whose storage is a file:// URI: the instruction format and
-    URI storage are checked on the same run."""
-    tmp_path = tmp_path_factory.mktemp("instruction-uri")
-    remote_root = tmp_path / "bucket"
-    body = causal_recipe(
-        tmp_path,
-        tiny_gpt2,
-        instruction_data,
-        data={"format": "instruction", "max_length": 128},
-        train={"epochs": 1, "max_steps": 10},
-        checkpoint={"storage_path": f"file://{remote_root}"},
-    )
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FTLAUNCH_STAGING", str(tmp_path / "staging"))
-        summary = run(load_recipe(write_recipe(tmp_path, body)))
-    return summary, remote_root, tmp_path / "staging"
-
-
-@pytest.mark.ray_job
-def test_instruction_format_runs_and_learns(instruction_run_on_uri):
-    _, remote_root, _ = instruction_run_on_uri
-    run_dir = next(remote_root.iterdir())  # the whole run directory, uploaded
-    assert_contract(run_dir)
-    seen = losses(run_dir)
-    assert seen[-1] < seen[0]
 
 
 @pytest.mark.ray_job
@@ -253,30 +244,27 @@ def test_bad_data_fails_with_exit_2_before_training(tiny_bert, tmp_path):
 
 
 @pytest.mark.ray_job
-def test_uri_storage_puts_the_whole_run_directory_there(instruction_run_on_uri):
-    summary, remote_root, staging = instruction_run_on_uri
-    remote = next(remote_root.iterdir())
-    assert summary["storage"] == f"file://{remote}"
-    assert_contract(remote)
+def test_uri_storage_puts_the_whole_run_directory_there(two_worker_run):
+    remote = two_worker_run.run_dir
+    assert two_worker_run.summary["storage"] == f"file://{remote}"
     assert list((remote / "checkpoints").glob("checkpoint_*/ftlaunch_state.json"))
-    staged = staging / remote.name
+    staged = two_worker_run.staging / remote.name
     assert not list(staged.glob("checkpoints/checkpoint_*"))  # checkpoints went straight to storage
 
 
 @pytest.mark.ray_job
-def test_no_actor_of_a_job_outlives_it(two_worker_lm_run, tiny_gpt2, story_data, tmp_path):
+def test_no_actor_of_a_job_outlives_it(two_worker_run, tiny_gpt2, story_data, tmp_path):
     """Two jobs in one Ray instance (the two-worker one, then a one-worker one in this process):
     the report channel, the tokenization ledger and Ray Train's controller, workers
     and data coordinators of both are gone after the second."""
-    _, before = two_worker_lm_run
     body = causal_recipe(tmp_path, tiny_gpt2, story_data, train={"max_steps": 2})
     body["name"], body["scaling"]["num_workers"] = "second", 1
     run(load_recipe(write_recipe(tmp_path, body)))
-    left = {i: c for i, c in live_actors().items() if i not in before}
+    left = {i: c for i, c in live_actors().items() if i not in two_worker_run.actors_before}
     assert not left, f"actors still alive after their job: {sorted(left.values())}"
 
 
-def test_an_embedded_ray_starts_no_preemption_watcher(two_worker_lm_run):
+def test_an_embedded_ray_starts_no_preemption_watcher(two_worker_run):
     """Nothing drains the one node of the Ray ftlaunch starts itself: Ray Train's preemption
     watcher (one more process per worker group) is left out there, and only there."""
     from ray._private.state import actors
