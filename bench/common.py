@@ -65,9 +65,11 @@ class Sizes:
 
 FULL = Sizes(
     repeats=3,
-    tiny_steps=60,
-    tiny_warmup=20,
-    tiny_log_every=10,
+    # About 15 s of steady state per run: shorter windows of this ~40 ms step vary by +-10%
+    # from run to run on a shared machine, more than the difference being measured.
+    tiny_steps=400,
+    tiny_warmup=40,
+    tiny_log_every=20,
     smol_steps=8,
     smol_warmup=2,
     smol_log_every=2,

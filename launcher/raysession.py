@@ -115,8 +115,13 @@ class _BelowError(logging.Filter):
 
 # Loggers whose warnings say nothing a person running ftlaunch can act on: Ray's note that the
 # embedded cluster it starts uses token authentication, DeepSpeed's "Setting accelerator to
-# CPU" on every import on a CPU machine.
-CHATTY_LOGGERS = ("ray._private.authentication.authentication_token_setup", "DeepSpeed")
+# CPU" on every import on a CPU machine, and bitsandbytes' note on CPUs with AVX512-BF16 that
+# an optional kernel package is missing (logged whenever peft is imported, LoRA runs included).
+CHATTY_LOGGERS = (
+    "ray._private.authentication.authentication_token_setup",
+    "DeepSpeed",
+    "bitsandbytes.backends.cpu.ops",
+)
 
 
 def quiet_libraries(verbose: bool) -> None:

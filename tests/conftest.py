@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from raycluster import LocalCluster, S3Server
+from raycluster import CLUSTER_HF_TOKEN, LocalCluster, S3Server
 
 # Quiet, deterministic and offline, before any library reads its environment.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -73,26 +73,42 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real three-node Ray cluster (token auth), started on first use, stopped at the end.
+    """A real three-node Ray cluster (token auth, the nodes' own HF_TOKEN), started on first
+    use, stopped at the end.
 
-    head: 2 CPUs, runs the job drivers. Worker nodes `node-a` and `node-b`: 2 CPUs each and a
-    custom resource of their own name, so a test can place work on one of them (no `_` in
-    these names: the dashboard reports resource names camelCased). CPUs are
-    logical: two training workers and the data tasks that feed them fit on this 2-core machine.
-    A test that kills a worker node adds one back (LocalCluster.add_node) before it ends.
+    The head runs the job drivers and no workers (0 CPUs, as on KubeRay). Worker nodes `node-a`
+    and `node-b`: 3 CPUs each, room for one 2-CPU training worker and the data tasks that feed
+    it, and a custom resource of their own name, so a test can place work on one of them (no
+    `_` in these names: the dashboard reports resource names camelCased). CPUs are logical:
+    two training workers and their data tasks fit on this 2-core machine. A test that kills a
+    worker node puts a new one in its place (LocalCluster.replace_node) before it ends.
     """
     # Unix socket paths under the temp dir must stay short (107 bytes): not under tmp_path.
     root = Path(tempfile.mkdtemp(prefix="ftlc-", dir="/tmp"))
-    cluster = LocalCluster(root)
+    cluster = LocalCluster(root, env={"HF_TOKEN": CLUSTER_HF_TOKEN})
     try:
-        cluster.start_head(num_cpus=2)
-        cluster.add_node("node-a", num_cpus=2, resources={"node-a": 1})
-        cluster.add_node("node-b", num_cpus=2, resources={"node-b": 1})
+        cluster.start_head(num_cpus=0)
+        cluster.add_node("node-a", num_cpus=3, resources={"node-a": 1})
+        cluster.add_node("node-b", num_cpus=3, resources={"node-b": 1})
         cluster.wait_for_job_agent()
+        # Ray Train sees a node come or go within a second instead of up to 20 s (elastic runs).
+        cluster.quicken_resource_view()
         yield cluster
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def client_auth(ray_cluster, tmp_path, monkeypatch) -> Path:
+    """This process talks to ray_cluster like a user: the token in a file, no token mode, no
+    RAY_ADDRESS."""
+    path = tmp_path / "auth_token"
+    path.write_text(ray_cluster.token)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path))
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "RAY_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,11 @@ AGENT_PORT_FLAGS = (
 )
 
 
+# The HF_TOKEN the test cluster's nodes are started with: a job must see this value (passed by
+# name), never the one of the shell that submitted it.
+CLUSTER_HF_TOKEN = "hf_cluster_side_value_1234"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -57,6 +62,7 @@ class Node:
     temp_dir: Path
     log: Path
     resources: dict[str, float] = field(default_factory=dict)
+    num_cpus: float = 2
 
     @property
     def running(self) -> bool:
@@ -107,6 +113,10 @@ class LocalCluster:
         if num_gpus:
             args.append(f"--num-gpus={num_gpus:g}")
         return self._start_alive(name, args, num_cpus, resources)
+
+    def replace_node(self, lost: Node) -> Node:
+        """A new machine of the same kind (CPUs, resources, name) in place of a lost one."""
+        return self.add_node(lost.name, num_cpus=lost.num_cpus, resources=lost.resources)
 
     def _start_alive(
         self,
@@ -172,7 +182,7 @@ class LocalCluster:
             args=(proc, temp_dir, node_id, ports["dashboard-agent-listen-port"]),
             daemon=True,
         ).start()
-        node = Node(name, proc, temp_dir, log, resources)
+        node = Node(name, proc, temp_dir, log, resources, num_cpus)
         self.nodes.append(node)
         return node
 

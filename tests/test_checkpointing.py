@@ -239,7 +239,7 @@ def test_a_drained_node_gets_a_checkpoint_before_its_deadline_and_the_run_moves_
             os.killpg(driver.pid, signal.SIGKILL)
         if victim is not None:
             ray_cluster.wait_for_nodes(ray_cluster.expected_alive())
-            ray_cluster.add_node(victim.name, num_cpus=2, resources={victim.name: 1})
+            ray_cluster.replace_node(victim)
     assert driver.returncode == 0, output[-4000:]
     run_dir = next(runs.glob("preempt-*"))
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -372,3 +375,23 @@ def test_a_ray_that_will_not_start_is_retried_once_then_explained(monkeypatch, a
     else:
         assert calls == ["init", "shutdown"]
         assert f"could not join the Ray cluster at {address}" in str(failed.value)
+
+
+def test_library_notes_made_on_import_stay_off_the_terminal():
+    """Without --verbose, bitsandbytes' import prints nothing: on CPUs with AVX512-BF16 it notes
+    a missing optional kernel package, and peft imports it (every LoRA run) when installed."""
+    script = (
+        "from launcher.raysession import quiet_libraries\n"
+        "quiet_libraries(verbose=False)\n"
+        "import bitsandbytes\n"
+    )
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (done.stdout, done.stderr) == ("", "")

@@ -1,8 +1,9 @@
-"""Target ray against a real Ray head started here (token auth on), plus preflight refusals.
+"""Target ray against the session's real Ray cluster (conftest.ray_cluster, token auth on),
+plus preflight refusals.
 
-The head (tests/raycluster.py) runs in its own temp dir and process group, on free ports, so the
-in-process Ray other tests use never sees it; it is stopped by signalling the processes it
-started (never `ray stop`, which would stop every Ray on the machine).
+The cluster (tests/raycluster.py) runs in its own temp dirs and process groups, on free ports,
+so the in-process Ray other tests use never sees it; it is stopped by signalling the processes
+it started (never `ray stop`, which would stop every Ray on the machine).
 """
 
 from __future__ import annotations
@@ -10,16 +11,14 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 from helpers import minimal_recipe
-from raycluster import LocalCluster, free_port
+from raycluster import CLUSTER_HF_TOKEN, free_port
 
 from launcher.cli import main
 from launcher.raysession import ClusterShape
@@ -27,33 +26,6 @@ from launcher.targets import TargetError, ray_jobs
 from launcher.targets.preflight import check_cluster
 
 REPO = Path(__file__).resolve().parent.parent
-HEAD_SIDE_HF_TOKEN = "hf_cluster_side_value_1234"
-
-
-@pytest.fixture(scope="module")
-def head():
-    """One head (2 CPUs, token auth) for this module; a test may add a worker node to it."""
-    root = Path(tempfile.mkdtemp(prefix="ftlr-", dir="/tmp"))
-    cluster = LocalCluster(root, env={"HF_TOKEN": HEAD_SIDE_HF_TOKEN})
-    try:
-        cluster.start_head(num_cpus=2)
-        cluster.wait_for_job_agent()
-        yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture
-def token_file(head, tmp_path, monkeypatch):
-    """The client side: the token in a file, no token mode, no RAY_ADDRESS."""
-    path = tmp_path / "auth_token"
-    path.write_text(head.token)
-    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path))
-    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
-    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    return path
 
 
 def run_cli(*args: str) -> tuple[int, str, str]:
@@ -152,17 +124,19 @@ def test_staging_copies_code_and_recipe_without_excluded_dirs(tmp_path):
     assert not (staged / ".git").exists() and not (staged / "runs").exists()
 
 
-# ------------------------------------------------------------------------ against a real head
+# --------------------------------------------------------------------- against a real cluster
 
 
-def test_token_required_and_missing_is_explained(head, tmp_path, monkeypatch):
+def test_token_required_and_missing_is_explained(ray_cluster, tmp_path, monkeypatch):
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "no-such-token"))
     with pytest.raises(TargetError, match="requires token authentication and no token"):
-        ray_jobs.connect(head.address)
+        ray_jobs.connect(ray_cluster.address)
 
 
-def test_trivial_job_status_logs_list_and_no_secret_sent(head, token_file, tmp_path, monkeypatch):
+def test_trivial_job_status_logs_list_and_no_secret_sent(
+    ray_cluster, client_auth, tmp_path, monkeypatch
+):
     local_secret = "hf_LOCAL_" + secrets.token_hex(12)
     monkeypatch.setenv("HF_TOKEN", local_secret)
     script = (
@@ -173,8 +147,8 @@ def test_trivial_job_status_logs_list_and_no_secret_sent(head, token_file, tmp_p
         "print('git shipped:', os.path.exists('.git'), flush=True)\n"
     )
     source = trivial_source(tmp_path, script)
-    recipe = minimal_recipe(cluster={"target": "ray", "address": head.address})
-    cluster = ray_jobs.connect(head.address)
+    recipe = minimal_recipe(cluster={"target": "ray", "address": ray_cluster.address})
+    cluster = ray_jobs.connect(ray_cluster.address)
     staged = ray_jobs.stage_working_dir("name: tiny-job\n", source, tmp_path / "stage")
     runtime_env = ray_jobs.build_runtime_env(recipe, staged)
     job_id = ray_jobs.submit_entrypoint(
@@ -186,36 +160,36 @@ def test_trivial_job_status_logs_list_and_no_secret_sent(head, token_file, tmp_p
     )
     assert ray_jobs.wait_for_end(cluster, job_id, timeout_s=120) == "SUCCEEDED"
 
-    logs = ray_jobs.job_logs(job_id, head.address)
+    logs = ray_jobs.job_logs(job_id, ray_cluster.address)
     assert "hello from the job" in logs
     # passed by name: the value is the cluster's own, never the submitting shell's
-    assert f"HF_TOKEN on the cluster: {HEAD_SIDE_HF_TOKEN}" in logs
+    assert f"HF_TOKEN on the cluster: {CLUSTER_HF_TOKEN}" in logs
     assert "recipe shipped: True" in logs and "git shipped: False" in logs
 
     sent = cluster.client.get_job_info(job_id).runtime_env
     assert sent["env_vars"]["HF_TOKEN"] == "${HF_TOKEN}"
     assert local_secret not in json.dumps(sent)
-    for path in [*head.root.rglob("*"), *staged.rglob("*")]:
+    for path in [*ray_cluster.root.rglob("*"), *staged.rglob("*")]:
         if path.is_file() and not path.is_symlink():
             assert local_secret.encode() not in path.read_bytes(), path
 
-    code, out, err = run_cli("status", job_id, "--address", head.address)
+    code, out, err = run_cli("status", job_id, "--address", ray_cluster.address)
     assert code == 0, err
     assert out.startswith(f"{job_id}: SUCCEEDED"), out
-    code, out, _ = run_cli("logs", job_id, "--address", head.address)
+    code, out, _ = run_cli("logs", job_id, "--address", ray_cluster.address)
     assert code == 0 and "hello from the job" in out
-    monkeypatch.setenv("RAY_ADDRESS", head.address)  # honoured when --address is absent
+    monkeypatch.setenv("RAY_ADDRESS", ray_cluster.address)  # honoured when --address is absent
     code, out, _ = run_cli("list")
     assert code == 0 and job_id in out and "SUCCEEDED" in out
     code, _, err = run_cli("status", "no-such-job")
     assert code == 2 and "no job 'no-such-job'" in err
 
 
-def test_stop_stops_a_long_running_job(head, token_file, tmp_path):
+def test_stop_stops_a_long_running_job(ray_cluster, client_auth, tmp_path):
     script = "import time\nprint('working', flush=True)\ntime.sleep(600)\n"
     source = trivial_source(tmp_path, script)
     recipe = minimal_recipe(name="sleeper")
-    cluster = ray_jobs.connect(head.address)
+    cluster = ray_jobs.connect(ray_cluster.address)
     staged = ray_jobs.stage_working_dir("name: sleeper\n", source, tmp_path / "stage")
     job_id = ray_jobs.submit_entrypoint(
         cluster,
@@ -225,19 +199,19 @@ def test_stop_stops_a_long_running_job(head, token_file, tmp_path):
         {},
     )
     deadline = time.monotonic() + 120
-    while "working" not in ray_jobs.job_logs(job_id, head.address):
+    while "working" not in ray_jobs.job_logs(job_id, ray_cluster.address):
         assert time.monotonic() < deadline, "job never started"
         time.sleep(0.5)
-    code, out, err = run_cli("stop", job_id, "--address", head.address)
+    code, out, err = run_cli("stop", job_id, "--address", ray_cluster.address)
     assert code == 0, err
     assert out.strip() == f"{job_id}: STOPPED"
-    assert ray_jobs.job_status(job_id, head.address)["status"] == "STOPPED"
+    assert ray_jobs.job_status(job_id, ray_cluster.address)["status"] == "STOPPED"
 
 
-def test_preflight_against_the_head_refuses_gpus_and_cpus(head, token_file):
+def test_preflight_against_the_head_refuses_gpus_and_cpus(ray_cluster, client_auth):
     too_many_gpus = minimal_recipe(scaling={"num_workers": 2, "use_gpu": True})
     with pytest.raises(TargetError, match=r"asks for 2 GPU worker\(s\).*has 0 GPU"):
-        ray_jobs.submit_to_ray(too_many_gpus, "name: x\n", head.address)
-    too_many_cpus = minimal_recipe(scaling={"num_workers": 3, "use_gpu": False})
-    with pytest.raises(TargetError, match=r"= 3 CPUs but the Ray cluster .* has 2 CPU"):
-        ray_jobs.submit_to_ray(too_many_cpus, "name: x\n", head.address)
+        ray_jobs.submit_to_ray(too_many_gpus, "name: x\n", ray_cluster.address)
+    too_many_cpus = minimal_recipe(scaling={"num_workers": 7, "use_gpu": False})
+    with pytest.raises(TargetError, match=r"= 7 CPUs but the Ray cluster .* has 6 CPU"):
+        ray_jobs.submit_to_ray(too_many_cpus, "name: x\n", ray_cluster.address)

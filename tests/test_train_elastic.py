@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -16,7 +14,6 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import job_body, minimal_recipe, start_driver
-from raycluster import LocalCluster
 
 from launcher.channel import LocalChannel
 from launcher.rundir import RunState, read_metrics
@@ -298,25 +295,6 @@ def test_layout_check_asks_for_min_workers(workers):
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def elastic_cluster():
-    """A head that runs no workers (0 CPUs, as on KubeRay) and two worker nodes with room for
-    one training worker each (2 of 3 CPUs; the third feeds it data): the job's size follows
-    the number of live worker nodes."""
-    root = Path(tempfile.mkdtemp(prefix="ftle-", dir="/tmp"))  # short unix socket paths
-    cluster = LocalCluster(root)  # a killed node is seen dead in about 2 s
-    try:
-        cluster.start_head(num_cpus=0)
-        cluster.add_node("node-a", num_cpus=3)
-        cluster.add_node("node-b", num_cpus=3)
-        # Ray Train sees a node come or go within a second instead of up to 20 s.
-        cluster.quicken_resource_view()
-        yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
-
-
 def wait_for(what: str, check, driver: subprocess.Popen, log: Path, timeout: float = 240):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -340,7 +318,7 @@ def resize_to(run_dir: Path, new: int):
 @pytest.mark.ray_job
 @pytest.mark.slow
 def test_a_lost_node_shrinks_the_run_and_a_new_one_grows_it(
-    elastic_cluster, tiny_gpt2, story_data, tmp_path
+    ray_cluster, tiny_gpt2, story_data, tmp_path
 ):
     """[1, 2] fsdp workers: node-b is killed mid-run (SIGKILL to its process group), the job
     goes on with one worker from the newest checkpoint, resharded from two workers to one; a
@@ -354,8 +332,9 @@ def test_a_lost_node_shrinks_the_run_and_a_new_one_grows_it(
     # one worker trains a few steps of its own before the growth.
     hold_at = 8
     max_steps = hold_at + 4
-    if not any(n.name == "node-b" and n.running for n in elastic_cluster.nodes):
-        elastic_cluster.add_node("node-b", num_cpus=3)  # a test before this one took it
+    # Each worker node holds one 2-CPU worker (conftest.ray_cluster): the run's size follows the
+    # number of live worker nodes.
+    assert any(n.name == "node-b" and n.running for n in ray_cluster.nodes)
     body = job_body(
         tmp_path,
         tiny_gpt2,
@@ -385,7 +364,7 @@ def test_a_lost_node_shrinks_the_run_and_a_new_one_grows_it(
     log = tmp_path / "driver.log"
     env = {
         **os.environ,
-        **elastic_cluster.client_env(),
+        **ray_cluster.client_env(),
         "PYTHONPATH": str(REPO),
         "FTLAUNCH_SLOW_WHILE": str(hold),
         "FTLAUNCH_HOLD_AT_STEP": str(hold_at),
@@ -410,10 +389,10 @@ def test_a_lost_node_shrinks_the_run_and_a_new_one_grows_it(
             driver,
             log,
         )
-        (node_b,) = [n for n in elastic_cluster.nodes if n.name == "node-b" and n.running]
-        elastic_cluster.kill_node(node_b)
+        (node_b,) = [n for n in ray_cluster.nodes if n.name == "node-b" and n.running]
+        ray_cluster.kill_node(node_b)
         shrink = wait_for("the shrink to one worker", lambda: resize_to(run_dir, 1), driver, log)
-        elastic_cluster.add_node("node-b", num_cpus=3)
+        ray_cluster.replace_node(node_b)
         grow = wait_for("the growth to two workers", lambda: resize_to(run_dir, 2), driver, log)
         hold.unlink()
         driver.wait(timeout=300)
