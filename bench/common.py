@@ -70,10 +70,12 @@ FULL = Sizes(
     tiny_steps=400,
     tiny_warmup=40,
     tiny_log_every=20,
-    smol_steps=8,
-    smol_warmup=2,
+    # A step takes several seconds here: 10 measured steps and 3 pairs, so that one pair in a
+    # burst of load from elsewhere does not decide the ratio.
+    smol_steps=14,
+    smol_warmup=4,
     smol_log_every=2,
-    smol_repeats=2,
+    smol_repeats=3,
     ttfs_repeats=2,
     scaling_steps=60,
     score_rows=8000,

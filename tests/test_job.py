@@ -395,3 +395,18 @@ def test_library_notes_made_on_import_stay_off_the_terminal():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (done.stdout, done.stderr) == ("", "")
+
+
+def test_imports_wait_for_ray_on_a_thread_of_their_own():
+    """ensure_ray imports what the stages need while ray.init waits for the node: a module not
+    imported yet is imported on a thread; one that cannot be imported is left to the stage
+    that needs it to report."""
+    from launcher.raysession import import_in_background
+
+    assert import_in_background(("json",)) is None  # already imported: no thread
+    name = "email.mime.audio"  # a standard module nothing else here imports
+    sys.modules.pop(name, None)
+    thread = import_in_background((name, "no_such_module_here"))
+    assert thread is not None and thread.name == "ftlaunch-imports"
+    thread.join(timeout=60)
+    assert name in sys.modules and "no_such_module_here" not in sys.modules
