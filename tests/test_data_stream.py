@@ -237,7 +237,7 @@ def test_a_large_entry_streams_to_workers_that_hold_every_cpu(
     from ray.train.torch import TorchTrainer
 
     from launcher.models import load_tokenizer
-    from tests.test_data_shards import Collector, read_shard
+    from tests.test_data_shards import Collector, read_shards
 
     monkeypatch.setattr(P, "READ_HERE_BYTES", 0)
     recipe = text_recipe(tmp_path, tiny_gpt2, write_story_files(tmp_path / "data", "parquet-dir"))
@@ -252,8 +252,8 @@ def test_a_large_entry_streams_to_workers_that_hold_every_cpu(
     cpus = int(ray.cluster_resources()["CPU"])
     collector = ray.remote(num_cpus=0)(Collector).remote()
     TorchTrainer(
-        read_shard,
-        train_loop_config={"collector": collector},
+        read_shards,
+        train_loop_config={"collector": collector, "names": ["train"]},
         scaling_config=ray.train.ScalingConfig(
             num_workers=2, resources_per_worker={"CPU": cpus / 2}
         ),
@@ -262,7 +262,7 @@ def test_a_large_entry_streams_to_workers_that_hold_every_cpu(
     ).fit()
     all_ids = row_ids(train)
     assert len(all_ids) == data.num_rows["train"] == len(set(all_ids))
-    assert_disjoint_and_covering(ray.get(collector.get.remote()), all_ids)
+    assert_disjoint_and_covering(ray.get(collector.get.remote())["train"], all_ids)
 
 
 def test_s3_sources_are_listed_and_read_by_piece(s3_server, tiny_gpt2, tmp_path, monkeypatch):
