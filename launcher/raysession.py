@@ -56,7 +56,7 @@ def ensure_ray(verbose: bool = False, address: str | None = None) -> None:
         return
     warming = import_in_background(WARM_IMPORTS)
     try:
-        _start_or_join(ray, address or os.environ.get("RAY_ADDRESS"), verbose)
+        _start_or_join(address or os.environ.get("RAY_ADDRESS"), verbose)
     finally:
         if warming is not None:
             warming.join()
@@ -86,8 +86,10 @@ def import_in_background(names: tuple[str, ...]) -> threading.Thread | None:
     return thread
 
 
-def _start_or_join(ray, joining: str | None, verbose: bool) -> None:
+def _start_or_join(joining: str | None, verbose: bool) -> None:
     """ray.init: join the cluster at `joining`, or start Ray here when it is None."""
+    import ray
+
     # Ray gives a new local node 30 s to register, a wait a busy machine can overrun: one more
     # try before giving up. A cluster that cannot be joined is not retried.
     env = ray_job_env(embedded=not joining)
@@ -100,7 +102,7 @@ def _start_or_join(ray, joining: str | None, verbose: bool) -> None:
             # ray.init would join without the environment (joining one is RAY_ADDRESS=auto).
             with environment({} if joining else env):
                 ray.init(
-                    address=joining if joining else "local",
+                    address=joining or "local",
                     log_to_driver=verbose,
                     logging_level="INFO" if verbose else "WARNING",
                     include_dashboard=False if not joining else None,

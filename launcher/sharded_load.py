@@ -29,7 +29,6 @@ from launcher.models import (
     check_trainable_keys,
     checkpoint_sources,
     deferred_checkpoint_weights,
-    keep_one_four_bit_kernel,
     replace_tensors,
     transformer_blocks,
 )
@@ -115,13 +114,13 @@ def shard_loaded(model: nn.Module, options: dict[str, Any]) -> None:
 
 def settle_loaded_four_bit(model: nn.Module) -> None:
     """Before a 4-bit model every rank loaded whole is sharded (FSDP2) or partitioned (ZeRO-3):
-    the trainable weights are taken from rank 0 so all ranks agree, and no 4-bit layer may
-    rewrite its weight in place (a sharded weight is gathered anew for each forward)."""
+    the trainable weights are taken from rank 0 so all ranks agree. (No 4-bit layer rewrites
+    its weight in place, which a sharded weight, gathered anew for each forward, could not
+    survive: launcher.models.load_four_bit_model switches that off at load.)"""
     with torch.no_grad():
         for param in model.parameters():
             if param.requires_grad and dist.is_available() and dist.is_initialized():
                 dist.broadcast(param.data, src=0)
-    keep_one_four_bit_kernel(model)
 
 
 def _buffers_to(model: nn.Module, device: torch.device | str) -> None:

@@ -202,17 +202,23 @@ def metrics(*steps: int) -> list[dict]:
     return [{"event": "metrics", "step": s, "loss": 1.0 / s} for s in steps]
 
 
+def resumed_group(step: int, world_size: int, restarts: int) -> list[dict]:
+    """What a worker group that resumed from the checkpoint of `step` reports as it starts."""
+    return [
+        {"event": "resumed", "step": step, "restarts": restarts},
+        {"event": "started", "step": step, "world_size": world_size},
+    ]
+
+
 def test_each_step_on_record_once_and_each_change_of_size_in_the_summary(tmp_path):
     """Two workers reach step 4 (checkpoint at 2), a node is lost: one worker replays 3-4 and
     goes on; a node comes back at the checkpoint of step 6 (reported up to 7 before)."""
     events = [
         {"event": "started", "step": 0, "world_size": 2},
         *metrics(1, 2, 3, 4),
-        {"event": "resumed", "step": 2, "restarts": 1},
-        {"event": "started", "step": 2, "world_size": 1},
+        *resumed_group(2, world_size=1, restarts=1),
         *metrics(3, 4, 5, 6, 7),
-        {"event": "resumed", "step": 6, "restarts": 2},
-        {"event": "started", "step": 6, "world_size": 2},
+        *resumed_group(6, world_size=2, restarts=2),
         *metrics(7, 8),
     ]
     state, view = drain(events, tmp_path / "run")
@@ -234,11 +240,9 @@ def test_two_groups_resumed_from_one_checkpoint_are_two_restarts(tmp_path):
     events = [
         {"event": "started", "step": 0, "world_size": 2},
         *metrics(1, 2, 3),
-        {"event": "resumed", "step": 2, "restarts": 1},
-        {"event": "started", "step": 2, "world_size": 1},
+        *resumed_group(2, world_size=1, restarts=1),
         *metrics(3),
-        {"event": "resumed", "step": 2, "restarts": 1},
-        {"event": "started", "step": 2, "world_size": 2},
+        *resumed_group(2, world_size=2, restarts=1),
     ]
     state, _ = drain(events, tmp_path / "run")
     assert state.restarts == 2
