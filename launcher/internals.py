@@ -230,6 +230,17 @@ INTERNALS: tuple[Internal, ...] = (
         "2.60.0",
     ),
     Internal(
+        "ray_driver_error_printer",
+        "ray",
+        "ray._private.worker.print_to_stdstream, as called by listen_error_messages",
+        ("launcher.raysession.restate_cluster_errors",),
+        "the driver's error-listener thread prints each error the cluster publishes (a node "
+        "marked dead, a worker killed for memory) through this module-level function, as "
+        "data with pid 'raylet' and the message in 'lines', whatever log_to_driver says; "
+        "replacing the module attribute reroutes them",
+        "2.60.0",
+    ),
+    Internal(
         "ray_train_checkpoint_storage",
         "ray",
         "ray.train.get_context().get_storage().persist_current_checkpoint (DeveloperAPI)",

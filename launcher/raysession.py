@@ -6,6 +6,7 @@ import contextlib
 import importlib
 import logging
 import os
+import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -60,6 +61,8 @@ def ensure_ray(verbose: bool = False, address: str | None = None) -> None:
     finally:
         if warming is not None:
             warming.join()
+    if not verbose:
+        restate_cluster_errors()
 
 
 # What every stage imports once Ray is up (torch 1.9 s, transformers' model code 4.4 s on a
@@ -144,6 +147,51 @@ def environment(env: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+# The GCS's words when it gives up on a node, as Ray 2.60 publishes them to every driver.
+_NODE_DEAD = re.compile(
+    r"node id: (?P<id>[0-9a-f]+) and address: (?P<address>\S+)"
+    r"(?: and node name: \S+)? has been marked dead"
+)
+
+
+def restate_cluster_errors() -> None:
+    """Errors the cluster publishes to this driver reach the terminal in ftlaunch's words.
+
+    Ray's driver prints every such error (a node marked dead, a worker killed for memory, a task
+    no node can run) as a `(raylet)` block of several lines, log_to_driver or not. Each becomes
+    one line here; --verbose leaves Ray's own text (ensure_ray does not call this then).
+    """
+    import ray._private.worker as ray_worker
+
+    printer = ray_worker.print_to_stdstream
+    if getattr(printer, "restates", False):
+        return
+
+    def restated(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") != "raylet":
+            printer(data, ignore_prefix)
+            return
+        for message in data.get("lines", []):
+            print(f"cluster: {restate_cluster_error(message)}", file=sys.stderr, flush=True)
+
+    restated.restates = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = restated
+
+
+def restate_cluster_error(message: str) -> str:
+    """One line for an error Ray published to the driver."""
+    lost = _NODE_DEAD.search(message)
+    if lost:
+        return (
+            f"node {lost['id'][:12]} ({lost['address']}) was lost: Ray stopped hearing from it "
+            "(the machine went away, or its raylet crashed or stalled)"
+        )
+    first = next((line.strip() for line in message.splitlines() if line.strip()), "")
+    if len(first) > 240:
+        first = first[:239] + "…"
+    return f"{first} (--verbose shows Ray's full message)"
 
 
 class _BelowError(logging.Filter):

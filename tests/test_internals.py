@@ -327,6 +327,17 @@ def _ray_private_loggers():
         assert importlib.util.find_spec(name) is not None, f"no module {name}"
 
 
+@check("ray_driver_error_printer")
+def _ray_driver_error_printer():
+    import ray._private.worker as ray_worker
+
+    source = inspect.getsource(ray_worker.listen_error_messages)
+    assert "print_to_stdstream(" in source, "listen_error_messages prints some other way"
+    assert '"pid": "raylet"' in source and '"lines": [error_message]' in source, source
+    params = list(inspect.signature(ray_worker.print_to_stdstream).parameters)
+    assert params == ["data", "ignore_prefix"], params
+
+
 @check("ray_train_checkpoint_storage")
 def _ray_train_checkpoint_storage():
     import inspect

@@ -397,6 +397,46 @@ def test_library_notes_made_on_import_stay_off_the_terminal():
     assert (done.stdout, done.stderr) == ("", "")
 
 
+def test_errors_the_cluster_publishes_reach_the_terminal_one_line_each(
+    ray_session, monkeypatch, capfd
+):
+    """Published through the GCS as Ray publishes a lost node or a worker killed for memory,
+    received by the driver's own listener thread: one `cluster:` line each, no `(raylet)` block."""
+    import time
+
+    import ray._private.worker as ray_worker
+    from ray._private.utils import publish_error_to_driver
+
+    from launcher.raysession import restate_cluster_errors
+
+    # restored after the test: the session's Ray keeps printing as Ray does
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)
+    restate_cluster_errors()
+    restate_cluster_errors()  # a second call changes nothing: one line per error still
+    node = "7c" * 28
+    lost = (
+        f"The node with node id: {node} and address: 10.1.2.3 and node name: 10.1.2.3 has "
+        "been marked dead because the detector has missed too many heartbeats from it. This "
+        "can happen when a \t(1) raylet crashes unexpectedly (OOM, etc.) \n\t(2) raylet has "
+        "lagging heartbeats due to slow network or busy workload."
+    )
+    oom = "Task was killed due to the node running low on memory.\nMemory on the node was 31.2GB"
+    gcs = ray_worker.global_worker.gcs_client
+    publish_error_to_driver("node_died", lost, gcs)
+    publish_error_to_driver("out_of_memory", oom, gcs)
+    printed = ""
+    deadline = time.monotonic() + 30
+    while printed.count("cluster: ") < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        printed += capfd.readouterr().err
+    assert printed.splitlines() == [
+        f"cluster: node {node[:12]} (10.1.2.3) was lost: Ray stopped hearing from it (the "
+        "machine went away, or its raylet crashed or stalled)",
+        "cluster: Task was killed due to the node running low on memory. (--verbose shows "
+        "Ray's full message)",
+    ]
+
+
 def test_imports_wait_for_ray_on_a_thread_of_their_own():
     """ensure_ray imports what the stages need while ray.init waits for the node: a module not
     imported yet is imported on a thread; one that cannot be imported is left to the stage

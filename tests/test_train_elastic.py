@@ -405,6 +405,9 @@ def test_a_lost_node_shrinks_the_run_and_a_new_one_grows_it(
             os.killpg(driver.pid, 9)
             driver.wait(30)
     assert driver.returncode == 0, log.read_text()[-4000:]
+    # Ray's note of the lost node, restated: no `(raylet)` block on a run without --verbose
+    printed = log.read_text()
+    assert "was lost: Ray stopped hearing from it" in printed and "(raylet)" not in printed
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "succeeded"
