@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ from launcher.records import (
     RawTable,
     glob_files,
     is_glob,
+    local_path,
     parse_hf_spec,
     read_directory,
     read_files,
@@ -116,13 +117,14 @@ def fields_for(recipe: Any, tokenizer: Any = None) -> Fields:
     )
 
 
-def read_source(spec: str, fields: Fields, base_dir: Path | None = None) -> RawTable:
-    """Read one source (file, directory or hf: spec) into validated canonical columns."""
+def read_source(
+    spec: str, fields: Fields, base_dir: Path | None = None, loaded: Mapping[str, Any] | None = None
+) -> RawTable:
+    """Read one source (file, directory or hf: spec) into validated canonical columns.
+    `loaded`: hf: specs already loaded, to their `datasets.Dataset`."""
     if spec.startswith("hf:"):
-        return _canonical(read_hf(spec), fields)
-    path = Path(spec).expanduser()
-    if base_dir is not None and not path.is_absolute():
-        path = base_dir / path
+        return _canonical(read_hf(spec, (loaded or {}).get(spec)), fields)
+    path = local_path(spec, base_dir)
     if is_glob(spec):
         return read_files(glob_files(path), functools.partial(read_file, fields=fields))
     if not path.exists():
@@ -380,22 +382,26 @@ def source_name(path: str) -> str:
     return p.stem if p.suffix else p.name
 
 
-def _read_split(spec: Any, fields: Fields, base_dir: Path | None) -> list[tuple[Source, pa.Table]]:
-    listed = sources_of(spec)
-    if listed is None:
-        return [(Source(spec, 1.0, None), read_source(spec, fields, base_dir).table)]
-    return [(s, read_source(s.path, fields, base_dir).table) for s in listed]
+def _read_split(
+    spec: Any, fields: Fields, base_dir: Path | None, loaded: Mapping[str, Any] | None
+) -> list[tuple[Source, pa.Table]]:
+    listed = sources_of(spec) or [Source(spec, 1.0, None)]
+    return [(s, read_source(s.path, fields, base_dir, loaded).table) for s in listed]
 
 
 def load_tables(
-    recipe: Any, base_dir: Path | None = None, tokenizer: Any = None
+    recipe: Any,
+    base_dir: Path | None = None,
+    tokenizer: Any = None,
+    loaded: Mapping[str, Any] | None = None,
 ) -> dict[str, pa.Table]:
     """Read, validate, split, mix and balance: the raw (untokenized) table of every split.
 
     Runs in the driver and needs no Ray. Columns: the canonical ones of the format, `row_id`
     (0..n-1 in final order) and `source` / `source_id` when a split is a list of sources.
     With the tokenizer, chat rows are also checked against the chat template (a missing or
-    broken template and rows it rejects fail here).
+    broken template and rows it rejects fail here). `loaded`: hf: splits already loaded (spec
+    to `datasets.Dataset`), read from there instead of being loaded again.
     """
     d = recipe.data
     fields = fields_for(recipe, tokenizer)
@@ -403,7 +409,7 @@ def load_tables(
     fractions = {
         name: getattr(d.split, name) for name in ("validation", "test") if name not in given
     }
-    read = {name: _read_split(spec, fields, base_dir) for name, spec in given.items()}
+    read = {name: _read_split(spec, fields, base_dir, loaded) for name, spec in given.items()}
     multi = {name: sources_of(spec) is not None for name, spec in given.items()}
 
     # Carve per training source, so a row carved out never reaches train even when mixing

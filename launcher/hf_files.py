@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,9 @@ class HubSplit:
     whole: bool
     """Whether the files hold exactly the split's rows, in order (not a slice of them, as
     `train[:10%]` would be, and not a dataset held in memory): only then can tasks read them."""
+    dataset: Any = field(default=None, compare=False, repr=False)
+    """The loaded `datasets.Dataset` (memory-mapped), for the driver path to read small
+    splits from without loading them again."""
 
 
 def resolve_split(spec: str) -> HubSplit:
@@ -53,7 +56,13 @@ def resolve_split(spec: str) -> HubSplit:
         rows = sum(rows_in(p) for p in paths)
     except (OSError, pa.ArrowException) as exc:
         raise DataError(f"{spec}: cannot read the datasets cache: {short_reason(exc)}") from None
-    return HubSplit(files, bool(files) and rows == ds.num_rows)
+    return HubSplit(files, bool(files) and rows == ds.num_rows, ds)
+
+
+def loaded_datasets(hub: dict[str, HubSplit]) -> dict[str, Any]:
+    """The `datasets.Dataset` of each resolved split, by its hf: spec (data.load_tables reads
+    small splits from these instead of loading them again)."""
+    return {spec: split.dataset for spec, split in hub.items()}
 
 
 def rows_in(path: str) -> int:

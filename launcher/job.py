@@ -103,7 +103,9 @@ def open_data(recipe: Recipe) -> tuple[Any, CacheLookup, dict | None]:
     tokenizer = load_tokenizer(recipe.model)
     slot = lookup(recipe, tokenizer)
     skip = slot.hit or streams(slot)
-    return tokenizer, slot, None if skip else load_tables(recipe, tokenizer=tokenizer)
+    if skip:
+        return tokenizer, slot, None
+    return tokenizer, slot, load_tables(recipe, tokenizer=tokenizer, loaded=slot.hf_datasets)
 
 
 def note_data(view: ProgressView, slot: CacheLookup) -> None:

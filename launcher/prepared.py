@@ -30,15 +30,15 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from launcher.data import SPLITS, PreparedData, prepare_data, sources_of
-from launcher.hf_files import HubSplit, resolve_split
-from launcher.records import DataError, is_glob
+from launcher.data import SPLITS, PreparedData, prepare_data
+from launcher.hf_files import HubSplit, loaded_datasets
+from launcher.records import DataError, is_glob, local_path
 from launcher.source_files import is_remote, uri_files
-from launcher.stream_data import StreamPlan, stream_plan, write_splits
+from launcher.stream_data import StreamPlan, hub_splits, source_paths, stream_plan, write_splits
 
 CACHE_FORMAT = 1
 """Bumped whenever the layout of an entry or the meaning of its columns changes."""
@@ -64,14 +64,12 @@ def cache_root(recipe: Any) -> Path:
 
 
 def _local_path(value: str, setting: str) -> Path:
-    if value.startswith("file://"):
-        return Path(value.removeprefix("file://"))
-    if "://" in value:
+    if is_remote(value):
         raise DataError(
             f"{setting}: {value} is a URI; the prepared-dataset cache needs a path every node "
             "can read (a local or shared filesystem path, or file://)"
         )
-    return Path(value).expanduser()
+    return local_path(value)
 
 
 # ------------------------------------------------------------------------ fingerprint
@@ -79,16 +77,8 @@ def _local_path(value: str, setting: str) -> Path:
 
 def fingerprint(recipe: Any, tokenizer: Any, base_dir: Path | None = None) -> tuple[str, dict]:
     """The cache key of the recipe's prepared data and the inputs it was computed from."""
-    hub = _hub_splits(recipe)
+    hub = hub_splits(recipe)
     return _fingerprint(recipe, tokenizer, base_dir, _plan(recipe, base_dir, hub), hub)
-
-
-def _hub_splits(recipe: Any) -> dict[str, HubSplit]:
-    """Every `hf:` split of the recipe, loaded once for the plan and the fingerprint. One that
-    cannot be loaded is bad input now (the message the driver path would give later)."""
-    specs = [getattr(recipe.data, split) for split in SPLITS]
-    paths = [p for spec in specs if spec is not None for p in _paths(spec)]
-    return {p: resolve_split(p) for p in dict.fromkeys(paths) if p.startswith("hf:")}
 
 
 def _fingerprint(
@@ -107,7 +97,8 @@ def _fingerprint(
         "tokenizer": tokenizer_identity(tokenizer),
         "sources": {
             split: [
-                _source_state(path, base_dir, hub) for path in _paths(getattr(recipe.data, split))
+                _source_state(path, base_dir, hub)
+                for path in source_paths(getattr(recipe.data, split))
             ]
             for split in SPLITS
             if getattr(recipe.data, split) is not None
@@ -127,7 +118,7 @@ def _plan(recipe: Any, base_dir: Path | None, hub: dict[str, HubSplit]) -> Strea
         return stream_plan(recipe, base_dir, hub)
     except DataError:
         specs = [getattr(recipe.data, split) for split in SPLITS]
-        if any(is_remote(p) for spec in specs if spec is not None for p in _paths(spec)):
+        if any(is_remote(p) for spec in specs if spec is not None for p in source_paths(spec)):
             raise
         return None
 
@@ -144,11 +135,6 @@ def _data_settings(recipe: Any) -> dict:
     if isinstance(template, str) and Path(template).expanduser().is_file():
         settings["chat_template"] = _file_hash(Path(template).expanduser())
     return settings
-
-
-def _paths(spec: Any) -> list[str]:
-    listed = sources_of(spec)
-    return [spec] if listed is None else [s.path for s in listed]
 
 
 def tokenizer_identity(tokenizer: Any) -> dict:
@@ -176,9 +162,7 @@ def _source_state(spec: str, base_dir: Path | None, hub: dict[str, HubSplit]) ->
         return {"source": spec, "files": [[f.path, f.size, f.mtime_ns] for f in hub[spec].files]}
     if is_remote(spec):
         return {"source": spec, "files": _uri_files(spec)}
-    path = Path(spec.removeprefix("file://")).expanduser()
-    if base_dir is not None and not path.is_absolute():
-        path = base_dir / path
+    path = local_path(spec, base_dir)
     if is_glob(spec):
         files = glob.glob(str(path), recursive=True)
         return {"source": str(path), "files": [_file_state(Path(p), p) for p in sorted(files)]}
@@ -225,6 +209,13 @@ class CacheLookup:
     meta: dict | None
     plan: StreamPlan | None = None
     """The tasks' plan when they prepare the data (see streams()), listed once per lookup."""
+    hub: dict[str, HubSplit] = field(default_factory=dict)
+    """The recipe's hf: splits, loaded once per lookup."""
+
+    @property
+    def hf_datasets(self) -> dict[str, Any]:
+        """The loaded `datasets.Dataset` of each hf: source, for data.load_tables."""
+        return loaded_datasets(self.hub)
 
     @property
     def path(self) -> Path:
@@ -238,10 +229,10 @@ class CacheLookup:
 def lookup(recipe: Any, tokenizer: Any, base_dir: Path | None = None) -> CacheLookup:
     """Fingerprint the recipe's data and find its entry (no Ray, no reading of the data)."""
     root = cache_root(recipe)
-    hub = _hub_splits(recipe)
+    hub = hub_splits(recipe)
     plan = _plan(recipe, base_dir, hub)
     key, inputs = _fingerprint(recipe, tokenizer, base_dir, plan, hub)
-    return CacheLookup(root, key, inputs, read_meta(root / key), plan)
+    return CacheLookup(root, key, inputs, read_meta(root / key), plan, hub)
 
 
 def read_meta(entry: Path) -> dict | None:

@@ -120,6 +120,13 @@ def data_files(directory: Path) -> list[Path]:
     return files
 
 
+def local_path(spec: str, base_dir: Path | None = None) -> Path:
+    """The path a local source names: file:// dropped, ~ expanded, a relative path taken
+    against `base_dir` (the working directory when None)."""
+    path = Path(spec.removeprefix("file://")).expanduser()
+    return base_dir / path if base_dir is not None and not path.is_absolute() else path
+
+
 def is_glob(spec: str) -> bool:
     """Whether a source names files by a pattern (`data/*.jsonl`, `shards/**/*.parquet`)."""
     return any(c in spec for c in "*?[")
@@ -407,9 +414,10 @@ def load_hf_split(spec: str) -> Any:
         ) from None
 
 
-def read_hf(spec: str) -> RawTable:
-    """A Hugging Face dataset split (`hf:<dataset>[:<config>]:<split>`) as a table."""
-    ds = load_hf_split(spec)
+def read_hf(spec: str, loaded: Any = None) -> RawTable:
+    """A Hugging Face dataset split (`hf:<dataset>[:<config>]:<split>`) as a table; `loaded`:
+    its `datasets.Dataset` when already loaded (loading again may ask the hub again)."""
+    ds = loaded if loaded is not None else load_hf_split(spec)
     table = named_class_labels(ds.with_format("arrow")[:], ds.features)
     if table.num_rows == 0:
         raise DataError(f"{spec}: dataset split is empty (no rows)")

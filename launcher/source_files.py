@@ -19,6 +19,7 @@ from launcher.records import (
     data_files,
     glob_files,
     is_glob,
+    local_path,
 )
 
 
@@ -46,9 +47,7 @@ def list_files(
         return [SourceFile(f.path, f.name, f.size) for f in split.files] if split.whole else None
     if is_remote(spec):
         return _list_uri(spec)
-    path = Path(spec.removeprefix("file://")).expanduser()
-    if base_dir is not None and not path.is_absolute():
-        path = base_dir / path
+    path = local_path(spec, base_dir)
     if is_glob(str(path)):
         root = _glob_root(path)
         found = glob_files(path)

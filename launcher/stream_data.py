@@ -62,7 +62,7 @@ from launcher.data import (
     tokenize_and_record,
     with_source,
 )
-from launcher.hf_files import HubSplit, named_tables, reader_placement
+from launcher.hf_files import HubSplit, named_tables, reader_placement, resolve_split
 from launcher.progress import progress_display
 from launcher.records import DataError, short_reason
 from launcher.source_files import SourceFile, is_remote, list_files
@@ -127,6 +127,21 @@ class StreamPlan:
     """Source names in source_id order (empty unless a split is a list of sources)."""
     weights: dict[int, float] = field(default_factory=dict)
     """Training source_id -> mixing weight (when train is a list of several sources)."""
+
+
+def source_paths(spec: Any) -> list[str]:
+    """The paths of a split's spec (one source or a list of them)."""
+    listed = sources_of(spec)
+    return [spec] if listed is None else [s.path for s in listed]
+
+
+def hub_splits(recipe: Any) -> dict[str, HubSplit]:
+    """Every `hf:` split of the recipe, loaded once for the plan, the fingerprint and the
+    driver path's read (loading one again may ask the hub again). One that cannot be loaded is
+    bad input now (the message the driver path would give later)."""
+    specs = [getattr(recipe.data, split) for split in SPLITS]
+    paths = [p for spec in specs if spec is not None for p in source_paths(spec)]
+    return {p: resolve_split(p) for p in dict.fromkeys(paths) if p.startswith("hf:")}
 
 
 def stream_plan(

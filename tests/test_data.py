@@ -329,6 +329,24 @@ def test_relative_paths_resolve_against_base_dir(tmp_path):
     assert tables["train"].num_rows + tables["validation"].num_rows == 10
 
 
+def test_a_file_uri_source_reads_as_its_path(tmp_path):
+    """file:// names a local path everywhere a source is read: a file, a directory, a glob."""
+    for i in range(2):
+        write_jsonl([{"text": f"f{i}-{j}"} for j in range(5)], tmp_path / "d" / f"s-{i}.jsonl")
+    fields = D.Fields({"text": "text"})
+    for spec in ("d/s-0.jsonl", "d", "d/s-*.jsonl"):
+        by_path = D.read_source(str(tmp_path / spec), fields).table
+        by_uri = D.read_source(f"file://{tmp_path / spec}", fields).table
+        assert by_uri.to_pylist() == by_path.to_pylist() and by_uri.num_rows in (5, 10)
+    with pytest.raises(DataError, match=rf"^{tmp_path}/nope.jsonl: file not found"):
+        D.read_source(f"file://{tmp_path}/nope.jsonl", fields)
+    uri = make_recipe({"train": f"file://{tmp_path}/d"})
+    assert (
+        D.load_tables(uri)["train"]
+        == D.load_tables(make_recipe({"train": str(tmp_path / "d")}))["train"]
+    )
+
+
 def test_glob_sources_read_every_match_in_order_and_name_the_file(tmp_path):
     for i in range(3):
         write_jsonl([{"text": f"f{i}-{j}"} for j in range(2)], tmp_path / f"s-{i}.jsonl")

@@ -115,6 +115,30 @@ def test_a_large_hub_split_is_read_piece_by_piece_from_its_cache_files(
     assert streamed.column("label").to_pylist()[:4] == [LABELS.index(r["label"]) for r in rows[:4]]
 
 
+def test_a_run_loads_a_small_hub_split_once(tmp_path, tiny_gpt2, hf_cache, monkeypatch):
+    """The cache lookup (fingerprint, plan) and the driver path's read share one load of the
+    split: loading a hub dataset again may ask the hub again."""
+    from launcher import records
+    from launcher.job import open_data
+
+    rows = review_rows(300, seed=6)
+    spec = write_hub_folder(tmp_path / "reviews", rows)
+    recipe = hub_recipe(tmp_path, tiny_gpt2, spec)
+    loads = []
+
+    def load_counted(name, load=records.load_hf_split):
+        loads.append(name)
+        return load(name)
+
+    monkeypatch.setattr(H, "load_hf_split", load_counted)
+    monkeypatch.setattr(records, "load_hf_split", load_counted)
+    _, slot, tables = open_data(recipe)
+    assert loads == [spec] and not slot.hit
+    read = [r for table in tables.values() for r in table.select(["text", "label"]).to_pylist()]
+    named = [{"text": r["text"], "label": LABELS.index(r["label"])} for r in rows]
+    assert sorted(read, key=str) == sorted(named, key=str)
+
+
 def test_a_bad_row_of_a_hub_split_names_its_cache_file_and_row(
     tmp_path, tiny_gpt2, hf_cache, monkeypatch
 ):

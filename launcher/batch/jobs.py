@@ -39,9 +39,10 @@ from launcher.batch.worker import (
     chat_scoring_encoder,
     check_template,
 )
+from launcher.hf_files import loaded_datasets
 from launcher.raysession import ensure_ray
 from launcher.rundir import metrics_path, read_metrics
-from launcher.stream_data import split_rows, stream_plan
+from launcher.stream_data import hub_splits, split_rows, stream_plan
 
 
 def generate(
@@ -493,8 +494,11 @@ def _evaluation_table(recipe: Any, base_dir: Path | None = None):
     if recipe.evaluate.data:
         table = D.read_source(recipe.evaluate.data, D.fields_for(recipe), base_dir).table
         return table.append_column("row_id", pa.array(np.arange(table.num_rows)))
-    plan = stream_plan(recipe, base_dir)  # large data: the split the streamed tasks carved
-    tables = D.load_tables(recipe, base_dir) if plan is None else {}
+    hub = hub_splits(recipe)
+    plan = stream_plan(recipe, base_dir, hub)  # large data: the split the streamed tasks carved
+    tables = (
+        {} if plan is not None else D.load_tables(recipe, base_dir, loaded=loaded_datasets(hub))
+    )
     for split in ("test", "validation"):
         table = tables.get(split) if plan is None else split_rows(plan, recipe, split)
         if table is not None:
