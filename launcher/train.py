@@ -261,13 +261,16 @@ class InProcessResult:
 
 
 def in_process_result(run_dir: Path) -> InProcessResult:
-    """The kept checkpoints joined to metrics.jsonl by step; the newest is `checkpoint`."""
+    """The kept checkpoints joined to metrics.jsonl by step, each with the newest evaluation
+    at or before its step (as the loop scored it); the newest is `checkpoint`."""
     import ray.train
 
     reported: dict[int, dict[str, Any]] = {}
+    newest_eval: dict[str, Any] = {}
     for record in read_metrics(run_dir):
         if record.get("event", "metrics") == "metrics" and "step" in record:
-            reported[int(record["step"])] = record
+            newest_eval.update((k, v) for k, v in record.items() if k.startswith("eval_"))
+            reported[int(record["step"])] = {**newest_eval, **record}
     kept = []
     for directory in sorted(checkpoints_dir(run_dir).glob("checkpoint_*")):
         try:

@@ -541,15 +541,15 @@ def run_worker(
         if eval_due or (ckpt_due and val_shard is not None and not last_eval):
             last_eval = validation_metrics(module, val_shard, collate, recipe, device)
             metrics.update(last_eval)
-        elif ckpt_due:
-            metrics.update(last_eval)
         if rank == 0 and channel is not None:
-            channel.put({"event": "metrics", **metrics})
+            channel.put({"event": "metrics", **metrics})  # evaluations at the step they ran
+        # A checkpoint is scored by the newest evaluation, however many steps ago it ran.
+        scored = {**last_eval, **metrics}
         if ckpt_due and config.in_process:
             # Ray Train's local mode stores nothing: the checkpoint goes to the run directory.
             directory = Path(config.checkpoints_dir)
             keep_checkpoint(strategy, position, directory)
-            scores[step] = metrics.get(config.score_metric) if config.score_metric else None
+            scores[step] = scored.get(config.score_metric) if config.score_metric else None
             prune_checkpoints(directory, scores, recipe.checkpoint.keep, recipe.checkpoint.mode)
         elif ckpt_due:
             # Ray Train hears only of checkpoints (metrics reach the driver through the channel).
@@ -557,7 +557,7 @@ def run_worker(
             # preemption is uploaded before training would go on: it must be stored by the
             # deadline.
             writer.report(
-                metrics,
+                scored,
                 step,
                 lambda d: write_checkpoint(strategy, position, rank, d, writer.stamp()),
                 wait_for_upload=preemption is not None,

@@ -310,6 +310,27 @@ def test_in_process_keeps_and_picks_checkpoints_like_ray_train(tmp_path):
     assert Path(pick_checkpoint(result, None, "min", tmp_path).path).name.endswith("08")
 
 
+def test_a_checkpoint_between_evaluations_is_scored_by_the_newest_one(tmp_path):
+    from launcher.rundir import STATE_FILE
+    from launcher.train import in_process_result, pick_checkpoint
+
+    for step in (3, 5):
+        directory = tmp_path / "checkpoints" / f"checkpoint_{step:06d}"
+        directory.mkdir(parents=True)
+        (directory / STATE_FILE).write_text(json.dumps({"step": step}))
+    records = [
+        {"step": 2, "loss": 3.0, "eval_loss": 2.0},
+        {"step": 3, "loss": 2.5},
+        {"step": 4, "loss": 2.0, "eval_loss": 1.5},
+        {"step": 5, "loss": 1.8},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = in_process_result(tmp_path)
+    assert [m["eval_loss"] for _, m in result.best_checkpoints] == [2.0, 1.5]
+    assert Path(pick_checkpoint(result, "eval_loss", "max", tmp_path).path).name.endswith("03")
+    assert Path(pick_checkpoint(result, "loss", "max", tmp_path).path).name.endswith("03")
+
+
 def test_summary_places_each_rank_of_the_newest_worker_group(tmp_path):
     """Workers report their node through the channel; a restarted, smaller group replaces the
     ranks of the one before."""

@@ -25,7 +25,7 @@ def tracked_recipe(tmp_path: Path, model: Path, data: dict, name: str = "tracked
         data,
         name=name,
         train={"max_steps": 6, "batch_size": 8, "lr": 3e-3, "log_every": 2, "eval_every": 3},
-        checkpoint={"every": 3},
+        checkpoint={"every": 2},  # steps 2 and 4 checkpoint between evaluations
         tracking={
             "tensorboard": True,
             "mlflow": {"experiment": "ftlaunch-tests"},
@@ -54,6 +54,18 @@ def series(reports: list[dict], key: str) -> list[tuple[int, float]]:
 def assert_same_series(logged: list[tuple[int, float]], expected: list[tuple[int, float]]) -> None:
     assert [step for step, _ in logged] == [step for step, _ in expected]
     assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6)
+
+
+@pytest.mark.ray_job
+@pytest.mark.slow  # shares one tracked job
+def test_evaluations_are_on_record_at_the_steps_they_ran_only(tracked_run):
+    """eval_every 3: steps 3 and 6, and step 2, whose checkpoint needs a score before any
+    evaluation ran. Step 4's checkpoint is scored by step 3's evaluation, which is not repeated
+    in the record as if it had run again."""
+    _, _, reports = tracked_run
+    evals = series(reports, "eval_loss")
+    assert [step for step, _ in evals] == [2, 3, 6]
+    assert len({value for _, value in evals}) == 3
 
 
 @pytest.mark.ray_job
