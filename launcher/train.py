@@ -122,7 +122,10 @@ def record_report(item: dict[str, Any], state: RunState, view: ProgressView, out
     """One worker report: a metrics line, or an event the run directory and display record."""
     event = item.pop("event", "metrics")
     if event == "parameters":
+        said = bool(state.parameters)  # each restarted worker group reports them again
         state.parameters = item
+        if said:
+            return
         view.note(
             f"trainable parameters: {item['trainable']:,} of {item['total']:,} "
             f"({item['percent']:.2f}%)"

@@ -202,9 +202,13 @@ def metrics(*steps: int) -> list[dict]:
     return [{"event": "metrics", "step": s, "loss": 1.0 / s} for s in steps]
 
 
+PARAMETERS = {"event": "parameters", "trainable": 10, "total": 40, "percent": 25.0}
+
+
 def resumed_group(step: int, world_size: int, restarts: int) -> list[dict]:
     """What a worker group that resumed from the checkpoint of `step` reports as it starts."""
     return [
+        PARAMETERS,
         {"event": "resumed", "step": step, "restarts": restarts},
         {"event": "started", "step": step, "world_size": world_size},
     ]
@@ -214,6 +218,7 @@ def test_each_step_on_record_once_and_each_change_of_size_in_the_summary(tmp_pat
     """Two workers reach step 4 (checkpoint at 2), a node is lost: one worker replays 3-4 and
     goes on; a node comes back at the checkpoint of step 6 (reported up to 7 before)."""
     events = [
+        PARAMETERS,
         {"event": "started", "step": 0, "world_size": 2},
         *metrics(1, 2, 3, 4),
         *resumed_group(2, world_size=1, restarts=1),
@@ -232,6 +237,10 @@ def test_each_step_on_record_once_and_each_change_of_size_in_the_summary(tmp_pat
         {"step": 6, "old": 1, "new": 2},
     ]
     assert any("workers: 2 -> 1" in n for n in view.notes)
+    # said once, not again by each resumed group
+    assert [n for n in view.notes if n.startswith("trainable")] == [
+        "trainable parameters: 10 of 40 (25.00%)"
+    ]
 
 
 def test_two_groups_resumed_from_one_checkpoint_are_two_restarts(tmp_path):
@@ -408,6 +417,7 @@ def test_a_lost_node_shrinks_the_run_and_a_new_one_grows_it(
     # Ray's note of the lost node, restated: no `(raylet)` block on a run without --verbose
     printed = log.read_text()
     assert "was lost: Ray stopped hearing from it" in printed and "(raylet)" not in printed
+    assert printed.count("trainable parameters:") == 1  # not again by each restarted group
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "succeeded"
