@@ -31,6 +31,7 @@ OWN_LINES = [
     r"step \d+/\d+  .*",
     r"eval @ step \d+: .*",
     r"restarted from the checkpoint at step \d+",
+    r"cluster: .+",
     r"exporting checkpoint_\d+ to .+",
     r"(per-source )?evaluation: .+",
     r"generations written to .+",
