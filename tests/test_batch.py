@@ -429,6 +429,18 @@ def test_exact_match_counts_whitespace_normalised_greedy_outputs(
         pool=batch.PoolOptions(batch_size=2, progress=False),
     )
     assert result == {"num_rows": 4, "exact_match": 0.5}
+    # instruction rows name their reference `output`, the column the generated text goes to
+    named = [{"instruction": r["prompt"], "output": r["completion"]} for r in rows]
+    result = batch.evaluate(
+        tiny_gpt2,
+        write_jsonl(named, tmp_path / "em-instructions.jsonl"),
+        ["exact_match"],
+        prompt_field="instruction",
+        reference_field="output",
+        gen_cfg={"max_new_tokens": 6},
+        pool=batch.PoolOptions(batch_size=2, progress=False),
+    )
+    assert result == {"num_rows": 4, "exact_match": 0.5}
 
 
 def write_recipe(path, **sections):

@@ -13,6 +13,9 @@ ID_COLUMN = "id"
 ROW_ID_COLUMN = "row_id"
 INTERNAL_PREFIX = "_ftl_"
 LABEL_ID = INTERNAL_PREFIX + "label_id"
+# exact_match's reference, under a name of its own: the generated text is written to `output`,
+# which is also the usual name of an instruction row's reference
+REFERENCE = INTERNAL_PREFIX + "reference"
 # Input chunks put into Ray's object store: at most this many rows or (roughly) bytes each.
 CHUNK_ROWS = 4096
 CHUNK_BYTES = 4 * 2**20

@@ -17,6 +17,7 @@ from launcher import tokenize as T
 from launcher.batch.inputs import (
     LABEL_ID,
     PROMPT_HINT,
+    REFERENCE,
     BatchInputError,
     chain_first,
     first_record,
@@ -395,7 +396,7 @@ def _eval_input_from_records(
             fields += [prompt_field, reference_field] if pairs else [text_field]
         if "exact_match" in chosen:
             fields += [prompt_field, reference_field]
-            references = reference_field
+            references = REFERENCE
         job = {
             "kind": "lm",
             "nll": needs_nll,
@@ -410,7 +411,7 @@ def _eval_input_from_records(
         def check(where: str, row: dict) -> dict:
             for name in dict.fromkeys(fields):
                 require_text(where, row, name)
-            return row
+            return {**row, REFERENCE: row[reference_field]} if references else row
 
     refs, count = stage_rows(chain_first(first, records), check)
     return dataset_from_refs(refs, str(path)), count, job, references
