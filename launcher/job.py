@@ -50,6 +50,10 @@ def run(
 
     view = view or ProgressView()
     clock = Stopwatch()
+    resume_from = None
+    if resume is not None:  # a run without a checkpoint fails before any work
+        resume = resume.resolve()
+        resume_from = checkpoint_to_resume(resume)
     with clock("load"):  # bad input (model path, data files, rows) fails here, before Ray starts
         tokenizer, slot, tables = open_data(recipe)
     with clock("ray_start"):
@@ -64,7 +68,7 @@ def run(
     for split, reasons in data.dropped.items():
         view.note(f"{split}: {describe_drops(reasons, recipe.data.max_length)}")
 
-    state, resume_from = open_run(recipe, resume, clock)
+    state = open_run(recipe, resume, clock)
     view.note(f"run directory: {state.run_dir}")
     if resume_from is not None:
         view.note(f"resuming from {resume_from}")
@@ -136,18 +140,23 @@ def prepare(recipe: Recipe, *, verbose: bool = False) -> dict[str, Any]:
     }
 
 
-def open_run(recipe: Recipe, resume: Path | None, clock: Stopwatch) -> tuple[RunState, Path | None]:
-    """A new run directory, or the one --resume names with the checkpoint to continue from."""
+def open_run(recipe: Recipe, resume: Path | None, clock: Stopwatch) -> RunState:
+    """A new run directory, or the one --resume names."""
     if resume is None:
         text = dump_recipe(recipe)
         run_dir, remote = new_run_dir(recipe.name, recipe.checkpoint.storage_path, text)
-        return RunState(run_dir, remote, timings=clock.timings, started=clock.started), None
-    resume_from = latest_checkpoint(Path(resume))
-    if resume_from is None:
+        return RunState(run_dir, remote, timings=clock.timings, started=clock.started)
+    return RunState(resume, timings=clock.timings, started=clock.started)
+
+
+def checkpoint_to_resume(run_dir: Path) -> Path:
+    """The newest complete checkpoint of the run directory --resume names."""
+    found = latest_checkpoint(run_dir)
+    if found is None:
         raise FileNotFoundError(
-            f"--resume {resume}: no checkpoint found under {resume}/{CHECKPOINTS_DIR}"
+            f"--resume {run_dir}: no checkpoint found under {run_dir / CHECKPOINTS_DIR}"
         )
-    return RunState(Path(resume), timings=clock.timings, started=clock.started), resume_from
+    return found
 
 
 def describe_drops(reasons: dict[str, int], max_length: int) -> str:

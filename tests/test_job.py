@@ -208,7 +208,8 @@ def test_resume_matches_uninterrupted_run(
     run_dir = next((tmp_path / "stopped").iterdir())
     assert json.loads((latest_checkpoint(run_dir) / "ftlaunch_state.json").read_text())["step"] == 6
     monkeypatch.delenv("FTLAUNCH_FAIL_AT_STEP")
-    resumed = run(recipe, resume=run_dir)
+    monkeypatch.chdir(tmp_path)  # --resume as a user types it: relative to where they are
+    resumed = run(recipe, resume=Path("stopped") / run_dir.name)
 
     steps = [m["step"] for m in read_metrics(run_dir) if "loss" in m]
     assert steps[:6] == [1, 2, 3, 4, 5, 6] and steps[6] == 7  # continues, does not restart at 1
@@ -217,6 +218,25 @@ def test_resume_matches_uninterrupted_run(
     b = load_file(run_dir / "model" / "model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_a_resume_without_a_checkpoint_fails_before_any_work(tiny_gpt2, tmp_path):
+    from click.testing import CliRunner
+
+    from launcher.cli import cli
+
+    missing = {
+        split: tmp_path / f"not-written-yet-{split}.jsonl" for split in ("train", "validation")
+    }
+    body = causal_recipe(tmp_path, tiny_gpt2, missing)
+    empty = tmp_path / "runs" / "tiny-lm-20260101-000000"
+    empty.mkdir(parents=True)
+    out = CliRunner().invoke(
+        cli, ["submit", str(write_recipe(tmp_path, body)), "--resume", str(empty)]
+    )
+    assert out.exit_code == 2, out.output
+    assert f"--resume {empty}: no checkpoint found under {empty}/checkpoints" in out.output
+    assert "not-written-yet" not in out.output and "Traceback" not in out.output
 
 
 def test_bad_data_fails_with_exit_2_before_training(tiny_bert, tmp_path):
