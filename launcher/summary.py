@@ -98,6 +98,7 @@ def write_summary(
         "final_metrics": final_metrics(rows),
         "strategy": recipe.strategy.name,
         "method": recipe.finetune.method,
+        "task": recipe.model.task,
         "num_workers": recipe.scaling.num_workers,
         "world_size_changes": state.world_size_changes,
         "placement": placement_facts(recipe, state),
@@ -158,10 +159,12 @@ def final_report(summary: dict[str, Any]) -> list[str]:
     lines.append(f"steps: {summary['steps']}, wall time: {summary['wall_time_s']:.1f}s")
     lines.append("next:")
     lines.append(f"  ftlaunch eval {run_dir} --data <file>       # score it on more data")
-    if summary.get("method") and summary.get("task", "causal_lm") == "causal_lm":
+    causal = summary.get("task", "causal_lm") == "causal_lm"
+    if causal:
         lines.append(f"  ftlaunch generate {run_dir} --prompts <file> --out out.jsonl")
+    pipeline = "text-generation" if causal else "text-classification"
     lines.append(
-        '  python -c "from transformers import AutoModel; '
-        f"AutoModel.from_pretrained('{run_dir}/{MODEL_DIR}')\""
+        f"  python -c \"from transformers import pipeline; "
+        f"print(pipeline('{pipeline}', model='{run_dir}/{MODEL_DIR}')('...'))\""
     )
     return lines

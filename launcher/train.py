@@ -474,9 +474,11 @@ def pick_checkpoint(result, metric: str | None, mode: str, run_dir: Path):
 
     best = getattr(result, "best_checkpoints", None) or []
     if metric and best:
-        scored = [(m.get(metric), c) for c, m in best if m.get(metric) is not None]
+        scored = [(m[metric], m.get("step", 0), c) for c, m in best if m.get(metric) is not None]
         if scored:
-            return (min if mode == "min" else max)(scored, key=lambda x: x[0])[1]
+            # Of checkpoints that score alike, the one trained longest.
+            sign = 1 if mode == "max" else -1
+            return max(scored, key=lambda x: (sign * x[0], x[1]))[2]
     if result.checkpoint is not None:
         return result.checkpoint
     latest = latest_checkpoint(run_dir)

@@ -351,6 +351,35 @@ def test_a_checkpoint_between_evaluations_is_scored_by_the_newest_one(tmp_path):
     assert Path(pick_checkpoint(result, "loss", "max", tmp_path).path).name.endswith("03")
 
 
+@pytest.mark.parametrize("mode", ["max", "min"])
+def test_of_checkpoints_that_score_alike_the_later_is_exported(tmp_path, mode):
+    """eval_accuracy stuck at one value (a small validation split): the checkpoint trained
+    longest, not the first one."""
+    from launcher.rundir import STATE_FILE
+    from launcher.train import in_process_result, pick_checkpoint
+
+    for step in (5, 10, 15):
+        directory = tmp_path / "checkpoints" / f"checkpoint_{step:06d}"
+        directory.mkdir(parents=True)
+        (directory / STATE_FILE).write_text(json.dumps({"step": step}))
+    worse = 0.5 if mode == "max" else 0.95
+    records = [{"step": s, "eval_accuracy": a} for s, a in ((5, 0.87), (10, 0.87), (15, worse))]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    best = pick_checkpoint(in_process_result(tmp_path), "eval_accuracy", mode, tmp_path)
+    assert Path(best.path).name == "checkpoint_000010"
+
+
+@pytest.mark.parametrize("task", ["causal_lm", "classification"])
+def test_the_final_report_suggests_only_what_works_for_the_task(task):
+    from launcher.summary import final_report
+
+    summary = {"run_dir": "/runs/r", "status": "succeeded", "steps": 3, "wall_time_s": 1.0}
+    lines = final_report({**summary, "task": task, "method": "full"})
+    assert any("ftlaunch generate /runs/r" in line for line in lines) == (task == "causal_lm")
+    pipeline = "text-generation" if task == "causal_lm" else "text-classification"
+    assert f"pipeline('{pipeline}', model='/runs/r/model')" in lines[-1]
+
+
 def test_summary_places_each_rank_of_the_newest_worker_group(tmp_path):
     """Workers report their node through the channel; a restarted, smaller group replaces the
     ranks of the one before."""
