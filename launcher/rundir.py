@@ -52,7 +52,8 @@ class RunState:
     world_size_changes: list[dict[str, int]] = field(default_factory=list)
     last_step: int = -1
     replayed: int = 0
-    preempted: bool = False
+    stopped_by: str | None = None
+    """The signal that stopped the run (SIGTERM, SIGINT), when one did."""
     # Node preemptions Ray announced: {"step" of the checkpoint taken, "nodes", "deadline_ms"}
     preemptions: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)

@@ -164,7 +164,7 @@ def final_report(summary: dict[str, Any]) -> list[str]:
         lines.append(f"  ftlaunch generate {run_dir} --prompts <file> --out out.jsonl")
     pipeline = "text-generation" if causal else "text-classification"
     lines.append(
-        f"  python -c \"from transformers import pipeline; "
+        f'  python -c "from transformers import pipeline; '
         f"print(pipeline('{pipeline}', model='{run_dir}/{MODEL_DIR}')('...'))\""
     )
     return lines

@@ -76,22 +76,52 @@ class JobError(JobFailedError):
 
 
 class Preempted(JobFailedError):
-    """The driver got SIGTERM; a checkpoint was saved when possible. Exit code 1."""
+    """The driver got SIGTERM or Ctrl-C; a checkpoint was saved when possible. Exit code 1."""
 
 
-def watch_sigterm(channel, state: RunState, view: ProgressView):
-    """Route SIGTERM to the workers' stop flag; returns the previous handler."""
+def watch_stop_signals(channel, state: RunState, view: ProgressView) -> dict:
+    """Route SIGTERM and the first Ctrl-C to the workers' stop flag (a checkpoint at the current
+    step, then a stop --resume continues); a second Ctrl-C aborts at once. Returns the handlers
+    to put back, none off the main thread (stops are then the caller's business)."""
     import signal
 
-    def on_sigterm(signum, frame) -> None:
-        state.preempted = True
-        channel.request_stop()
-        view.note("SIGTERM: saving a checkpoint and stopping (resume with --resume)")
+    if threading.current_thread() is not threading.main_thread():
+        return {}
 
-    try:
-        return signal.signal(signal.SIGTERM, on_sigterm)
-    except ValueError:  # not the main thread: preemption is then the caller's business
-        return None
+    def on_stop(signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if state.stopped_by and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        state.stopped_by = state.stopped_by or name
+        channel.request_stop()
+        again = ", Ctrl-C again to abort at once" if signum == signal.SIGINT else ""
+        view.note(f"{name}: saving a checkpoint and stopping (resume with --resume{again})")
+
+    return {sig: signal.signal(sig, on_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def fit_on_a_thread(trainer) -> Any:
+    """trainer.fit() on a thread of its own, while this (the main) thread takes signals.
+
+    On the main thread fit() installs Ray Train's own SIGINT handler, which aborts the run with
+    no checkpoint; off it, Ctrl-C reaches watch_stop_signals' handler. fit()'s exceptions are
+    raised here.
+    """
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # raised again in the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="ftlaunch-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.2)  # a timed wait: signal handlers run between waits
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def drain_reports(
@@ -122,10 +152,9 @@ def record_report(item: dict[str, Any], state: RunState, view: ProgressView, out
     """One worker report: a metrics line, or an event the run directory and display record."""
     event = item.pop("event", "metrics")
     if event == "parameters":
-        said = bool(state.parameters)  # each restarted worker group reports them again
-        state.parameters = item
-        if said:
+        if state.parameters:  # each restarted worker group reports them again
             return
+        state.parameters = item
         view.note(
             f"trainable parameters: {item['trainable']:,} of {item['total']:,} "
             f"({item['percent']:.2f}%)"
@@ -393,23 +422,18 @@ def train(
         target=drain_reports, args=(channel, state, view, stop, tracker), daemon=True
     )
     drainer.start()
-    previous = watch_sigterm(channel, state, view)
-    sigint = sigint_handler()
+    previous = watch_stop_signals(channel, state, view)
     threads = torch_threads()
     try:
         with single_process_group(recipe.strategy.name, in_process):
-            result = trainer.fit()
+            result = fit_on_a_thread(trainer) if previous else trainer.fit()
     except Exception as exc:
         raise JobError(f"training failed: {exc}") from exc
     finally:
         import signal
 
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-        # fit() installs a SIGINT handler whose closure holds Ray Train's controller (and with
-        # it the dataset coordinators): putting the old one back lets those actors go.
-        if sigint is not None:
-            signal.signal(signal.SIGINT, sigint)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         set_torch_threads(threads)  # the in-process loop sets its worker's thread count
         stop.set()
         drainer.join(timeout=30)
@@ -421,9 +445,9 @@ def train(
         result = in_process_result(state.run_dir)
     if result.error is not None:
         raise JobError(f"training failed: {result.error}")
-    if state.preempted:
+    if state.stopped_by:
         raise Preempted(
-            f"stopped by SIGTERM after step {state.last_step}; continue with "
+            f"stopped by {state.stopped_by} after step {state.last_step}; continue with "
             f"--resume {state.run_dir}"
         )
     return result, plan, metric
@@ -445,15 +469,6 @@ def driver_node_options() -> dict[str, Any]:
 
     here = ray.get_runtime_context().get_node_id()
     return {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}
-
-
-def sigint_handler():
-    """The SIGINT handler now (None off the main thread, where fit() installs none)."""
-    import signal
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.getsignal(signal.SIGINT)
 
 
 def torch_threads() -> int:

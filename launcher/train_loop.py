@@ -486,7 +486,11 @@ def run_worker(
             load_base_model(recipe, pad_token_id=config.pad_token_id, device=device), recipe
         )
     )
-    params = {**count_parameters(model), "new_weights": new_weights(model)}
+    # New weights start from random values only in a group that loads no checkpoint.
+    params = {
+        **count_parameters(model),
+        "new_weights": [] if checkpoint is not None else new_weights(model),
+    }
     if rank == 0 and channel is not None:
         channel.put({"event": "parameters", **params})
     module = strategy.prepare(model, plan.total_steps)

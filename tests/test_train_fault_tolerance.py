@@ -28,7 +28,10 @@ def lm_recipe(tmp_path: Path, model: Path, files: dict, **train) -> Path:
 
 @pytest.mark.ray_job
 @pytest.mark.slow
-def test_sigterm_checkpoints_and_resume_continues(ray_session, tiny_gpt2, story_data, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_a_stop_signal_checkpoints_and_resume_continues(
+    ray_session, tiny_gpt2, story_data, tmp_path, stop
+):
     recipe_path = lm_recipe(tmp_path, tiny_gpt2, story_data, max_steps=400)
     # The driver joins the session's Ray instance, as a driver joins a running cluster.
     address = ray_session.get_runtime_context().gcs_address
@@ -44,10 +47,12 @@ def test_sigterm_checkpoints_and_resume_continues(ray_session, tiny_gpt2, story_
             break
         time.sleep(0.5)
     assert reached, "the driver never reached step 3"
-    driver.send_signal(signal.SIGTERM)
+    driver.send_signal(stop)
     output, _ = driver.communicate(timeout=180)
     assert driver.returncode == 1, output
-    assert "--resume" in output
+    name = stop.name
+    assert f"{name}: saving a checkpoint and stopping" in output
+    assert f"stopped by {name} after step" in output and "--resume" in output
     run_dir = next(runs.glob("faults-*"))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "preempted"
