@@ -9,6 +9,7 @@ import os
 import re
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -210,8 +211,14 @@ CHATTY_LOGGERS = (
 )
 
 
+# Deprecation notices the libraries give about their own internals (peft reading transformers'
+# `is_gradient_checkpointing` on every LoRA run, say): nothing a person running ftlaunch changes.
+LIBRARY_DEPRECATIONS = r"(transformers|peft|accelerate|deepspeed|torch)(\.|$)"
+
+
 def quiet_libraries(verbose: bool) -> None:
-    """Without --verbose, only errors from CHATTY_LOGGERS reach the terminal.
+    """Without --verbose, only errors from CHATTY_LOGGERS reach the terminal, and no library
+    deprecation notice (LIBRARY_DEPRECATIONS).
 
     A filter rather than a level: DeepSpeed sets its logger's level when it is imported.
     """
@@ -221,6 +228,19 @@ def quiet_libraries(verbose: bool) -> None:
             logger.removeFilter(existing)
         if not verbose:
             logger.addFilter(_BelowError())
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings(
+            "default" if verbose else "ignore", category=category, module=LIBRARY_DEPRECATIONS
+        )
+
+
+def quiet_transformers(verbose: bool) -> None:
+    """transformers' progress bars and load reports only with --verbose."""
+    if not verbose:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
 
 
 def ray_job_env(embedded: bool = False) -> dict[str, str]:
@@ -270,12 +290,7 @@ def quiet_ray_data(verbose: bool) -> None:
     ftlaunch shows one display."""
     import ray.data
 
-    if not verbose:
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-
+    quiet_transformers(verbose)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose

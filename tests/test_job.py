@@ -267,6 +267,37 @@ def test_bad_data_fails_with_exit_2_before_training(tiny_bert, tmp_path):
 
 
 @pytest.mark.ray_job
+def test_ftlaunch_export_writes_the_same_model_and_prints_only_its_own_lines(
+    two_worker_run, tmp_path
+):
+    """`ftlaunch export RUN --out DIR` as a user runs it: the checkpoint the run exported, the
+    same weights, and on the terminal its own lines only (no library warnings or bars)."""
+    from safetensors.torch import load_file
+
+    run_dir = two_worker_run.run_dir
+    out = tmp_path / "exported"
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "export", str(run_dir), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    checkpoint = Path(two_worker_run.summary["export"]["checkpoint"]).name
+    assert done.stderr == ""
+    assert done.stdout.splitlines() == [
+        f"exported {run_dir / 'checkpoints' / checkpoint} to {out / 'model'}",
+        "model/ is the trained model",
+    ]
+    ours, theirs = (load_file(d / "model" / "model.safetensors") for d in (out, run_dir))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0)
+
+
+@pytest.mark.ray_job
 def test_uri_storage_puts_the_whole_run_directory_there(two_worker_run):
     remote = two_worker_run.run_dir
     assert two_worker_run.summary["storage"] == f"file://{remote}"
@@ -449,11 +480,19 @@ def test_a_ray_that_will_not_start_is_retried_once_then_explained(monkeypatch, a
 
 def test_library_notes_made_on_import_stay_off_the_terminal():
     """Without --verbose, bitsandbytes' import prints nothing: on CPUs with AVX512-BF16 it notes
-    a missing optional kernel package, and peft imports it (every LoRA run) when installed."""
+    a missing optional kernel package, and peft imports it (every LoRA run) when installed. Nor
+    do the libraries' deprecation notices about their own internals."""
     script = (
         "from launcher.raysession import quiet_libraries\n"
         "quiet_libraries(verbose=False)\n"
         "import bitsandbytes\n"
+        # what peft reads when it wraps a model (every LoRA run): a deprecated property
+        "from transformers import GPT2Config, GPT2LMHeadModel\n"
+        "config = GPT2Config(\n"
+        "    n_layer=1, n_embd=8, n_head=2, vocab_size=64, n_positions=8, bos_token_id=0,\n"
+        "    eos_token_id=0\n"
+        ")\n"
+        "GPT2LMHeadModel(config).is_gradient_checkpointing\n"
     )
     repo = Path(__file__).resolve().parent.parent
     done = subprocess.run(

@@ -204,7 +204,12 @@ def score_cmd(model_or_run: str, data: str, out: str, **flags):
     default=None,
     help="lora/ia3: also write the merged model (default: the recipe's checkpoint.export.merge_lora).",
 )
-def export_cmd(run: str, out: str, checkpoint: str | None, merge_lora: bool | None) -> None:
+@click.option(
+    "--verbose", "-v", is_flag=True, help="Show the libraries' own logs and progress bars."
+)
+def export_cmd(
+    run: str, out: str, checkpoint: str | None, merge_lora: bool | None, verbose: bool
+) -> None:
     """Consolidate a checkpoint of RUN into a Hugging Face model in OUT/model (and OUT/adapter).
 
     \b
@@ -214,7 +219,10 @@ def export_cmd(run: str, out: str, checkpoint: str | None, merge_lora: bool | No
     from pathlib import Path
 
     from launcher.export import export_run
+    from launcher.raysession import quiet_libraries, quiet_transformers
 
+    quiet_libraries(verbose)
+    quiet_transformers(verbose)
     try:
         info = export_run(Path(run), Path(out), checkpoint, merge_lora)
     except Exception as exc:
