@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from launcher.chat import DROP_TOO_LONG
 from launcher.errors import exit_code_for
 from launcher.prepared import (
     CacheLookup,
@@ -66,7 +67,7 @@ def run(
         recipe, data = prepare_distillation(recipe, data, tokenizer, view)  # teacher, offline pass
     view.note("rows: " + ", ".join(f"{k}={v:,}" for k, v in data.num_rows.items()))
     for split, reasons in data.dropped.items():
-        view.note(f"{split}: {describe_drops(reasons, recipe.data.max_length)}")
+        view.note(f"{split}: {describe_drops(reasons, recipe.data.max_length, recipe.data.format)}")
 
     state = open_run(recipe, resume, clock)
     view.note(f"run directory: {state.run_dir}")
@@ -159,9 +160,14 @@ def checkpoint_to_resume(run_dir: Path) -> Path:
     return found
 
 
-def describe_drops(reasons: dict[str, int], max_length: int) -> str:
+def describe_drops(reasons: dict[str, int], max_length: int, data_format: str = "chat") -> str:
     """One line saying how many rows were left out or cut short, and why."""
-    why = {"too_long": f"first trained turn longer than data.max_length={max_length}"}
+    too_long = (
+        "prompt, response and end-of-sequence token"
+        if data_format == "instruction"
+        else "first trained turn"
+    )
+    why = {DROP_TOO_LONG: f"{too_long} longer than data.max_length={max_length}"}
     parts = [
         f"{n:,} rows truncated to data.max_length={max_length} tokens (the rest of their text "
         "is not seen; raise data.max_length to keep it)"

@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from launcher.chat import ChatEncoder, Dropped
+from launcher.chat import DROP_TOO_LONG, ChatEncoder, Dropped
 from launcher.collate import IGNORE_INDEX
 from launcher.records import DataError
 
@@ -136,8 +136,9 @@ def tokenize_instruction(
     table: pa.Table, tokenizer: Any, max_length: int, template: str | None
 ) -> pa.Table:
     """Prompt + response + EOS; labels are -100 on every prompt token, so only the response
-    is learned. Rows longer than max_length are cut at the end; a row whose response is cut
-    away completely is dropped."""
+    is learned. A row longer than max_length is dropped ("too_long", counted as in
+    tokenize_chat), not cut: a response cut short loses its EOS, and training on it teaches
+    the model not to stop."""
     prompts = [
         render_prompt(template, ins, inp)
         for ins, inp in zip(
@@ -151,14 +152,17 @@ def tokenize_instruction(
     eos = _eos(tokenizer)
     row_ids = table.column("row_id").to_pylist()
     out = _Rows(table)
+    dropped = 0
     for i, (prompt, response) in enumerate(zip(prompt_ids, response_ids, strict=True)):
         response = list(response) + eos
-        ids = (list(prompt) + response)[:max_length]
-        labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_length]
-        if all(label == IGNORE_INDEX for label in labels):
+        if len(prompt) + len(response) > max_length or not response:
+            dropped += 1
             continue
-        out.add(ids, labels, row_ids[i], origin=i)
-    return out.table()
+        out.add(list(prompt) + response, [IGNORE_INDEX] * len(prompt) + response, row_ids[i], i)
+    result = out.table()
+    if dropped:
+        result = result.replace_schema_metadata({DROPPED_KEY: json.dumps({DROP_TOO_LONG: dropped})})
+    return result
 
 
 DROPPED_KEY = b"ftlaunch.dropped"

@@ -549,8 +549,22 @@ def test_instruction_rows_truncate_and_drop(gpt2_tok):
             "row_id": [0, 1],
         }
     )
-    out = T.tokenize_instruction(table, gpt2_tok, max_length=48, template=None).to_pylist()
-    assert [r["row_id"] for r in out] == [0]  # row 1's response did not fit: dropped
+    tokenized = T.tokenize_instruction(table, gpt2_tok, max_length=48, template=None)
+    out = tokenized.to_pylist()
+    assert [r["row_id"] for r in out] == [0]  # row 1's prompt alone fills max_length: dropped
+    assert out[0]["input_ids"][-1] == gpt2_tok.eos_token_id == out[0]["labels"][-1]
+    assert T.dropped_rows(tokenized) == {"too_long": 1}
+    # Nor is a response cut to fit: it would lose its EOS, and teach the model not to stop.
+    long_answer = table.set_column(2, "output", pa.array(["yes", "no " * 60]))
+    long_answer = long_answer.set_column(0, "instruction", pa.array(["Say yes.", "Say no."]))
+    tokenized = T.tokenize_instruction(long_answer, gpt2_tok, 48, None)
+    assert [r["row_id"] for r in tokenized.to_pylist()] == [0]
+    assert T.dropped_rows(tokenized) == {"too_long": 1}
+    from launcher.job import describe_drops
+
+    assert describe_drops({"too_long": 2}, 48, "instruction") == (
+        "2 rows dropped (prompt, response and end-of-sequence token longer than data.max_length=48)"
+    )
     prompt = T.render_prompt(None, "Say yes.", "")
     assert prompt == "### Instruction:\nSay yes.\n\n### Response:\n"
     assert T.render_prompt("Q: {instruction} {input} {other}", "a", "b") == "Q: a b {other}"
