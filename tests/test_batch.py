@@ -515,6 +515,9 @@ def test_evaluate_run_and_generate_run_on_an_instruction_run(
             pad_token_id=tokenizer.eos_token_id,
         )
     assert row["output"] == tokenizer.decode(direct[0, ids.shape[1] :], skip_special_tokens=True)
+    # `ftlaunch generate RUN` with no template given renders the prompts as the run trained
+    out = batch.generate(run, prompts, tmp_path / "cli.jsonl", {"max_new_tokens": 5})
+    assert [r["output"] for r in read_jsonl(out)] == [row["output"]]
 
 
 # ------------------------------------------------------------------------ actor, without Ray

@@ -200,10 +200,12 @@ def test_end_of_turn_token_of_a_chatml_template():
 
 @pytest.fixture(scope="module")
 def chat_model(tiny_gpt2, tmp_path_factory) -> Path:
-    """The tiny GPT-2 exported from a chat recipe: model/ keeps TEMPLATE."""
+    """The tiny GPT-2 exported from a chat recipe: model/ keeps TEMPLATE; the directory above
+    it is a run directory (its recipe.yaml beside model/)."""
     from launcher.export import export_model
     from launcher.finetune import apply_finetune
     from launcher.models import load_model, load_tokenizer
+    from launcher.recipe import dump_recipe
 
     recipe = validate_data(
         {
@@ -217,6 +219,7 @@ def chat_model(tiny_gpt2, tmp_path_factory) -> Path:
     model = apply_finetune(load_model(recipe.model, pad_token_id=tokenizer.pad_token_id), recipe)
     out = tmp_path_factory.mktemp("chat-model")
     export_model(recipe, model.state_dict(), out, tokenizer, merge=True)
+    (out / "recipe.yaml").write_text(dump_recipe(recipe))
     return out / "model"
 
 
@@ -251,6 +254,38 @@ def test_generate_renders_messages_rows_with_the_exported_template(
             )
         expected = exported.decode(direct[0, ids.shape[1] :], skip_special_tokens=True)
         assert got[row["id"]] == expected
+
+
+def test_generate_from_a_chat_run_renders_plain_prompts_as_it_was_trained(
+    ray_session, chat_model, tmp_path
+):
+    """A .txt of prompts and a chat run's directory, no --chat: each prompt is a user message in
+    the run's chat template, as when the rows are conversations, not raw text."""
+    from launcher import batch
+
+    prompts = ["a quiet mill", "the river at night"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    conversations = [
+        {"id": str(i), "messages": [{"role": "user", "content": p}]} for i, p in enumerate(prompts)
+    ]
+    settings = {"max_new_tokens": 8, "do_sample": False}
+    pool = batch.PoolOptions(batch_size=2, progress=False)
+
+    def outputs(model, source, **flags) -> list[str]:
+        out = batch.generate(
+            model,
+            source,
+            tmp_path / f"out-{len(flags)}-{source.name}.jsonl",
+            settings,
+            pool=pool,
+            **flags,
+        )
+        return [json.loads(line)["output"] for line in Path(out).read_text().splitlines()]
+
+    from_run = outputs(chat_model.parent, tmp_path / "prompts.txt")
+    as_chats = outputs(chat_model, write_jsonl(conversations, tmp_path / "chats.jsonl"))
+    raw = outputs(chat_model.parent, tmp_path / "prompts.txt", chat=False)
+    assert from_run == as_chats != raw
 
 
 def direct_turn_logprobs(model, tokenizer, messages: list[dict]) -> list[float]:

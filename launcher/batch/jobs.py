@@ -72,6 +72,10 @@ def generate(
     `messages` (a conversation) or its `prompt` as one user message, `system_prompt` first when
     the conversation has no system message; generation stops at the template's end-of-turn
     token. None: chat when the first row has `messages`.
+
+    A run directory's model gets the layout its recipe trained it on unless the call says
+    otherwise: chat runs render prompts with the chat template (and its system prompt),
+    instruction runs render them as their training prompts were.
     """
     pool = pool or PoolOptions(batch_size=16)
     source = resolve_model(model_ref, task=task)
@@ -82,8 +86,17 @@ def generate(
         )
     opts = GenerationOptions.from_config(gen_cfg, **gen_overrides)
     path = Path(prompts_path)
+    # A run directory's model reads prompts best in the layout it was trained on.
+    trained = source.trained_format or {}
+    if chat is None and trained.get("format") == "chat":
+        chat, system_prompt = True, system_prompt or trained.get("system_prompt")
     if chat is None:
         chat = "messages" in next(iter(prompt_records(path)), ("", {}))[1]
+    if (
+        not (chat or instruction_format or prompt_template)
+        and trained.get("format") == "instruction"
+    ):
+        instruction_format, prompt_template = True, trained.get("prompt_template")
     if not instruction_format and not chat:
         check_template(prompt_template)
 

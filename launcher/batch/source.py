@@ -23,6 +23,9 @@ class ModelSource:
     gguf_file: str | None = None
     dtype: str = "auto"
     trust_remote_code: bool = False
+    trained_format: dict | None = None
+    """A run directory's data layout (format, prompt_template, system_prompt): what the model
+    learned to read, for generate's defaults."""
 
     def model_config(self):
         from launcher.recipe import ModelConfig
@@ -92,15 +95,21 @@ def _directory_config(directory: Path, trust_remote_code: bool = False) -> dict:
 
 
 def _resolve_run_dir(run: Path, task: str | None) -> ModelSource:
-    recipe_model: dict = {}
+    recipe: dict = {}
     if (run / "recipe.yaml").exists():
         import yaml
 
         recipe = yaml.safe_load((run / "recipe.yaml").read_text()) or {}
-        recipe_model = recipe.get("model") or {}
+    recipe_model = recipe.get("model") or {}
+    data = recipe.get("data") or {}
     task = task or recipe_model.get("task")
     labels = recipe_model.get("labels")
-    common = {"trust_remote_code": bool(recipe_model.get("trust_remote_code", False))}
+    common = {
+        "trust_remote_code": bool(recipe_model.get("trust_remote_code", False)),
+        "trained_format": {
+            key: data.get(key) for key in ("format", "prompt_template", "system_prompt")
+        },
+    }
     if (run / "model" / "config.json").exists():
         config = _directory_config(run / "model", common["trust_remote_code"])
         return _finish_source(str(run), str(run / "model"), config, task, labels=labels, **common)

@@ -93,7 +93,7 @@ def eval_cmd(model_or_run: str, data: str, metrics: tuple[str, ...], out: str | 
 
     \b
     Example:
-      ftlaunch eval runs/quickstart-20250101-120000 --data test.jsonl --metrics loss,perplexity
+      ftlaunch eval runs/quickstart-20250101-120000 --data test.jsonl --metrics accuracy,f1
     Prints the metrics as JSON; classification also writes the confusion matrix PNG beside --out.
     """
     from pathlib import Path
@@ -133,7 +133,9 @@ def eval_cmd(model_or_run: str, data: str, metrics: tuple[str, ...], out: str | 
     "--chat/--no-chat",
     default=None,
     help="Render rows with the model's chat template (a `messages` conversation or the `prompt` "
-    "as a user message) and stop at end of turn. Default: on when rows have `messages`.",
+    "as a user message) and stop at end of turn. Default: on when rows have `messages` or "
+    "MODEL_OR_RUN is a run trained on chat data (an instruction run's prompts are rendered "
+    "with its prompt template).",
 )
 @batch_pool_options(16)
 def generate_cmd(model_or_run: str, prompts: str, out: str, prompt_template: str | None, **flags):
@@ -141,7 +143,7 @@ def generate_cmd(model_or_run: str, prompts: str, out: str, prompt_template: str
 
     \b
     Example:
-      ftlaunch generate runs/quickstart-20250101-120000 --prompts prompts.jsonl --out gen.jsonl
+      ftlaunch generate runs/gpt2-medium-alpaca-20250101-120000 --prompts prompts.jsonl --out gen.jsonl
     """
     from launcher import batch
 
