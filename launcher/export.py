@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -308,6 +309,7 @@ def export_trained_model(
         info["trained_on"] = _four_bit_record(recipe)
         info["dtype"] = str(plain.dtype).removeprefix("torch.")
     _write_json(model_dir / EXPORT_INFO_FILE, info)
+    readable_as_umask_allows(model_dir, *([adapter_dir] if adapter_dir else []))
     return {
         "method": method,
         "model_dir": str(model_dir),
@@ -411,6 +413,18 @@ def _export_note(method: str, merged: bool, task: str) -> str:
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def readable_as_umask_allows(*directories: Path) -> None:
+    """Give every file under `directories` the mode a new file gets here (0644 under the usual
+    umask): safetensors writes its files 0600, which a serving process of another user on the
+    same shared storage could not read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for directory in directories:
+        for path in Path(directory).rglob("*"):
+            if path.is_file():
+                path.chmod(0o666 & ~mask)
 
 
 def directory_bytes(path: Path) -> int:

@@ -8,6 +8,7 @@ by name, independently of the code under test.
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -166,6 +167,12 @@ def models(tiny_gpt2, encoder):
     return {"causal_lm": tiny_gpt2, "classification": encoder}
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @pytest.mark.parametrize(("method", "task"), CASES)
 def test_method_trains_exactly_its_parameters_and_exports(models, tmp_path, method, task):
     recipe, tokenizer, model = build(models[task], task, method)
@@ -194,6 +201,9 @@ def test_method_trains_exactly_its_parameters_and_exports(models, tmp_path, meth
     meta = json.loads((tmp_path / "model" / "ftlaunch_export.json").read_text())
     assert meta["method"] == method and meta["standalone"] == info["standalone"]
     assert (tmp_path / "model" / "tokenizer.json").exists()
+    # every exported file readable as the umask allows (safetensors writes its own 0600)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_file()}
+    assert set(modes.values()) == {0o666 & ~current_umask()}, modes
     assert info["standalone"] == (method in ("full", "freeze", "bitfit", "lora", "ia3"))
     if info["standalone"]:
         from launcher.models import model_class
