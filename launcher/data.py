@@ -46,14 +46,16 @@ from launcher.raysession import in_process_allowed
 from launcher.records import (
     DataError,
     RawTable,
+    SourceNotFound,
     glob_files,
     is_glob,
     local_path,
-    parse_hf_spec,
+    not_found,
     read_directory,
     read_files,
     read_hf,
     read_table,
+    source_name,
 )
 from launcher.tokenize import (
     TOKENIZE_BATCH_ROWS,
@@ -128,7 +130,7 @@ def read_source(
     if is_glob(spec):
         return read_files(glob_files(path), functools.partial(read_file, fields=fields))
     if not path.exists():
-        raise DataError(f"{path}: file not found")
+        raise not_found(spec, path, base_dir)
     if path.is_dir():
         return read_directory(path, functools.partial(read_file, fields=fields))
     return read_file(path, fields)
@@ -373,20 +375,14 @@ def sources_of(spec: Any) -> list[Source] | None:
     return out
 
 
-def source_name(path: str) -> str:
-    """A readable name for a source: the file stem, directory name or hf dataset."""
-    if path.startswith("hf:"):
-        hf = parse_hf_spec(path)
-        return ":".join(p for p in (hf.dataset, hf.config, hf.split) if p)
-    p = Path(path)
-    return p.stem if p.suffix else p.name
-
-
 def _read_split(
-    spec: Any, fields: Fields, base_dir: Path | None, loaded: Mapping[str, Any] | None
+    name: str, spec: Any, fields: Fields, base_dir: Path | None, loaded: Mapping[str, Any] | None
 ) -> list[tuple[Source, pa.Table]]:
     listed = sources_of(spec) or [Source(spec, 1.0, None)]
-    return [(s, read_source(s.path, fields, base_dir, loaded).table) for s in listed]
+    try:
+        return [(s, read_source(s.path, fields, base_dir, loaded).table) for s in listed]
+    except SourceNotFound as exc:
+        raise SourceNotFound(f"data.{name}: {exc}") from None
 
 
 def load_tables(
@@ -409,7 +405,7 @@ def load_tables(
     fractions = {
         name: getattr(d.split, name) for name in ("validation", "test") if name not in given
     }
-    read = {name: _read_split(spec, fields, base_dir, loaded) for name, spec in given.items()}
+    read = {name: _read_split(name, spec, fields, base_dir, loaded) for name, spec in given.items()}
     multi = {name: sources_of(spec) is not None for name, spec in given.items()}
 
     # Carve per training source, so a row carved out never reaches train even when mixing

@@ -46,6 +46,17 @@ class DataError(BadInputError):
     an empty dataset. The message names the file, row and field and says what is expected."""
 
 
+class SourceNotFound(DataError):
+    """A local data source that does not exist (the caller adds the setting that names it)."""
+
+
+def not_found(spec: str, path: Path, base_dir: Path | None) -> SourceNotFound:
+    """The error for a missing source; a relative path says what it was taken relative to."""
+    relative = not Path(spec.removeprefix("file://")).expanduser().is_absolute()
+    where = f" (a relative path is taken from {base_dir or Path.cwd()})" if relative else ""
+    return SourceNotFound(f"{path}: file not found{where}")
+
+
 @dataclass
 class RawTable:
     """Rows read from one source, plus how to name a row in an error message."""
@@ -380,6 +391,15 @@ class HfSpec:
     dataset: str
     config: str | None
     split: str
+
+
+def source_name(path: str) -> str:
+    """A readable name for a source: the file stem, directory name or hf dataset."""
+    if path.startswith("hf:"):
+        hf = parse_hf_spec(path)
+        return ":".join(p for p in (hf.dataset, hf.config, hf.split) if p)
+    p = Path(path)
+    return p.stem if p.suffix else p.name
 
 
 def parse_hf_spec(spec: str) -> HfSpec:

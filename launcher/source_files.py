@@ -20,6 +20,7 @@ from launcher.records import (
     glob_files,
     is_glob,
     local_path,
+    not_found,
 )
 
 
@@ -52,7 +53,7 @@ def list_files(
         root = _glob_root(path)
         found = glob_files(path)
     elif not path.exists():
-        raise DataError(f"{path}: file not found")
+        raise not_found(spec, path, base_dir)
     elif path.is_dir():
         root, found = path, data_files(path)
     else:

@@ -257,6 +257,13 @@ def test_missing_file_and_empty_directory(tmp_path):
     with pytest.raises(DataError) as exc:
         D.read_source(str(tmp_path / "nope.jsonl"), fields)
     assert message(exc) == f"{tmp_path / 'nope.jsonl'}: file not found"
+    # in a recipe: the setting that names it, and what a relative path is taken from
+    with pytest.raises(DataError) as exc:
+        D.load_tables(make_recipe({"train": "data/nope.jsonl"}), base_dir=tmp_path)
+    assert message(exc) == (
+        f"data.train: {tmp_path}/data/nope.jsonl: file not found (a relative path is taken "
+        f"from {tmp_path})"
+    )
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"empty: directory has no data files \(looked for"):
         D.read_source(str(tmp_path / "empty"), fields)
