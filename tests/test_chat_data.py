@@ -355,6 +355,15 @@ def test_score_takes_the_last_assistant_turn_given_the_rendered_conversation(
     assert as_chat["log_likelihood"] == pytest.approx(got["one"]["log_likelihood"], abs=1e-5)
     assert as_chat["num_tokens"] == got["one"]["num_tokens"]
 
+    # `ftlaunch eval` on the same conversations: loss over those same scored tokens
+    result = batch.evaluate(
+        chat_model, tmp_path / "chats.jsonl", ["loss", "perplexity"], pool=options
+    )
+    tokens = sum(got[key]["num_tokens"] for key in got)
+    assert result["num_rows"] == 3 and result["num_tokens"] == tokens
+    nll = -sum(got[key]["log_likelihood"] for key in got)
+    assert result["loss"] == pytest.approx(nll / tokens, rel=1e-5)
+
 
 @pytest.mark.parametrize(
     ("row", "expected"),

@@ -325,7 +325,9 @@ def evaluate(
     Returns eval.json's content.
 
     Causal LM: loss and perplexity are token-weighted over the whole set (of `text_field`, or
-    of `reference_field` given `prompt_field` when the first row has both); exact_match compares
+    of `reference_field` given `prompt_field` when the first row has both, or of each
+    conversation's last assistant turn, rendered with the model's chat template, when rows
+    have `messages`, as `score` scores them); exact_match compares
     the greedy output for `prompt_field` with `reference_field` after whitespace normalisation.
     Classification: loss (mean cross-entropy), accuracy, macro precision/recall/F1, per-label
     scores and the confusion matrix. A tokenized dataset (the data stage's `input_ids` and
@@ -404,24 +406,36 @@ def _eval_input_from_records(
     else:
         pairs = prompt_field in first[1] and reference_field in first[1]
         needs_nll = bool({"loss", "perplexity"} & set(chosen))
+        # Conversations: the last assistant turn given the turns before it, as `score` does.
+        chat = needs_nll and "messages" in first[1] and "exact_match" not in chosen
         fields = []
-        if needs_nll:
+        if needs_nll and not chat:
             fields += [prompt_field, reference_field] if pairs else [text_field]
         if "exact_match" in chosen:
             fields += [prompt_field, reference_field]
             references = REFERENCE
+        system_prompt = (source.trained_format or {}).get("system_prompt")
         job = {
             "kind": "lm",
             "nll": needs_nll,
             "pairs": pairs,
+            "chat": chat,
+            "system_prompt": system_prompt,
             "text_field": text_field,
             "prompt_field": prompt_field,
             "completion_field": reference_field,
             # Output blocks keep only computed columns; the references ride along.
             "carry": [references] if references else [],
         }
+        chat_check = (
+            _chat_score_check(source, system_prompt, prompt_field, reference_field)
+            if chat
+            else None
+        )
 
         def check(where: str, row: dict) -> dict:
+            if chat_check is not None:
+                return chat_check(where, row)
             for name in dict.fromkeys(fields):
                 require_text(where, row, name)
             return {**row, REFERENCE: row[reference_field]} if references else row
