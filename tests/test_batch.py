@@ -615,5 +615,5 @@ def test_recipe_refuses_metrics_that_do_not_fit_the_task(tmp_path):
     with pytest.raises(RecipeError) as info:
         load_recipe(path)
     text = info.value.render()
-    assert "evaluate.metrics: accuracy is not a causal_lm metric" in text
+    assert "evaluate.metrics: accuracy is not a metric of model.task: causal_lm" in text
     assert "exact_match needs data.format: instruction" in text

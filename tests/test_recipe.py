@@ -345,7 +345,8 @@ RULES = [
     (
         "checkpoint: {metric: eval_accuracy}",
         "checkpoint.metric",
-        "'eval_accuracy' is not reported by this run; choose one of eval_loss, eval_perplexity",
+        "'eval_accuracy' is not reported by this run (model.task: causal_lm); choose one of "
+        "eval_loss, eval_perplexity",
     ),
     (
         "data: {train: t.jsonl, split: {validation: 0}}",
@@ -376,7 +377,7 @@ RULES = [
     (
         "evaluate: {metrics: [loss, accuracy]}",
         "evaluate.metrics",
-        "accuracy is not a causal_lm metric; allowed: exact_match, loss, perplexity",
+        "accuracy is not a metric of model.task: causal_lm; allowed: exact_match, loss, perplexity",
     ),
 ]
 
@@ -502,6 +503,12 @@ def test_rule_problems_that_follow_from_a_schema_error_are_not_reported(tmp_path
     # describe the default that replaced it, not what the user wrote.
     problems = problems_of(tmp_path, MINIMAL + "strategy: {name: deep_speed, offload: all}\n")
     assert [p.path for p in problems] == ["strategy.name"]
+    # Nor do metric rules judge the default task that replaced a rejected model.task.
+    recipe = (
+        "name: demo\nmodel: {name_or_path: gpt2, task: regression}\ndata: {train: t.jsonl}\n"
+        "evaluate: {metrics: [accuracy, f1]}\ncheckpoint: {metric: eval_accuracy}\n"
+    )
+    assert [p.path for p in problems_of(tmp_path, recipe)] == ["model.task"]
 
 
 def test_render_lists_every_problem_with_position(tmp_path):

@@ -181,7 +181,8 @@ def check_rules(recipe: Recipe) -> list[Problem]:
                 problems.append(
                     Problem(
                         "evaluate.metrics",
-                        f"{metric} is not a {m.task} metric; allowed: {', '.join(sorted(allowed))}",
+                        f"{metric} is not a metric of model.task: {m.task}; allowed: "
+                        f"{', '.join(sorted(allowed))}",
                     )
                 )
         if "exact_match" in recipe.evaluate.metrics and d.format != "instruction":
@@ -218,8 +219,8 @@ def check_rules(recipe: Recipe) -> list[Problem]:
             problems.append(
                 Problem(
                     "checkpoint.metric",
-                    f"{metric!r} is not reported by this run; choose one of "
-                    f"{', '.join(sorted(known))} or null",
+                    f"{metric!r} is not reported by this run (model.task: {m.task}); choose "
+                    f"one of {', '.join(sorted(known))} or null",
                 )
             )
     problems += scaling_problems(recipe)
