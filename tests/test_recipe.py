@@ -637,6 +637,9 @@ def test_set_creates_missing_sections(tmp_path):
 def test_set_errors_are_located_at_the_override(tmp_path):
     problem = only_problem(tmp_path, MINIMAL, ("train.lr=-1",))
     assert problem.where == "--set train.lr=-1" and "greater than 0" in problem.message
+    # a section only the override created, judged as a whole by a cross-field rule
+    problem = only_problem(tmp_path, MINIMAL, ("finetune.lora.r=8",))
+    assert problem.path == "finetune.lora" and problem.where == "--set finetune.lora.r=8"
 
 
 def test_set_unknown_path_suggests_and_lists_fields(tmp_path):

@@ -171,7 +171,11 @@ def _is_union_tag(part: str) -> bool:
 
 
 def mark_for(marks: dict[tuple, str], loc: tuple) -> str | None:
-    """Where a location came from: its own mark, else the nearest enclosing key's."""
+    """Where a location came from: its own mark, else the first key set inside it (a section
+    that only --set created), else the nearest enclosing key's."""
+    inside = [mark for key, mark in marks.items() if len(key) > len(loc) and key[: len(loc)] == loc]
+    if loc not in marks and loc and inside:
+        return inside[0]
     for end in range(len(loc), -1, -1):
         if loc[:end] in marks:
             return marks[loc[:end]]
