@@ -518,6 +518,10 @@ def test_evaluate_run_and_generate_run_on_an_instruction_run(
     # `ftlaunch generate RUN` with no template given renders the prompts as the run trained
     out = batch.generate(run, prompts, tmp_path / "cli.jsonl", {"max_new_tokens": 5})
     assert [r["output"] for r in read_jsonl(out)] == [row["output"]]
+    # `ftlaunch eval RUN --data` on instruction rows: the tokens the run's evaluation scored
+    again = batch.evaluate(run, instruction_data["validation"], ["loss", "perplexity"])
+    assert again["num_tokens"] == result["num_tokens"]
+    assert again["loss"] == pytest.approx(result["loss"], rel=1e-5)
 
 
 # ------------------------------------------------------------------------ actor, without Ray

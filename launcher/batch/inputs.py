@@ -16,6 +16,9 @@ LABEL_ID = INTERNAL_PREFIX + "label_id"
 # exact_match's reference, under a name of its own: the generated text is written to `output`,
 # which is also the usual name of an instruction row's reference
 REFERENCE = INTERNAL_PREFIX + "reference"
+# An instruction row as its run trained on it: the rendered prompt, the response and its EOS.
+PROMPT = INTERNAL_PREFIX + "prompt"
+COMPLETION = INTERNAL_PREFIX + "completion"
 # Input chunks put into Ray's object store: at most this many rows or (roughly) bytes each.
 CHUNK_ROWS = 4096
 CHUNK_BYTES = 4 * 2**20

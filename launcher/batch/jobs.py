@@ -15,7 +15,9 @@ from launcher import data as D
 from launcher import metrics as M
 from launcher import tokenize as T
 from launcher.batch.inputs import (
+    COMPLETION,
     LABEL_ID,
+    PROMPT,
     PROMPT_HINT,
     REFERENCE,
     BatchInputError,
@@ -404,7 +406,10 @@ def _eval_input_from_records(
             return {**row, LABEL_ID: to_id(where, row)}
 
     else:
-        pairs = prompt_field in first[1] and reference_field in first[1]
+        as_trained = _instruction_rows(source, first[1], prompt_field)
+        if as_trained is not None:
+            prompt_field, reference_field = PROMPT, COMPLETION
+        pairs = as_trained is not None or (prompt_field in first[1] and reference_field in first[1])
         needs_nll = bool({"loss", "perplexity"} & set(chosen))
         # Conversations: the last assistant turn given the turns before it, as `score` does.
         chat = needs_nll and "messages" in first[1] and "exact_match" not in chosen
@@ -436,12 +441,37 @@ def _eval_input_from_records(
         def check(where: str, row: dict) -> dict:
             if chat_check is not None:
                 return chat_check(where, row)
+            if as_trained is not None:
+                return as_trained(where, row)
             for name in dict.fromkeys(fields):
                 require_text(where, row, name)
             return {**row, REFERENCE: row[reference_field]} if references else row
 
     refs, count = stage_rows(chain_first(first, records), check)
     return dataset_from_refs(refs, str(path)), count, job, references
+
+
+def _instruction_rows(
+    source: ModelSource, first: dict, prompt_field: str
+) -> Callable[[str, dict], dict] | None:
+    """For a run trained on instruction rows, given such rows (`instruction`, `output`, no
+    prompt field): what turns each into the pair it trained on, its prompt rendered with the
+    run's template and its response with the end-of-sequence token. None otherwise."""
+    trained = source.trained_format or {}
+    if trained.get("format") != "instruction" or prompt_field in first:
+        return None
+    if "instruction" not in first or "output" not in first:
+        return None
+    template = trained.get("prompt_template")
+    eos = getattr(scoring_tokenizer(source), "eos_token", None) or ""
+
+    def render(where: str, row: dict) -> dict:
+        for name in ("instruction", "output"):
+            require_text(where, row, name)
+        prompt = T.render_prompt(template, row["instruction"], row.get("input") or "")
+        return {**row, PROMPT: prompt, COMPLETION: row["output"] + eos, REFERENCE: row["output"]}
+
+    return render
 
 
 def _eval_result(totals: _EvalTotals, chosen: list[str], source: ModelSource) -> dict:
