@@ -302,7 +302,10 @@ def export_trained_model(
         "task": recipe.model.task,
         "standalone": standalone,
         "merged": merged,
+        # what model/ needs attached to be the trained model (relative to model/)
         "adapter": None if standalone else "adapter",
+        # the adapter alone, beside model/, whether or not model/ needs it
+        "adapter_alone": "../adapter" if adapter_dir else None,
         "note": note,
     }
     if method == "qlora":

@@ -200,6 +200,7 @@ def test_method_trains_exactly_its_parameters_and_exports(models, tmp_path, meth
 
     meta = json.loads((tmp_path / "model" / "ftlaunch_export.json").read_text())
     assert meta["method"] == method and meta["standalone"] == info["standalone"]
+    assert meta["adapter_alone"] == (None if method in ("full", "freeze") else "../adapter")
     assert (tmp_path / "model" / "tokenizer.json").exists()
     # every exported file readable as the umask allows (safetensors writes its own 0600)
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_file()}
