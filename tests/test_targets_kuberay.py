@@ -84,7 +84,7 @@ def check_rendered(recipe) -> tuple[dict, dict]:
         high,
         high,
     )
-    gpus = recipe.cluster.gpus_per_worker
+    gpus = 0 if recipe.scaling.use_gpu is False else recipe.cluster.gpus_per_worker
     worker_pod = workers["template"]["spec"]
     limits = worker_pod["containers"][0]["resources"]["limits"]
     if gpus:
@@ -196,6 +196,11 @@ def test_an_elastic_range_renders_min_and_max_replicas_with_a_note(tmp_path):
 
 def test_cpu_only_workers_have_no_gpu_limits_or_tolerations():
     check_rendered(minimal_recipe(cluster={"target": "kuberay", "gpus_per_worker": 0}))
+    # a run that does not use GPUs asks for none, whatever gpus_per_worker says
+    cpu_run = minimal_recipe(cluster={"target": "kuberay"}, scaling={"use_gpu": False})
+    _, rayjob = check_rendered(cpu_run)
+    (workers,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert workers["groupName"] == "cpu-workers"
 
 
 @pytest.mark.parametrize(

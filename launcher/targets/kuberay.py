@@ -115,9 +115,15 @@ def _head_group(recipe: Recipe, configmap: str) -> dict[str, Any]:
     }
 
 
+def worker_gpus(recipe: Recipe) -> int:
+    """GPUs each worker pod asks for: cluster.gpus_per_worker, none when scaling.use_gpu is
+    false (a CPU run would hold GPUs it never uses, or wait for nodes that have them)."""
+    return 0 if recipe.scaling.use_gpu is False else recipe.cluster.gpus_per_worker
+
+
 def _worker_group(recipe: Recipe) -> dict[str, Any]:
     low, high = recipe.scaling.min_workers, recipe.scaling.max_workers
-    gpus = recipe.cluster.gpus_per_worker
+    gpus = worker_gpus(recipe)
     # One CPU beyond the training worker's share keeps room for the Ray Data tasks feeding it.
     cpus = str(recipe.scaling.cpus_per_worker + 1)
     memory = recipe.cluster.worker_memory
