@@ -678,9 +678,11 @@ def source_metrics(recipe: Any, data: Any, run_dir: Path, view: Any = None) -> d
     pool = PoolOptions(
         batch_size=recipe.evaluate.batch_size if recipe.evaluate else 32, progress=False
     )
+    from ray.data.expressions import col
+
     found: dict[str, float] = {}
     for source_id, name in enumerate(data.sources):
-        rows = validation.filter(lambda row, i=source_id: row["source_id"] == i).materialize()
+        rows = validation.filter(expr=col("source_id") == source_id).materialize()
         if rows.count() == 0:
             continue
         result = evaluate(run_dir, rows, wanted, pool=pool)
