@@ -224,7 +224,8 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(
         "ray_private_loggers",
         "ray",
-        "loggers ray._private.runtime_env.packaging and ray.data._internal.progress",
+        "loggers ray._private.runtime_env.packaging, ray.data._internal.progress and the job "
+        "client's ray.dashboard.modules.dashboard_sdk and ray.dashboard.modules.job.sdk",
         ("launcher.targets.ray_jobs", "launcher.batch"),
         "the modules whose log records ftlaunch quiets, by logger name",
         "2.60.0",

@@ -323,7 +323,9 @@ def _bnb_cpu_repack_switch():
 
 @check("ray_private_loggers")
 def _ray_private_loggers():
-    for name in ("ray._private.runtime_env.packaging", "ray.data._internal.progress"):
+    from launcher.targets.ray_jobs import RAY_CLIENT_LOGGERS
+
+    for name in (*RAY_CLIENT_LOGGERS, "ray.data._internal.progress"):
         assert importlib.util.find_spec(name) is not None, f"no module {name}"
 
 

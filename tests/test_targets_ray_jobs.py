@@ -215,3 +215,25 @@ def test_preflight_against_the_head_refuses_gpus_and_cpus(ray_cluster, client_au
     too_many_cpus = minimal_recipe(scaling={"num_workers": 7, "use_gpu": False})
     with pytest.raises(TargetError, match=r"= 7 CPUs but the Ray cluster .* has 6 CPU"):
         ray_jobs.submit_to_ray(too_many_cpus, "name: x\n", ray_cluster.address)
+
+
+def test_ray_client_notes_stay_off_the_console_after_ray_configures_its_loggers():
+    """Ray's client logs each package upload and the end of each log stream at INFO; importing
+    Ray sets its loggers' levels again, so the quieting holds only when it comes after."""
+    script = (
+        "import logging\n"
+        "from launcher.targets.ray_jobs import RAY_CLIENT_LOGGERS, quiet_ray_client_logs\n"
+        "quiet_ray_client_logs()\n"
+        "from ray.job_submission import JobSubmissionClient\n"
+        "print([logging.getLogger(n).getEffectiveLevel() for n in RAY_CLIENT_LOGGERS])\n"
+    )
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["[30,", "30,", "30]"]

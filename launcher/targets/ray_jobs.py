@@ -260,9 +260,21 @@ def build_runtime_env(
     return runtime_env
 
 
+RAY_CLIENT_LOGGERS = (
+    "ray.dashboard.modules.dashboard_sdk",
+    "ray.dashboard.modules.job.sdk",
+    "ray._private.runtime_env.packaging",
+)
+
+
 def quiet_ray_client_logs() -> None:
-    """Ray's client logs every package it zips and uploads at INFO; keep the console to the job."""
-    for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
+    """Ray's client logs every package it zips and uploads, and the end of each log stream, at
+    INFO; keep the console to the job. Set after importing them: importing Ray configures its
+    loggers again."""
+    import ray.dashboard.modules.dashboard_sdk
+    import ray.dashboard.modules.job.sdk  # noqa: F401
+
+    for name in RAY_CLIENT_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
