@@ -81,6 +81,8 @@ def run(
         view.note(f"exporting {Path(checkpoint.path).name} to {state.run_dir / MODEL_DIR}")
         with clock("export"):  # 3. export
             exported = export_stage(recipe, checkpoint, state.run_dir, tokenizer)
+        if not exported.get("standalone", True):  # model/ alone is not the trained model
+            view.note(f"export: {exported['note']}")
         with clock("batch"):  # 4. batch
             batch = batch_stage(recipe, state.run_dir, view)
             batch.update(source_metrics(recipe, data, state.run_dir, view))  # per source

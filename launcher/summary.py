@@ -162,9 +162,15 @@ def final_report(summary: dict[str, Any]) -> list[str]:
     causal = summary.get("task", "causal_lm") == "causal_lm"
     if causal:
         lines.append(f"  ftlaunch generate {run_dir} --prompts <file> --out out.jsonl")
-    pipeline = "text-generation" if causal else "text-classification"
-    lines.append(
-        f'  python -c "from transformers import pipeline; '
-        f"print(pipeline('{pipeline}', model='{run_dir}/{MODEL_DIR}')('...'))\""
-    )
+    if (summary.get("export") or {}).get("standalone", True):
+        pipeline = "text-generation" if causal else "text-classification"
+        lines.append(
+            f'  python -c "from transformers import pipeline; '
+            f"print(pipeline('{pipeline}', model='{run_dir}/{MODEL_DIR}')('...'))\""
+        )
+    else:  # model/ alone is the base: its trained part is in model/adapter
+        lines.append(
+            '  python -c "from launcher.export_layout import load_exported_model; '
+            f"print(load_exported_model('{run_dir}'))\""
+        )
     return lines

@@ -33,6 +33,7 @@ OWN_LINES = [
     r"restarted from the checkpoint at step \d+",
     r"cluster: .+",
     r"exporting checkpoint_\d+ to .+",
+    r"export: .+",
     r"(per-source )?evaluation: .+",
     r"generations written to .+",
     r"warning: .+",

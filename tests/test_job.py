@@ -409,6 +409,10 @@ def test_the_final_report_suggests_only_what_works_for_the_task(task):
     assert any("ftlaunch generate /runs/r" in line for line in lines) == (task == "causal_lm")
     pipeline = "text-generation" if task == "causal_lm" else "text-classification"
     assert f"pipeline('{pipeline}', model='/runs/r/model')" in lines[-1]
+    # prefix, prompt, adapter: model/ alone is the base, so no plain pipeline on it
+    lines = final_report({**summary, "task": task, "export": {"standalone": False}})
+    assert "pipeline(" not in "\n".join(lines)
+    assert "load_exported_model('/runs/r')" in lines[-1]
 
 
 def test_summary_places_each_rank_of_the_newest_worker_group(tmp_path):
