@@ -120,3 +120,19 @@ def join_gloo_group(rank: int, world: int, port: int) -> None:
     )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def run_python(script: str) -> subprocess.CompletedProcess:
+    """`python -c script` in a fresh interpreter with the repository importable, as a user's
+    process would start: what it prints, untouched by this test session's setup. It must
+    succeed."""
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done

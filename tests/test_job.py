@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import job_body, write_recipe
+from helpers import job_body, run_python, write_recipe
 
 from launcher.job import run
 from launcher.recipe import load_recipe
@@ -498,15 +498,7 @@ def test_library_notes_made_on_import_stay_off_the_terminal():
         ")\n"
         "GPT2LMHeadModel(config).is_gradient_checkpointing\n"
     )
-    repo = Path(__file__).resolve().parent.parent
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(repo)},
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_python(script)
     assert (done.stdout, done.stderr) == ("", "")
 
 

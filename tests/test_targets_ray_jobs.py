@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import minimal_recipe
+from helpers import minimal_recipe, run_python
 from raycluster import CLUSTER_HF_TOKEN, free_port
 
 from launcher.cli import main
@@ -227,13 +227,5 @@ def test_ray_client_notes_stay_off_the_console_after_ray_configures_its_loggers(
         "from ray.job_submission import JobSubmissionClient\n"
         "print([logging.getLogger(n).getEffectiveLevel() for n in RAY_CLIENT_LOGGERS])\n"
     )
-    repo = Path(__file__).resolve().parent.parent
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(repo)},
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_python(script)
     assert done.stdout.split() == ["[30,", "30,", "30]"]
