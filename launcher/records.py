@@ -52,7 +52,7 @@ class SourceNotFound(DataError):
 
 def not_found(spec: str, path: Path, base_dir: Path | None) -> SourceNotFound:
     """The error for a missing source; a relative path says what it was taken relative to."""
-    relative = not Path(spec.removeprefix("file://")).expanduser().is_absolute()
+    relative = not local_path(spec).is_absolute()
     where = f" (a relative path is taken from {base_dir or Path.cwd()})" if relative else ""
     return SourceNotFound(f"{path}: file not found{where}")
 
